@@ -1,0 +1,52 @@
+# One entry point for people and CI. `make test` installs what it needs into .venv, then tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0: on the CPU-only CI machines pip takes the CPU build from /opt/wheels; elsewhere the CUDA build.
+TORCH ?= torch==2.13.0
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP := $(PY) -m pip install -q $(FIND_LINKS)
+PROTO_OUT := .
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
+MODEL ?=
+DEMO_DIR ?= .cache/demo-model
+ENGINE_PORT ?= 50051
+TOKENIZER_PORT ?= 50052
+
+.PHONY: install proto test test-gpu serve demo-model bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed proto
+
+# Python code for the protos, generated (never edited) into the package tree that mirrors the proto packages.
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
+	$(PY) -c "import pathlib; [(d / '__init__.py').touch() for d in pathlib.Path('qwen3serve').rglob('*') if d.is_dir()]; pathlib.Path('qwen3serve/__init__.py').touch()"
+
+test: install
+	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
+
+# On a CUDA machine: the GPU-only tests (kernels, CUDA graphs, backend parity).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+
+demo-model: install
+	$(PY) -m qwen3.testing.make_checkpoint --preset demo --out $(DEMO_DIR) --skip-if-exists
+
+serve: install
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
+	$(PY) -m engine_service --model $(or $(MODEL),$(DEMO_DIR)) --port $(ENGINE_PORT) & \
+	ENGINE_PID=$$!; trap 'kill $$ENGINE_PID 2>/dev/null' EXIT INT TERM; \
+	$(PY) -m tokenizer_service --model $(or $(MODEL),$(DEMO_DIR)) --engine 127.0.0.1:$(ENGINE_PORT) --port $(TOKENIZER_PORT)
+
+bench: install
+	$(PY) bench/throughput.py --help
+
+clean:
+	rm -rf $(VENV) qwen3serve .cache .pytest_cache

@@ -1,0 +1,82 @@
+"""The attention-backend contract and the registry that picks one.
+
+KV cache layout, per layer: ``k_cache`` and ``v_cache`` of shape [num_blocks, block_size, Hkv, D]
+(FlashAttention's paged layout). A token's slot is ``block * block_size + offset``.
+
+A backend's ``forward`` stores the step's new K/V at ``batch.slot_mapping`` and then computes causal
+attention for the new queries over each sequence's whole context (cached prefix + new tokens), read
+through ``batch.block_tables``. Backends are registered by name and imported lazily, so a missing
+GPU package only matters to the backend that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from qwen3.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+    #: whether decode steps through this backend may be captured in CUDA graphs (no host-side reads of the batch)
+    supports_cuda_graphs: bool = False
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,        # [T, Hq, D]
+        k: torch.Tensor,        # [T, Hkv, D]
+        v: torch.Tensor,        # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:          # [T, Hq, D]
+        """Store ``k``/``v`` into the cache, then attend causally; see the module docstring."""
+
+
+# name -> (module, class, availability check). "auto" resolves to the first available of AUTO_ORDER.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "torch": ("qwen3.attention.torch_backend", "TorchAttentionBackend"),
+    "triton": ("qwen3.attention.triton_backend", "TritonAttentionBackend"),
+    "flash-attn": ("qwen3.attention.flash_attn_backend", "FlashAttentionBackend"),
+}
+AUTO_ORDER = ("flash-attn", "triton", "torch")
+
+
+def _load(name: str) -> type[AttentionBackend]:
+    module, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    if name not in _REGISTRY:
+        return f"unknown attention backend {name!r}; choose from auto, {', '.join(_REGISTRY)}"
+    try:
+        backend_cls = _load(name)
+    except ImportError as exc:
+        return f"attention backend {name!r} is not installed ({exc})"
+    check: Callable[[torch.device], str | None] | None = getattr(backend_cls, "unavailable_reason", None)
+    return check(device) if check else None
+
+
+def available_backends(device: torch.device) -> list[str]:
+    return [n for n in _REGISTRY if backend_unavailable_reason(n, device) is None]
+
+
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Instantiate backend ``name`` ("auto" picks flash-attn, then triton, then torch); a clear error if unavailable."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if backend_unavailable_reason(candidate, device) is None:
+                return _load(candidate)()
+        raise ValueError("no attention backend is available")  # torch always is; kept for clarity
+    reason = backend_unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"attention_backend: {reason}")
+    return _load(name)()
