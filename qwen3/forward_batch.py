@@ -7,7 +7,10 @@ paged KV cache. Attention backends read what they need from here; nothing is glo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 
@@ -56,34 +59,34 @@ class ForwardBatch:
         are already cached; ``block_tables[i]`` its KV blocks (enough for all its tokens). Logits are
         computed for the last new token of every sequence with ``logits_for[i]`` true (default: all).
         """
-        if not (len(new_token_ids) == len(context_lens) == len(block_tables)):
-            raise ValueError("new_token_ids, context_lens and block_tables must have one entry per sequence")
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        for i, (tokens, cached, table) in enumerate(zip(new_token_ids, context_lens, block_tables)):
-            if not tokens:
-                raise ValueError(f"sequence {i} adds no tokens")
-            total = cached + len(tokens)
-            if len(table) * block_size < total:
-                raise ValueError(f"sequence {i} needs {total} KV slots but its block table holds {len(table) * block_size}")
-            ids.extend(tokens)
-            for pos in range(cached, total):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            starts.append(starts[-1] + len(tokens))
-            seq_lens.append(total)
-            if logits_for is None or logits_for[i]:
-                logits_rows.append(starts[-1] - 1)
+        num_seqs = len(new_token_ids)
+        if not (num_seqs == len(context_lens) == len(block_tables)) or num_seqs == 0:
+            raise ValueError("new_token_ids, context_lens and block_tables need one entry per sequence (at least one)")
+        query_lens = np.fromiter((len(t) for t in new_token_ids), dtype=np.int64, count=num_seqs)
+        if (query_lens == 0).any():
+            raise ValueError(f"sequence {int(np.argmin(query_lens))} adds no tokens")
+        cached = np.asarray(context_lens, dtype=np.int64)
+        seq_lens = cached + query_lens
         width = max(len(t) for t in block_tables)
-        tables = [t + [0] * (width - len(t)) for t in block_tables]
-        query_lens = [len(t) for t in new_token_ids]
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = table
+        capacity = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=num_seqs) * block_size
+        if (capacity < seq_lens).any():
+            i = int(np.argmax(capacity < seq_lens))
+            raise ValueError(f"sequence {i} needs {seq_lens[i]} KV slots but its block table holds {capacity[i]}")
+        # Per-token arrays without a per-token Python loop: token t belongs to sequence seq_of[t].
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        seq_of = np.repeat(np.arange(num_seqs), query_lens)
+        positions = np.arange(int(starts[-1]), dtype=np.int64) - starts[seq_of] + cached[seq_of]
+        slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+        ids = np.fromiter(itertools.chain.from_iterable(new_token_ids), dtype=np.int64, count=int(starts[-1]))
+        want = np.ones(num_seqs, dtype=bool) if logits_for is None else np.asarray(logits_for, dtype=bool)
+        logits_rows = starts[1:][want] - 1
 
-        def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        def as_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(values)).to(device=device, dtype=dtype, non_blocking=True)
 
         return cls(
             input_ids=as_tensor(ids, torch.int64),
@@ -93,8 +96,8 @@ class ForwardBatch:
             seq_lens=as_tensor(seq_lens, torch.int32),
             block_tables=as_tensor(tables, torch.int32),
             logits_indices=as_tensor(logits_rows, torch.int64),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
         )

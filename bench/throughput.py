@@ -1,0 +1,152 @@
+"""Offline throughput on the standard workload, optionally against transformers' continuous batching.
+
+Workload (nano-vLLM's): N requests (default 256), seed 0, prompt lengths uniform in [100, 1024] of
+random token ids in [0, 10000), output lengths uniform in [100, 1024], ignore_eos, all submitted at
+once. Output tok/s = generated tokens / wall seconds (weights loaded and warmed up beforehand).
+
+    python bench/throughput.py --model DIR                  # this engine
+    python bench/throughput.py --model DIR --hf             # ... and transformers, same run
+    python bench/throughput.py --make-model qwen3-0.6b      # write a random-weight checkpoint first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+import torch  # noqa: E402
+
+
+def workload(n: int, seed: int, min_in: int, max_in: int, min_out: int, max_out: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 9999) for _ in range(rng.randint(min_in, max_in))] for _ in range(n)]
+    outputs = [rng.randint(min_out, max_out) for _ in range(n)]
+    return prompts, outputs
+
+
+def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    from engine_service import LLM, SamplingParams
+
+    options = dict(device=args.device, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   kv_block_size=args.kv_block_size, max_model_len=args.max_model_len,
+                   tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+    if args.num_kv_blocks:
+        options["num_kv_blocks"] = args.num_kv_blocks
+    llm = LLM(args.model, **options)
+    params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up (JIT, allocator)
+    _sync(args.device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    result = {"engine": f"qwen3-serve ({llm.engine.runner.backend.name})", "output_tokens": tokens,
+              "seconds": seconds, "output_tok_s": tokens / seconds,
+              "kv_blocks": llm.engine.block_manager.num_blocks,
+              "preemptions": llm.engine.scheduler.num_preemptions_total}
+    llm.shutdown()
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    """transformers' own continuous batching (``paged|sdpa``), per-request max_new_tokens, no EOS stop."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                                 attn_implementation="paged|sdpa").to(device).eval()
+    gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=args.temperature > 0,
+                           temperature=args.temperature or None, eos_token_id=-1, pad_token_id=0)
+    _sync(args.device)
+    start = time.perf_counter()
+    tokens = 0
+    with model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=30) as manager:
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, out_lens)]
+        pending = set(ids)
+        while pending:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                pending.discard(result.request_id)
+                tokens += len(result.generated_tokens)
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped before finishing")
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    return {"engine": "transformers continuous batching (paged|sdpa)", "output_tokens": tokens,
+            "seconds": seconds, "output_tok_s": tokens / seconds}
+
+
+def _sync(device: str) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint directory (or use --make-model)")
+    p.add_argument("--make-model", metavar="PRESET", help="write a random-weight checkpoint of this preset (bf16) first")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-input", type=int, default=100)
+    p.add_argument("--max-input", type=int, default=1024)
+    p.add_argument("--min-output", type=int, default=100)
+    p.add_argument("--max-output", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--kv-block-size", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--hf", action="store_true", help="also run transformers' continuous batching on the same workload")
+    p.add_argument("--hf-only", action="store_true", help="only run transformers")
+    p.add_argument("--json", type=Path, help="append results as JSON lines to this file")
+    args = p.parse_args()
+    if args.make_model:
+        from qwen3.testing import write_checkpoint
+
+        args.model = args.model or Path(tempfile.mkdtemp(prefix=f"{args.make_model}-"))
+        if not (args.model / "config.json").exists():
+            write_checkpoint(args.model, args.make_model, dtype=torch.bfloat16, with_tokenizer=False)
+    if args.model is None:
+        p.error("--model or --make-model is required")
+    prompts, out_lens = workload(args.num_requests, args.seed, args.min_input, args.max_input,
+                                 args.min_output, args.max_output)
+    results = []
+    if not args.hf_only:
+        results.append(run_engine(args, prompts, out_lens))
+    if args.hf or args.hf_only:
+        results.append(run_transformers(args, prompts, out_lens))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"\nworkload: {args.num_requests} requests, input [{args.min_input}, {args.max_input}], "
+          f"output [{args.min_output}, {args.max_output}], seed {args.seed}; device: {device}")
+    print(f"{'engine':<48} {'output tokens':>14} {'seconds':>9} {'output tok/s':>13}")
+    for r in results:
+        print(f"{r['engine']:<48} {r['output_tokens']:>14} {r['seconds']:>9.2f} {r['output_tok_s']:>13.1f}")
+    if len(results) == 2:
+        print(f"ratio: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
+    if args.json:
+        with args.json.open("a") as f:
+            for r in results:
+                f.write(json.dumps({**r, "device": device, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

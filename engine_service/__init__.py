@@ -1,0 +1,34 @@
+"""The GPU engine service: continuous-batching scheduler, paged KV cache with prefix caching, sampler,
+CUDA-graph model runner, tensor-parallel workers, and the streaming gRPC Generate service."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
+
+if TYPE_CHECKING:
+    from engine_service.config import EngineConfig
+    from engine_service.engine import LLMEngine
+    from engine_service.llm import LLM
+    from engine_service.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):  # lazy: `python -m engine_service --help` should not import torch first
+    if name == "LLM":
+        from engine_service.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from engine_service.engine import LLMEngine
+
+        return LLMEngine
+    if name == "EngineConfig":
+        from engine_service.config import EngineConfig
+
+        return EngineConfig
+    if name == "SamplingParams":
+        from engine_service.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

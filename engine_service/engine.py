@@ -1,0 +1,264 @@
+"""The incremental engine: add requests, step, receive per-request deltas, abort.
+
+``LLMEngine.step()`` is one scheduler decision + one forward pass + sampling. It is synchronous and
+single-threaded by design: the offline ``LLM`` calls it in a loop, and the gRPC service calls it
+from a dedicated engine thread (``async_engine.py``) so it never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine_service.block_manager import BlockManager
+from engine_service.config import EngineConfig
+from engine_service.model_runner import ModelRunner
+from engine_service.sampler import Sampler, SamplingBatch
+from engine_service.sampling_params import SamplingParams
+from engine_service.scheduler import Scheduler, SchedulerOutput
+from engine_service.sequence import FinishReason, Sequence
+from engine_service.step_input import StepInput
+from engine_service.tp_workers import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; the caller should retry later or elsewhere."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve any more requests (a worker died or a step failed)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top-N alternatives, best first
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta; ``finished`` on the last one)."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling (on the final output)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_kv_blocks: int
+    num_preemptions_total: int
+    prefix_cache_hit_rate: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.workers: WorkerGroup | None = None
+        self.dead_reason: str | None = None
+        if config.tensor_parallel_size > 1:
+            self.workers = WorkerGroup(config, on_death=self._mark_dead)
+        try:
+            self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else None)
+            if self.workers:
+                self.workers.wait_ready()
+                self.workers.request_capacity()
+            capacity = self.runner.kv_block_capacity()
+            if self.workers:
+                capacity = min([capacity, *self.workers.collect_capacity()])
+                self.workers.allocate_kv_cache(capacity)
+            self.runner.allocate_kv_cache(capacity)
+            if self.workers:
+                self.workers.wait_done()
+                self.workers.capture_cuda_graphs()
+            self.runner.capture_cuda_graphs()
+            if self.workers:
+                self.workers.wait_done()
+        except BaseException:
+            if self.workers:
+                self.workers.shutdown()
+            raise
+        mc = self.runner.model_config
+        self.model_config = mc
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = mc.vocab_size
+        self.eos_token_ids = tuple(mc.eos_token_ids)
+        self.block_manager = BlockManager(capacity, config.kv_block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.requests: dict[str, Sequence] = {}
+        self._seed_rng = random.Random(config.seed)
+        self.num_prompt_tokens_total = 0   # prompt tokens computed (prefix-cache hits excluded)
+        self.num_generated_tokens_total = 0
+        log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
+                 capacity, config.kv_block_size, capacity * self.runner.kv_block_bytes / 2**30, self.max_model_len)
+
+    def _mark_dead(self, reason: str) -> None:
+        self.dead_reason = reason
+
+    # ---- requests ---------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if this request can never be served."""
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens; the model's maximum "
+                             f"length is {self.max_model_len} including at least one generated token")
+        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad_stop is not None:
+            raise ValueError(f"stop_token_ids: token id {bad_stop} is outside the vocabulary")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed,
+                       max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens))
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort at once (its KV blocks return to the pool now); None if unknown or already finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORTED)
+        return self._final_output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            prefix_cache_hit_rate=bm.prefix_cache_hits / bm.prefix_cache_queries if bm.prefix_cache_queries else 0.0,
+        )
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and report what changed. Empty when idle."""
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        decision = self.scheduler.schedule()
+        if decision.is_empty:
+            return []
+        step = self._step_input(decision)
+        try:
+            if self.workers:
+                self.workers.execute(step)
+            logits = self.runner.execute(step)
+            sampling_rows = [s.seq for s in decision.scheduled if s.samples]
+            sampled = self._sample(logits, sampling_rows) if sampling_rows else None
+        except Exception as exc:
+            if self.workers and self.workers.death_reason:
+                self.dead_reason = self.workers.death_reason
+            else:
+                self.dead_reason = f"engine step failed: {exc!r}"
+            log.exception("engine step failed")
+            raise EngineDeadError(self.dead_reason) from exc
+        return self._apply(decision, sampling_rows, sampled)
+
+    def _step_input(self, decision: SchedulerOutput) -> StepInput:
+        token_ids, context_lens, tables, sample_rows = [], [], [], []
+        for s in decision.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            token_ids.append(seq.token_ids(start, start + s.num_new_tokens))
+            context_lens.append(start)
+            tables.append(seq.block_table)
+            sample_rows.append(s.samples)
+        return StepInput(token_ids, context_lens, tables, sample_rows)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        batch = SamplingBatch.build(
+            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device,
+        )
+        out = self.sampler(logits, batch)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_logprobs_ids.tolist() if out.top_logprobs_ids is not None else None
+        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        return token_ids, logprobs, top_ids, top_vals
+
+    def _apply(self, decision: SchedulerOutput, sampling_rows: list[Sequence], sampled) -> list[RequestOutput]:
+        now = time.monotonic()
+        for s in decision.scheduled:
+            seq = s.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_tokens_total += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+        outputs: list[RequestOutput] = []
+        if sampled is None:
+            return outputs
+        token_ids, logprobs, top_ids, top_vals = sampled
+        for row, seq in enumerate(sampling_rows):
+            token = token_ids[row]
+            seq.output_token_ids.append(token)
+            self.num_generated_tokens_total += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            out = RequestOutput(seq.request_id, [token])
+            if seq.params.logprobs is not None and logprobs is not None:
+                n = seq.params.logprobs
+                top = tuple(zip(top_ids[row][:n], top_vals[row][:n])) if (n and top_ids is not None) else ()
+                out.new_logprobs = [TokenLogprob(token, logprobs[row], top)]
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.requests.pop(seq.request_id, None)
+                self.scheduler.finish(seq, reason)
+                final = self._final_output(seq)
+                out.finished, out.finish_reason = True, final.finish_reason
+                out.num_prompt_tokens, out.num_output_tokens = final.num_prompt_tokens, final.num_output_tokens
+                out.num_cached_tokens, out.queue_time = final.num_cached_tokens, final.queue_time
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        n = len(seq.output_token_ids)
+        if n >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return FinishReason.STOP
+        if n >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _final_output(seq: Sequence) -> RequestOutput:
+        queue_time = seq.first_scheduled_time - seq.arrival_time if seq.first_scheduled_time else None
+        return RequestOutput(seq.request_id, [], None, True, seq.finish_reason, seq.num_prompt_tokens,
+                             len(seq.output_token_ids), seq.num_cached_prompt_tokens, queue_time)
+
+    def shutdown(self) -> None:
+        if self.workers:
+            self.workers.shutdown()
+            self.workers = None

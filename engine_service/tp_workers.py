@@ -1,0 +1,208 @@
+"""Tensor-parallel worker processes (ranks 1..N-1), driven by rank 0 through typed commands.
+
+Each worker owns a ``ModelRunner`` on its own GPU (or CPU rank, with gloo) and obeys commands sent
+over its own pipe: there are no method names in shared memory and no fixed ports (the process group
+rendezvous uses a free loopback port chosen at start). A monitor thread watches the workers'
+process sentinels, so a dead worker is reported at once instead of being waited on forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Callable, Union
+
+from engine_service.config import EngineConfig
+from engine_service.step_input import StepInput
+
+log = logging.getLogger(__name__)
+
+
+# ---- commands (rank 0 -> worker) ------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportCapacity:
+    """Profile memory and reply with a ``Capacity``."""
+
+
+@dataclass(frozen=True)
+class AllocateKVCache:
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class CaptureCUDAGraphs:
+    pass
+
+
+@dataclass(frozen=True)
+class Execute:
+    step: StepInput
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Command = Union[ReportCapacity, AllocateKVCache, CaptureCUDAGraphs, Execute, Shutdown]
+
+
+# ---- replies (worker -> rank 0) -------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Capacity:
+    rank: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Done:
+    rank: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    rank: int
+    error: str
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker failed or died."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connection) -> None:
+    from engine_service.model_runner import ModelRunner  # imported in the child: it initialises torch
+
+    try:
+        runner = ModelRunner(config, rank, init_method)
+        conn.send(Ready(rank))
+        while True:
+            command = conn.recv()
+            if isinstance(command, Execute):
+                runner.execute(command.step)  # no reply: the collectives keep ranks in step
+            elif isinstance(command, ReportCapacity):
+                conn.send(Capacity(rank, runner.kv_block_capacity()))
+            elif isinstance(command, AllocateKVCache):
+                runner.allocate_kv_cache(command.num_blocks)
+                conn.send(Done(rank))
+            elif isinstance(command, CaptureCUDAGraphs):
+                runner.capture_cuda_graphs()
+                conn.send(Done(rank))
+            elif isinstance(command, Shutdown):
+                break
+            else:
+                raise TypeError(f"unknown command {command!r}")
+    except (EOFError, KeyboardInterrupt):
+        pass  # rank 0 went away
+    except BaseException:
+        try:
+            conn.send(WorkerFailed(rank, traceback.format_exc()))
+        except OSError:
+            pass
+        raise
+
+
+class WorkerGroup:
+    """Ranks 1..N-1. ``init_method`` is for rank 0's own ``ModelRunner``."""
+
+    def __init__(self, config: EngineConfig, on_death: Callable[[str], None] | None = None) -> None:
+        self.world_size = config.tensor_parallel_size
+        self.init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+        ctx = mp.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
+        self._conns: list[Connection] = []
+        self._procs: list[mp.process.BaseProcess] = []
+        for rank in range(1, self.world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(config, rank, self.init_method, child),
+                               name=f"tp-worker-{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._closing = False
+        self.death_reason: str | None = None
+        self._on_death = on_death
+        self._monitor = threading.Thread(target=self._watch, name="tp-worker-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: p for p in self._procs}
+        ready = wait(list(sentinels))
+        if self._closing:
+            return
+        proc = sentinels[ready[0]]
+        self.death_reason = f"tensor-parallel worker {proc.name} exited with code {proc.exitcode}"
+        log.error(self.death_reason)
+        if self._on_death is not None:
+            self._on_death(self.death_reason)
+
+    def _send(self, command: Command) -> None:
+        if self.death_reason:
+            raise WorkerError(self.death_reason)
+        for conn in self._conns:
+            try:
+                conn.send(command)
+            except OSError as exc:
+                raise WorkerError(f"cannot reach a tensor-parallel worker: {exc}") from exc
+
+    def _collect(self, expected: type) -> list:
+        replies = []
+        for conn, proc in zip(self._conns, self._procs):
+            while not conn.poll(0.5):
+                if not proc.is_alive():
+                    raise WorkerError(f"tensor-parallel worker {proc.name} died (exit code {proc.exitcode})")
+            reply = conn.recv()
+            if isinstance(reply, WorkerFailed):
+                raise WorkerError(f"tensor-parallel worker rank {reply.rank} failed:\n{reply.error}")
+            if not isinstance(reply, expected):
+                raise WorkerError(f"unexpected reply {reply!r} from {proc.name}")
+            replies.append(reply)
+        return replies
+
+    def wait_ready(self) -> None:
+        self._collect(Ready)
+
+    def request_capacity(self) -> None:
+        self._send(ReportCapacity())
+
+    def collect_capacity(self) -> list[int]:
+        return [c.num_blocks for c in self._collect(Capacity)]
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._send(AllocateKVCache(num_blocks))
+
+    def capture_cuda_graphs(self) -> None:
+        self._send(CaptureCUDAGraphs())
+
+    def wait_done(self) -> None:
+        self._collect(Done)
+
+    def execute(self, step: StepInput) -> None:
+        self._send(Execute(step))
+
+    def shutdown(self) -> None:
+        self._closing = True
+        for conn in self._conns:
+            try:
+                conn.send(Shutdown())
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
