@@ -89,7 +89,10 @@ class Qwen3Config:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         eos = _read_eos_ids(Path(model_dir), raw)
-        return cls.from_dict(raw, eos_token_ids=eos)
+        try:
+            return cls.from_dict(raw, eos_token_ids=eos)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc  # say which checkpoint, too
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> "Qwen3Config":
@@ -113,11 +116,12 @@ class Qwen3Config:
         rope_scaling_raw = raw.get("rope_scaling") or {}
         rope_theta = raw.get("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
         scaling_src = rope_scaling_raw or rope_params
+        scaling_key = "rope_scaling" if rope_scaling_raw else "rope_parameters"
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) if scaling_src else "default"
         rope_scaling: RopeScaling | None = None
         if rope_type == "yarn":
             if "factor" not in scaling_src:
-                raise ConfigError("config field 'rope_scaling.factor' is missing for YaRN")
+                raise ConfigError(f"config field '{scaling_key}.factor' is missing for YaRN")
             rope_scaling = RopeScaling(
                 factor=float(scaling_src["factor"]),
                 original_max_position_embeddings=int(
@@ -131,7 +135,7 @@ class Qwen3Config:
                 truncate=bool(scaling_src.get("truncate", True)),
             )
         elif rope_type != "default":
-            raise ConfigError(f"config field 'rope_scaling.rope_type' is {rope_type!r}; supported: default, yarn")
+            raise ConfigError(f"config field '{scaling_key}.rope_type' is {rope_type!r}; supported: default, yarn")
 
         dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         if dtype_name not in _DTYPES:

@@ -21,6 +21,8 @@ from qwen3.layers.weights import default_weight_loader
 
 log = logging.getLogger(__name__)
 
+_INDEX = "model.safetensors.index.json"
+
 
 class CheckpointError(ValueError):
     """The checkpoint does not fit the model: the message names the tensor and file."""
@@ -47,21 +49,35 @@ class _SafetensorsTensor:
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: from ``model.safetensors.index.json`` if present."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    weight_map = _index_weight_map(model_dir)
+    if weight_map is not None:
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
-                raise CheckpointError(f"checkpoint file {f.name} listed in {index.name} does not exist")
+                held = sorted(t for t, name in weight_map.items() if name == f.name)
+                raise CheckpointError(
+                    f"checkpoint file {f.name} listed in {_INDEX} does not exist "
+                    f"(it should hold {_name_list(held)})"
+                )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+def _index_weight_map(model_dir: Path) -> dict[str, str] | None:
+    """tensor name -> file name from a sharded checkpoint's index, or None for a single-file checkpoint."""
+    index = model_dir / _INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' is not an object")
+    return weight_map
 
 
 def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
@@ -99,10 +115,13 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
                     raise CheckpointError(f"tensor '{name}' in {path.name}: {exc}") from exc
                 loaded.add((param_name, shard_id))
         log.info("loaded weights file %d/%d (%s) in %.1fs", number, len(files), path.name, time.monotonic() - started)
-    missing = sorted(f"{p}" + (f" (part {s!r})" if s is not None else "") for p, s in expected - loaded)
+    missing = sorted(_checkpoint_name(p, s, packed) for p, s in expected - loaded)
     if missing:
-        raise CheckpointError(f"missing tensor(s) in checkpoint {Path(model_dir)}: {', '.join(missing[:8])}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        weight_map = _index_weight_map(Path(model_dir)) or {}
+        searched = ", ".join(p.name for p in files) if len(files) <= 3 else f"any of the {len(files)} files"
+        hints = [f"the index puts '{name}' in {weight_map[name]}" for name in missing[:8] if name in weight_map]
+        raise CheckpointError(f"missing tensor(s) {_name_list(missing)}: not found in {searched} of {Path(model_dir)}"
+                              + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def _target(name: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
@@ -111,6 +130,20 @@ def _target(name: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, s
         if token in name:
             return name.replace(token, f".{fused}."), shard_id
     return name, None
+
+
+def _checkpoint_name(param_name: str, shard_id: object, packed: dict[str, tuple[str, str | int]]) -> str:
+    """The checkpoint tensor that fills ``shard_id`` of parameter ``param_name`` (inverse of ``_target``)."""
+    for ckpt_part, (fused, fused_shard) in packed.items():
+        token = f".{fused}."
+        if shard_id is not None and fused_shard == shard_id and token in param_name:
+            return param_name.replace(token, f".{ckpt_part}.")
+    return param_name
+
+
+def _name_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _expected_loads(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str | int]]) -> set[tuple[str, object]]:

@@ -103,7 +103,8 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         tp = tp_world_size()
         for field, value in (("num_attention_heads", config.num_attention_heads),
-                             ("num_key_value_heads", config.num_key_value_heads)):
+                             ("num_key_value_heads", config.num_key_value_heads),
+                             ("intermediate_size", config.intermediate_size)):
             if value % tp:
                 raise ValueError(f"config field '{field}' ({value}) is not divisible by tensor_parallel_size ({tp})")
         self.config = config
