@@ -54,6 +54,13 @@ Command = Union[ReportCapacity, AllocateKVCache, CaptureCUDAGraphs, Execute, Shu
 
 # ---- replies (worker -> rank 0) -------------------------------------------------------------
 @dataclass(frozen=True)
+class Started:
+    """The worker imported everything and is about to join the process group."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
 class Ready:
     rank: int
 
@@ -89,6 +96,7 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     from engine_service.model_runner import ModelRunner  # imported in the child: it initialises torch
 
     try:
+        conn.send(Started(rank))
         runner = ModelRunner(config, rank, init_method)
         conn.send(Ready(rank))
         while True:
@@ -139,6 +147,13 @@ class WorkerGroup:
         self._on_death = on_death
         self._monitor = threading.Thread(target=self._watch, name="tp-worker-monitor", daemon=True)
         self._monitor.start()
+        # Rank 0 joins the process group only once every worker got that far: a worker that fails on
+        # import would otherwise leave rank 0 blocked in the rendezvous until its timeout.
+        try:
+            self._collect(Started)
+        except WorkerError:
+            self.shutdown()
+            raise
 
     def _watch(self) -> None:
         sentinels = {p.sentinel: p for p in self._procs}

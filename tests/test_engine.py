@@ -38,8 +38,10 @@ def test_greedy_matches_transformers_generate(llm: LLM, tiny_checkpoint: Path) -
     ps = prompts(16, seed=1)
     ours = greedy(llm, ps)
     for p, got in zip(ps, ours):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        ids = torch.tensor([p])
+        # attention_mask given explicitly: otherwise transformers masks every token equal to pad_token_id
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert got == ref
 
 

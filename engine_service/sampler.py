@@ -1,0 +1,289 @@
+"""Turn a batch of logits into next tokens: penalties, warpers and seeded sampling, all rows at once.
+
+Per step the engine builds a ``SamplingBatch`` (per-row parameter tensors, built once from Python
+lists) and calls ``Sampler()(logits, batch)``. Everything after that runs as whole-batch tensor ops on
+the logits' device; work that no row asks for (a sort for top-p, penalties, logprobs) is skipped.
+
+Processing order, as transformers' ``generate``: repetition penalty (prompt + output tokens),
+presence/frequency penalties (output tokens), min_tokens (EOS and stop ids banned); then greedy rows
+take the argmax and sampled rows apply temperature, top-k, top-p, min-p and draw.
+
+Randomness is counter-based: row i's draw at output step t is a hash of (seeds[i], t, vocab index)
+made with integer tensor ops, turned into Exp(1) noise, and the token is argmax(probs / noise) (the
+exponential race, which picks token j with probability probs[j]). So a seeded request gets the same
+tokens whatever else is in the batch, and CPU and GPU hash to the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine_service.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFF_FFFF
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                 # [S] int64
+    logprobs: torch.Tensor | None           # [S] float32 log-softmax of the raw logits at the chosen token
+    top_logprobs_ids: torch.Tensor | None   # [S, N] int64, most likely first; N = max requested in the batch
+    top_logprobs: torch.Tensor | None       # [S, N] float32
+
+
+@dataclass
+class TokenPairs:
+    """Sparse (row, token id) pairs, e.g. every token a row has seen; duplicates allowed."""
+
+    rows: torch.Tensor     # [P] int64
+    tokens: torch.Tensor   # [P] int64
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling parameters of the S rows of one step, as device tensors.
+
+    Neutral values stand in for disabled options (temperature 1 for greedy rows, top_k = vocab size,
+    top_p 1, min_p 0, penalties 1 / 0), so every row can go through the same ops. The host-side flags
+    say which steps some row needs, so that skipping work never synchronises with the device.
+    """
+
+    vocab_size: int
+    greedy: torch.Tensor               # [S] bool
+    temperature: torch.Tensor          # [S] float32; 1 for greedy rows
+    top_k: torch.Tensor                # [S] int64 in [1, V]; V where disabled
+    top_p: torch.Tensor                # [S] float32 in (0, 1]
+    min_p: torch.Tensor                # [S] float32 in [0, 1]
+    repetition_penalty: torch.Tensor   # [S] float32
+    presence_penalty: torch.Tensor     # [S] float32
+    frequency_penalty: torch.Tensor    # [S] float32
+    rng_keys: torch.Tensor             # [S, 2] int64, two 32-bit keys hashed from (seed, output step)
+    seen_tokens: TokenPairs | None     # prompt + output tokens of rows with a repetition penalty
+    output_tokens: TokenPairs | None   # output tokens of rows with presence/frequency penalties
+    banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens
+    all_greedy: bool
+    max_top_k: int                     # largest enabled top_k; 0 when no row uses top-k
+    use_top_p: bool
+    use_min_p: bool
+    num_logprobs: int | None           # most top alternatives any row asked for; None: no row wants logprobs
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.greedy.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        eos_token_ids: tuple[int, ...],
+        seeds: list[int],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """Gather the per-row parameters of one step.
+
+        ``seeds[i]`` is row i's effective seed; its output step is ``len(output_token_ids[i])``, so the
+        noise it samples with depends on nothing but those two numbers.
+        """
+        num_rows = len(params)
+        if num_rows == 0:
+            raise ValueError("params: a sampling batch needs at least one row")
+        if not num_rows == len(prompt_token_ids) == len(output_token_ids) == len(seeds):
+            raise ValueError(f"params, prompt_token_ids, output_token_ids and seeds need one entry per row; got "
+                             f"{num_rows}, {len(prompt_token_ids)}, {len(output_token_ids)}, {len(seeds)}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+
+        floats, ints = [], []
+        for p, seed, output in zip(params, seeds, output_token_ids):
+            # Greedy rows get neutral warpers, so the warped scores keep their argmax and the flags
+            # below only count rows that sample.
+            top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
+            temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
+            floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+            ints.append((int(p.is_greedy), top_k, *_rng_key(seed, len(output))))
+        # Two host-to-device copies in all, then views.
+        f = torch.tensor(floats, dtype=torch.float32).to(device)   # [S, 6]
+        i = torch.tensor(ints, dtype=torch.int64).to(device)       # [S, 4]
+        top_k_host = [row[1] for row in ints]
+        wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            vocab_size=vocab_size,
+            greedy=i[:, 0].bool(), temperature=f[:, 0], top_k=i[:, 1], top_p=f[:, 1], min_p=f[:, 2],
+            repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5], rng_keys=i[:, 2:],
+            seen_tokens=_pairs([(prompt + output) if p.repetition_penalty != 1.0 else []
+                                for p, prompt, output in zip(params, prompt_token_ids, output_token_ids)], device),
+            output_tokens=_pairs([output if (p.presence_penalty or p.frequency_penalty) else []
+                                  for p, output in zip(params, output_token_ids)], device),
+            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids) if len(output) < p.min_tokens else ()
+                                  for p, output in zip(params, output_token_ids)], device),
+            all_greedy=all(p.is_greedy for p in params),
+            max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
+            use_top_p=any(row[1] < 1.0 for row in floats),
+            use_min_p=any(row[2] > 0.0 for row in floats),
+            num_logprobs=max(wants_logprobs) if wants_logprobs else None,
+        )
+
+
+class Sampler:
+    """Stateless: ``Sampler()(logits [S, V], batch) -> SamplerOutput``."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        scores = self.processed_logits(logits, batch)                # [S, V] float32
+        token_ids = scores.argmax(dim=-1)                            # [S]
+        if not batch.all_greedy:
+            sampled = _exponential_race(scores.softmax(dim=-1), batch.rng_keys)
+            token_ids = torch.where(batch.greedy, token_ids, sampled)
+
+        out = SamplerOutput(token_ids, None, None, None)
+        if batch.num_logprobs is not None:
+            # Logprobs describe the model, not the sampler: log-softmax of the raw logits (vLLM's default).
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [S, V]
+            out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+            if batch.num_logprobs:
+                out.top_logprobs, out.top_logprobs_ids = logprobs.topk(batch.num_logprobs, dim=-1)
+        return out
+
+    def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The scores of the next token, [S, V] float32 (a new tensor; ``logits`` is left alone): after
+        penalties and min_tokens, and for sampled rows the warpers. Greedy rows take their argmax,
+        sampled rows draw from their softmax."""
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows or logits.shape[1] != batch.vocab_size:
+            raise ValueError(f"logits must have shape [{batch.num_rows}, {batch.vocab_size}] "
+                             f"(rows, vocab_size), got {list(logits.shape)}")
+        scores = self.apply_penalties(logits.to(torch.float32, copy=True), batch)
+        return scores if batch.all_greedy else self.apply_warpers(scores, batch)
+
+    @staticmethod
+    def apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Repetition, presence and frequency penalties, then min_tokens bans, in place on ``scores``."""
+        if batch.seen_tokens is not None:
+            # As transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones.
+            # Duplicate pairs write the same value, so they need no dedup.
+            rows, tokens = batch.seen_tokens.rows, batch.seen_tokens.tokens
+            seen = scores[rows, tokens]                            # [P]
+            penalty = batch.repetition_penalty[rows]               # [P]
+            scores[rows, tokens] = torch.where(seen < 0, seen * penalty, seen / penalty)
+        if batch.output_tokens is not None:
+            # As vLLM / OpenAI: logit -= presence * (count > 0) + frequency * count, over generated tokens.
+            counts = torch.zeros_like(scores)                      # [S, V]
+            rows, tokens = batch.output_tokens.rows, batch.output_tokens.tokens
+            counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=scores.dtype), accumulate=True)
+            scores -= batch.frequency_penalty[:, None] * counts + batch.presence_penalty[:, None] * (counts > 0)
+        if batch.banned_tokens is not None:
+            scores[batch.banned_tokens.rows, batch.banned_tokens.tokens] = float("-inf")
+        return scores
+
+    @staticmethod
+    def apply_warpers(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p (transformers' warpers, each row with its own values), in place.
+
+        Greedy rows carry neutral values, so they pass through unchanged.
+        """
+        scores.div_(batch.temperature[:, None])
+        if batch.use_top_p:
+            _top_k_top_p_by_sort(scores, batch)
+        elif batch.max_top_k:
+            _top_k(scores, batch)
+        if batch.use_min_p:
+            # As MinPLogitsWarper: drop tokens less likely than min_p times the most likely one
+            # (which always survives since min_p <= 1).
+            probs = scores.softmax(dim=-1)                         # [S, V]
+            threshold = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [S, 1]
+            scores.masked_fill_(probs < threshold, float("-inf"))
+        return scores
+
+
+# ---- warpers -------------------------------------------------------------------------------------
+
+def _top_k(scores: torch.Tensor, batch: SamplingBatch) -> None:
+    """As TopKLogitsWarper: drop tokens below the k-th largest score (ties with it survive), in place.
+
+    One ``topk`` of the largest enabled k serves every row, avoiding a full sort.
+    """
+    top = scores.topk(batch.max_top_k, dim=-1).values                                  # [S, K]
+    kth = top.gather(1, (batch.top_k.clamp(max=batch.max_top_k) - 1)[:, None])        # [S, 1]
+    enabled = (batch.top_k < batch.vocab_size)[:, None]                                # [S, 1]
+    scores.masked_fill_((scores < kth) & enabled, float("-inf"))
+
+
+def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
+    """Top-k then top-p from one ascending sort, in place, with the arithmetic of transformers'
+    TopKLogitsWarper and TopPLogitsWarper (min_tokens_to_keep=1)."""
+    sorted_scores, order = scores.sort(dim=-1)                                         # [S, V] ascending
+    vocab = batch.vocab_size
+    kth = sorted_scores.gather(1, (vocab - batch.top_k)[:, None])                      # [S, 1]; V-th = smallest
+    sorted_scores.masked_fill_(sorted_scores < kth, float("-inf"))
+    # Drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays.
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)                          # [S, V]
+    drop = (cumulative <= (1 - batch.top_p)[:, None]) & (batch.top_p < 1)[:, None]     # [S, V]
+    drop[:, -1] = False
+    drop |= sorted_scores == float("-inf")                                             # the top-k cut
+    scores.masked_fill_(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+
+
+# ---- counter-based randomness ----------------------------------------------------------------------
+
+def _exponential_race(probs: torch.Tensor, rng_keys: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row from ``probs`` [S, V]: argmax(probs / E) with E ~ Exp(1) i.i.d.
+
+    P(argmax = j) = probs[j] / sum(probs). E comes from a hash of (row key, vocab index) only.
+    """
+    num_rows, vocab = probs.shape
+    index = torch.arange(vocab, device=probs.device, dtype=torch.int64)                # [V]
+    bits = _mix32(index[None, :] ^ rng_keys[:, :1])                                    # [S, V] in [0, 2^32)
+    bits = _mix32(bits ^ rng_keys[:, 1:])
+    # u in (0, 1]; -log1p(-u) keeps full precision for small E, where the race is decided.
+    # u == 1 after rounding gives E = inf: that token cannot win (a 2^-25 event).
+    uniform = (bits + 1).to(torch.float32).mul_(2.0 ** -32)                            # [S, V]
+    noise = torch.log1p(uniform.neg_()).neg_()                                         # [S, V] Exp(1)
+    return (probs / noise).argmax(dim=-1)                                              # [S]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow: c is split into 16-bit halves so
+    every product stays below 2^48."""
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (Wellons' "lowbias32") on non-negative int64 tensors, so every
+    right shift is a logical one."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _splitmix64(x: int) -> int:
+    """Steele et al.'s SplitMix64 finaliser on Python ints (exact 64-bit arithmetic)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _rng_key(seed: int, step: int) -> tuple[int, int]:
+    """Two 32-bit keys for the draw at output ``step`` of a request seeded with ``seed`` (any int)."""
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ step)
+    return key & _MASK32, key >> 32
+
+
+def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | None:
+    """Flatten per-row token lists into (row, token) pairs on ``device``; None when all are empty."""
+    lengths = np.fromiter((len(t) for t in tokens_per_row), dtype=np.int64, count=len(tokens_per_row))
+    total = int(lengths.sum())
+    if total == 0:
+        return None
+    tokens = np.fromiter((t for row in tokens_per_row for t in row), dtype=np.int64, count=total)
+    rows = np.repeat(np.arange(len(tokens_per_row), dtype=np.int64), lengths)
+    return TokenPairs(torch.from_numpy(rows).to(device), torch.from_numpy(tokens).to(device))
