@@ -23,7 +23,6 @@ import torch
 
 from engine_service.sampling_params import SamplingParams
 
-_MASK32 = 0xFFFF_FFFF
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -61,7 +60,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor   # [S] float32
     presence_penalty: torch.Tensor     # [S] float32
     frequency_penalty: torch.Tensor    # [S] float32
-    rng_keys: torch.Tensor             # [S, 2] int64, two 32-bit keys hashed from (seed, output step)
+    rng_keys: torch.Tensor             # [S] int32, a hash of (seed, output step)
     seen_tokens: TokenPairs | None     # prompt + output tokens of rows with a repetition penalty
     output_tokens: TokenPairs | None   # output tokens of rows with presence/frequency penalties
     banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens
@@ -107,16 +106,17 @@ class SamplingBatch:
             top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k, *_rng_key(seed, len(output))))
+            ints.append((int(p.is_greedy), top_k, _rng_key(seed, len(output))))
         # Two host-to-device copies in all, then views.
         f = torch.tensor(floats, dtype=torch.float32).to(device)   # [S, 6]
-        i = torch.tensor(ints, dtype=torch.int64).to(device)       # [S, 4]
+        i = torch.tensor(ints, dtype=torch.int64).to(device)       # [S, 3]
         top_k_host = [row[1] for row in ints]
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
             greedy=i[:, 0].bool(), temperature=f[:, 0], top_k=i[:, 1], top_p=f[:, 1], min_p=f[:, 2],
-            repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5], rng_keys=i[:, 2:],
+            repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
+            rng_keys=i[:, 2].to(torch.int32),
             seen_tokens=_pairs([(prompt + output) if p.repetition_penalty != 1.0 else []
                                 for p, prompt, output in zip(params, prompt_token_ids, output_token_ids)], device),
             output_tokens=_pairs([output if (p.presence_penalty or p.frequency_penalty) else []
@@ -233,35 +233,37 @@ def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
 def _exponential_race(probs: torch.Tensor, rng_keys: torch.Tensor) -> torch.Tensor:
     """Sample one token per row from ``probs`` [S, V]: argmax(probs / E) with E ~ Exp(1) i.i.d.
 
-    P(argmax = j) = probs[j] / sum(probs). E comes from a hash of (row key, vocab index) only.
+    P(argmax = j) = probs[j] / sum(probs), and the row's normaliser cannot change the argmax, so
+    rounding differences between devices only matter at near-ties. E is a hash of (row key, vocab
+    index) alone: one keyed round over a fixed per-vocab hash, in int32 to halve the memory traffic.
     """
-    num_rows, vocab = probs.shape
-    index = torch.arange(vocab, device=probs.device, dtype=torch.int64)                # [V]
-    bits = _mix32(index[None, :] ^ rng_keys[:, :1])                                    # [S, V] in [0, 2^32)
-    bits = _mix32(bits ^ rng_keys[:, 1:])
-    # u in (0, 1]; -log1p(-u) keeps full precision for small E, where the race is decided.
+    vocab = probs.shape[1]
+    vocab_hash = _mix32(torch.arange(vocab, device=probs.device, dtype=torch.int32))  # [V]
+    bits = _mix32(vocab_hash[None, :] ^ rng_keys[:, None])                             # [S, V] int32
+    # 31 random bits -> u in (0, 1]. float32 keeps 24 significant bits at every magnitude, so small u
+    # (small E, where the race is decided) stays precise; -log1p(-u) keeps that precision in E.
     # u == 1 after rounding gives E = inf: that token cannot win (a 2^-25 event).
-    uniform = (bits + 1).to(torch.float32).mul_(2.0 ** -32)                            # [S, V]
-    noise = torch.log1p(uniform.neg_()).neg_()                                         # [S, V] Exp(1)
+    uniform = (bits & 0x7FFF_FFFF).to(torch.float32).add_(1.0).mul_(2.0 ** -31)        # [S, V]
+    noise = torch.log1p(uniform.neg_()).neg_()                                         # [S, V] ~ Exp(1)
     return (probs / noise).argmax(dim=-1)                                              # [S]
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow: c is split into 16-bit halves so
-    every product stays below 2^48."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+# Wellons' "lowbias32" multipliers, the second as the int32 with the same bits.
+_MIX_MUL1 = 0x7FEB352D
+_MIX_MUL2 = 0x846CA68B - 2**32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (Wellons' "lowbias32") on non-negative int64 tensors, so every
-    right shift is a logical one."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """A bijective 32-bit integer hash (Wellons' "lowbias32") on int32 tensors.
+
+    Products wrap modulo 2^32 (two's complement), which is the arithmetic the hash is defined in;
+    right shifts of int32 are arithmetic, so the copied sign bits are masked off to make them logical.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX_MUL1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX_MUL2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def _splitmix64(x: int) -> int:
@@ -272,10 +274,11 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _rng_key(seed: int, step: int) -> tuple[int, int]:
-    """Two 32-bit keys for the draw at output ``step`` of a request seeded with ``seed`` (any int)."""
-    key = _splitmix64(_splitmix64(seed & _MASK64) ^ step)
-    return key & _MASK32, key >> 32
+def _rng_key(seed: int, step: int) -> int:
+    """The 32-bit key (as a signed int32 value) of the draw at output ``step`` of a request seeded
+    with ``seed`` (any int)."""
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 32   # the high half mixes best
+    return key - 2**32 if key >= 2**31 else key
 
 
 def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | None:
