@@ -1,0 +1,101 @@
+"""``python -m engine_service --model DIR [options]``: serve EngineService over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from engine_service.config import EngineConfig
+
+log = logging.getLogger("engine_service")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = EngineConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m engine_service",
+                                description="Serve a Qwen3 checkpoint over gRPC (qwen3serve.engine.v1.EngineService): "
+                                            "token ids in, streamed token ids out.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--served-model-name", default=None, help="name reported by GetModelInfo (default: directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (0 = off)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default,
+                   help="GPUs to split the model across")
+    p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight/activation dtype (auto: the checkpoint's)")
+    p.add_argument("--device", default=d["device"].default, choices=["auto", "cuda", "cpu"])
+    p.add_argument("--max-model-len", type=int, default=None, help="max prompt+output tokens (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default, help="max sequences per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default,
+                   help="token budget of one step (prefill chunks + decodes)")
+    p.add_argument("--kv-block-size", type=int, default=d["kv_block_size"].default, help="tokens per KV block")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="fixed KV pool size (default: sized from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
+                   help="fraction of GPU memory to use, KV cache included")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--attention-backend", default=d["attention_backend"].default,
+                   choices=["auto", "flash-attn", "triton", "torch"])
+    p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
+                   help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=None, help="gRPC-level cap on RPCs in flight")
+    p.add_argument("--grace-period", type=float, default=10.0, help="seconds streams may finish after SIGTERM")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from engine_service.engine import LLMEngine
+    from engine_service.server import start_engine_server
+    from service_common.metrics import start_metrics_server
+    from service_common.server import ServerConfig, serve_until_signal
+
+    config = EngineConfig(  # validated here, before anything listens: bad options fail fast
+        model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_block_size=args.kv_block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed)
+    metrics_port = start_metrics_server(args.metrics_port, args.host)
+    running = await start_engine_server(lambda: LLMEngine(config), args.model, model_name=args.served_model_name,
+                                        host=args.host, port=args.port,
+                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs))
+    log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
+                                                     "metrics_port": metrics_port})
+    serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))
+    loading = running._load_task
+    done, _ = await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
+    if loading in done and loading.exception() is not None:
+        log.error("engine failed to load: %s", loading.exception())
+        await running.stop(0)
+        serving.cancel()
+        return 1
+    await serving
+    await running.stop(0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from service_common.logging import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return asyncio.run(serve(args))
+    except ValueError as exc:  # bad options: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The EngineService gRPC servicer: token ids in, streamed token ids out.
+
+Handlers only translate: protobuf <-> ``SamplingParams`` / ``RequestOutput``, domain errors <->
+status codes (``service_common.errors``, one table for both services). The work happens on the
+engine thread behind ``AsyncEngine``; nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+
+from engine_service.async_engine import AsyncEngine
+from engine_service.engine import EngineDeadError, EngineOverloadedError, LLMEngine, RequestOutput
+from engine_service.metrics import EngineMetrics
+from engine_service.sampling_params import SamplingParams
+from engine_service.sequence import FinishReason
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from service_common.errors import InvalidArgument, NotFound, Overloaded, Unavailable, handle_errors
+from service_common.logging import bind_request_id
+from service_common.server import ServerConfig, bind, build_server, set_serving
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+_FINISH_REASONS = {
+    FinishReason.STOP: engine_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORTED: engine_pb2.FINISH_REASON_ABORTED,
+    FinishReason.ERROR: engine_pb2.FINISH_REASON_ERROR,
+}
+# Optional scalar fields of the SamplingParams message that map 1:1 onto SamplingParams.
+_OPTIONAL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "min_tokens", "logprobs")
+
+
+def _invalid(exc: ValueError, prefix: str = "") -> InvalidArgument:
+    """Our ValueErrors start with the field's name ("top_p must be ...", "prompt_token_ids: ...")."""
+    message = str(exc)
+    field = message.split()[0].rstrip(":") if message else "request"
+    description = message[len(field):].lstrip(": ") if message.startswith(field) else message
+    return InvalidArgument(prefix + field, description or message)
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    def __init__(self, model_name: str, model_path: str, metrics: EngineMetrics | None = None) -> None:
+        self.model_name = model_name
+        self.model_path = model_path
+        self.metrics = metrics or EngineMetrics(model_name)
+        self.engine: AsyncEngine | None = None  # set once loaded; until then requests are UNAVAILABLE
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def _live_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise Unavailable("the engine is still loading")
+        if self.engine.dead_reason:
+            raise Unavailable(f"the engine is down: {self.engine.dead_reason}")
+        return self.engine
+
+    # ---- request conversion ---------------------------------------------------------------------
+    def sampling_params(self, request: engine_pb2.GenerateRequest, core: LLMEngine) -> SamplingParams:
+        msg = request.sampling_params
+        kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+        prompt_len = len(request.prompt_token_ids)
+        room = core.max_model_len - prompt_len
+        if msg.HasField("max_tokens"):
+            if msg.max_tokens > room:
+                raise InvalidArgument(
+                    "sampling_params.max_tokens",
+                    f"prompt ({prompt_len} tokens) + max_tokens ({msg.max_tokens}) exceeds the model's maximum "
+                    f"length ({core.max_model_len})")
+            kwargs["max_tokens"] = msg.max_tokens
+        else:
+            kwargs["max_tokens"] = max(1, room)  # as vLLM: up to the model's length
+        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+        kwargs["ignore_eos"] = msg.ignore_eos
+        try:
+            return SamplingParams(**kwargs)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise _invalid(exc, "sampling_params.") from exc
+
+    def _response(self, request_id: str, out: RequestOutput) -> engine_pb2.GenerateResponse:
+        response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids)
+        if out.new_logprobs:
+            for lp in out.new_logprobs:
+                response.logprobs.append(engine_pb2.TokenLogprob(
+                    token_id=lp.token_id, logprob=lp.logprob,
+                    top_logprobs=[engine_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+        if out.finished:
+            response.finish_reason = _FINISH_REASONS[out.finish_reason or FinishReason.ERROR]
+            response.usage.prompt_tokens = out.num_prompt_tokens
+            response.usage.completion_tokens = out.num_output_tokens
+            response.usage.cached_prompt_tokens = out.num_cached_tokens
+        return response
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+    @handle_errors
+    async def Generate(self, request: engine_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        bind_request_id(request_id)
+        engine = self._live_engine()
+        params = self.sampling_params(request, engine.engine)
+        start = last = time.perf_counter()
+        first = True
+        try:
+            async for out in engine.generate(list(request.prompt_token_ids), params, request_id):
+                now = time.perf_counter()
+                if out.new_token_ids:
+                    self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                    if first:
+                        self.metrics.time_to_first_token.observe(now - start)
+                        first = False
+                    else:
+                        self.metrics.inter_token_latency.observe(now - last)
+                    last = now
+                if out.finished:
+                    self.metrics.e2e_request_latency.observe(now - start)
+                    self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                    if out.queue_time is not None:
+                        self.metrics.request_queue_time.observe(out.queue_time)
+                    self.metrics.finished((out.finish_reason or FinishReason.ERROR).value)
+                yield self._response(request_id, out)
+        except ValueError as exc:
+            raise _invalid(exc, "sampling_params." if str(exc).startswith("stop_token_ids") else "") from exc
+        except EngineOverloadedError as exc:
+            raise Overloaded(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise Unavailable(f"the engine is down: {exc}") from exc
+
+    @handle_errors
+    async def Abort(self, request: engine_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> engine_pb2.AbortResponse:
+        bind_request_id(request.request_id)
+        if not request.request_id:
+            raise InvalidArgument("request_id", "must not be empty")
+        if not await self._live_engine().abort(request.request_id):
+            raise NotFound(f"no running or waiting request with request_id {request.request_id!r}")
+        return engine_pb2.AbortResponse(aborted=True)
+
+    @handle_errors
+    async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> engine_pb2.GetModelInfoResponse:
+        core = self._live_engine().engine
+        cfg = core.config
+        return engine_pb2.GetModelInfoResponse(
+            model_name=self.model_name, model_path=self.model_path, vocab_size=core.vocab_size,
+            max_model_len=core.max_model_len, eos_token_ids=list(core.eos_token_ids),
+            dtype=str(core.runner.dtype).removeprefix("torch."), tensor_parallel_size=cfg.tensor_parallel_size,
+            kv_block_size=cfg.kv_block_size, num_kv_blocks=core.block_manager.num_blocks,
+            attention_backend=core.runner.backend.name)
+
+    @handle_errors
+    async def GetLoad(self, request: engine_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> engine_pb2.GetLoadResponse:
+        engine = self._live_engine()
+        stats = engine.stats
+        return engine_pb2.GetLoadResponse(num_running=stats.num_running, num_waiting=stats.num_waiting,
+                                          kv_cache_usage=stats.kv_cache_usage,
+                                          max_waiting=engine.engine.config.max_waiting_requests)
+
+
+@dataclass
+class EngineServer:
+    """A running engine server: the gRPC server, its health servicer, the servicer and the bound port."""
+
+    server: grpc.aio.Server
+    health: object
+    servicer: EngineServicer
+    port: int
+    _load_task: asyncio.Task | None = None
+    _metrics_task: asyncio.Task | None = None
+
+    async def wait_until_ready(self) -> None:
+        if self._load_task is not None:
+            await self._load_task
+
+    async def stop(self, grace_s: float | None = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        await self.server.stop(grace_s)
+        for task in (self._load_task, self._metrics_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.servicer.engine is not None:
+            await self.servicer.engine.stop()
+
+
+async def start_engine_server(load_engine, model_path: str, *, model_name: str | None = None,
+                              host: str = "127.0.0.1", port: int = 0,
+                              config: ServerConfig | None = None) -> EngineServer:
+    """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine in a thread.
+
+    ``load_engine`` is a zero-argument callable returning an ``LLMEngine`` (run off the event loop, as
+    loading weights and capturing CUDA graphs take a while). Health turns SERVING once it is loaded,
+    and NOT_SERVING for good if the engine dies.
+    """
+    name = model_name or Path(model_path).name
+    servicer = EngineServicer(name, str(model_path))
+    server, health = build_server([SERVICE_NAME], config)
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    bound = bind(server, host, port)
+    await server.start()
+    running = EngineServer(server, health, servicer, bound)
+
+    async def on_death(reason: str) -> None:
+        log.error("engine died; health NOT_SERVING", extra={"reason": reason})
+        await set_serving(health, [SERVICE_NAME], False)
+
+    async def load() -> None:
+        try:
+            core = await asyncio.to_thread(load_engine)
+        except Exception:
+            log.exception("engine failed to load")
+            raise
+        engine = AsyncEngine(core)
+        engine.on_death = lambda reason: asyncio.ensure_future(on_death(reason))
+        engine.start()
+        servicer.attach(engine)
+        await set_serving(health, [SERVICE_NAME], True)
+        log.info("serving", extra={"model": name, "port": bound})
+
+    async def publish_load() -> None:
+        while True:
+            if servicer.engine is not None:
+                servicer.metrics.update_load(servicer.engine.stats)
+            await asyncio.sleep(1.0)
+
+    running._load_task = asyncio.ensure_future(load())
+    running._metrics_task = asyncio.ensure_future(publish_load())
+    return running
