@@ -23,6 +23,7 @@ from engine_service.scheduler import Scheduler, SchedulerOutput
 from engine_service.sequence import FinishReason, Sequence
 from engine_service.step_input import StepInput
 from engine_service.tp_workers import WorkerGroup
+from qwen3.distributed import destroy_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class LLMEngine:
         except BaseException:
             if self.workers:
                 self.workers.shutdown()
+            destroy_tensor_parallel()
             raise
         mc = self.runner.model_config
         self.model_config = mc
@@ -259,6 +261,10 @@ class LLMEngine:
                              len(seq.output_token_ids), seq.num_cached_prompt_tokens, queue_time)
 
     def shutdown(self) -> None:
+        """Stop the TP workers and release rank 0's GPU memory and process group. Idempotent."""
         if self.workers:
             self.workers.shutdown()
             self.workers = None
+        if self.runner is not None:
+            self.runner.shutdown()
+            self.runner = None

@@ -19,7 +19,7 @@ from engine_service.cuda_graph import CUDAGraphRunner
 from engine_service.step_input import StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
-from qwen3.distributed import init_tensor_parallel
+from qwen3.distributed import destroy_tensor_parallel, init_tensor_parallel
 from qwen3.forward_batch import ForwardBatch
 from qwen3.loader import load_checkpoint
 from qwen3.model import Qwen3ForCausalLM
@@ -141,6 +141,13 @@ class ModelRunner:
         self.num_kv_blocks = 0
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def shutdown(self) -> None:
+        """Free the KV cache and CUDA graphs and leave the TP group (if any)."""
+        self.graph_runner = None
+        self.release_kv_cache()
+        if self.config.tensor_parallel_size > 1:
+            destroy_tensor_parallel()
 
     # ---- CUDA graphs ------------------------------------------------------------------------
     def capture_cuda_graphs(self) -> None:

@@ -8,10 +8,12 @@ Processing order, as transformers' ``generate``: repetition penalty (prompt + ou
 presence/frequency penalties (output tokens), min_tokens (EOS and stop ids banned); then greedy rows
 take the argmax and sampled rows apply temperature, top-k, top-p, min-p and draw.
 
-Randomness is counter-based: row i's draw at output step t is a hash of (seeds[i], t, vocab index)
-made with integer tensor ops, turned into Exp(1) noise, and the token is argmax(probs / noise) (the
-exponential race, which picks token j with probability probs[j]). So a seeded request gets the same
-tokens whatever else is in the batch, and CPU and GPU hash to the same numbers.
+Randomness is counter-based and drawn by inverse CDF: row i's draw at output step t uses one uniform
+u in [0, 1), the top 53 bits of a SplitMix64 hash of (seeds[i], t) computed on the host, and the token
+is the first index whose running sum of probs exceeds u times the row's total. One number per row
+(O(S) random numbers, where hashing per vocab entry made O(S * V)) and one read of the probabilities
+(block sums, then a cumsum of one block) keep the draw cheap at a 152k vocab. A seeded request gets
+the same tokens whatever else is in the batch: its draw depends only on its seed, its step and its row.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor   # [S] float32
     presence_penalty: torch.Tensor     # [S] float32
     frequency_penalty: torch.Tensor    # [S] float32
-    rng_keys: torch.Tensor             # [S] int32, a hash of (seed, output step)
+    uniforms: torch.Tensor             # [S] float64 in [0, 1), a hash of (seed, output step)
     seen_tokens: TokenPairs | None     # prompt + output tokens of rows with a repetition penalty
     output_tokens: TokenPairs | None   # output tokens of rows with presence/frequency penalties
     banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens
@@ -88,7 +90,7 @@ class SamplingBatch:
         """Gather the per-row parameters of one step.
 
         ``seeds[i]`` is row i's effective seed; its output step is ``len(output_token_ids[i])``, so the
-        noise it samples with depends on nothing but those two numbers.
+        uniform it samples with depends on nothing but those two numbers.
         """
         num_rows = len(params)
         if num_rows == 0:
@@ -106,7 +108,7 @@ class SamplingBatch:
             top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k, _rng_key(seed, len(output))))
+            ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, len(output))))
         # Two host-to-device copies in all, then views.
         f = torch.tensor(floats, dtype=torch.float32).to(device)   # [S, 6]
         i = torch.tensor(ints, dtype=torch.int64).to(device)       # [S, 3]
@@ -116,7 +118,7 @@ class SamplingBatch:
             vocab_size=vocab_size,
             greedy=i[:, 0].bool(), temperature=f[:, 0], top_k=i[:, 1], top_p=f[:, 1], min_p=f[:, 2],
             repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
-            rng_keys=i[:, 2].to(torch.int32),
+            uniforms=i[:, 2].to(torch.float64).mul_(2.0 ** -53),   # exact: 53-bit integers fit a double
             seen_tokens=_pairs([(prompt + output) if p.repetition_penalty != 1.0 else []
                                 for p, prompt, output in zip(params, prompt_token_ids, output_token_ids)], device),
             output_tokens=_pairs([output if (p.presence_penalty or p.frequency_penalty) else []
@@ -138,7 +140,7 @@ class Sampler:
         scores = self.processed_logits(logits, batch)                # [S, V] float32
         token_ids = scores.argmax(dim=-1)                            # [S]
         if not batch.all_greedy:
-            sampled = _exponential_race(scores.softmax(dim=-1), batch.rng_keys)
+            sampled = _inverse_cdf(scores.softmax(dim=-1), batch.uniforms, fallback=token_ids)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
 
         out = SamplerOutput(token_ids, None, None, None)
@@ -230,40 +232,44 @@ def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
 
 # ---- counter-based randomness ----------------------------------------------------------------------
 
-def _exponential_race(probs: torch.Tensor, rng_keys: torch.Tensor) -> torch.Tensor:
-    """Sample one token per row from ``probs`` [S, V]: argmax(probs / E) with E ~ Exp(1) i.i.d.
+# Vocab entries per block of the two-level inverse-CDF search (about sqrt(V) to a few times it).
+_CDF_BLOCK = 1024
 
-    P(argmax = j) = probs[j] / sum(probs), and the row's normaliser cannot change the argmax, so
-    rounding differences between devices only matter at near-ties. E is a hash of (row key, vocab
-    index) alone: one keyed round over a fixed per-vocab hash, in int32 to halve the memory traffic.
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor,
+                 block: int = _CDF_BLOCK) -> torch.Tensor:
+    """Sample one token per row of ``probs`` [S, V] (unnormalised is fine) with ``uniforms`` [S] float64
+    in [0, 1): the first index j with cdf[j] > u * cdf[V - 1], so P(j) = probs[j] / sum(probs).
+
+    Two levels, so that no [S, V] cdf is ever written: per-block sums (one read of ``probs``) pick the
+    block where the cdf crosses the target, and a cumsum of that block alone picks the token. Sums are
+    float64, so every token's share is exact to ~2^-50 of the row's mass (a float32 cdf would blur the
+    tokens below ~2^-24, the tail of a 152k vocab).
+
+    For u < 1 the target is below the total, and a token of probability 0 repeats its predecessor's
+    cdf, so it cannot be the first to exceed the target; only rounding (a parallel GPU scan rounding a
+    plateau unevenly, block sums and block cumsums disagreeing in the last bit) could end the search
+    on one, and such a row takes ``fallback`` [S] instead: its argmax, which always has probability > 0.
     """
-    vocab = probs.shape[1]
-    vocab_hash = _mix32(torch.arange(vocab, device=probs.device, dtype=torch.int32))  # [V]
-    bits = _mix32(vocab_hash[None, :] ^ rng_keys[:, None])                             # [S, V] int32
-    # 31 random bits -> u in (0, 1]. float32 keeps 24 significant bits at every magnitude, so small u
-    # (small E, where the race is decided) stays precise; -log1p(-u) keeps that precision in E.
-    # u == 1 after rounding gives E = inf: that token cannot win (a 2^-25 event).
-    uniform = (bits & 0x7FFF_FFFF).to(torch.float32).add_(1.0).mul_(2.0 ** -31)        # [S, V]
-    noise = torch.log1p(uniform.neg_()).neg_()                                         # [S, V] ~ Exp(1)
-    return (probs / noise).argmax(dim=-1)                                              # [S]
+    rows, vocab = probs.shape
+    full = vocab - vocab % block
+    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1, dtype=torch.float64)  # [S, B]
+    if full < vocab:
+        tail = probs[:, full:].sum(dim=-1, keepdim=True, dtype=torch.float64)                    # [S, 1]
+        sums = torch.cat([sums, tail], dim=1)
+    block_cdf = sums.cumsum(dim=-1)                                                   # [S, B]
+    target = uniforms[:, None] * block_cdf[:, -1:]                                    # [S, 1]
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=sums.shape[1] - 1)  # [S, 1]
+    # The mass before the chosen block, exactly the cdf value the block search compared against.
+    target -= torch.nn.functional.pad(block_cdf[:, :-1], (1, 0)).gather(1, chosen)
 
-
-# Wellons' "lowbias32" multipliers, the second as the int32 with the same bits.
-_MIX_MUL1 = 0x7FEB352D
-_MIX_MUL2 = 0x846CA68B - 2**32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (Wellons' "lowbias32") on int32 tensors.
-
-    Products wrap modulo 2^32 (two's complement), which is the arithmetic the hash is defined in;
-    right shifts of int32 are arithmetic, so the copied sign bits are masked off to make them logical.
-    """
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _MIX_MUL1
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _MIX_MUL2
-    return x ^ ((x >> 16) & 0xFFFF)
+    columns = chosen * block + torch.arange(block, device=probs.device)               # [S, W]
+    inside = columns < vocab                                                          # the last block may be short
+    local = probs.gather(1, columns.clamp(max=vocab - 1)).to(torch.float64)           # [S, W]
+    local_cdf = local.masked_fill_(~inside, 0.0).cumsum(dim=-1)                       # [S, W]
+    offset = torch.searchsorted(local_cdf, target, right=True).clamp_(max=block - 1)  # [S, 1]
+    tokens = (columns[:, :1] + offset).clamp_(max=vocab - 1)                          # [S, 1]
+    return torch.where(probs.gather(1, tokens) > 0, tokens, fallback[:, None]).squeeze(1)
 
 
 def _splitmix64(x: int) -> int:
@@ -274,11 +280,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _rng_key(seed: int, step: int) -> int:
-    """The 32-bit key (as a signed int32 value) of the draw at output ``step`` of a request seeded
-    with ``seed`` (any int)."""
-    key = _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 32   # the high half mixes best
-    return key - 2**32 if key >= 2**31 else key
+def _uniform_bits(seed: int, step: int) -> int:
+    """The 53-bit integer n, with u = n / 2^53 in [0, 1), of the draw at output ``step`` of a request
+    seeded with ``seed`` (any int)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11   # the high bits mix best
 
 
 def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | None:

@@ -53,3 +53,9 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the TP group, so that this process can build single-rank models (or another group) again."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
