@@ -13,7 +13,7 @@ DEMO_DIR ?= .cache/demo-model
 ENGINE_PORT ?= 50051
 TOKENIZER_PORT ?= 50052
 
-.PHONY: install proto test test-gpu serve demo-model bench lint clean
+.PHONY: install proto proto-gen test test-gpu serve demo-model bench lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed proto
 
 # Python code for the protos, generated (never edited) into the package tree that mirrors the proto packages.
-proto: $(VENV)/.installed
+proto: $(VENV)/.installed proto-gen
+
+# The generation step alone, for machines with their own Python (`make proto-gen PY=python3`).
+proto-gen:
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
 	$(PY) -c "import pathlib; [(d / '__init__.py').touch() for d in pathlib.Path('qwen3serve').rglob('*') if d.is_dir()]; pathlib.Path('qwen3serve/__init__.py').touch()"

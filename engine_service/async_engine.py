@@ -91,7 +91,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.get()
+                item = _merge_ready(await stream.get(), stream)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -142,7 +142,8 @@ class AsyncEngine:
                 return True
             block = False
             if isinstance(command, _Stop):
-                self._die("engine is shutting down")
+                self.dead_reason = "the engine is shutting down"
+                self._post(self._fail_all, self.dead_reason, False)
                 return False
             if isinstance(command, _Add):
                 try:
@@ -159,7 +160,7 @@ class AsyncEngine:
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason
-        self._post(self._fail_all, reason)
+        self._post(self._fail_all, reason, True)
 
     def _post(self, fn, *args) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -177,11 +178,33 @@ class AsyncEngine:
         if stream is not None:
             stream.put_nowait(exc)
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: str, died: bool) -> None:
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
-        if self.on_death is not None:
+        if died and self.on_death is not None:
             self.on_death(reason)
+
+
+def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> RequestOutput | BaseException:
+    """Fold deltas that queued up while the consumer was busy into one.
+
+    When the event loop falls behind the engine (hundreds of streams, a slow client), this turns N
+    one-token messages into one N-token message instead of letting the backlog grow: throughput is
+    kept, and no token is lost or reordered. An error or the final delta ends the fold.
+    """
+    while isinstance(item, RequestOutput) and not item.finished and not stream.empty():
+        nxt = stream.get_nowait()
+        if isinstance(nxt, BaseException):
+            stream.put_nowait(nxt)  # errors are terminal (nothing follows them): deliver it on the next read
+            break
+        item.new_token_ids.extend(nxt.new_token_ids)
+        if nxt.new_logprobs:
+            item.new_logprobs = (item.new_logprobs or []) + nxt.new_logprobs
+        if nxt.finished:
+            item.finished, item.finish_reason = True, nxt.finish_reason
+            item.num_prompt_tokens, item.num_output_tokens = nxt.num_prompt_tokens, nxt.num_output_tokens
+            item.num_cached_tokens, item.queue_time = nxt.num_cached_tokens, nxt.queue_time
+    return item
 
 
 def _resolve(future: asyncio.Future, value: object) -> None:

@@ -1,0 +1,183 @@
+"""The standard workload through the gRPC EngineService, against the offline engine in the same run.
+
+1. Offline: ``LLM.generate`` on the workload (as bench/throughput.py), then the engine is freed.
+2. Service: ``python -m engine_service`` as a subprocess on a free loopback port; once health says
+   SERVING, client processes open all the Generate streams at once and count streamed tokens.
+Prints output tok/s of both, their ratio, and the service's TTFT / inter-token latency percentiles.
+
+    python bench/service_throughput.py --model DIR [--num-requests 256] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import workload  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    import torch
+
+    from engine_service import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_options(args))
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
+    params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return {"tokens": tokens, "seconds": seconds}
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_block_size=args.kv_block_size, max_model_len=args.max_model_len,
+                attention_backend=args.attention_backend)
+
+
+async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: float, start_at: float) -> dict:
+    import grpc.aio
+
+    from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+
+        async def one(prompt: list[int], max_tokens: int) -> tuple[int, float, list[float], float]:
+            t0 = time.perf_counter()
+            last, ttft, gaps, tokens = t0, None, [], 0
+            request = engine_pb2.GenerateRequest(prompt_token_ids=prompt, sampling_params=engine_pb2.SamplingParams(
+                temperature=temperature, max_tokens=max_tokens, ignore_eos=True))
+            async for response in stub.Generate(request):
+                now = time.perf_counter()
+                n = len(response.token_ids)
+                if n:
+                    if ttft is None:
+                        ttft = now - t0
+                    else:
+                        gaps.extend([(now - last) / n] * n)
+                    last = now
+                    tokens += n
+            return tokens, ttft or 0.0, gaps, time.time()
+
+        results = await asyncio.gather(*(one(p, n) for p, n in jobs))
+    return {"tokens": sum(r[0] for r in results), "ttft": [r[1] for r in results],
+            "itl": [g for r in results for g in r[2]], "end": max(r[3] for r in results)}
+
+
+def _client_process(port: int, jobs, temperature: float, start_at: float, queue) -> None:
+    queue.put(asyncio.run(_client(port, jobs, temperature, start_at)))
+
+
+def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine_service", "--model", str(args.model), "--port", str(port),
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--kv-block-size", str(args.kv_block_size), "--max-model-len", str(args.max_model_len),
+           "--attention-backend", args.attention_backend, "--log-level", "WARNING"]
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
+    try:
+        _wait_serving(port, server, timeout=600)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        jobs = list(zip(prompts, out_lens))
+        shares = [jobs[i::args.clients] for i in range(args.clients)]
+        start_at = time.time() + 3.0  # every client process connected and waiting
+        procs = [ctx.Process(target=_client_process, args=(port, share, args.temperature, start_at, queue))
+                 for share in shares]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        seconds = max(r["end"] for r in results) - start_at
+        return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds,
+                "ttft": sorted(t for r in results for t in r["ttft"]),
+                "itl": sorted(g for r in results for g in r["itl"])}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _wait_serving(port: int, server: subprocess.Popen, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"engine server exited with code {server.returncode}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(1.0)
+    raise TimeoutError("engine server did not become SERVING")
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--clients", type=int, default=4, help="client processes sharing the streams")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--kv-block-size", type=int, default=256)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--max-input", type=int, default=1024, help="workload prompt lengths U[100, this]")
+    p.add_argument("--max-output", type=int, default=1024, help="workload output lengths U[100, this]")
+    p.add_argument("--skip-offline", action="store_true")
+    args = p.parse_args()
+    prompts, out_lens = workload(args.num_requests, 0, 100, args.max_input, 100, args.max_output)
+    rows = []
+    if not args.skip_offline:
+        r = offline(args, prompts, out_lens)
+        rows.append(("offline LLM.generate", r))
+    s = service(args, prompts, out_lens)
+    rows.append((f"gRPC Generate x{args.num_requests} streams", s))
+    print(f"\n{'path':<34} {'tokens':>9} {'seconds':>9} {'output tok/s':>13}")
+    for name, r in rows:
+        print(f"{name:<34} {r['tokens']:>9} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>13.1f}")
+    if len(rows) == 2:
+        ratio = (rows[1][1]["tokens"] / rows[1][1]["seconds"]) / (rows[0][1]["tokens"] / rows[0][1]["seconds"])
+        print(f"service / offline: {ratio:.1%}")
+    print(f"service TTFT p50 {pct(s['ttft'], .5) * 1e3:.0f} ms, p99 {pct(s['ttft'], .99) * 1e3:.0f} ms; "
+          f"inter-token p50 {pct(s['itl'], .5) * 1e3:.1f} ms, p99 {pct(s['itl'], .99) * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
