@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0: on the CPU-only CI machines pip takes the CPU build from /opt/wheels; elsewhere the CUDA build.
 TORCH ?= torch==2.13.0
+TRITON_CPU ?= triton==3.6.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PIP := $(PY) -m pip install -q $(FIND_LINKS)
 PROTO_OUT := .
@@ -19,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
+	@# CPU builds of torch come without triton; its interpreter runs the kernel tests on CPU.
+	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON_CPU)"; fi
 	touch $@
 
 install: $(VENV)/.installed proto
