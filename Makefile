@@ -51,6 +51,10 @@ serve: install
 	ENGINE_PID=$$!; trap 'kill $$ENGINE_PID 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m tokenizer_service --model $(or $(MODEL),$(DEMO_DIR)) --engine 127.0.0.1:$(ENGINE_PORT) --port $(TOKENIZER_PORT)
 
+# buf lint on the protos (style guide + a comment on every element); needs npm.
+lint:
+	npx --yes @bufbuild/buf lint
+
 bench: install
 	$(PY) bench/throughput.py --help
 

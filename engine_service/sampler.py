@@ -242,22 +242,24 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Te
     in [0, 1): the first index j with cdf[j] > u * cdf[V - 1], so P(j) = probs[j] / sum(probs).
 
     Two levels, so that no [S, V] cdf is ever written: per-block sums (one read of ``probs``) pick the
-    block where the cdf crosses the target, and a cumsum of that block alone picks the token. Sums are
-    float64, so every token's share is exact to ~2^-50 of the row's mass (a float32 cdf would blur the
-    tokens below ~2^-24, the tail of a 152k vocab).
+    block where the cdf crosses the target, and a float64 cumsum of that block alone picks the token.
+    A float32 block sum is off by ~2^-24 of its block's mass, which only moves that sliver to or from
+    the block's last token, so the draw is ~1e-7 (total variation) from exact; one float32 cdf over
+    the row would instead misplace up to 2^-24 of the row's mass at every token (~1e-3 over 152k).
 
-    For u < 1 the target is below the total, and a token of probability 0 repeats its predecessor's
-    cdf, so it cannot be the first to exceed the target; only rounding (a parallel GPU scan rounding a
-    plateau unevenly, block sums and block cumsums disagreeing in the last bit) could end the search
-    on one, and such a row takes ``fallback`` [S] instead: its argmax, which always has probability > 0.
+    For u < 1 the target is below the total (u <= 1 - 2^-53 rounds u * t below t), and a token of
+    probability 0 repeats its predecessor's cdf, so it cannot be the first to exceed the target. Only
+    rounding could end the search on one (a parallel GPU scan rounding a plateau unevenly, or a block
+    chosen for a last-bit excess holding no mass); such a row takes ``fallback`` [S] instead, its
+    argmax, which always has probability > 0.
     """
-    rows, vocab = probs.shape
+    vocab = probs.shape[1]
     full = vocab - vocab % block
-    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1, dtype=torch.float64)  # [S, B]
+    # Summed in the probabilities' dtype: asking sum() for float64 would first copy all of them.
+    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1)          # [S, B]
     if full < vocab:
-        tail = probs[:, full:].sum(dim=-1, keepdim=True, dtype=torch.float64)                    # [S, 1]
-        sums = torch.cat([sums, tail], dim=1)
-    block_cdf = sums.cumsum(dim=-1)                                                   # [S, B]
+        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)    # the short last block
+    block_cdf = sums.to(torch.float64).cumsum(dim=-1)                                 # [S, B]
     target = uniforms[:, None] * block_cdf[:, -1:]                                    # [S, 1]
     chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=sums.shape[1] - 1)  # [S, 1]
     # The mass before the chosen block, exactly the cdf value the block search compared against.
@@ -267,6 +269,9 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Te
     inside = columns < vocab                                                          # the last block may be short
     local = probs.gather(1, columns.clamp(max=vocab - 1)).to(torch.float64)           # [S, W]
     local_cdf = local.masked_fill_(~inside, 0.0).cumsum(dim=-1)                       # [S, W]
+    # The block's sum and its cumsum may round apart, leaving the target at or past this cdf's end:
+    # cap it just below, so that the search still ends on the block's last positive token.
+    target = torch.minimum(target, local_cdf[:, -1:] * (1 - 2.0 ** -53))
     offset = torch.searchsorted(local_cdf, target, right=True).clamp_(max=block - 1)  # [S, 1]
     tokens = (columns[:, :1] + offset).clamp_(max=vocab - 1)                          # [S, 1]
     return torch.where(probs.gather(1, tokens) > 0, tokens, fallback[:, None]).squeeze(1)

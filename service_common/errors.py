@@ -198,8 +198,10 @@ def from_rpc_error(err: grpc.RpcError, upstream: str) -> ServiceError:
     NOT_FOUND and DEADLINE_EXCEEDED keep their code; an unreachable, cancelled or shutting-down
     upstream is Unavailable; anything else is an internal error (message logged, not sent).
     """
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    # Failed calls (sync grpc.Call errors and grpc.aio.AioRpcError alike) carry code() and details();
+    # a bare RpcError does not.
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = bad_request_field(err) or ""
         prefix = f"{field}: "

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from contextvars import ContextVar
+from datetime import datetime, timezone
 from typing import IO, Any, Literal
 
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -34,7 +35,7 @@ def current_request_id() -> str | None:
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields of one log line, in order: time, level, logger, request id, message, extras, exception."""
     fields: dict[str, Any] = {
-        "ts": f"{logging.Formatter().formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}",
+        "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
         "level": record.levelname.lower(),
         "logger": record.name,
     }

@@ -94,7 +94,7 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     # The aio HealthServicer starts "" as SERVING; nothing is ready yet. set() is async, but touching
     # the status map directly here keeps build_server usable before the event loop runs.
     for name in ("", *service_names):
-        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING  # noqa: SLF001
+        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
     return server, health
 
 
@@ -141,6 +141,8 @@ async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthS
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     stop_waiter = asyncio.ensure_future(stop.wait())
+    # Never cancelled: grpc's wait_for_termination awaits the server's own shutdown future, and
+    # cancelling it would cancel that future and make server.stop() below raise CancelledError.
     termination = asyncio.ensure_future(server.wait_for_termination())
     try:
         await asyncio.wait({stop_waiter, termination}, return_when=asyncio.FIRST_COMPLETED)
@@ -148,8 +150,8 @@ async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthS
         for sig in signals:
             loop.remove_signal_handler(sig)
         stop_waiter.cancel()
-        termination.cancel()
     log.info("shutting down", extra={"signal": received[0] if received else "none", "grace_s": grace_s})
     await health.enter_graceful_shutdown()
     await server.stop(grace_s)
+    await termination
     log.info("stopped")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 
@@ -17,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from engine_service import sampler as sampler_module
-from engine_service.sampler import Sampler, SamplingBatch, _mix32
+from engine_service.sampler import Sampler, SamplingBatch, _inverse_cdf, _splitmix64
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 
 EOS = (5, 6)
@@ -228,19 +227,68 @@ def test_rejects_logits_of_the_wrong_shape() -> None:
 
 # ---- seeded randomness ----------------------------------------------------------------------------
 
-def test_hash_matches_a_python_integer_reference() -> None:
-    """The int32 tensor hash must equal exact unsigned 32-bit arithmetic (wrapping products, logical shifts)."""
-    def lowbias32(x: int) -> int:
-        x ^= x >> 16
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
-        x ^= x >> 15
-        x = (x * 0x846CA68B) & 0xFFFFFFFF
-        return x ^ (x >> 16)
+def test_uniforms_are_53_bit_splitmix64_of_seed_and_step() -> None:
+    # Published SplitMix64 outputs (Vigna's splitmix64.c) for states 0 and 1234567.
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    assert _splitmix64(1234567) == 6457827717110365317
+    batch = build([SamplingParams()] * 4, 10, outputs=[[], [0], [], [0]], seeds=[3, 3, 3, -1])
+    u = batch.uniforms
+    assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
+    assert u[0] == u[2] and len(set(u.tolist())) == 3          # same (seed, step) -> same uniform
+    assert all((x * 2**53).is_integer() for x in u.tolist())   # 53 random bits, exactly
 
-    rng = random.Random(0)
-    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + [rng.getrandbits(32) for _ in range(1000)]
-    as_int32 = torch.tensor([x - 2**32 if x >= 2**31 else x for x in xs], dtype=torch.int32)
-    assert [h % 2**32 for h in _mix32(as_int32).tolist()] == [lowbias32(x) for x in xs]
+
+def first_exceeding(probs: torch.Tensor, u: float) -> int:
+    """The reference draw: the first token whose float64 cdf exceeds u times the total."""
+    cdf = probs.double().cumsum(dim=0)
+    return int((cdf <= u * cdf[-1]).sum())
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 1024])
+def test_inverse_cdf_picks_the_first_token_whose_cdf_exceeds_u_and_never_a_zero(block: int) -> None:
+    # Dyadic probabilities make every cdf value and u * total exact, so targets land on the plateaus
+    # of zero-probability tokens and on block edges (block 3: {0 .25 0} {0 .5 0} {.25 0 0}).
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.5, 0.0, 0.25, 0.0, 0.0])   # cdf 0 .25 .25 .25 .75 .75 1 1 1
+    cases = {0.0: 1, 0.25 - 2**-53: 1, 0.25: 4, 0.5: 4, 0.75 - 2**-53: 4, 0.75: 6, 1 - 2**-53: 6}
+    u = torch.tensor(list(cases), dtype=torch.float64)
+    rows = probs.expand(len(cases), -1)
+    never = torch.full((len(cases),), -1)                 # a fallback that must not be taken
+    assert _inverse_cdf(rows, u, never, block).tolist() == list(cases.values())
+    # Unnormalised rows (scaled by 3: the total is no longer a power of two) draw the same tokens.
+    assert _inverse_cdf(3 * rows, u, never, block).tolist() == list(cases.values())
+
+
+@pytest.mark.parametrize("block", [7, 64, 1024])
+def test_inverse_cdf_matches_a_flat_cdf_on_sparse_rows(block: int) -> None:
+    # Mostly-zero rows with probabilities spanning 30 orders of magnitude, zeros at both ends and a
+    # short last block (300 = 42 * 7 + 6).
+    torch.manual_seed(7)
+    probs = torch.rand(64, 300) ** 8 * (torch.rand(64, 300) < 0.3)
+    probs[:, [0, -1]] = 0.0
+    probs[torch.arange(64), torch.randint(1, 299, (64,))] = 1e-30
+    never = torch.full((64,), -1)
+    uniforms = torch.rand(64, dtype=torch.float64)
+    tokens = _inverse_cdf(probs, uniforms, never, block)
+    assert tokens.tolist() == [first_exceeding(p, u) for p, u in zip(probs, uniforms.tolist())]
+    # At the ends of [0, 1) the draw is the first token of positive probability, then one near the
+    # end (float32 block sums may move a sliver of a block's mass to or from its last token).
+    first, last = (_inverse_cdf(probs, torch.full((64,), u, dtype=torch.float64), never, block)
+                   for u in (0.0, 1 - 2**-53))
+    assert first.tolist() == (probs > 0).int().argmax(dim=-1).tolist()
+    assert (probs.gather(1, last[:, None]) > 0).all()
+    cdf = probs.double().cumsum(dim=-1)                                           # [64, 300]
+    assert (cdf.gather(1, last[:, None]) > (1 - 1e-6) * cdf[:, -1:]).all()
+
+
+def test_a_rounding_excess_ends_on_a_positive_token() -> None:
+    # u = 1 (outside the contract) stands in for a target that rounding pushed to the row's total.
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 2)
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    fallback = torch.tensor([1, 3])   # row 1's fallback is wrong on purpose: it must not be taken
+    # One block: the target is capped below the block's total, so the search ends on its last positive.
+    assert _inverse_cdf(probs, u, fallback, block=1024).tolist() == [2, 1]
+    # Blocks {0 .5} {.5 0} {0}: the excess picks the massless last block, and the row takes its fallback.
+    assert _inverse_cdf(probs, u, fallback, block=2).tolist() == [1, 1]
 
 
 def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch() -> None:

@@ -61,7 +61,9 @@ def test_cuda_graph_decode_matches_eager(bf16_checkpoint: Path, backend: str) ->
         pytest.skip(reason)
     eager = run(bf16_checkpoint, attention_backend=backend, enforce_eager=True)
     graphed = run(bf16_checkpoint, attention_backend=backend, enforce_eager=False)
-    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+    # Graph replays use the captured (widest) block table, so split-K may reduce in another order: bf16
+    # near-ties may flip; anything else is a bug.
+    assert_same_or_near_tie(graphed, eager, f"{backend} graphs vs eager")
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash-attn"])

@@ -1,0 +1,266 @@
+"""Thin Python clients for both services, over the generated stubs (sync and asyncio).
+
+    async with AsyncTokenizerClient("127.0.0.1:50052") as client:
+        async for r in client.chat([{"role": "user", "content": "Hi"}], max_tokens=64, temperature=0.7):
+            print(r.reasoning_text or r.text, end="")
+
+    with EngineClient("127.0.0.1:50051") as engine:
+        for r in engine.generate([9707, 11], max_tokens=8, temperature=0):
+            print(r.token_ids, r.finish_reason)
+
+Sampling fields are keyword arguments named as in ``SamplingParams`` (an unknown name is a
+TypeError). Messages and tools may be protos or OpenAI-style dicts. Failures are raised as the
+``grpc.RpcError`` the server sent (see ``service_common.errors.from_rpc_error`` for domain errors).
+Leaving a stream early cancels the call, which aborts the request on the server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+_SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20),
+                    ("grpc.max_send_message_length", 64 * 2**20)]
+
+MessageLike = tokenizer_pb2.ChatMessage | Mapping[str, Any]
+ToolLike = tokenizer_pb2.Tool | Mapping[str, Any]
+
+
+def sampling_params(**fields: Any) -> engine_pb2.SamplingParams:
+    """``SamplingParams`` from keyword arguments; None values are left unset (engine default)."""
+    unknown = sorted(set(fields) - _SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    return engine_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def chat_message(message: MessageLike) -> tokenizer_pb2.ChatMessage:
+    """A ChatMessage from a proto or an OpenAI-style dict (``tool_calls[i].function.arguments`` may be
+    a dict or JSON text)."""
+    if isinstance(message, tokenizer_pb2.ChatMessage):
+        return message
+    known = {"role", "content", "reasoning_content", "tool_calls", "tool_call_id"}
+    unknown = sorted(set(message) - known)
+    if unknown:
+        raise ValueError(f"unknown chat message key(s) {unknown}; known: {sorted(known)}")
+    calls = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function", call)  # OpenAI nests name/arguments under "function"
+        calls.append(tokenizer_pb2.ToolCall(id=call.get("id", ""), name=function["name"],
+                                            arguments_json=_json_text(function.get("arguments", {}))))
+    out = tokenizer_pb2.ChatMessage(role=message["role"], content=message.get("content") or "",
+                                    tool_calls=calls, tool_call_id=message.get("tool_call_id", ""))
+    if message.get("reasoning_content") is not None:
+        out.reasoning_content = message["reasoning_content"]
+    return out
+
+
+def chat_tool(tool: ToolLike) -> tokenizer_pb2.Tool:
+    """A Tool from a proto or an OpenAI function-tool dict (``{"type": "function", "function": {...}}``)."""
+    if isinstance(tool, tokenizer_pb2.Tool):
+        return tool
+    function = tool.get("function", tool)
+    parameters = function.get("parameters")
+    return tokenizer_pb2.Tool(name=function["name"], description=function.get("description", ""),
+                              parameters_json="" if parameters is None else _json_text(parameters))
+
+
+def _chat_request(messages: Iterable[MessageLike], tools: Iterable[ToolLike], enable_thinking: bool | None,
+                  stop: Sequence[str], request_id: str, sampling: Mapping[str, Any]) -> tokenizer_pb2.ChatRequest:
+    request = tokenizer_pb2.ChatRequest(
+        request_id=request_id, messages=[chat_message(m) for m in messages], tools=[chat_tool(t) for t in tools],
+        sampling_params=sampling_params(**sampling), stop=list(stop))
+    if enable_thinking is not None:
+        request.enable_thinking = enable_thinking
+    return request
+
+
+def _template_request(messages: Iterable[MessageLike], tools: Iterable[ToolLike], add_generation_prompt: bool,
+                      enable_thinking: bool | None) -> tokenizer_pb2.ApplyChatTemplateRequest:
+    request = tokenizer_pb2.ApplyChatTemplateRequest(
+        messages=[chat_message(m) for m in messages], tools=[chat_tool(t) for t in tools],
+        add_generation_prompt=add_generation_prompt)
+    if enable_thinking is not None:
+        request.enable_thinking = enable_thinking
+    return request
+
+
+# ---- asyncio ------------------------------------------------------------------------------------
+class _AsyncClient:
+    def __init__(self, target: str, channel: grpc.aio.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self.channel.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _stream(call: Any) -> AsyncIterator[Any]:
+    try:
+        async for response in call:
+            yield response
+    finally:
+        call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
+
+
+class AsyncEngineClient(_AsyncClient):
+    """EngineService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
+
+    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None) -> None:
+        super().__init__(target, channel)
+        self.stub = engine_pb2_grpc.EngineServiceStub(self.channel)
+
+    def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
+                 **sampling: Any) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        request = engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                             sampling_params=sampling_params(**sampling))
+        return _stream(self.stub.Generate(request, timeout=timeout))
+
+    async def abort(self, request_id: str, timeout: float | None = None) -> bool:
+        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout)
+        return response.aborted
+
+    async def model_info(self, timeout: float | None = None) -> engine_pb2.GetModelInfoResponse:
+        return await self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=timeout)
+
+    async def load(self, timeout: float | None = None) -> engine_pb2.GetLoadResponse:
+        return await self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout)
+
+
+class AsyncTokenizerClient(_AsyncClient):
+    """TokenizerService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
+
+    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None) -> None:
+        super().__init__(target, channel)
+        self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None
+                       ) -> list[int]:
+        response = await self.stub.Tokenize(
+            tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout)
+        return list(response.token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
+                         timeout: float | None = None) -> str:
+        response = await self.stub.Detokenize(tokenizer_pb2.DetokenizeRequest(
+            token_ids=token_ids, skip_special_tokens=skip_special_tokens), timeout=timeout)
+        return response.text
+
+    async def apply_chat_template(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
+                                  add_generation_prompt: bool = True, enable_thinking: bool | None = None,
+                                  timeout: float | None = None) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        return await self.stub.ApplyChatTemplate(
+            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout)
+
+    def chat(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
+             enable_thinking: bool | None = None, stop: Sequence[str] = (), request_id: str = "",
+             timeout: float | None = None, **sampling: Any) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
+        request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
+        return _stream(self.stub.Chat(request, timeout=timeout))
+
+    def complete(self, prompt: str, *, stop: Sequence[str] = (), request_id: str = "",
+                 timeout: float | None = None, **sampling: Any) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
+        request = tokenizer_pb2.CompleteRequest(request_id=request_id, prompt=prompt, stop=list(stop),
+                                                sampling_params=sampling_params(**sampling))
+        return _stream(self.stub.Complete(request, timeout=timeout))
+
+
+# ---- blocking -----------------------------------------------------------------------------------
+class _SyncClient:
+    def __init__(self, target: str, channel: grpc.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sync_stream(call: Any) -> Iterator[Any]:
+    try:
+        yield from call
+    finally:
+        call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
+
+
+class EngineClient(_SyncClient):
+    """EngineService over a blocking channel (not for use on an event loop thread)."""
+
+    def __init__(self, target: str = "", channel: grpc.Channel | None = None) -> None:
+        super().__init__(target, channel)
+        self.stub = engine_pb2_grpc.EngineServiceStub(self.channel)
+
+    def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
+                 **sampling: Any) -> Iterator[engine_pb2.GenerateResponse]:
+        request = engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                             sampling_params=sampling_params(**sampling))
+        return _sync_stream(self.stub.Generate(request, timeout=timeout))
+
+    def abort(self, request_id: str, timeout: float | None = None) -> bool:
+        return self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout).aborted
+
+    def model_info(self, timeout: float | None = None) -> engine_pb2.GetModelInfoResponse:
+        return self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=timeout)
+
+    def load(self, timeout: float | None = None) -> engine_pb2.GetLoadResponse:
+        return self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout)
+
+
+class TokenizerClient(_SyncClient):
+    """TokenizerService over a blocking channel (not for use on an event loop thread)."""
+
+    def __init__(self, target: str = "", channel: grpc.Channel | None = None) -> None:
+        super().__init__(target, channel)
+        self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
+        return list(self.stub.Tokenize(tokenizer_pb2.TokenizeRequest(
+            text=text, add_special_tokens=add_special_tokens), timeout=timeout).token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
+                   timeout: float | None = None) -> str:
+        return self.stub.Detokenize(tokenizer_pb2.DetokenizeRequest(
+            token_ids=token_ids, skip_special_tokens=skip_special_tokens), timeout=timeout).text
+
+    def apply_chat_template(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
+                            add_generation_prompt: bool = True, enable_thinking: bool | None = None,
+                            timeout: float | None = None) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        return self.stub.ApplyChatTemplate(
+            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout)
+
+    def chat(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
+             enable_thinking: bool | None = None, stop: Sequence[str] = (), request_id: str = "",
+             timeout: float | None = None, **sampling: Any) -> Iterator[tokenizer_pb2.ChatResponse]:
+        request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
+        return _sync_stream(self.stub.Chat(request, timeout=timeout))
+
+    def complete(self, prompt: str, *, stop: Sequence[str] = (), request_id: str = "",
+                 timeout: float | None = None, **sampling: Any) -> Iterator[tokenizer_pb2.CompleteResponse]:
+        request = tokenizer_pb2.CompleteRequest(request_id=request_id, prompt=prompt, stop=list(stop),
+                                                sampling_params=sampling_params(**sampling))
+        return _sync_stream(self.stub.Complete(request, timeout=timeout))

@@ -1,0 +1,278 @@
+"""The TokenizerService servicer: text in, text out, with the engine's Generate behind Chat/Complete.
+
+One generation request, in order: render (chat template) and tokenize in a worker thread ->
+``EngineService.Generate`` with the caller's remaining deadline -> for every engine message:
+incremental detokenization -> stop-string hold-back -> (Chat) reasoning split -> a response
+message when there is new text. A matched stop string, a client cancel or a deadline cancels the
+engine call, which makes the engine abort the request and free its KV cache.
+
+The service reports NOT_SERVING while the engine's health service does not answer SERVING
+(:class:`EngineHealthProbe`), so load balancers send no traffic to a tokenizer with a dead engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from service_common.errors import InvalidArgument, ServiceError, from_rpc_error, handle_errors
+from service_common.logging import bind_request_id
+from service_common.server import ServerConfig, bind, build_server, set_serving
+from tokenizer_service.chat_template import ChatTokenizer
+from tokenizer_service.detokenizer import IncrementalDetokenizer
+from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
+from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+ENGINE_SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+_UNFINISHED = engine_pb2.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class _TextDelta:
+    """New text of one generation; the last delta has a finish reason and usage."""
+
+    text: str
+    finish_reason: int = _UNFINISHED
+    usage: engine_pb2.Usage | None = None
+    matched_stop: str = ""
+
+
+def _check_text_generation(sampling: engine_pb2.SamplingParams, stops: Sequence[str]) -> None:
+    if sampling.HasField("logprobs"):
+        raise InvalidArgument("sampling_params.logprobs",
+                              "token log-probabilities are served by EngineService.Generate only")
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise InvalidArgument(f"stop[{i}]", "must not be empty")
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    """Serves TokenizerService with ``tokenizer``, generating through ``engine`` (an EngineService stub)."""
+
+    def __init__(self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub) -> None:
+        self._tokenizer = tokenizer
+        self._engine = engine
+
+    # ---- unary ------------------------------------------------------------------------------
+    @handle_errors
+    async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> tokenizer_pb2.TokenizeResponse:
+        ids = await asyncio.to_thread(self._tokenizer.encode, request.text, request.add_special_tokens)
+        return tokenizer_pb2.TokenizeResponse(token_ids=ids)
+
+    @handle_errors
+    async def Detokenize(self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> tokenizer_pb2.DetokenizeResponse:
+        text = await asyncio.to_thread(self._tokenizer.decode, request.token_ids, request.skip_special_tokens)
+        return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    @handle_errors
+    async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
+                                context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        prompt, ids = await asyncio.to_thread(self._tokenizer.apply_chat_template, request)
+        return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, prompt_token_ids=ids)
+
+    # ---- streaming --------------------------------------------------------------------------
+    @handle_errors
+    async def Chat(self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        bind_request_id(request_id)
+        _check_text_generation(request.sampling_params, request.stop)
+        template_request = tokenizer_pb2.ApplyChatTemplateRequest(
+            messages=request.messages, tools=request.tools, add_generation_prompt=True)
+        if request.HasField("enable_thinking"):
+            template_request.enable_thinking = request.enable_thinking
+        prompt, prompt_ids = await asyncio.to_thread(self._tokenizer.apply_chat_template, template_request)
+        splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
+        # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
+        async with aclosing(self._generate(request_id, prompt_ids, request.sampling_params, request.stop,
+                                           context)) as deltas:
+            async for delta in deltas:
+                reasoning, text = splitter.push(delta.text)
+                if delta.finish_reason != _UNFINISHED:
+                    more_reasoning, more_text = splitter.finish()
+                    yield tokenizer_pb2.ChatResponse(
+                        request_id=request_id, text=text + more_text, reasoning_text=reasoning + more_reasoning,
+                        finish_reason=delta.finish_reason, usage=delta.usage, matched_stop=delta.matched_stop)
+                elif text or reasoning:
+                    yield tokenizer_pb2.ChatResponse(request_id=request_id, text=text, reasoning_text=reasoning)
+
+    @handle_errors
+    async def Complete(self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        bind_request_id(request_id)
+        if not request.prompt:
+            raise InvalidArgument("prompt", "must not be empty")
+        _check_text_generation(request.sampling_params, request.stop)
+        prompt_ids = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
+        async with aclosing(self._generate(request_id, prompt_ids, request.sampling_params, request.stop,
+                                           context)) as deltas:
+            async for delta in deltas:
+                if delta.finish_reason != _UNFINISHED:
+                    yield tokenizer_pb2.CompleteResponse(
+                        request_id=request_id, text=delta.text, finish_reason=delta.finish_reason,
+                        usage=delta.usage, matched_stop=delta.matched_stop)
+                elif delta.text:
+                    yield tokenizer_pb2.CompleteResponse(request_id=request_id, text=delta.text)
+
+    async def _generate(self, request_id: str, prompt_ids: list[int], sampling: engine_pb2.SamplingParams,
+                        stops: Sequence[str], context: grpc.aio.ServicerContext) -> AsyncIterator[_TextDelta]:
+        """Call the engine and turn its token stream into text deltas, ending with a finished one."""
+        detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
+        matcher = StopStringMatcher(stops)
+        call = self._engine.Generate(
+            engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                       sampling_params=sampling),
+            timeout=context.time_remaining())  # gRPC does not pass deadlines on by itself
+        completion_tokens = 0
+        cached_prompt_tokens = 0
+        try:
+            async for response in call:
+                completion_tokens += len(response.token_ids)
+                finished = response.finish_reason != _UNFINISHED
+                if response.HasField("usage"):
+                    cached_prompt_tokens = response.usage.cached_prompt_tokens
+                text = detokenizer.push(response.token_ids)
+                if finished:
+                    text += detokenizer.finish()
+                out = matcher.push(text)
+                if isinstance(out, StopMatch):
+                    usage = response.usage if finished else engine_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                        cached_prompt_tokens=cached_prompt_tokens)
+                    yield _TextDelta(out.text, engine_pb2.FINISH_REASON_STOP, usage, out.stop)
+                    return
+                if finished:
+                    yield _TextDelta(out + matcher.finish(), response.finish_reason, response.usage)
+                    return
+                if out:
+                    yield _TextDelta(out)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "engine") from exc
+        finally:
+            # No-op when the engine finished; otherwise (stop string, client cancel, deadline, error)
+            # the engine sees CANCELLED and aborts the request.
+            call.cancel()
+        raise ServiceError(f"engine stream for request {request_id} ended without a finish reason")
+
+
+class EngineHealthProbe:
+    """Keeps this server's health in step with the engine's: SERVING only while the engine's health
+    service answers SERVING for EngineService. Status changes are logged once, not every probe."""
+
+    def __init__(self, channel: grpc.aio.Channel, health: health_aio.HealthServicer,
+                 service_names: Sequence[str], interval_s: float = 2.0, timeout_s: float = 1.0) -> None:
+        self._stub = health_pb2_grpc.HealthStub(channel)
+        self._health = health
+        self._service_names = tuple(service_names)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self.engine_serving: bool | None = None  # None until the first probe
+
+    async def check_once(self) -> bool:
+        """Probe the engine once and update this server's health; returns whether the engine serves."""
+        try:
+            response = await self._stub.Check(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE_NAME),
+                                              timeout=self._timeout_s)
+            serving, why = response.status == health_pb2.HealthCheckResponse.SERVING, \
+                health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        except grpc.aio.AioRpcError as exc:
+            serving, why = False, f"{exc.code().name}: {exc.details()}"
+        if serving != self.engine_serving:
+            (log.info if serving else log.warning)("engine health changed", extra={"engine": why,
+                                                                                   "serving": serving})
+            await set_serving(self._health, self._service_names, serving)
+            self.engine_serving = serving
+        return serving
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-health-probe")
+        self._task.add_done_callback(self._log_failure)
+
+    async def stop(self) -> None:
+        """Stop probing (before a graceful shutdown). Re-raises a failure of the probe task."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})  # waits without raising: the task's own outcome is checked below
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    @staticmethod
+    def _log_failure(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine health probe died; health stays as it was", exc_info=task.exception())
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._interval_s)
+
+
+def engine_channel(target: str, server_config: ServerConfig | None = None) -> grpc.aio.Channel:
+    """The channel to the engine: message limits matching the server's, keepalive on long streams."""
+    config = server_config or ServerConfig()
+    return grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # At least the engine server's min_client_ping_interval_s, or it would answer too_many_pings.
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+    ])
+
+
+@dataclass
+class TokenizerServer:
+    """A started tokenizer server and what it owns; :meth:`stop` releases all of it."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    engine_channel: grpc.aio.Channel
+    probe: EngineHealthProbe
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new RPCs, give running ones ``grace_s``, close the channel."""
+        await self.probe.stop()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.engine_channel.close()
+
+
+async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *, host: str = "127.0.0.1",
+                                 port: int = 0, server_config: ServerConfig | None = None,
+                                 probe_interval_s: float = 2.0, probe_timeout_s: float = 1.0
+                                 ) -> TokenizerServer:
+    """Build, bind and start the server (port 0: a free one) and the engine health probe."""
+    server, health = build_server([SERVICE_NAME], server_config)
+    channel = engine_channel(engine_target, server_config)
+    tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+        TokenizerServicer(tokenizer, engine_pb2_grpc.EngineServiceStub(channel)), server)
+    try:
+        bound = bind(server, host, port)
+    except OSError:
+        await channel.close()
+        raise
+    await server.start()
+    probe = EngineHealthProbe(channel, health, [SERVICE_NAME], probe_interval_s, probe_timeout_s)
+    probe.start()
+    log.info("tokenizer service listening", extra={"address": f"{host}:{bound}", "engine": engine_target})
+    return TokenizerServer(server, health, bound, channel, probe)
