@@ -62,7 +62,7 @@ class ModelRunner:
                              f"max_position_embeddings ({mpe})")
         self.max_model_len = config.max_model_len or mpe
         self.block_size = config.kv_block_size
-        self.backend = create_backend(config.attention_backend, device)
+        self.backend = create_backend(config.attention_backend, device, self.dtype)
         started = time.monotonic()
         with _default_dtype(self.dtype), torch.device(device):
             self.model = Qwen3ForCausalLM(self.model_config, self.backend)

@@ -10,6 +10,7 @@ from qwen3.attention.backend import AttentionBackend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import tp_world_size
 from qwen3.forward_batch import ForwardBatch
+from qwen3.kernels import use_triton_kernels
 from qwen3.layers.activation import SiluAndMul
 from qwen3.layers.attention import PagedAttention
 from qwen3.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -19,7 +20,7 @@ from qwen3.layers.rotary import RotaryEmbedding
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Qwen3Config, backend: AttentionBackend) -> None:
+    def __init__(self, config: Qwen3Config, backend: AttentionBackend, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
@@ -29,17 +30,23 @@ class Qwen3Attention(nn.Module):
         # Qwen3's per-head norms on q and k, applied before rotary.
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(d, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = rotary_emb  # one cos/sin table shared by every layer
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d**-0.5, backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # hidden: [T, hidden]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))    # [T, Hq, D]
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        q = q.view(-1, self.num_heads, self.head_dim)     # [T, Hq, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if use_triton_kernels(q) and self.rotary_emb.cos_sin.dtype == torch.float32:
+            from qwen3.kernels.qk_norm_rope import qk_norm_rope  # triton is imported only on this path
+
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                self.rotary_emb.cos_sin, positions)
+        else:
+            q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
         out = self.attn(q, k, v, batch)  # [T, Hq, D]
         return self.o_proj(out.flatten(1))
 
@@ -56,9 +63,9 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, backend: AttentionBackend) -> None:
+    def __init__(self, config: Qwen3Config, backend: AttentionBackend, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, backend)
+        self.self_attn = Qwen3Attention(config, backend, rotary_emb)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -78,7 +85,11 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
+        # [max_position, head_dim] fp32: 21 MB for a 40k context, so built once, not once per layer.
+        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                     config.rope_scaling)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, backend, rotary_emb)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

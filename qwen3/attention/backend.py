@@ -24,6 +24,8 @@ class AttentionBackend(ABC):
     name: str = "abstract"
     #: whether decode steps through this backend may be captured in CUDA graphs (no host-side reads of the batch)
     supports_cuda_graphs: bool = False
+    #: activation/KV dtypes the backend computes in
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
     @abstractmethod
     def forward(
@@ -53,8 +55,8 @@ def _load(name: str) -> type[AttentionBackend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (in ``dtype``, when given), or None if it can."""
     if name not in _REGISTRY:
         return f"unknown attention backend {name!r}; choose from auto, {', '.join(_REGISTRY)}"
     try:
@@ -62,21 +64,27 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     except ImportError as exc:
         return f"attention backend {name!r} is not installed ({exc})"
     check: Callable[[torch.device], str | None] | None = getattr(backend_cls, "unavailable_reason", None)
-    return check(device) if check else None
+    reason = check(device) if check else None
+    if reason is None and dtype is not None and dtype not in backend_cls.dtypes:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in backend_cls.dtypes)
+        reason = (f"attention backend {name!r} computes in {supported}, not {str(dtype).removeprefix('torch.')} "
+                  "(choose another dtype or attention backend)")
+    return reason
 
 
-def available_backends(device: torch.device) -> list[str]:
-    return [n for n in _REGISTRY if backend_unavailable_reason(n, device) is None]
+def available_backends(device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+    return [n for n in _REGISTRY if backend_unavailable_reason(n, device, dtype) is None]
 
 
-def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Instantiate backend ``name`` ("auto" picks flash-attn, then triton, then torch); a clear error if unavailable."""
+def create_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> AttentionBackend:
+    """Instantiate backend ``name`` for ``device`` and ``dtype`` ("auto" picks flash-attn, then triton, then
+    torch, the first that can run); a ValueError naming the reason if the named one cannot."""
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if backend_unavailable_reason(candidate, device) is None:
+            if backend_unavailable_reason(candidate, device, dtype) is None:
                 return _load(candidate)()
         raise ValueError("no attention backend is available")  # torch always is; kept for clarity
-    reason = backend_unavailable_reason(name, device)
+    reason = backend_unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"attention_backend: {reason}")
     return _load(name)()

@@ -63,6 +63,7 @@ def _find_flash_attn() -> tuple[str, ModuleType] | str:
 class FlashAttentionBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True  # FlashAttention-4; an FA2 instance sets it False (see the module docstring)
+    dtypes = (torch.float16, torch.bfloat16)
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:

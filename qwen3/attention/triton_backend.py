@@ -20,6 +20,7 @@ from qwen3.forward_batch import ForwardBatch
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    dtypes = (torch.float16, torch.bfloat16)
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.gpu,
 from engine_service import LLM, SamplingParams  # noqa: E402
 from qwen3.attention.backend import backend_unavailable_reason  # noqa: E402
 
+BF16_TIE = 2 * 0.0625  # two bf16 spacings at logit magnitude 8..16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
 
 
@@ -47,11 +48,13 @@ def assert_same_or_near_tie(got: list, ref: list, what: str) -> None:
         if g.token_ids == r.token_ids:
             continue
         k = next(j for j, (a, b) in enumerate(zip(g.token_ids, r.token_ids)) if a != b)
-        # At the first divergence the reference's top-2 alternatives must be within bf16 noise.
+        # At the first divergence the reference's top-2 alternatives must be a bf16 near-tie: the logits come
+        # out of the LM head in bf16, whose 8 significant bits space logits of magnitude 8..16 by 0.0625, so
+        # a top-2 gap of one or two such steps is a tie that the kernels' summation order may break.
         top = r.logprobs[k].top
         gap = top[0][1] - top[1][1] if len(top) > 1 else float("inf")
         print(f"{what}: prompt {i} diverges at token {k}; reference top-2 logprob gap {gap:.4f}")
-        assert gap < 0.05, f"{what}: prompt {i} diverges at token {k} with a logprob gap of {gap:.4f} (not a near-tie)"
+        assert gap <= BF16_TIE, f"{what}: prompt {i} diverges at token {k} with a logprob gap of {gap:.4f} (not a near-tie)"
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash-attn"])
@@ -74,3 +77,14 @@ def test_gpu_backend_matches_torch_reference(bf16_checkpoint: Path, backend: str
     ref = run(bf16_checkpoint, attention_backend="torch", enforce_eager=True)
     got = run(bf16_checkpoint, attention_backend=backend)
     assert_same_or_near_tie(got, ref, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash-attn"])
+def test_fp32_picks_torch_and_refuses_fp16_only_backends(backend: str) -> None:
+    from qwen3.attention.backend import create_backend
+
+    cuda = torch.device("cuda")
+    assert create_backend("auto", cuda, torch.float32).name == "torch"
+    if backend_unavailable_reason(backend, cuda) is None:
+        with pytest.raises(ValueError, match="not float32"):
+            create_backend(backend, cuda, torch.float32)

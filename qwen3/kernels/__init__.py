@@ -1,0 +1,29 @@
+"""Fused Triton kernels for the element-wise parts of a decoder layer (the attention kernels live in
+``qwen3.attention.kernels``).
+
+Unfused, RMSNorm, Qwen3's q/k norms, rotary and SiLU-and-multiply cost ~45 small kernels per layer:
+at batch 1 that is ~1,300 launches (~2.5 ms of GPU time on an H100) per decode step, more than the
+weights' own read time. Fused they are four kernels per layer (see docs/BENCHMARKS.md).
+
+The layers call :func:`use_triton_kernels` on their input: the kernels run on CUDA tensors when triton
+is importable; everything else (CPU, the tests' fp32 references) runs the PyTorch path, which stays
+the definition. ``QWEN3_TORCH_ELEMENTWISE=1`` forces the PyTorch path everywhere (for A/B runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None and os.environ.get("QWEN3_TORCH_ELEMENTWISE") != "1"
+
+
+def use_triton_kernels(x: torch.Tensor) -> bool:
+    """True when ``x`` lives on a CUDA device and the fused Triton kernels can serve it."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_importable()

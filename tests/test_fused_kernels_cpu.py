@@ -1,0 +1,82 @@
+"""The fused element-wise Triton kernels (qwen3.kernels) on a CPU machine.
+
+- the layers take the PyTorch path for CPU tensors (the kernels are CUDA-only in the product);
+- the launchers reject malformed arguments with a ValueError naming them;
+- under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported, hence a
+  subprocess running this file) every kernel matches the PyTorch layer code in fp32 and fp16
+  (bf16 parity is in tests/gpu/test_fused_kernels.py: the interpreter holds bf16 as raw integers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3.kernels import use_triton_kernels
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+# Relative error bound per dtype: one unit of the dtype's precision (bf16's is 7.8e-3, inside the 1e-2 asked).
+BOUND = {"float32": torch.finfo(torch.float32).eps, "float16": torch.finfo(torch.float16).eps}
+
+
+def test_cpu_tensors_take_the_pytorch_path() -> None:
+    assert not use_triton_kernels(torch.zeros(2, 4))
+
+
+@needs_triton
+def test_launchers_reject_bad_arguments() -> None:
+    from qwen3.kernels.qk_norm_rope import qk_norm_rope
+    from qwen3.kernels.rms_norm import rms_norm
+    from qwen3.kernels.silu_and_mul import silu_and_mul
+
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, torch.ones(8), 1e-6, residual=torch.zeros(3, 9))
+    with pytest.raises(ValueError, match=r"x must be \[T, 2 \* d\]"):
+        silu_and_mul(torch.zeros(3, 7))
+    q, k = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
+    cos_sin, positions = torch.zeros(32, 16), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^k must be"):
+        qk_norm_rope(q, torch.zeros(3, 2, 16), torch.ones(16), torch.ones(16), 1e-6, cos_sin, positions)
+    with pytest.raises(ValueError, match="^cos_sin must be float32"):
+        qk_norm_rope(q, k, torch.ones(16), torch.ones(16), 1e-6, cos_sin.half(), positions)
+    with pytest.raises(ValueError, match="^positions must be int64"):
+        qk_norm_rope(q, k, torch.ones(16), torch.ones(16), 1e-6, cos_sin, positions.int())
+    with pytest.raises(ValueError, match="head_dim must be twice a power of two"):
+        qk_norm_rope(torch.zeros(2, 4, 12), torch.zeros(2, 2, 12), torch.ones(12), torch.ones(12), 1e-6,
+                     torch.zeros(32, 12), positions)
+
+
+@needs_triton
+def test_kernels_match_pytorch_under_triton_interpreter() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not last.startswith("{"):
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    report = json.loads(last)
+    assert len(report) == 2 and all(len(cases) >= 15 for cases in report.values()), report
+    bad = {f"{dtype} {name}": rel for dtype, cases in report.items() for name, (_, rel) in cases.items()
+           if not rel <= BOUND[dtype]}  # `not <=` also catches NaN
+    assert not bad, f"relative error above the dtype's precision: {bad}"
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    from test_attention_backends_cpu import _patch_interpreter_scalar_index
+
+    _patch_interpreter_scalar_index()
+    from fused_cases import run_cases
+
+    print(json.dumps({str(dt).removeprefix("torch."): run_cases("cpu", dt) for dt in (torch.float32, torch.float16)}))
