@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None, help="gRPC-level cap on RPCs in flight")
     p.add_argument("--grace-period", type=float, default=10.0, help="seconds streams may finish after SIGTERM")
+    p.add_argument("--engine-in-thread", action="store_true",
+                   help="run the engine loop in a thread of the server process instead of its own process "
+                        "(saves a process; costs throughput at high concurrency: one interpreter lock for both)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="kv", choices=["kv", "json"])
@@ -64,9 +67,11 @@ async def serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed)
     metrics_port = start_metrics_server(args.metrics_port, args.host)
-    running = await start_engine_server(lambda: LLMEngine(config), args.model, model_name=args.served_model_name,
+    engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
+    running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
                                         host=args.host, port=args.port,
-                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs))
+                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs),
+                                        log_level=args.log_level, log_format=args.log_format)
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))

@@ -1,28 +1,41 @@
-"""Runs the synchronous ``LLMEngine`` in its own thread and exposes it to asyncio.
+"""Drives the synchronous ``LLMEngine`` off the event loop and exposes it to asyncio.
 
-The event loop never waits on the GPU: handlers put commands on a thread-safe queue and receive
-their request's outputs on a per-request ``asyncio.Queue``, filled by the engine thread through one
-``call_soon_threadsafe`` per step. Abort is a command too (a running thread cannot be cancelled), so
-a cancelled stream's KV blocks return to the pool at the engine's next iteration.
+Two halves talk through commands (add, abort, stop) and events (outputs, errors, abort results, death):
+
+- ``EngineLoop`` is the engine side: it applies commands between steps and emits each step's outputs.
+- ``AsyncEngine`` is the event-loop side: handlers get their request's deltas from a per-request
+  ``asyncio.Queue``; the event loop never waits on the GPU.
+
+The engine side runs either in a **child process** (``AsyncEngine.in_process``, what the CLI serves):
+the GPU loop's Python work (scheduling, input preparation, sampling bookkeeping) then never competes
+with gRPC for one interpreter lock, which at hundreds of streams halved throughput in a thread; or in
+a **thread** of this process (``AsyncEngine.in_thread``: tests, embedding an engine object you
+already hold). Abort is a command (a running step cannot be interrupted), so a cancelled stream's KV
+blocks return to the pool before the engine's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing as mp
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
-from engine_service.engine import EngineDeadError, EngineStats, LLMEngine, RequestOutput
+from engine_service.config import EngineConfig
+from engine_service.engine import EngineDeadError, EngineInfo, EngineStats, LLMEngine, RequestOutput
 from engine_service.sampling_params import SamplingParams
 from engine_service.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
 
+# ---- commands (to the engine) and events (from it); all picklable ---------------------------------
 @dataclass(frozen=True)
 class _Add:
     request_id: str
@@ -33,43 +46,125 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
-    done: asyncio.Future | None  # resolves to True if the request was live
+    ticket: int | None  # answered by an ("aborted", ticket, found) event when not None
 
 
+@dataclass(frozen=True)
 class _Stop:
     pass
 
 
+Event = tuple  # ("outputs", [RequestOutput], EngineStats) | ("error", request_id, Exception)
+#                | ("aborted", ticket, bool) | ("stats", EngineStats) | ("dead", reason) | ("stopped", reason)
+
+
+class EngineLoop:
+    """The engine side: apply commands, step while there is work, emit events. Returns on stop or death.
+
+    ``next_command(timeout)`` returns a command or None when none arrives within ``timeout`` seconds
+    (0: don't wait); ``emit(event)`` hands an event to the event-loop side.
+    """
+
+    def __init__(self, engine: LLMEngine, next_command: Callable[[float], object | None],
+                 emit: Callable[[Event], None]) -> None:
+        self.engine, self.next_command, self.emit = engine, next_command, emit
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.engine.dead_reason:  # e.g. a TP worker died while we were idle
+                    raise EngineDeadError(self.engine.dead_reason)
+                if not self._apply_commands(wait=not self.engine.has_unfinished_requests()):
+                    return
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    if outputs:
+                        self.emit(("outputs", outputs, self.engine.stats()))
+        except EngineDeadError as exc:
+            self.emit(("dead", str(exc)))
+        except Exception as exc:  # a bug: report it, fail every stream, never hang them
+            log.exception("engine loop crashed")
+            self.emit(("dead", f"engine loop crashed: {exc!r}"))
+
+    def _apply_commands(self, wait: bool) -> bool:
+        """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
+        applied = False
+        while True:
+            command = self.next_command(0.5 if wait else 0.0)
+            if command is None:
+                if applied:
+                    self.emit(("stats", self.engine.stats()))
+                return True
+            wait, applied = False, True
+            if isinstance(command, _Stop):
+                self.emit(("stopped", "the engine is shutting down"))
+                return False
+            if isinstance(command, _Add):
+                try:
+                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                except Exception as exc:  # delivered to its own stream; others are untouched
+                    self.emit(("error", command.request_id, exc))
+            elif isinstance(command, _Abort):
+                out = self.engine.abort_request(command.request_id)
+                if out is not None:
+                    self.emit(("outputs", [out], self.engine.stats()))
+                if command.ticket is not None:
+                    self.emit(("aborted", command.ticket, out is not None))
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+    """The event-loop side. Build with :meth:`in_thread` or :meth:`in_process`, then :meth:`start`."""
+
+    def __init__(self, info: EngineInfo, stats: EngineStats) -> None:
+        self.info = info
+        self.stats = stats
+        #: the engine object when it runs in a thread of this process (tests inspect it); None in process mode
+        self.engine: LLMEngine | None = None
         self.dead_reason: str | None = None
-        self.stats: EngineStats = engine.stats()
-        self.on_death = None  # optional callback(reason), called on the event loop
+        self.on_death: Callable[[str], None] | None = None  # called on the event loop
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._abort_waiters: dict[int, asyncio.Future] = {}
+        self._tickets = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._send: Callable[[object], None] = _not_started
+        self._driver: _ThreadDriver | _ProcessDriver | None = None
+
+    @classmethod
+    def in_thread(cls, engine: LLMEngine) -> AsyncEngine:
+        """Drive ``engine`` from a thread of this process."""
+        self = cls(engine.info, engine.stats())
+        self.engine = engine
+        self._driver = _ThreadDriver(engine)
+        return self
+
+    @classmethod
+    def in_process(cls, config: EngineConfig, log_level: str = "INFO", log_format: str = "kv") -> AsyncEngine:
+        """Load the engine in a child process (blocking until it is ready: call it off the event loop).
+        Raises RuntimeError with the child's error if loading fails."""
+        driver = _ProcessDriver(config, log_level, log_format)
+        self = cls(driver.info, driver.stats)
+        self._driver = driver
+        return self
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        assert self._driver is not None
+        self._send = self._driver.start(self._post_event)
 
     async def stop(self) -> None:
-        self._commands.put(_Stop())
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-        self.engine.shutdown()
+        if self._driver is not None:
+            self._send(_Stop())
+            await asyncio.to_thread(self._driver.join)
+            self._driver = None
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
+        return self.dead_reason is None and self._driver is not None and self._driver.is_alive()
 
     @property
     def pending(self) -> int:
-        """Requests accepted but not finished (running, waiting, or not yet seen by the engine thread)."""
+        """Requests accepted but not finished (running, waiting, or not yet seen by the engine)."""
         return len(self._streams)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -84,10 +179,10 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.engine.validate(prompt_token_ids, params)  # read-only checks: safe off the engine thread
+        self.info.validate(prompt_token_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params))
+        self._send(_Add(request_id, list(prompt_token_ids), params))
         finished = False
         try:
             while True:
@@ -101,88 +196,62 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(_Abort(request_id, None))
+            if not finished and not self.dead_reason:
+                self._send(_Abort(request_id, None))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a live request; False if no such request is running or waiting."""
-        if request_id not in self._streams:
+        if request_id not in self._streams or self.dead_reason:
             return False
+        ticket = next(self._tickets)
         done = asyncio.get_running_loop().create_future()
-        self._commands.put(_Abort(request_id, done))
+        self._abort_waiters[ticket] = done
+        self._send(_Abort(request_id, ticket))
         return await done
 
-    # ---- the engine thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while True:
-                if self.engine.dead_reason:  # e.g. a TP worker died while we were idle
-                    raise EngineDeadError(self.engine.dead_reason)
-                idle = not self.engine.has_unfinished_requests()
-                if not self._drain_commands(block=idle):
-                    return
-                if not self.engine.has_unfinished_requests():
-                    continue
-                outputs = self.engine.step()
-                self.stats = self.engine.stats()
-                if outputs:
-                    self._post(self._deliver, outputs)
-        except EngineDeadError as exc:
-            self._die(str(exc))
-        except Exception as exc:  # a bug: report it, fail every stream, never hang them
-            log.exception("engine loop crashed")
-            self._die(f"engine loop crashed: {exc!r}")
-
-    def _drain_commands(self, block: bool) -> bool:
-        """Apply queued commands; False on stop. Blocks for the first one when the engine is idle."""
-        while True:
-            try:
-                command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            block = False
-            if isinstance(command, _Stop):
-                self.dead_reason = "the engine is shutting down"
-                self._post(self._fail_all, self.dead_reason, False)
-                return False
-            if isinstance(command, _Add):
-                try:
-                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-                except Exception as exc:  # delivered to its own stream; others are untouched
-                    self._post(self._deliver_error, command.request_id, exc)
-            elif isinstance(command, _Abort):
-                out = self.engine.abort_request(command.request_id)
-                if out is not None:
-                    self._post(self._deliver, [out])
-                if command.done is not None:
-                    self._post(_resolve, command.done, out is not None)
-            self.stats = self.engine.stats()
-
-    def _die(self, reason: str) -> None:
-        self.dead_reason = reason
-        self._post(self._fail_all, reason, True)
-
-    def _post(self, fn, *args) -> None:
+    # ---- events, on the event loop ----------------------------------------------------------
+    def _post_event(self, event: Event) -> None:
+        """Called from the driver's thread: hand the event to the event loop."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(self._on_event, event)
 
-    # ---- on the event loop ------------------------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
+    def _on_event(self, event: Event) -> None:
+        kind = event[0]
+        if kind == "outputs":
+            _, outputs, self.stats = event
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put_nowait(out)
+        elif kind == "stats":
+            self.stats = event[1]
+        elif kind == "error":
+            stream = self._streams.get(event[1])
             if stream is not None:
-                stream.put_nowait(out)
-
-    def _deliver_error(self, request_id: str, exc: Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(exc)
+                stream.put_nowait(event[2])
+        elif kind == "aborted":
+            waiter = self._abort_waiters.pop(event[1], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event[2])
+        elif kind in ("dead", "stopped"):
+            self._fail_all(event[1], died=kind == "dead")
 
     def _fail_all(self, reason: str, died: bool) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
+        for waiter in self._abort_waiters.values():
+            if not waiter.done():
+                waiter.set_result(False)
+        self._abort_waiters.clear()
         if died and self.on_death is not None:
             self.on_death(reason)
+
+
+def _not_started(command: object) -> None:
+    raise EngineDeadError("the engine has not been started")
 
 
 def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> RequestOutput | BaseException:
@@ -207,9 +276,124 @@ def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> 
     return item
 
 
-def _resolve(future: asyncio.Future, value: object) -> None:
-    if not future.done():
-        future.set_result(value)
+# ---- drivers: where the engine loop runs ----------------------------------------------------------
+class _ThreadDriver:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
+        def next_command(timeout: float) -> object | None:
+            try:
+                return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+            except queue.Empty:
+                return None
+
+        loop = EngineLoop(self.engine, next_command, emit)
+        self._thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
+        self._thread.start()
+        return self._commands.put
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(30)
+        self.engine.shutdown()
 
 
-__all__ = ["AsyncEngine", "FinishReason"]
+class _ProcessDriver:
+    """The engine in a spawned child process, over a duplex pipe. Two parent threads move the bytes:
+    a sender (so a full pipe never blocks the event loop) and a receiver (which notices the child's
+    death as end-of-file on the pipe)."""
+
+    def __init__(self, config: EngineConfig, log_level: str, log_format: str) -> None:
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, child_conn = ctx.Pipe(duplex=True)
+        # Not a daemon: the engine spawns its own tensor-parallel workers, which daemons may not.
+        self._process = ctx.Process(target=_engine_process_main, args=(config, child_conn, log_level, log_format),
+                                    name="qwen3-engine", daemon=False)
+        self._process.start()
+        child_conn.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
+        if message[0] != "ready":
+            self._process.join(30)
+            raise RuntimeError(f"the engine failed to load: {message[1]}")
+        _, self.info, self.stats = message
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
+        def send_loop() -> None:
+            while True:
+                command = self._outbox.get()
+                try:
+                    self._conn.send(command)
+                except (OSError, EOFError, BrokenPipeError):
+                    return  # the receiver reports the death
+                if isinstance(command, _Stop):
+                    return
+
+        def receive_loop() -> None:
+            while True:
+                try:
+                    event = self._conn.recv()
+                except (EOFError, OSError):
+                    self._process.join(5)
+                    emit(("dead", f"the engine process exited (exit code {self._process.exitcode})"))
+                    return
+                emit(event)
+                if event[0] in ("stopped", "dead"):
+                    return
+
+        for target, name in ((send_loop, "engine-send"), (receive_loop, "engine-receive")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self._outbox.put
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(30)
+        self._process.join(30)
+        if self._process.is_alive():
+            log.warning("engine process did not exit; terminating it")
+            self._process.terminate()
+            self._process.join(5)
+        self._conn.close()
+
+
+def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str, log_format: str) -> None:
+    """Entry point of the engine process: load, report ready (or the error), run the loop, shut down."""
+    from service_common.logging import configure_logging
+
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        engine = LLMEngine(config)
+    except Exception as exc:
+        log.exception("engine failed to load")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+
+    def next_command(timeout: float) -> object | None:
+        return conn.recv() if conn.poll(timeout) else None
+
+    try:
+        conn.send(("ready", engine.info, engine.stats()))
+        EngineLoop(engine, next_command, conn.send).run()
+    except (EOFError, BrokenPipeError, OSError):
+        log.warning("the server side of the engine pipe closed; shutting down")
+    finally:
+        engine.shutdown()
+
+
+__all__ = ["AsyncEngine", "EngineLoop", "FinishReason"]

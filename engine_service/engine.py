@@ -1,8 +1,9 @@
 """The incremental engine: add requests, step, receive per-request deltas, abort.
 
 ``LLMEngine.step()`` is one scheduler decision + one forward pass + sampling. It is synchronous and
-single-threaded by design: the offline ``LLM`` calls it in a loop, and the gRPC service calls it
-from a dedicated engine thread (``async_engine.py``) so it never blocks the event loop.
+single-threaded by design: the offline ``LLM`` calls it in a loop, and the gRPC service drives it
+from its own process (or a thread, when embedded) through ``async_engine.py``, so it never blocks the
+event loop. ``EngineInfo`` is what the service needs to know about it without touching it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,36 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class EngineInfo:
+    """A loaded engine's static facts: enough to describe it and to validate requests without it
+    (the gRPC service holds this while the engine itself runs in another process)."""
+
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    dtype: str
+    tensor_parallel_size: int
+    kv_block_size: int
+    num_kv_blocks: int
+    attention_backend: str
+    max_waiting_requests: int
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if this request can never be served."""
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens; the model's maximum "
+                             f"length is {self.max_model_len} including at least one generated token")
+        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad_stop is not None:
+            raise ValueError(f"stop_token_ids: token id {bad_stop} is outside the vocabulary")
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -102,6 +133,11 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = tuple(mc.eos_token_ids)
         self.block_manager = BlockManager(capacity, config.kv_block_size, config.enable_prefix_caching)
+        self.info = EngineInfo(
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+            dtype=str(self.runner.dtype).removeprefix("torch."), tensor_parallel_size=config.tensor_parallel_size,
+            kv_block_size=config.kv_block_size, num_kv_blocks=capacity, attention_backend=self.runner.backend.name,
+            max_waiting_requests=config.max_waiting_requests)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
@@ -117,17 +153,7 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the field if this request can never be served."""
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens; the model's maximum "
-                             f"length is {self.max_model_len} including at least one generated token")
-        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad_stop is not None:
-            raise ValueError(f"stop_token_ids: token id {bad_stop} is outside the vocabulary")
+        self.info.validate(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if self.dead_reason:

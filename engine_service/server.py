@@ -2,7 +2,7 @@
 
 Handlers only translate: protobuf <-> ``SamplingParams`` / ``RequestOutput``, domain errors <->
 status codes (``service_common.errors``, one table for both services). The work happens on the
-engine thread behind ``AsyncEngine``; nothing here blocks the event loop.
+engine process (or thread) behind ``AsyncEngine``; nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
 
 from engine_service.async_engine import AsyncEngine
-from engine_service.engine import EngineDeadError, EngineOverloadedError, LLMEngine, RequestOutput
+from engine_service.config import EngineConfig
+from engine_service.engine import EngineDeadError, EngineInfo, EngineOverloadedError, LLMEngine, RequestOutput
 from engine_service.metrics import EngineMetrics
 from engine_service.sampling_params import SamplingParams
 from engine_service.sequence import FinishReason
@@ -68,7 +69,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return self.engine
 
     # ---- request conversion ---------------------------------------------------------------------
-    def sampling_params(self, request: engine_pb2.GenerateRequest, core: LLMEngine) -> SamplingParams:
+    def sampling_params(self, request: engine_pb2.GenerateRequest, core: EngineInfo) -> SamplingParams:
         msg = request.sampling_params
         kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
         prompt_len = len(request.prompt_token_ids)
@@ -110,7 +111,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         engine = self._live_engine()
-        params = self.sampling_params(request, engine.engine)
+        params = self.sampling_params(request, engine.info)
         start = last = time.perf_counter()
         first = True
         try:
@@ -151,14 +152,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     @handle_errors
     async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> engine_pb2.GetModelInfoResponse:
-        core = self._live_engine().engine
-        cfg = core.config
+        info = self._live_engine().info
         return engine_pb2.GetModelInfoResponse(
-            model_name=self.model_name, model_path=self.model_path, vocab_size=core.vocab_size,
-            max_model_len=core.max_model_len, eos_token_ids=list(core.eos_token_ids),
-            dtype=str(core.runner.dtype).removeprefix("torch."), tensor_parallel_size=cfg.tensor_parallel_size,
-            kv_block_size=cfg.kv_block_size, num_kv_blocks=core.block_manager.num_blocks,
-            attention_backend=core.runner.backend.name)
+            model_name=self.model_name, model_path=self.model_path, vocab_size=info.vocab_size,
+            max_model_len=info.max_model_len, eos_token_ids=list(info.eos_token_ids), dtype=info.dtype,
+            tensor_parallel_size=info.tensor_parallel_size, kv_block_size=info.kv_block_size,
+            num_kv_blocks=info.num_kv_blocks, attention_backend=info.attention_backend)
 
     @handle_errors
     async def GetLoad(self, request: engine_pb2.GetLoadRequest,
@@ -167,7 +166,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         stats = engine.stats
         return engine_pb2.GetLoadResponse(num_running=stats.num_running, num_waiting=stats.num_waiting,
                                           kv_cache_usage=stats.kv_cache_usage,
-                                          max_waiting=engine.engine.config.max_waiting_requests)
+                                          max_waiting=engine.info.max_waiting_requests)
 
 
 @dataclass
@@ -195,14 +194,17 @@ class EngineServer:
             await self.servicer.engine.stop()
 
 
-async def start_engine_server(load_engine, model_path: str, *, model_name: str | None = None,
-                              host: str = "127.0.0.1", port: int = 0,
-                              config: ServerConfig | None = None) -> EngineServer:
-    """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine in a thread.
+async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], model_path: str, *,
+                              model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                              config: ServerConfig | None = None, log_level: str = "INFO",
+                              log_format: str = "kv") -> EngineServer:
+    """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine meanwhile.
 
-    ``load_engine`` is a zero-argument callable returning an ``LLMEngine`` (run off the event loop, as
-    loading weights and capturing CUDA graphs take a while). Health turns SERVING once it is loaded,
-    and NOT_SERVING for good if the engine dies.
+    ``engine`` is an ``EngineConfig``, loaded and run in a child process (what the CLI does: the GPU
+    loop then never shares this process's interpreter lock with gRPC; ``log_level``/``log_format`` set
+    up its logs), or a zero-argument callable returning an ``LLMEngine``, run off the event loop and
+    then driven from a thread of this process (tests, embedding). Health turns SERVING once it is
+    loaded, and NOT_SERVING for good if the engine dies.
     """
     name = model_name or Path(model_path).name
     servicer = EngineServicer(name, str(model_path))
@@ -218,14 +220,16 @@ async def start_engine_server(load_engine, model_path: str, *, model_name: str |
 
     async def load() -> None:
         try:
-            core = await asyncio.to_thread(load_engine)
+            if isinstance(engine, EngineConfig):
+                driven = await asyncio.to_thread(AsyncEngine.in_process, engine, log_level, log_format)
+            else:
+                driven = AsyncEngine.in_thread(await asyncio.to_thread(engine))
         except Exception:
             log.exception("engine failed to load")
             raise
-        engine = AsyncEngine(core)
-        engine.on_death = lambda reason: asyncio.ensure_future(on_death(reason))
-        engine.start()
-        servicer.attach(engine)
+        driven.on_death = lambda reason: asyncio.ensure_future(on_death(reason))
+        driven.start()
+        servicer.attach(driven)
         await set_serving(health, [SERVICE_NAME], True)
         log.info("serving", extra={"model": name, "port": bound})
 

@@ -1,0 +1,85 @@
+"""The engine service with its engine in a child process (how the CLI serves), over loopback sockets.
+
+Streamed greedy tokens equal the offline engine's; a cancelled stream's KV blocks return (seen through
+GetLoad, as a load balancer would); a bad request is refused in the server process without reaching
+the engine; killing the engine process turns health NOT_SERVING and requests UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine_service import LLM, SamplingParams
+from engine_service.config import EngineConfig
+from engine_service.server import SERVICE_NAME, start_engine_server
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from test_engine_server import collect, greedy_request, prompts
+
+
+@pytest.fixture
+async def served(tiny_checkpoint: Path):
+    config = EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=128)
+    running = await start_engine_server(config, str(tiny_checkpoint))
+    await running.wait_until_ready()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield running, engine_pb2_grpc.EngineServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+    await running.stop(0)
+
+
+async def _load(stub) -> engine_pb2.GetLoadResponse:
+    return await stub.GetLoad(engine_pb2.GetLoadRequest())
+
+
+async def test_engine_runs_in_another_process_and_streams_offline_greedy(served, tiny_checkpoint: Path) -> None:
+    running, stub, _ = served
+    assert running.servicer.engine.engine is None  # nothing of the engine lives in this process
+    assert running.servicer.engine._driver._process.pid != os.getpid()
+    ps = prompts(4, seed=3)
+    with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
+        expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=8,
+                                                                             ignore_eos=True))]
+    results = await asyncio.gather(*(collect(stub, greedy_request(p, 8)) for p in ps))
+    assert [tokens for tokens, _ in results] == expected
+    info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
+    assert info.num_kv_blocks == 128 and info.vocab_size == 512
+
+
+async def test_cancel_returns_kv_blocks_and_bad_input_is_refused(served) -> None:
+    _, stub, _ = served
+    call = stub.Generate(greedy_request(prompts(1, lo=30)[0], max_tokens=2000))
+    async for _ in call:
+        break
+    assert (await _load(stub)).kv_cache_usage > 0
+    call.cancel()
+    for _ in range(250):
+        load = await _load(stub)
+        if load.kv_cache_usage == 0 and load.num_running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert load.kv_cache_usage == 0 and load.num_running == 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, greedy_request([1, 2, 10_000]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "10000" in err.value.details()
+
+
+async def test_killed_engine_process_turns_health_not_serving(served) -> None:
+    running, stub, health = served
+    check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+    os.kill(running.servicer.engine._driver._process.pid, signal.SIGKILL)
+    for _ in range(250):
+        if (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.02)
+    assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, greedy_request([1, 2, 3]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code" in err.value.details()
