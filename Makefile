@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) -e ".[test]"
 	@# CPU builds of torch come without triton; its interpreter runs the kernel tests on CPU.
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON_CPU)"; fi
+	@# An editable install maps the packages that exist when it runs: generate qwen3serve/, then map it too.
+	$(MAKE) --no-print-directory proto-gen
+	$(PIP) --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed proto

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -71,6 +72,33 @@ class ServerConfig:
         ]
 
 
+class _ReflectionPool:
+    """The default descriptor pool, also resolving methods (``pkg.Service.Method``) to their file.
+
+    The upb-based protobuf runtime's ``FindFileContainingSymbol`` knows services, messages, fields and
+    enums but not methods, so ``grpcurl describe pkg.Service.Method`` got "Symbol not found".
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 (the pool's API)
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method_name = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method_name not in service.methods_by_name:
+                raise
+            return service.file
+
+    def __getattr__(self, name: str):
+        return getattr(self._pool, name)
+
+
 def build_server(service_names: Sequence[str], config: ServerConfig | None = None,
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
                  ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
@@ -90,7 +118,8 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server,
+                                        pool=_ReflectionPool(descriptor_pool.Default()))
     # The aio HealthServicer starts "" as SERVING; nothing is ready yet. set() is async, but touching
     # the status map directly here keeps build_server usable before the event loop runs.
     for name in ("", *service_names):

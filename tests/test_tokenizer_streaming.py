@@ -1,7 +1,7 @@
 """Chat / Complete over real loopback sockets, against an in-test fake EngineService that plays a
 scripted token stream: incremental text, reasoning split, stop strings, cancellation and deadlines
 passed on to the engine, engine errors mapped to the same status codes, health following the engine.
-(End-to-end tests against the real engine server live with the engine service.)"""
+(End-to-end tests against the real engine server: tests/test_end_to_end.py.)"""
 
 from __future__ import annotations
 
@@ -313,3 +313,18 @@ async def test_health_follows_the_engine(client: AsyncTokenizerClient, tokenizer
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _collect(client.chat(MESSAGES))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_unset_max_tokens_is_left_to_the_engine(client: AsyncTokenizerClient, tokenizer: ChatTokenizer,
+                                                      engine) -> None:
+    """No max_tokens from the caller: none is invented (the engine then runs to the model's length, as
+    vLLM does); one given is passed on as it is."""
+    fake, _, _ = engine
+    fake.script = tokenizer.encode("ok")
+    await _collect(client.chat(MESSAGES, temperature=0.0))
+    await _collect(client.complete("Q"))
+    await _collect(client.complete("Q", max_tokens=3))
+    unset_chat, unset_complete, given = (r.sampling_params for r in fake.requests)
+    assert not unset_chat.HasField("max_tokens") and not unset_complete.HasField("max_tokens")
+    assert unset_chat.HasField("temperature")  # the fields that were set did arrive
+    assert given.HasField("max_tokens") and given.max_tokens == 3
