@@ -46,7 +46,9 @@ for s in "${steps[@]}"; do
     throughput)
       for b in $backends; do
         TAIL=4 step "throughput-$b" 300 $PY bench/throughput.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
-      done ;;
+      done
+      # where a full-batch decode step's time goes (the first backend, 10 steps from step 300)
+      TAIL=32 step throughput-profile 300 $PY bench/throughput.py --model "$MODEL" --profile 300:10 ;;
     service) TAIL=8 step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     hf) TAIL=4 step hf 420 $PY bench/throughput.py --model "$MODEL" --hf-only --json "$OUT/results.jsonl" ;;
     *) echo "unknown step $s" ;;

@@ -49,6 +49,8 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     _sync(args.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
+    if args.profile:
+        profile_steps(llm, prompts, params, args.profile)
     result = {"engine": f"qwen3-serve ({llm.engine.runner.backend.name})", "output_tokens": tokens,
               "seconds": seconds, "output_tok_s": tokens / seconds,
               "kv_blocks": llm.engine.block_manager.num_blocks,
@@ -58,6 +60,36 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> None:
+    """Re-run the workload up to step START, then profile COUNT steps (torch profiler: CPU and CUDA time
+    per op, and wall vs GPU time per step), then abort the rest."""
+    start, count = (int(x) for x in window.split(":"))
+    engine = llm.engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"profile-{i}", p, sp)
+    for _ in range(start):
+        engine.step()
+    running = len(engine.scheduler.running)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _sync("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(count):
+            engine.step()
+        _sync("cuda" if torch.cuda.is_available() else "cpu")
+    wall = (time.perf_counter() - t0) / count
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / count / 1e3 if torch.cuda.is_available() else 0.0
+    print(f"\nprofile: steps {start}..{start + count} with {running} running sequences: wall {wall * 1e3:.2f} ms/step "
+          f"(under the profiler), GPU busy {gpu:.2f} ms/step")
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=20))
+    for i in range(len(prompts)):
+        engine.abort_request(f"profile-{i}")
 
 
 def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
@@ -116,6 +148,8 @@ def main() -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--hf-only", action="store_true", help="only run transformers")
+    p.add_argument("--profile", metavar="START:COUNT",
+                   help="after the timed run, profile COUNT engine steps starting at step START")
     p.add_argument("--json", type=Path, help="append results as JSON lines to this file")
     args = p.parse_args()
     if args.make_model:

@@ -150,7 +150,7 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         assert self._driver is not None
-        self._send = self._driver.start(self._post_event)
+        self._send = self._driver.start(self._post_event, self._on_event, self._loop)
 
     async def stop(self) -> None:
         if self._driver is not None:
@@ -283,7 +283,10 @@ class _ThreadDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
+    def start(self, emit: Callable[[Event], None], on_loop: Callable[[Event], None],
+              loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+        """Start the engine thread; events reach the event loop through ``emit`` (thread-safe)."""
+
         def next_command(timeout: float) -> object | None:
             try:
                 return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
@@ -305,9 +308,11 @@ class _ThreadDriver:
 
 
 class _ProcessDriver:
-    """The engine in a spawned child process, over a duplex pipe. Two parent threads move the bytes:
-    a sender (so a full pipe never blocks the event loop) and a receiver (which notices the child's
-    death as end-of-file on the pipe)."""
+    """The engine in a spawned child process, over a duplex pipe. Events are read on the event loop
+    itself, as soon as the pipe is readable: a reader thread would have to win the interpreter lock
+    from the busy event loop for every message (a 5 ms switch interval each), and the child, blocked
+    on a full pipe, would run at that pace. Commands go through a sender thread, so a full pipe never
+    blocks the event loop. The child's death shows as end-of-file on the pipe."""
 
     def __init__(self, config: EngineConfig, log_level: str, log_format: str) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -329,7 +334,10 @@ class _ProcessDriver:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
-    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
+    def start(self, emit: Callable[[Event], None], on_loop: Callable[[Event], None],
+              loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+        """Start moving commands and events; events are handed to ``on_loop`` on the event loop."""
+
         def send_loop() -> None:
             while True:
                 command = self._outbox.get()
@@ -340,22 +348,23 @@ class _ProcessDriver:
                 if isinstance(command, _Stop):
                     return
 
-        def receive_loop() -> None:
-            while True:
-                try:
+        def on_readable() -> None:
+            try:
+                while self._conn.poll():  # every whole message waiting; a message is written in one go
                     event = self._conn.recv()
-                except (EOFError, OSError):
-                    self._process.join(5)
-                    emit(("dead", f"the engine process exited (exit code {self._process.exitcode})"))
-                    return
-                emit(event)
-                if event[0] in ("stopped", "dead"):
-                    return
+                    on_loop(event)
+                    if event[0] in ("stopped", "dead"):
+                        loop.remove_reader(self._conn.fileno())
+                        return
+            except (EOFError, OSError):
+                loop.remove_reader(self._conn.fileno())
+                self._process.join(1)
+                on_loop(("dead", f"the engine process exited (exit code {self._process.exitcode})"))
 
-        for target, name in ((send_loop, "engine-send"), (receive_loop, "engine-receive")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=send_loop, name="engine-send", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        loop.add_reader(self._conn.fileno(), on_readable)
         return self._outbox.put
 
     def is_alive(self) -> bool:

@@ -3,8 +3,8 @@
 Shared by the GPU tests (bf16, fp16, fp32 on CUDA) and the CPU test that runs the kernels under the
 Triton interpreter (fp16 and fp32: the interpreter holds bf16 as raw integers). Inputs are strided the
 way the model makes them (q/k as views of one qkv projection) and include rows of large magnitude.
-Returns, per case, the maximum difference measured in units of the output dtype's spacing at the
-reference's magnitude ("ulps"), and the relative error.
+Returns, per case, the relative error ||out - ref|| / ||ref|| (rotary's cancellations make
+element-wise error units meaningless near zero outputs).
 """
 
 from __future__ import annotations
@@ -15,16 +15,6 @@ import torch.nn.functional as F
 from qwen3.config import RopeScaling
 from qwen3.layers.layernorm import RMSNorm
 from qwen3.layers.rotary import RotaryEmbedding
-
-
-def _ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / spacing of ref's dtype at |ref| (NaN anywhere -> inf)."""
-    if not torch.isfinite(out).all():
-        return float("inf")
-    o, r = out.double(), ref.double()
-    eps = torch.finfo(ref.dtype).eps
-    spacing = (r.abs().clamp_min(torch.finfo(ref.dtype).tiny) * eps).clamp_min(1e-30)
-    return float(((o - r).abs() / spacing).max())
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,8 +29,8 @@ def _norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return norm._norm(x)  # the PyTorch definition, whatever the device
 
 
-def run_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
-    """{case name: (max ulps, relative error)} for every fused kernel on ``device`` in ``dtype``."""
+def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
+    """{case name: relative error} for every fused kernel on ``device`` in ``dtype``."""
     from qwen3.kernels.qk_norm_rope import qk_norm_rope
     from qwen3.kernels.rms_norm import rms_norm
     from qwen3.kernels.silu_and_mul import silu_and_mul
@@ -50,25 +40,24 @@ def run_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[float, float]]
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, float] = {}
     eps = 1e-6
     for rows, hidden in [(1, 1024), (7, 1024), (33, 2560), (5, 96)]:
         x, residual = randn(rows, hidden, scale=3.0), randn(rows, hidden, scale=20.0)
         weight = randn(hidden) + 1
         out = rms_norm(x, weight, eps)
-        results[f"rms_norm {rows}x{hidden}"] = (_ulps(out, _norm_reference(x, weight, eps)),
-                                                _rel(out, _norm_reference(x, weight, eps)))
+        results[f"rms_norm {rows}x{hidden}"] = _rel(out, _norm_reference(x, weight, eps))
         out, summed = rms_norm(x, weight, eps, residual)
         ref_sum = x + residual
         ref = _norm_reference(ref_sum, weight, eps)
-        results[f"add_rms_norm {rows}x{hidden}"] = (max(_ulps(out, ref), _ulps(summed, ref_sum)), _rel(out, ref))
+        results[f"add_rms_norm {rows}x{hidden}"] = max(_rel(out, ref), _rel(summed, ref_sum))
 
     for tokens, d in [(1, 3072), (9, 3072), (4, 100)]:
         x = randn(tokens, 2 * d, scale=4.0)
         gate, up = x.chunk(2, dim=-1)
         ref = F.silu(gate) * up
         out = silu_and_mul(x)
-        results[f"silu_and_mul {tokens}x{d}"] = (_ulps(out, ref), _rel(out, ref))
+        results[f"silu_and_mul {tokens}x{d}"] = _rel(out, ref)
 
     yarn = RopeScaling(factor=4.0, original_max_position_embeddings=512)
     for hq, hkv, d, scaling in [(16, 8, 128, None), (8, 1, 64, None), (4, 4, 128, yarn), (14, 2, 64, None)]:
@@ -82,5 +71,5 @@ def run_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[float, float]]
         q_ref, k_ref = rotary(positions, _norm_reference(q, qw, eps), _norm_reference(k, kw, eps))
         q_out, k_out = qk_norm_rope(q, k, qw, kw, eps, rotary.cos_sin, positions)
         name = f"qk_norm_rope hq{hq} hkv{hkv} d{d}{' yarn' if scaling else ''}"
-        results[name] = (max(_ulps(q_out, q_ref), _ulps(k_out, k_ref)), max(_rel(q_out, q_ref), _rel(k_out, k_ref)))
+        results[name] = max(_rel(q_out, q_ref), _rel(k_out, k_ref))
     return results
