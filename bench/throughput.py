@@ -97,6 +97,9 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # transformers 5.17 sizes its paged cache from free GPU memory: 0 on a CPU
+        raise SystemExit("--hf/--hf-only need a CUDA device (transformers' continuous batching sizes its KV cache "
+                         "from free GPU memory)")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                                  attn_implementation="paged|sdpa").to(device).eval()
     gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=args.temperature > 0,
