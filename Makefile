@@ -7,7 +7,6 @@ TORCH ?= torch==2.13.0
 TRITON_CPU ?= triton==3.6.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PIP := $(PY) -m pip install -q $(FIND_LINKS)
-PROTO_OUT := .
 PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 MODEL ?=
 DEMO_DIR ?= .cache/demo-model
@@ -16,27 +15,23 @@ TOKENIZER_PORT ?= 50052
 
 .PHONY: install proto proto-gen test test-gpu serve demo-model bench lint clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(PROTOS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
 	@# CPU builds of torch come without triton; its interpreter runs the kernel tests on CPU.
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON_CPU)"; fi
-	@# An editable install maps the packages that exist when it runs: generate qwen3serve/, then map it too.
-	$(MAKE) --no-print-directory proto-gen
-	$(PIP) --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed proto
+# `pip install` itself generates the gRPC code (setup.py); `make proto` regenerates it after a .proto edit.
+install: $(VENV)/.installed
 
 # Python code for the protos, generated (never edited) into the package tree that mirrors the proto packages.
 proto: $(VENV)/.installed proto-gen
 
 # The generation step alone, for machines with their own Python (`make proto-gen PY=python3`).
 proto-gen:
-	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
-	$(PY) -c "import pathlib; [(d / '__init__.py').touch() for d in pathlib.Path('qwen3serve').rglob('*') if d.is_dir()]; pathlib.Path('qwen3serve/__init__.py').touch()"
+	$(PY) -c "import setup; setup.generate_grpc_code()"
 
 test: install
 	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
