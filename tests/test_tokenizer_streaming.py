@@ -6,6 +6,7 @@ passed on to the engine, engine errors mapped to the same status codes, health f
 from __future__ import annotations
 
 import asyncio
+import json
 import copy
 import time
 from collections.abc import AsyncIterator
@@ -328,3 +329,23 @@ async def test_unset_max_tokens_is_left_to_the_engine(client: AsyncTokenizerClie
     assert not unset_chat.HasField("max_tokens") and not unset_complete.HasField("max_tokens")
     assert unset_chat.HasField("temperature")  # the fields that were set did arrive
     assert given.HasField("max_tokens") and given.max_tokens == 3
+
+
+async def test_chat_with_tools_returns_parsed_tool_calls(client: AsyncTokenizerClient, tokenizer: ChatTokenizer,
+                                                         engine) -> None:
+    fake, _, _ = engine
+    output = ('I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+              '</tool_call>')
+    fake.script = tokenizer.encode(output) + [tokenizer.hf.convert_tokens_to_ids("<|im_end|>")]
+    fake.finish = engine_pb2.FINISH_REASON_STOP
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    responses = await _collect(client.chat(MESSAGES, tools, enable_thinking=False))
+    calls = [c for r in responses for c in r.tool_calls]
+    assert [(c.name, json.loads(c.arguments_json)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert "".join(r.text for r in responses) == "I will look it up.\n"
+    # Without tools in the request the same output is plain text, tags and all.
+    fake.requests.clear()
+    responses = await _collect(client.chat(MESSAGES, enable_thinking=False))
+    assert "".join(r.text for r in responses) == output and not any(r.tool_calls for r in responses)

@@ -32,7 +32,7 @@ class _State(enum.Enum):
     ANSWER = "answer"
 
 
-def _partial_tag_suffix(text: str, tag: str) -> int:
+def partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -73,7 +73,7 @@ class ReasoningSplitter:
                     self._state, buf = _State.ANSWER_START, buf[end + len(THINK_END):]
                     continue
                 # Hold a partial "</think>" and the newlines before it: they are dropped if the tag completes.
-                keep = len(buf) - _partial_tag_suffix(buf, THINK_END)
+                keep = len(buf) - partial_tag_suffix(buf, THINK_END)
                 keep = len(buf[:keep].rstrip("\n"))
                 reasoning.append(buf[:keep])
                 self._held, buf = buf[keep:], ""

@@ -33,6 +33,7 @@ from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.detokenizer import IncrementalDetokenizer
 from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
 from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
+from tokenizer_service.tool_calls import ParsedToolCall, ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,31 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             template_request.enable_thinking = request.enable_thinking
         prompt, prompt_ids = await asyncio.to_thread(self._tokenizer.apply_chat_template, template_request)
         splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
+        tool_parser = ToolCallParser() if request.tools else None  # calls are parsed only when tools are offered
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
         async with aclosing(self._generate(request_id, prompt_ids, request.sampling_params, request.stop,
                                            context)) as deltas:
             async for delta in deltas:
+                finished = delta.finish_reason != _UNFINISHED
                 reasoning, text = splitter.push(delta.text)
-                if delta.finish_reason != _UNFINISHED:
+                if finished:
                     more_reasoning, more_text = splitter.finish()
+                    reasoning, text = reasoning + more_reasoning, text + more_text
+                calls: list[ParsedToolCall] = []
+                if tool_parser is not None:
+                    text, calls = tool_parser.push(text)
+                    if finished:
+                        held, _ = tool_parser.finish()
+                        text += held
+                tool_calls = [tokenizer_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+                              for c in calls]
+                if finished:
                     yield tokenizer_pb2.ChatResponse(
-                        request_id=request_id, text=text + more_text, reasoning_text=reasoning + more_reasoning,
+                        request_id=request_id, text=text, reasoning_text=reasoning, tool_calls=tool_calls,
                         finish_reason=delta.finish_reason, usage=delta.usage, matched_stop=delta.matched_stop)
-                elif text or reasoning:
-                    yield tokenizer_pb2.ChatResponse(request_id=request_id, text=text, reasoning_text=reasoning)
+                elif text or reasoning or tool_calls:
+                    yield tokenizer_pb2.ChatResponse(request_id=request_id, text=text, reasoning_text=reasoning,
+                                                     tool_calls=tool_calls)
 
     @handle_errors
     async def Complete(self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
