@@ -1,9 +1,12 @@
 """The standard workload through the gRPC EngineService, against the offline engine in the same run.
 
-1. Offline: ``LLM.generate`` on the workload (as bench/throughput.py), then the engine is freed.
-2. Service: ``python -m engine_service`` as a subprocess on a free loopback port; once health says
-   SERVING, client processes open all the Generate streams at once and count streamed tokens.
-Prints output tok/s of both, their ratio, and the service's TTFT / inter-token latency percentiles.
+1. Service: ``python -m engine_service`` as a subprocess on a free loopback port; once health says
+   SERVING, client processes open all the Generate streams at once and count streamed tokens, while
+   this process samples GetLoad (how many requests the engine runs at once). The server then exits,
+   so its GPU memory is free before
+2. Offline: ``LLM.generate`` on the workload (as bench/throughput.py) in this process.
+Prints output tok/s of both, their ratio, both engines' KV block counts (they must match for a fair
+ratio), and the service's TTFT / inter-token latency percentiles and mean concurrency.
 
     python bench/service_throughput.py --model DIR [--num-requests 256] [--clients 4]
 """
@@ -44,10 +47,11 @@ def offline(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
+    kv_blocks = llm.engine.block_manager.num_blocks
     llm.shutdown()
     del llm
     torch.cuda.empty_cache()
-    return {"tokens": tokens, "seconds": seconds}
+    return {"tokens": tokens, "seconds": seconds, "kv_blocks": kv_blocks}
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -111,16 +115,37 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
                  for share in shares]
         for p in procs:
             p.start()
+        running, kv_blocks = _sample_load(port, queue, len(procs))
         results = [queue.get() for _ in procs]
         for p in procs:
             p.join()
         seconds = max(r["end"] for r in results) - start_at
-        return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds,
+        return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
+                "mean_running": sum(running) / len(running) if running else float("nan"),
                 "ttft": sorted(t for r in results for t in r["ttft"]),
                 "itl": sorted(g for r in results for g in r["itl"])}
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
+    """GetLoad every 50 ms until the clients' results start arriving; returns (num_running samples taken
+    while anything ran, the server's KV block count)."""
+    import grpc
+
+    from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+
+    running: list[int] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        kv_blocks = stub.GetModelInfo(engine_pb2.GetModelInfoRequest()).num_kv_blocks
+        while queue.empty():
+            load = stub.GetLoad(engine_pb2.GetLoadRequest())
+            if load.num_running or load.num_waiting:
+                running.append(load.num_running)
+            time.sleep(0.05)
+    return running, kv_blocks
 
 
 def _wait_serving(port: int, server: subprocess.Popen, timeout: float) -> None:
@@ -163,10 +188,9 @@ def main() -> int:
     args = p.parse_args()
     prompts, out_lens = workload(args.num_requests, 0, 100, args.max_input, 100, args.max_output)
     rows = []
+    s = service(args, prompts, out_lens)  # first: the server's process exits and frees its GPU memory
     if not args.skip_offline:
-        r = offline(args, prompts, out_lens)
-        rows.append(("offline LLM.generate", r))
-    s = service(args, prompts, out_lens)
+        rows.append(("offline LLM.generate", offline(args, prompts, out_lens)))
     rows.append((f"gRPC Generate x{args.num_requests} streams", s))
     print(f"\n{'path':<34} {'tokens':>9} {'seconds':>9} {'output tok/s':>13}")
     for name, r in rows:
@@ -174,6 +198,8 @@ def main() -> int:
     if len(rows) == 2:
         ratio = (rows[1][1]["tokens"] / rows[1][1]["seconds"]) / (rows[0][1]["tokens"] / rows[0][1]["seconds"])
         print(f"service / offline: {ratio:.1%}")
+    print("KV blocks: " + ", ".join(f"{name} {r['kv_blocks']}" for name, r in rows)
+          + f"; service mean running requests {s['mean_running']:.0f}")
     print(f"service TTFT p50 {pct(s['ttft'], .5) * 1e3:.0f} ms, p99 {pct(s['ttft'], .99) * 1e3:.0f} ms; "
           f"inter-token p50 {pct(s['itl'], .5) * 1e3:.1f} ms, p99 {pct(s['itl'], .99) * 1e3:.1f} ms")
     return 0
