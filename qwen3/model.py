@@ -31,6 +31,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # one cos/sin table shared by every layer
+        # The fused kernel handles half a head per tile: head_dim / 2 must be a power of two (Qwen3: 128 / 2).
+        half = d // 2
+        self.fused_qk_norm_rope = d % 2 == 0 and half & (half - 1) == 0
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d**-0.5, backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -40,7 +43,7 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)     # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if use_triton_kernels(q) and self.rotary_emb.cos_sin.dtype == torch.float32:
+        if use_triton_kernels(q) and self.fused_qk_norm_rope and self.rotary_emb.cos_sin.dtype == torch.float32:
             from qwen3.kernels.qk_norm_rope import qk_norm_rope  # triton is imported only on this path
 
             q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
