@@ -83,3 +83,50 @@ async def test_killed_engine_process_turns_health_not_serving(served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub, greedy_request([1, 2, 3]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code" in err.value.details()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found.extend(int(c) for c in children)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the worker process")
+async def test_tensor_parallel_engine_process_and_a_dying_worker(tiny_checkpoint: Path) -> None:
+    """TP=2 (gloo) behind the service: greedy output as offline TP=1; a killed TP worker makes the engine
+    report death (health NOT_SERVING, UNAVAILABLE) instead of hanging."""
+    config = EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=128, tensor_parallel_size=2)
+    running = await start_engine_server(config, str(tiny_checkpoint))
+    try:
+        await running.wait_until_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub, health = engine_pb2_grpc.EngineServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+            ps = prompts(3, seed=5)
+            with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
+                expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=6,
+                                                                                     ignore_eos=True))]
+            results = await asyncio.gather(*(collect(stub, greedy_request(p, 6)) for p in ps))
+            assert [tokens for tokens, _ in results] == expected
+            engine_pid = running.servicer.engine._driver._process.pid
+            workers = [pid for pid in _children(engine_pid)
+                       if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+            assert workers, "the engine process has no TP worker child"
+            os.kill(workers[0], signal.SIGKILL)
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            for _ in range(500):  # the engine notices at its next step or idle poll
+                if (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                try:
+                    await collect(stub, greedy_request([1, 2, 3], 2))
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.02)
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, greedy_request([1, 2, 3]))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await running.stop(0)
