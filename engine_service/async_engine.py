@@ -329,7 +329,7 @@ class _ProcessDriver:
             raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
         if message[0] != "ready":
             self._process.join(30)
-            raise RuntimeError(f"the engine failed to load: {message[1]}")
+            raise RuntimeError(message[1])  # the child's error, e.g. "ConfigError: ...: config field ..."
         _, self.info, self.stats = message
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
