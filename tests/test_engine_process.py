@@ -130,3 +130,17 @@ async def test_tensor_parallel_engine_process_and_a_dying_worker(tiny_checkpoint
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await running.stop(0)
+
+
+async def test_load_failure_in_the_engine_process_names_the_cause(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    running = await start_engine_server(EngineConfig(model=str(tmp_path), device="cpu"), str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match=r"ConfigError: .*'architectures'.*Qwen3ForCausalLM"):
+            await running.wait_until_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            status = await health_pb2_grpc.HealthStub(channel).Check(check)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await running.stop(0)
