@@ -4,7 +4,8 @@
 # flash-attn-4); logs and JSON land in $OUT (default ./gpu-results).
 #
 #   bash bench/gpu_suite.sh [STEP...]      STEP: kernels engine decode latency throughput service hf
-#                                          (default: all but hf; hf is transformers' ~4-minute run)
+#                                          (default: all but hf; hf runs the engine and then
+#                                          transformers' continuous batching (~4 minutes) in one process)
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
@@ -50,7 +51,7 @@ for s in "${steps[@]}"; do
       # where a full-batch decode step's time goes (the first backend, 10 steps from step 300)
       TAIL=32 step throughput-profile 300 $PY bench/throughput.py --model "$MODEL" --profile 300:10 ;;
     service) TAIL=8 step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
-    hf) TAIL=4 step hf 420 $PY bench/throughput.py --model "$MODEL" --hf-only --json "$OUT/results.jsonl" ;;
+    hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac
 done
