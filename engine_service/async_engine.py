@@ -150,22 +150,16 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         assert self._driver is not None
-        self._send = self._driver.start(self._post_event, self._on_event, self._loop)
+        if isinstance(self._driver, _ThreadDriver):
+            self._send = self._driver.start(self._post_event)
+        else:
+            self._send = self._driver.start(self._on_event, self._loop)
 
     async def stop(self) -> None:
         if self._driver is not None:
             self._send(_Stop())
             await asyncio.to_thread(self._driver.join)
             self._driver = None
-
-    @property
-    def is_alive(self) -> bool:
-        return self.dead_reason is None and self._driver is not None and self._driver.is_alive()
-
-    @property
-    def pending(self) -> int:
-        """Requests accepted but not finished (running, waiting, or not yet seen by the engine)."""
-        return len(self._streams)
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -283,8 +277,7 @@ class _ThreadDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self, emit: Callable[[Event], None], on_loop: Callable[[Event], None],
-              loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
         """Start the engine thread; events reach the event loop through ``emit`` (thread-safe)."""
 
         def next_command(timeout: float) -> object | None:
@@ -297,9 +290,6 @@ class _ThreadDriver:
         self._thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
         self._thread.start()
         return self._commands.put
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def join(self) -> None:
         if self._thread is not None:
@@ -332,10 +322,9 @@ class _ProcessDriver:
             raise RuntimeError(message[1])  # the child's error, e.g. "ConfigError: ...: config field ..."
         _, self.info, self.stats = message
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._sender: threading.Thread | None = None
 
-    def start(self, emit: Callable[[Event], None], on_loop: Callable[[Event], None],
-              loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+    def start(self, on_loop: Callable[[Event], None], loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
         """Start moving commands and events; events are handed to ``on_loop`` on the event loop."""
 
         def send_loop() -> None:
@@ -361,18 +350,14 @@ class _ProcessDriver:
                 self._process.join(1)
                 on_loop(("dead", f"the engine process exited (exit code {self._process.exitcode})"))
 
-        thread = threading.Thread(target=send_loop, name="engine-send", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._sender = threading.Thread(target=send_loop, name="engine-send", daemon=True)
+        self._sender.start()
         loop.add_reader(self._conn.fileno(), on_readable)
         return self._outbox.put
 
-    def is_alive(self) -> bool:
-        return self._process.is_alive()
-
     def join(self) -> None:
-        for thread in self._threads:
-            thread.join(30)
+        if self._sender is not None:
+            self._sender.join(30)
         self._process.join(30)
         if self._process.is_alive():
             log.warning("engine process did not exit; terminating it")
@@ -394,13 +379,21 @@ def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str,
         return
 
     def next_command(timeout: float) -> object | None:
-        return conn.recv() if conn.poll(timeout) else None
+        try:
+            return conn.recv() if conn.poll(timeout) else None
+        except (EOFError, OSError):  # the server process is gone: nobody is left to serve
+            log.warning("the server side of the engine pipe closed; shutting down")
+            return _Stop()
+
+    def emit(event: Event) -> None:
+        try:
+            conn.send(event)
+        except (BrokenPipeError, OSError):
+            pass  # the server is gone; the next command poll turns that into a stop
 
     try:
         conn.send(("ready", engine.info, engine.stats()))
-        EngineLoop(engine, next_command, conn.send).run()
-    except (EOFError, BrokenPipeError, OSError):
-        log.warning("the server side of the engine pipe closed; shutting down")
+        EngineLoop(engine, next_command, emit).run()
     finally:
         engine.shutdown()
 
