@@ -23,8 +23,7 @@ def run(text: str, cuts: list[int]) -> tuple[str, list]:
         t, c = parser.push(piece)
         out.append(t)
         calls.extend(c)
-    t, c = parser.finish()
-    return "".join(out) + t, calls + c
+    return "".join(out) + parser.finish(), calls
 
 
 @pytest.mark.parametrize("text, answer, names", [

@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
                         "the engine is not SERVING (default: %(default)s)")
     p.add_argument("--engine-probe-timeout", type=float, default=defaults["engine_probe_timeout_s"].default,
                    help="seconds one engine health check may take (default: %(default)s)")
-    p.add_argument("--grace", type=float, default=defaults["grace_s"].default,
+    p.add_argument("--grace-period", "--grace", dest="grace", type=float, default=defaults["grace_s"].default,
                    help="on SIGTERM/SIGINT, seconds running streams get to finish (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="RPCs in flight at once; more are answered RESOURCE_EXHAUSTED (default: no limit)")

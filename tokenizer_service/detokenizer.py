@@ -28,10 +28,6 @@ class IncrementalDetokenizer:
         self._emitted_chars = 0
         self._finished = False
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self._token_ids
-
     def push(self, token_ids: Iterable[int]) -> str:
         """The text completed by these new tokens (possibly ""; never ends in a partial character)."""
         if self._finished:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import enum
 
+from tokenizer_service.stop_strings import partial_tag_suffix
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 
@@ -30,14 +32,6 @@ class _State(enum.Enum):
     REASONING = "reasoning"
     ANSWER_START = "answer_start"    # right after </think>: newlines are dropped
     ANSWER = "answer"
-
-
-def partial_tag_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningSplitter:

@@ -2,8 +2,8 @@
 
 One generation request, in order: render (chat template) and tokenize in a worker thread ->
 ``EngineService.Generate`` with the caller's remaining deadline -> for every engine message:
-incremental detokenization -> stop-string hold-back -> (Chat) reasoning split -> a response
-message when there is new text. A matched stop string, a client cancel or a deadline cancels the
+incremental detokenization -> stop-string hold-back -> (Chat) reasoning split -> (Chat with tools)
+tool-call parsing -> a response message when there is new text. A matched stop string, a client cancel or a deadline cancels the
 engine call, which makes the engine abort the request and free its KV cache.
 
 The service reports NOT_SERVING while the engine's health service does not answer SERVING
@@ -114,8 +114,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if tool_parser is not None:
                     text, calls = tool_parser.push(text)
                     if finished:
-                        held, _ = tool_parser.finish()
-                        text += held
+                        text += tool_parser.finish()
                 tool_calls = [tokenizer_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
                               for c in calls]
                 if finished:

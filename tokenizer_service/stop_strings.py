@@ -12,6 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def partial_tag_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag`` (what a streamed
+    parser must hold back: it may still become ``tag``)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
 @dataclass(frozen=True)
 class StopMatch:
     text: str       # the emittable text before the stop string
@@ -25,7 +34,6 @@ class StopStringMatcher:
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         self._stops = tuple(dict.fromkeys(stops))  # dedup, keep order
-        self._max_hold = max((len(s) for s in self._stops), default=1) - 1
         self._held = ""
         self.matched: str | None = None
 
@@ -48,7 +56,7 @@ class StopStringMatcher:
             self.matched = best[2]
             self._held = ""
             return StopMatch(buf[:best[1]], best[2])
-        hold = self._hold_length(buf)
+        hold = max(partial_tag_suffix(buf, stop) for stop in self._stops)
         self._held = buf[len(buf) - hold:] if hold else ""
         return buf[:len(buf) - hold]
 
@@ -56,10 +64,3 @@ class StopStringMatcher:
         """End of stream: the held-back text was not a stop string after all."""
         held, self._held = self._held, ""
         return held
-
-    def _hold_length(self, buf: str) -> int:
-        for n in range(min(self._max_hold, len(buf)), 0, -1):
-            tail = buf[-n:]
-            if any(stop.startswith(tail) for stop in self._stops):
-                return n
-        return 0

@@ -15,7 +15,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from tokenizer_service.reasoning import partial_tag_suffix
+from tokenizer_service.stop_strings import partial_tag_suffix
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -89,7 +89,7 @@ class ToolCallParser:
             self._held, buf = buf[keep:], ""
         return "".join(out), calls
 
-    def finish(self) -> tuple[str, list[ParsedToolCall]]:
+    def finish(self) -> str:
         """End of stream: an unterminated block or a partial tag is released as text."""
         held, self._held, self._in_block, self._after_call = self._held, "", False, False
-        return held, []
+        return held
