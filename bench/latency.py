@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -66,6 +65,7 @@ def main() -> int:
     args = p.parse_args()
 
     from engine_service import LLM
+    from qwen3.kernels import fused_elementwise_enabled
 
     rng = random.Random(0)
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
@@ -80,7 +80,7 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     backend = llm.engine.runner.backend.name
     graphs = "eager" if args.enforce_eager or llm.engine.runner.graph_runner is None else "CUDA graphs"
-    fused = device != "cpu" and os.environ.get("QWEN3_TORCH_ELEMENTWISE") != "1"  # see qwen3.kernels
+    fused = device != "cpu" and fused_elementwise_enabled()
     elementwise = "fused triton" if fused else "torch"
     print(f"batch 1, prompt {args.prompt_len}, {args.output_len} output tokens, {backend}, {graphs}, "
           f"{elementwise} element-wise ops; device: {device}")

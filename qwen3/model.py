@@ -10,7 +10,7 @@ from qwen3.attention.backend import AttentionBackend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import tp_world_size
 from qwen3.forward_batch import ForwardBatch
-from qwen3.kernels import use_triton_kernels
+from qwen3.kernels import qk_norm_rope_supported, use_triton_kernels
 from qwen3.layers.activation import SiluAndMul
 from qwen3.layers.attention import PagedAttention
 from qwen3.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -31,9 +31,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # one cos/sin table shared by every layer
-        # The fused kernel handles half a head per tile: head_dim / 2 must be a power of two (Qwen3: 128 / 2).
-        half = d // 2
-        self.fused_qk_norm_rope = d % 2 == 0 and half & (half - 1) == 0
+        self.fused_qk_norm_rope = qk_norm_rope_supported(d)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d**-0.5, backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

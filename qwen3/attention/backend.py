@@ -41,7 +41,7 @@ class AttentionBackend(ABC):
         """Store ``k``/``v`` into the cache, then attend causally; see the module docstring."""
 
 
-# name -> (module, class, availability check). "auto" resolves to the first available of AUTO_ORDER.
+# name -> (module, class); a class may define unavailable_reason(device). "auto" takes the first of AUTO_ORDER that can run.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("qwen3.attention.torch_backend", "TorchAttentionBackend"),
     "triton": ("qwen3.attention.triton_backend", "TritonAttentionBackend"),

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3.attention.backend import AttentionBackend
-from qwen3.attention.kernels.common import cuda_unavailable_reason
+from qwen3.attention.kernels.common import ATTENTION_DTYPES, cuda_unavailable_reason
 from qwen3.attention.kernels.store_kv import store_kv
 from qwen3.forward_batch import ForwardBatch
 
@@ -63,7 +63,7 @@ def _find_flash_attn() -> tuple[str, ModuleType] | str:
 class FlashAttentionBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True  # FlashAttention-4; an FA2 instance sets it False (see the module docstring)
-    dtypes = (torch.float16, torch.bfloat16)
+    dtypes = ATTENTION_DTYPES
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qwen3.attention.backend import AttentionBackend
-from qwen3.attention.kernels.common import cuda_unavailable_reason
+from qwen3.attention.kernels.common import ATTENTION_DTYPES, cuda_unavailable_reason
 from qwen3.attention.kernels.decode_attention import paged_decode_attention
 from qwen3.attention.kernels.prefill_attention import paged_prefill_attention
 from qwen3.attention.kernels.store_kv import store_kv
@@ -20,7 +20,7 @@ from qwen3.forward_batch import ForwardBatch
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
-    dtypes = (torch.float16, torch.bfloat16)
+    dtypes = ATTENTION_DTYPES
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:

@@ -7,7 +7,8 @@ weights' own read time. Fused they are four kernels per layer (see docs/BENCHMAR
 
 The layers call :func:`use_triton_kernels` on their input: the kernels run on CUDA tensors when triton
 is importable; everything else (CPU, the tests' fp32 references) runs the PyTorch path, which stays
-the definition. ``QWEN3_TORCH_ELEMENTWISE=1`` forces the PyTorch path everywhere (for A/B runs).
+the definition. ``QWEN3_TORCH_ELEMENTWISE=1`` in the environment when the process starts forces the
+PyTorch path everywhere (for A/B runs; read once).
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ import torch
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def fused_elementwise_enabled() -> bool:
+    """Whether CUDA tensors take the fused kernels: triton importable and not switched off by
+    ``QWEN3_TORCH_ELEMENTWISE=1``."""
     return importlib.util.find_spec("triton") is not None and os.environ.get("QWEN3_TORCH_ELEMENTWISE") != "1"
 
 
 def use_triton_kernels(x: torch.Tensor) -> bool:
     """True when ``x`` lives on a CUDA device and the fused Triton kernels can serve it."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_importable()
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and fused_elementwise_enabled()
+
+
+def qk_norm_rope_supported(head_dim: int) -> bool:
+    """The fused q/k-norm + RoPE kernel tiles half a head: head_dim / 2 must be a power of two (Qwen3: 64)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half > 0 and half & (half - 1) == 0

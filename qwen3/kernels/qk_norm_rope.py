@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen3.kernels import qk_norm_rope_supported
+
 
 @triton.jit
 def _norm_rope_heads(in_ptr, out_ptr, w_ptr, cos_sin_ptr, t, pos, stride_t, stride_h, n_heads, eps,
@@ -69,7 +71,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     t, num_heads, head_dim = q.shape
     if k.dim() != 3 or k.shape[0] != t or k.shape[2] != head_dim:
         raise ValueError(f"k must be [{t}, Hkv, {head_dim}], got {tuple(k.shape)}")
-    if head_dim % 2 or (head_dim // 2) & (head_dim // 2 - 1):
+    if not qk_norm_rope_supported(head_dim):
         raise ValueError(f"head_dim must be twice a power of two, got {head_dim}")
     if q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError("q and k must be contiguous in the head dimension")

@@ -23,5 +23,5 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]
         if self.k_cache.numel() == 0:
-            raise RuntimeError("KV cache not attached: the model runner must call attach_kv_cache() before forward")
+            raise RuntimeError("KV cache not attached: the model runner must call allocate_kv_cache() before forward")
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
