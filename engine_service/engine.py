@@ -254,19 +254,18 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            out = RequestOutput(seq.request_id, [token])
+            reason = self._finish_reason(seq, token)
+            if reason is None:
+                out = RequestOutput(seq.request_id, [token])
+            else:
+                self.requests.pop(seq.request_id, None)
+                self.scheduler.finish(seq, reason)
+                out = self._final_output(seq)  # the last delta carries the finish reason and usage
+                out.new_token_ids.append(token)
             if seq.params.logprobs is not None and logprobs is not None:
                 n = seq.params.logprobs
                 top = tuple(zip(top_ids[row][:n], top_vals[row][:n])) if (n and top_ids is not None) else ()
                 out.new_logprobs = [TokenLogprob(token, logprobs[row], top)]
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.requests.pop(seq.request_id, None)
-                self.scheduler.finish(seq, reason)
-                final = self._final_output(seq)
-                out.finished, out.finish_reason = True, final.finish_reason
-                out.num_prompt_tokens, out.num_output_tokens = final.num_prompt_tokens, final.num_output_tokens
-                out.num_cached_tokens, out.queue_time = final.num_cached_tokens, final.queue_time
             outputs.append(out)
         return outputs
 
