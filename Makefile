@@ -15,7 +15,7 @@ TOKENIZER_PORT ?= 50052
 
 .PHONY: install proto proto-gen test test-gpu serve demo-model bench lint clean
 
-$(VENV)/.installed: pyproject.toml setup.py Makefile $(PROTOS)
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile $(PROTOS)
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON_CPU)"; fi
 	touch $@
 
-# `pip install` itself generates the gRPC code (setup.py); `make proto` regenerates it after a .proto edit.
-install: $(VENV)/.installed
+# `pip install` itself generates the gRPC code (setup.py); a .proto edit regenerates only that code.
+install: $(VENV)/.installed qwen3serve/__init__.py
+
+qwen3serve/__init__.py: $(PROTOS) | $(VENV)/.installed
+	$(MAKE) --no-print-directory proto-gen
 
 # Python code for the protos, generated (never edited) into the package tree that mirrors the proto packages.
 proto: $(VENV)/.installed proto-gen
