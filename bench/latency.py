@@ -100,7 +100,7 @@ def main() -> int:
             while engine.has_unfinished_requests():
                 engine.step()
             _sync()
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
     if args.json:
         with args.json.open("a") as f:

@@ -26,3 +26,11 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen3.testing import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("demo"), "demo", init_std=0.2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_checkpoint: Path):
+    """The demo checkpoint's tokenizer service tokenizer (the real Qwen3 tokenizer and chat template)."""
+    from tokenizer_service.chat_template import ChatTokenizer
+
+    return ChatTokenizer.from_pretrained(demo_checkpoint)

@@ -91,11 +91,6 @@ def assert_streamed(pieces: list[str], expected: str) -> None:
         assert not any("\ufffd" in p for p in pieces), f"a streamed piece has a broken character: {pieces}"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_checkpoint: Path) -> ChatTokenizer:
-    return ChatTokenizer.from_pretrained(demo_checkpoint)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def demo(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIterator[Services]:
     services = await start_services(demo_checkpoint, tokenizer, max_model_len=512, num_kv_blocks=64)

@@ -22,11 +22,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_checkpoint: Path) -> ChatTokenizer:
-    return ChatTokenizer.from_pretrained(demo_checkpoint)
-
-
 def _chunks(ids: list[int], rng: random.Random) -> list[list[int]]:
     out, i = [], 0
     while i < len(ids):

@@ -85,11 +85,6 @@ class FakeEngineService(engine_pb2_grpc.EngineServiceServicer):
             self.closed.set()
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_checkpoint: Path) -> ChatTokenizer:
-    return ChatTokenizer.from_pretrained(demo_checkpoint)
-
-
 @pytest.fixture
 async def engine() -> AsyncIterator[tuple[FakeEngineService, grpc.aio.Server, int]]:
     server, health = build_server([ENGINE])

@@ -71,11 +71,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_checkpoint: Path) -> ChatTokenizer:
-    return ChatTokenizer.from_pretrained(demo_checkpoint)
-
-
 @pytest.fixture
 async def server(tokenizer: ChatTokenizer) -> AsyncIterator[TokenizerServer]:
     # No engine is needed here: the engine address points at a closed port.
