@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed requests (the median is reported)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -72,7 +73,7 @@ def main() -> int:
     prompt = [rng.randrange(min(10_000, vocab)) for _ in range(args.prompt_len)]
     llm = LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
               enforce_eager=args.enforce_eager, max_model_len=args.prompt_len + args.output_len + 16,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, async_scheduling=False if args.no_async_scheduling else None)
     one_request(llm, prompt, 16, "warm-up")
     runs = [one_request(llm, prompt, args.output_len, f"r{i}") for i in range(args.repeats)]
     ms_per_token = statistics.median(d / (n - 1) * 1e3 for _, d, n in runs)
@@ -82,8 +83,9 @@ def main() -> int:
     graphs = "eager" if args.enforce_eager or llm.engine.runner.graph_runner is None else "CUDA graphs"
     fused = device != "cpu" and fused_elementwise_enabled()
     elementwise = "fused triton" if fused else "torch"
+    steps = "async" if llm.engine.config.overlaps_steps else "sync"
     print(f"batch 1, prompt {args.prompt_len}, {args.output_len} output tokens, {backend}, {graphs}, "
-          f"{elementwise} element-wise ops; device: {device}")
+          f"{elementwise} element-wise ops, {steps} steps; device: {device}")
     print(f"prefill + first token: {prefill_ms:.2f} ms   decode: {ms_per_token:.3f} ms/token "
           f"({1e3 / ms_per_token:.0f} tok/s)   runs: {[round(d / (n - 1) * 1e3, 3) for _, d, n in runs]}")
     if args.profile:
@@ -105,7 +107,7 @@ def main() -> int:
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps({"bench": "latency", "backend": backend, "graphs": graphs, "device": device,
-                                "elementwise": elementwise,
+                                "elementwise": elementwise, "steps": steps,
                                 "prompt_len": args.prompt_len, "output_len": args.output_len,
                                 "ms_per_token": ms_per_token, "prefill_ms": prefill_ms,
                                 "date": time.strftime("%Y-%m-%d")}) + "\n")

@@ -37,7 +37,8 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     options = dict(device=args.device, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    kv_block_size=args.kv_block_size, max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+                   tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                   async_scheduling=False if args.no_async_scheduling else None)
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     llm = LLM(args.model, **options)
@@ -51,7 +52,8 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     tokens = sum(len(o.token_ids) for o in outs)
     if args.profile:
         profile_steps(llm, prompts, params, args.profile)
-    result = {"engine": f"qwen3-serve ({llm.engine.runner.backend.name})", "output_tokens": tokens,
+    overlap = "async" if llm.engine.config.overlaps_steps else "sync"
+    result = {"engine": f"qwen3-serve ({llm.engine.runner.backend.name}, {overlap} steps)", "output_tokens": tokens,
               "seconds": seconds, "output_tok_s": tokens / seconds,
               "kv_blocks": llm.engine.block_manager.num_blocks,
               "preemptions": llm.engine.scheduler.num_preemptions_total}
@@ -149,6 +151,7 @@ def main() -> int:
     p.add_argument("--kv-block-size", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
     p.add_argument("--hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--hf-only", action="store_true", help="only run transformers")
     p.add_argument("--profile", metavar="START:COUNT",

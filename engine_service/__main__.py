@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of GPU memory to use, KV cache included")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap each step's host work with the previous step's GPU work "
+                        "(default: on for CUDA with --tensor-parallel-size 1)")
     p.add_argument("--attention-backend", default=d["attention_backend"].default,
                    choices=["auto", "flash-attn", "triton", "torch"])
     p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
@@ -65,7 +68,8 @@ async def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_block_size=args.kv_block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed)
+        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed,
+        async_scheduling=args.async_scheduling)
     metrics_port = start_metrics_server(args.metrics_port, args.host)
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,

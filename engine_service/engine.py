@@ -18,11 +18,11 @@ import torch
 from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
 from engine_service.model_runner import ModelRunner
-from engine_service.sampler import Sampler, SamplingBatch
+from engine_service.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import Scheduler, SchedulerOutput
-from engine_service.sequence import FinishReason, Sequence
-from engine_service.step_input import StepInput
+from engine_service.sequence import PENDING_TOKEN, FinishReason, Sequence
+from engine_service.step_input import PendingTokens, StepInput
 from engine_service.tp_workers import WorkerGroup
 from qwen3.distributed import destroy_tensor_parallel
 
@@ -99,6 +99,36 @@ class EngineStats:
     prefix_cache_hit_rate: float
 
 
+@dataclass
+class _LaunchedStep:
+    """A step queued on the device whose sampled ids have not been read on the host yet."""
+
+    decision: SchedulerOutput
+    rows: list[tuple[Sequence, int]]     # per sampled row: its sequence and the index of its stand-in token
+    token_ids: torch.Tensor | None       # [S] int64 on the device; the next step's pending inputs read it
+    host: tuple[torch.Tensor, ...]       # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
+    ready: torch.cuda.Event | None       # recorded after the copies to ``host`` (None on the CPU)
+    row_of: dict[str, int] = field(init=False)   # request id -> its row
+
+    def __post_init__(self) -> None:
+        self.row_of = {seq.request_id: row for row, (seq, _) in enumerate(self.rows)}
+
+
+def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+    """Start copying the sampler's results to the host without waiting; the event marks their arrival."""
+    tensors = [out.token_ids]
+    if out.logprobs is not None:
+        tensors.append(out.logprobs)
+        if out.top_logprobs_ids is not None:
+            tensors += [out.top_logprobs_ids, out.top_logprobs]
+    if out.token_ids.device.type == "cpu":
+        return tuple(tensors), None
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -142,6 +172,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)
+        self._overlap = config.overlaps_steps
+        self._in_flight: _LaunchedStep | None = None   # the step queued on the device, not yet finished
+        self._num_history_readers = 0                   # unfinished requests with penalties (see step())
         self.num_prompt_tokens_total = 0   # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens_total = 0
         log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
@@ -167,17 +200,21 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, seed,
                        max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens))
         self.requests[request_id] = seq
+        if params.reads_token_history:
+            self._num_history_readers += 1
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort at once (its KV blocks return to the pool now); None if unknown or already finished."""
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is None:
             return None
-        self.scheduler.finish(seq, FinishReason.ABORTED)
+        self._retire(seq, FinishReason.ABORTED)
         return self._final_output(seq)
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight when nothing is unfinished holds only finished or aborted rows: it has
+        # nothing left to report, and the next step() retires it.
         return self.scheduler.num_unfinished > 0
 
     def stats(self) -> EngineStats:
@@ -191,75 +228,126 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and report what changed. Empty when idle."""
+        """Schedule, run the model, sample, and report what changed. Empty when idle.
+
+        With ``async_scheduling`` one step stays in flight: this call queues step N+1 on the device and
+        only then waits for step N's sampled ids, so the host's scheduling and batch building overlap
+        the device's work. Step N+1 was scheduled before step N's tokens were known, so a sequence that
+        step N finishes computes one token too many, which is dropped. Requests whose penalties read
+        earlier token ids on the host make the engine wait for each step (no overlap) while they run.
+        """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
+        overlap = self._overlap and self._num_history_readers == 0
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not overlap:
+            outputs = self._finish(self._pop_in_flight())
         decision = self.scheduler.schedule()
-        if decision.is_empty:
-            return []
-        step = self._step_input(decision)
+        launched = self._launch(decision) if not decision.is_empty else None
+        if self._in_flight is not None:
+            outputs = self._finish(self._pop_in_flight())
+        if launched is not None:
+            if overlap:
+                self._in_flight = launched
+            else:
+                outputs += self._finish(launched)
+        return outputs
+
+    def _pop_in_flight(self) -> _LaunchedStep:
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        return launched
+
+    def _launch(self, decision: SchedulerOutput) -> _LaunchedStep:
+        """Queue the model and the sampler for ``decision`` and start copying the sampled ids to the host;
+        then advance every scheduled sequence as if the step were done (a stand-in for each sampled token)."""
+        step, pending = self._step_input(decision)
+        sampling_rows = [s.seq for s in decision.scheduled if s.samples]
         try:
             if self.workers:
                 self.workers.execute(step)
-            logits = self.runner.execute(step)
-            sampling_rows = [s.seq for s in decision.scheduled if s.samples]
+            logits = self.runner.execute(step, pending)
             sampled = self._sample(logits, sampling_rows) if sampling_rows else None
+            host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
         except Exception as exc:
-            if self.workers and self.workers.death_reason:
-                self.dead_reason = self.workers.death_reason
-            else:
-                self.dead_reason = f"engine step failed: {exc!r}"
-            log.exception("engine step failed")
-            raise EngineDeadError(self.dead_reason) from exc
-        return self._apply(decision, sampling_rows, sampled)
-
-    def _step_input(self, decision: SchedulerOutput) -> StepInput:
-        token_ids, context_lens, tables, sample_rows = [], [], [], []
-        for s in decision.scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            token_ids.append(seq.token_ids(start, start + s.num_new_tokens))
-            context_lens.append(start)
-            tables.append(seq.block_table)
-            sample_rows.append(s.samples)
-        return StepInput(token_ids, context_lens, tables, sample_rows)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
-        batch = SamplingBatch.build(
-            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device,
-        )
-        out = self.sampler(logits, batch)
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_logprobs_ids.tolist() if out.top_logprobs_ids is not None else None
-        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        return token_ids, logprobs, top_ids, top_vals
-
-    def _apply(self, decision: SchedulerOutput, sampling_rows: list[Sequence], sampled) -> list[RequestOutput]:
-        now = time.monotonic()
+            raise self._fail(exc) from exc
         for s in decision.scheduled:
             seq = s.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.num_prompt_tokens_total += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+        rows = []
+        for seq in sampling_rows:
+            seq.output_token_ids.append(PENDING_TOKEN)
+            rows.append((seq, len(seq.output_token_ids) - 1))
+        return _LaunchedStep(decision, rows, sampled.token_ids if sampled is not None else None, host, ready)
+
+    def _fail(self, exc: BaseException) -> EngineDeadError:
+        if self.workers and self.workers.death_reason:
+            self.dead_reason = self.workers.death_reason
+        else:
+            self.dead_reason = f"engine step failed: {exc!r}"
+        log.exception("engine step failed")
+        return EngineDeadError(self.dead_reason)
+
+    def _step_input(self, decision: SchedulerOutput) -> tuple[StepInput, PendingTokens | None]:
+        token_ids, context_lens, tables, sample_rows = [], [], [], []
+        positions, sources = [], []  # flat positions of stand-in tokens, rows of the in-flight step's samples
+        flat = 0
+        for s in decision.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            tokens = seq.token_ids(start, start + s.num_new_tokens)
+            flat += len(tokens)
+            if tokens[-1] == PENDING_TOKEN:  # only ever the last token, sampled by the step in flight
+                assert self._in_flight is not None
+                tokens[-1] = 0
+                positions.append(flat - 1)
+                sources.append(self._in_flight.row_of[seq.request_id])
+            token_ids.append(tokens)
+            context_lens.append(start)
+            tables.append(seq.block_table)
+            sample_rows.append(s.samples)
+        pending = None
+        if positions:
+            assert self._in_flight is not None and self._in_flight.token_ids is not None
+            pending = PendingTokens(positions, sources, self._in_flight.token_ids)
+        return StepInput(token_ids, context_lens, tables, sample_rows), pending
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        batch = SamplingBatch.build(
+            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device,
+        )
+        return self.sampler(logits, batch)
+
+    def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's sampled ids, write them over the stand-ins, and report what changed."""
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            token_ids, logprobs, top_ids, top_vals = (
+                [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host)))
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        live = [(row, seq, index) for row, (seq, index) in enumerate(launched.rows) if not seq.is_finished]
+        for row, seq, index in live:  # (a sequence aborted while the step was in flight is skipped)
+            seq.output_token_ids[index] = token_ids[row]
+        for s in launched.decision.scheduled:
+            if not s.seq.is_finished:
+                self.block_manager.cache_full_blocks(s.seq)  # every token it has computed is known now
+        now = time.monotonic()
         outputs: list[RequestOutput] = []
-        if sampled is None:
-            return outputs
-        token_ids, logprobs, top_ids, top_vals = sampled
-        for row, seq in enumerate(sampling_rows):
+        for row, seq, index in live:
             token = token_ids[row]
-            seq.output_token_ids.append(token)
             self.num_generated_tokens_total += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            reason = self._finish_reason(seq, token)
+            reason = self._finish_reason(seq, token, index + 1)
             if reason is None:
                 out = RequestOutput(seq.request_id, [token])
             else:
-                self.requests.pop(seq.request_id, None)
-                self.scheduler.finish(seq, reason)
+                self._retire(seq, reason)
                 out = self._final_output(seq)  # the last delta carries the finish reason and usage
                 out.new_token_ids.append(token)
             if seq.params.logprobs is not None and logprobs is not None:
@@ -269,13 +357,22 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish or abort ``seq``: drop its stand-in tokens and return its KV blocks now."""
+        while seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
+            seq.output_token_ids.pop()
+        self.requests.pop(seq.request_id, None)
+        if seq.params.reads_token_history:
+            self._num_history_readers -= 1
+        self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:
+        """Why ``seq`` ends with ``token``, its ``n``-th output token (None: it goes on)."""
         p = seq.params
-        n = len(seq.output_token_ids)
         if n >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return FinishReason.STOP
-        if n >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+        if n >= p.max_tokens or seq.num_prompt_tokens + n >= seq.max_total_tokens:
             return FinishReason.LENGTH
         return None
 

@@ -16,7 +16,7 @@ import torch
 
 from engine_service.config import EngineConfig
 from engine_service.cuda_graph import CUDAGraphRunner
-from engine_service.step_input import StepInput
+from engine_service.step_input import PendingTokens, StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import destroy_tensor_parallel, init_tensor_parallel
@@ -162,10 +162,19 @@ class ModelRunner:
 
     # ---- steps ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one step; returns the logits [num sampled rows, vocab] (every rank computes them)."""
+    def execute(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Run one step; returns the logits [num sampled rows, vocab] (every rank computes them).
+
+        ``pending`` (rank 0 only) names input tokens still on the device, from the step before; they are
+        copied into the batch here, after that step's sampler in stream order, so the host never waits.
+        """
         batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.block_size,
                                    self.device, step.sample_rows)
+        if pending is not None:
+            index = torch.tensor([pending.flat_positions, pending.source_rows], dtype=torch.int64)  # [2, P]
+            if self.device.type != "cpu":
+                index = index.pin_memory().to(self.device, non_blocking=True)
+            batch.input_ids[index[0]] = pending.sampled[index[1]]
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
         hidden = self.model(batch)

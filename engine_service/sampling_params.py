@@ -79,6 +79,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stop)  # frozen: lists become tuples (hashable, immutable)
 
     @property
+    def reads_token_history(self) -> bool:
+        """Whether sampling needs the ids of earlier tokens (the penalties do)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 

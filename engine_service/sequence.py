@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from engine_service.sampling_params import SamplingParams
 
 
+#: Stands in an output token that is sampled but not yet read back from the device (async scheduling).
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
     RUNNING = "running"    # holds KV blocks and is scheduled every step

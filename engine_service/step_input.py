@@ -5,6 +5,10 @@ scheduler's decision, sent as-is to tensor-parallel workers (it pickles small), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -17,3 +21,17 @@ class StepInput:
     @property
     def num_seqs(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens the host does not know yet: sampled by the previous step, still on the device.
+
+    With one step in flight (``async_scheduling``), a decode row's input token is the one its sequence
+    sampled in the step before, which has not reached the host when this step is built. The host list
+    holds a stand-in; the model runner copies the real ids over it on the device, in stream order.
+    """
+
+    flat_positions: list[int]   # indices into the step's flat token list (sequence after sequence)
+    source_rows: list[int]      # the matching rows of ``sampled``
+    sampled: torch.Tensor       # [S_prev] int64 on the device: the previous step's sampled ids

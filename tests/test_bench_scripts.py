@@ -30,7 +30,7 @@ SMALL_WORKLOAD = ["--num-requests", "2", "--max-input", "110", "--max-output", "
 def test_throughput_script(demo_checkpoint: Path) -> None:
     out = run_script("bench/throughput.py", "--model", str(demo_checkpoint), "--device", "cpu",
                      "--num-kv-blocks", "32", "--min-output", "100", *SMALL_WORKLOAD)
-    tokens = re.search(r"qwen3-serve \(torch\)\s+(\d+)\s+[\d.]+\s+[\d.]+", out)
+    tokens = re.search(r"qwen3-serve \(torch, sync steps\)\s+(\d+)\s+[\d.]+\s+[\d.]+", out)
     assert tokens and 200 <= int(tokens.group(1)) <= 208, out  # two requests of 100..104 tokens
 
 
