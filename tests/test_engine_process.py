@@ -144,3 +144,22 @@ async def test_load_failure_in_the_engine_process_names_the_cause(tmp_path: Path
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await running.stop(0)
+
+
+def test_pipe_form_of_outputs_round_trips() -> None:
+    """Plain one-token deltas travel as flat lists; finals and logprob-carrying deltas as objects;
+    the server side gets the same outputs back (order within a step does not matter to streams)."""
+    import pickle
+
+    from engine_service.async_engine import _pack, _unpack
+    from engine_service.engine import RequestOutput, TokenLogprob
+    from engine_service.sequence import FinishReason
+
+    outputs = [RequestOutput("a", [5]), RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
+               RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01), RequestOutput("d", [1, 2])]
+    packed = _pack(("outputs", outputs, "stats"))
+    assert packed[0] == "tokens" and packed[1] == ["a"] and packed[2] == [5]
+    kind, got, stats = _unpack(pickle.loads(pickle.dumps(packed)))
+    assert kind == "outputs" and stats == "stats"
+    assert sorted(got, key=lambda o: o.request_id) == outputs
+    assert _pack(("stats", "x")) == ("stats", "x")
