@@ -3,7 +3,7 @@
 # Run from the repository root on a CUDA machine whose python3 has torch (and, for the flash-attn rows,
 # flash-attn-4); logs and JSON land in $OUT (default ./gpu-results).
 #
-#   bash bench/gpu_suite.sh [STEP...]      STEP: kernels engine decode latency throughput service hf
+#   bash bench/gpu_suite.sh [STEP...]      STEP: kernels engine decode latency throughput service hf unfused
 #                                          (default: all but hf; hf runs the engine and then
 #                                          transformers' continuous batching (~4 minutes) in one process)
 set -uo pipefail
@@ -41,15 +41,18 @@ for s in "${steps[@]}"; do
       for b in $backends; do
         TAIL=4 step "latency-$b" 180 $PY bench/latency.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
       done
-      # A/B: the same run with the PyTorch element-wise path instead of the fused Triton kernels
-      QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl"
+      # A/B: the same run waiting for every step (no async scheduling)
+      TAIL=4 step latency-sync 180 $PY bench/latency.py --model "$MODEL" --no-async-scheduling --json "$OUT/results.jsonl"
       TAIL=40 step latency-profile 180 $PY bench/latency.py --model "$MODEL" --repeats 1 --output-len 64 --profile 32 ;;
     throughput)
       for b in $backends; do
         TAIL=4 step "throughput-$b" 300 $PY bench/throughput.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
       done
+      TAIL=4 step throughput-sync 300 $PY bench/throughput.py --model "$MODEL" --no-async-scheduling --json "$OUT/results.jsonl"
       # where a full-batch decode step's time goes (the first backend, 10 steps from step 300)
       TAIL=32 step throughput-profile 300 $PY bench/throughput.py --model "$MODEL" --profile 300:10 ;;
+    unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
+      QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
     service) TAIL=8 step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;

@@ -74,6 +74,13 @@ def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> N
     for _ in range(start):
         engine.step()
     running = len(engine.scheduler.running)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(count):  # the same number of steps without the profiler's overhead, just before
+        engine.step()
+    _sync(dev)
+    plain = (time.perf_counter() - t0) / count
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -86,8 +93,8 @@ def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> N
     wall = (time.perf_counter() - t0) / count
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / count / 1e3 if torch.cuda.is_available() else 0.0
-    print(f"\nprofile: steps {start}..{start + count} with {running} running sequences: wall {wall * 1e3:.2f} ms/step "
-          f"(under the profiler), GPU busy {gpu:.2f} ms/step")
+    print(f"\nprofile: from step {start}, {running} running sequences: wall {plain * 1e3:.2f} ms/step for {count} "
+          f"steps unprofiled, then {wall * 1e3:.2f} ms/step for {count} under the profiler, GPU busy {gpu:.2f} ms/step")
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=20))
     for i in range(len(prompts)):
