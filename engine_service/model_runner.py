@@ -20,7 +20,7 @@ from engine_service.step_input import PendingTokens, StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import destroy_tensor_parallel, init_tensor_parallel
-from qwen3.forward_batch import ForwardBatch
+from qwen3.forward_batch import ForwardBatch, copy_to_device
 from qwen3.loader import load_checkpoint
 from qwen3.model import Qwen3ForCausalLM
 
@@ -171,9 +171,7 @@ class ModelRunner:
         batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.block_size,
                                    self.device, step.sample_rows)
         if pending is not None:
-            index = torch.tensor([pending.flat_positions, pending.source_rows], dtype=torch.int64)  # [2, P]
-            if self.device.type != "cpu":
-                index = index.pin_memory().to(self.device, non_blocking=True)
+            index = copy_to_device(torch.tensor([pending.flat_positions, pending.source_rows]), self.device)  # [2, P]
             batch.input_ids[index[0]] = pending.sampled[index[1]]
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine_service.sampling_params import SamplingParams
+from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -109,9 +110,9 @@ class SamplingBatch:
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
             ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, len(output))))
-        # Two host-to-device copies in all, then views.
-        f = torch.tensor(floats, dtype=torch.float32).to(device)   # [S, 6]
-        i = torch.tensor(ints, dtype=torch.int64).to(device)       # [S, 3]
+        # Two host-to-device copies in all (queued, never waited for), then views.
+        f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)   # [S, 6]
+        i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)       # [S, 3]
         top_k_host = [row[1] for row in ints]
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -299,4 +300,4 @@ def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | Non
         return None
     tokens = np.fromiter((t for row in tokens_per_row for t in row), dtype=np.int64, count=total)
     rows = np.repeat(np.arange(len(tokens_per_row), dtype=np.int64), lengths)
-    return TokenPairs(torch.from_numpy(rows).to(device), torch.from_numpy(tokens).to(device))
+    return TokenPairs(copy_to_device(torch.from_numpy(rows), device), copy_to_device(torch.from_numpy(tokens), device))

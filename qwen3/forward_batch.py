@@ -157,6 +157,18 @@ def _packed_to_device(parts: tuple[np.ndarray | list[int], ...], dtype: torch.dt
         for part, start in zip(parts, offsets):
             packed[start: start + len(part)] = part
         buffer = torch.from_numpy(packed)
-    if torch.device(device).type != "cpu":
-        buffer = buffer.pin_memory().to(device, non_blocking=True)
+    buffer = copy_to_device(buffer, device)
     return [buffer[start: start + len(part)] for part, start in zip(parts, offsets)]
+
+
+def copy_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait for the device.
+
+    A plain ``.to(device)`` from pageable memory synchronises with the stream, i.e. waits for every
+    kernel queued before it: that would stall the host behind the step in flight. A copy from pinned
+    memory is queued like a kernel (PyTorch caches pinned blocks and does not reuse one before its copy
+    is done). On the CPU the tensor is returned as is.
+    """
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
