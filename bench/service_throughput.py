@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -69,6 +70,7 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
             ("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu_start = _own_cpu_seconds()
 
         async def one(prompt: list[int], max_tokens: int) -> tuple[int, float, list[float], float]:
             t0 = time.perf_counter()
@@ -89,11 +91,28 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
 
         results = await asyncio.gather(*(one(p, n) for p, n in jobs))
     return {"tokens": sum(r[0] for r in results), "ttft": [r[1] for r in results],
+            "cpu_s": _own_cpu_seconds() - cpu_start,
             "itl": [g for r in results for g in r[2]], "end": max(r[3] for r in results)}
 
 
 def _client_process(port: int, jobs, temperature: float, start_at: float, queue) -> None:
     queue.put(asyncio.run(_client(port, jobs, temperature, start_at)))
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
@@ -115,13 +134,20 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
                  for share in shares]
         for p in procs:
             p.start()
+        # CPU time of the server process and of the engine process it spawned, over the timed run:
+        # a process whose CPU seconds approach the run's wall time is the bottleneck.
+        watched = {"server": server.pid, **{f"its child {pid}": pid for pid in _children(server.pid)}}
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in watched.items()}
         running, kv_blocks = _sample_load(port, queue, len(procs))
+        cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
         results = [queue.get() for _ in procs]
         for p in procs:
             p.join()
         seconds = max(r["end"] for r in results) - start_at
+        cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
         return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
-                "mean_running": sum(running) / len(running) if running else float("nan"),
+                "cpu_s": cpu, "mean_running": sum(running) / len(running) if running else float("nan"),
                 "ttft": sorted(t for r in results for t in r["ttft"]),
                 "itl": sorted(g for r in results for g in r["itl"])}
     finally:
@@ -140,11 +166,15 @@ def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         kv_blocks = stub.GetModelInfo(engine_pb2.GetModelInfoRequest()).num_kv_blocks
+        idle = 0
         while queue.empty():
             load = stub.GetLoad(engine_pb2.GetLoadRequest())
             if load.num_running or load.num_waiting:
                 running.append(load.num_running)
+            else:
+                idle += 1
             time.sleep(0.05)
+    print(f"GetLoad samples: {len(running)} busy, {idle} idle", flush=True)
     return running, kv_blocks
 
 
@@ -200,6 +230,7 @@ def main() -> int:
         print(f"service / offline: {ratio:.1%}")
     print("KV blocks: " + ", ".join(f"{name} {r['kv_blocks']}" for name, r in rows)
           + f"; service mean running requests {s['mean_running']:.0f}")
+    print("CPU seconds during the service run: " + ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_s"].items()))
     print(f"service TTFT p50 {pct(s['ttft'], .5) * 1e3:.0f} ms, p99 {pct(s['ttft'], .99) * 1e3:.0f} ms; "
           f"inter-token p50 {pct(s['itl'], .5) * 1e3:.1f} ms, p99 {pct(s['itl'], .99) * 1e3:.1f} ms")
     return 0
