@@ -61,7 +61,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 attention_backend=args.attention_backend)
 
 
-async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: float, start_at: float) -> dict:
+async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: float, ready, go) -> dict:
     import grpc.aio
 
     from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -69,7 +69,9 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
             ("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await channel.channel_ready()
+        ready.put(os.getpid())
+        await asyncio.to_thread(go.wait)  # every client connected: all streams open at once
         cpu_start = _own_cpu_seconds()
 
         async def one(prompt: list[int], max_tokens: int) -> tuple[int, float, list[float], float]:
@@ -95,8 +97,8 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
             "itl": [g for r in results for g in r[2]], "end": max(r[3] for r in results)}
 
 
-def _client_process(port: int, jobs, temperature: float, start_at: float, queue) -> None:
-    queue.put(asyncio.run(_client(port, jobs, temperature, start_at)))
+def _client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
+    queue.put(asyncio.run(_client(port, jobs, temperature, ready, go)))
 
 
 def _own_cpu_seconds() -> float:
@@ -129,16 +131,19 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
         queue = ctx.Queue()
         jobs = list(zip(prompts, out_lens))
         shares = [jobs[i::args.clients] for i in range(args.clients)]
-        start_at = time.time() + 3.0  # every client process connected and waiting
-        procs = [ctx.Process(target=_client_process, args=(port, share, args.temperature, start_at, queue))
+        ready, go = ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_client_process, args=(port, share, args.temperature, ready, go, queue))
                  for share in shares]
         for p in procs:
             p.start()
         # CPU time of the server process and of the engine process it spawned, over the timed run:
         # a process whose CPU seconds approach the run's wall time is the bottleneck.
         watched = {"server": server.pid, **{f"its child {pid}": pid for pid in _children(server.pid)}}
-        time.sleep(max(0.0, start_at - time.time()))
+        for _ in procs:
+            ready.get(timeout=300)
         cpu_before = {name: _cpu_seconds(pid) for name, pid in watched.items()}
+        start_at = time.time()
+        go.set()
         running, kv_blocks = _sample_load(port, queue, len(procs))
         cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
         results = [queue.get() for _ in procs]
