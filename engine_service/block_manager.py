@@ -36,7 +36,7 @@ class BlockManager:
         # ref_count == 0 blocks, least recently freed first (evicted first); values unused
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
-        self.prefix_cache_queries = 0      # prompt tokens looked up (for hit-rate metrics)
+        self.prefix_cache_queries = 0      # tokens looked up (for hit-rate metrics; hits <= queries)
         self.prefix_cache_hits = 0
 
     # ---- accounting -------------------------------------------------------------------------
@@ -79,7 +79,8 @@ class BlockManager:
             hits.append(block_id)
             seq.block_hashes.append(h)
             prev = h
-        self.prefix_cache_queries += seq.num_prompt_tokens
+        # All its tokens: a preempted sequence resumes with its outputs, whose blocks may hit too.
+        self.prefix_cache_queries += seq.num_tokens
         for block_id in hits:
             self._take(block_id)
         seq.block_table = hits

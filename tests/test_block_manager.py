@@ -97,3 +97,18 @@ def test_allocation_failure_changes_nothing() -> None:
     seq = make_seq([1, 2, 3, 4, 5, 6], "big")
     assert not bm.allocate(seq, 6)
     assert seq.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_hit_rate_counts_a_resumed_sequences_outputs_on_both_sides() -> None:
+    """A preempted sequence resumes with its generated tokens; hits on those must count as looked up too,
+    or the hit rate exceeds 1."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    seq = make_seq([1, 2, 3, 4, 5])
+    bm.match_prefix(seq)
+    seq.output_token_ids.extend(range(10, 22))      # 5 prompt + 12 generated tokens, all computed
+    compute_all(bm, seq)
+    bm.free(seq)                                    # preempted: its blocks stay cached
+    assert bm.match_prefix(seq) == 16               # resumed: 4 full blocks hit
+    assert bm.prefix_cache_hits == 16
+    assert bm.prefix_cache_queries == 5 + 17        # first admission, then the resumed sequence
+    assert bm.prefix_cache_hits <= bm.prefix_cache_queries
