@@ -26,11 +26,12 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: Qwen3ForCausalLM, max_batch_size: int, max_blocks_per_seq: int,
+    def __init__(self, model: Qwen3ForCausalLM, max_batch_size: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.block_size = block_size
         self.buckets = batch_size_buckets(max_batch_size)
         n = max_batch_size
         self._input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -49,7 +50,8 @@ class CUDAGraphRunner:
             input_ids=self._input_ids[:bs], positions=self._positions[:bs], slot_mapping=self._slot_mapping[:bs],
             query_start_loc=self._query_start_loc[: bs + 1], seq_lens=self._seq_lens[:bs],
             block_tables=self._block_tables[:bs], logits_indices=self._logits_indices[:bs],
-            max_query_len=1, max_seq_len=self.max_blocks_per_seq,  # static upper bound; backends must not rely on it
+            # a static upper bound (tokens), baked into the graph: backends must not size work by it in decode
+            max_query_len=1, max_seq_len=self.max_blocks_per_seq * self.block_size,
         )
 
     @torch.inference_mode()

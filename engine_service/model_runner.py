@@ -96,21 +96,24 @@ class ModelRunner:
             return _CPU_DEFAULT_FULL_SEQUENCES * -(-self.max_model_len // self.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self._warmup()
+        warmup_kv_bytes = self._warmup()
         free, total = torch.cuda.mem_get_info()
         used = total - free
         peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        available = total * self.config.gpu_memory_utilization - used - (peak - current)
+        # The peak includes the warm-up's own (released) KV cache, which the real cache replaces.
+        activations = max(0, peak - current - warmup_kv_bytes)
+        available = total * self.config.gpu_memory_utilization - used - activations
         blocks = int(available // self.kv_block_bytes)
         if blocks < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache (used {used / 2**30:.1f} GiB, peak activations "
-                               f"{(peak - current) / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
+                               f"{activations / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
                                "max_num_batched_tokens")
         return blocks
 
     @torch.inference_mode()
-    def _warmup(self) -> None:
-        """One worst-case prefill step through a throwaway KV cache, to measure peak activations."""
+    def _warmup(self) -> int:
+        """One worst-case prefill step through a throwaway KV cache, to measure peak activations.
+        Returns the bytes of that KV cache (allocated during the measurement, released after it)."""
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
         seq_len = min(self.max_model_len, tokens)
         num_seqs = max(1, tokens // seq_len)
@@ -123,7 +126,9 @@ class ModelRunner:
         )
         self.execute(step)
         torch.cuda.synchronize()
+        kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         self.release_kv_cache()
+        return kv_bytes
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool and attach each layer's view: [num_blocks, block_size, Hkv_local, D]."""
@@ -157,7 +162,8 @@ class ModelRunner:
             log.warning("attention backend %r cannot run inside CUDA graphs; decode runs eagerly", self.backend.name)
             return
         max_blocks = -(-self.max_model_len // self.block_size)
-        self.graph_runner = CUDAGraphRunner(self.model, self.config.max_num_seqs, max_blocks, self.device)
+        self.graph_runner = CUDAGraphRunner(self.model, self.config.max_num_seqs, max_blocks, self.block_size,
+                                            self.device)
         self.graph_runner.capture()
 
     # ---- steps ------------------------------------------------------------------------------
