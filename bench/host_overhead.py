@@ -58,7 +58,7 @@ def main() -> int:
     logits = torch.randn(args.num_seqs, vocab)
     block_size = engine.runner.block_size
 
-    def stub_execute(step, pending=None):  # the batch is still built (host work); the model is not run
+    def stub_execute(step):  # the batch is still built (host work); the model is not run
         build_batch(step.token_ids, step.context_lens, step.block_tables, block_size, "cpu", step.sample_rows)
         return logits[: sum(step.sample_rows)]
 

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap each step's host work with the previous step's GPU work "
-                        "(default: on for CUDA with --tensor-parallel-size 1)")
+                        "(default: on for CUDA)")
     p.add_argument("--attention-backend", default=d["attention_backend"].default,
                    choices=["auto", "flash-attn", "triton", "torch"])
     p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,

@@ -28,7 +28,7 @@ class EngineConfig:
     max_waiting_requests: int = 1024       # backpressure: beyond this, new requests are refused
     seed: int = 0
     # Overlap the host's work for step N+1 (scheduling, input building) with the device's work for step N;
-    # sampled ids reach the host one step later. None = on for CUDA with tensor_parallel_size 1.
+    # sampled ids reach the host one step later (and TP workers by a broadcast). None = on for CUDA.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
@@ -57,9 +57,6 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.attention_backend not in ("auto", "flash-attn", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto, flash-attn, triton or torch; got {self.attention_backend!r}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size 1 (the workers would need each step's "
-                             "sampled ids before the host has them)")
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
 
@@ -73,7 +70,7 @@ class EngineConfig:
     def overlaps_steps(self) -> bool:
         """Whether the engine keeps one step in flight (``async_scheduling``, with its default resolved)."""
         if self.async_scheduling is None:
-            return self.torch_device.type == "cuda" and self.tensor_parallel_size == 1
+            return self.torch_device.type == "cuda"
         return self.async_scheduling
 
     def resolve_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:

@@ -105,7 +105,6 @@ class _LaunchedStep:
 
     decision: SchedulerOutput
     rows: list[tuple[Sequence, int]]     # per sampled row: its sequence and the index of its stand-in token
-    token_ids: torch.Tensor | None       # [S] int64 on the device; the next step's pending inputs read it
     host: tuple[torch.Tensor, ...]       # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
     ready: torch.cuda.Event | None       # recorded after the copies to ``host`` (None on the CPU)
     row_of: dict[str, int] = field(init=False)   # request id -> its row
@@ -243,7 +242,7 @@ class LLMEngine:
         if self._in_flight is not None and not overlap:
             outputs = self._finish(self._pop_in_flight())
         decision = self.scheduler.schedule()
-        launched = self._launch(decision) if not decision.is_empty else None
+        launched = self._launch(decision, overlap) if not decision.is_empty else None
         if self._in_flight is not None:
             outputs = self._finish(self._pop_in_flight())
         if launched is not None:
@@ -258,16 +257,17 @@ class LLMEngine:
         assert launched is not None
         return launched
 
-    def _launch(self, decision: SchedulerOutput) -> _LaunchedStep:
+    def _launch(self, decision: SchedulerOutput, overlap: bool) -> _LaunchedStep:
         """Queue the model and the sampler for ``decision`` and start copying the sampled ids to the host;
         then advance every scheduled sequence as if the step were done (a stand-in for each sampled token)."""
-        step, pending = self._step_input(decision)
+        step = self._step_input(decision, share_sampled=overlap)
         sampling_rows = [s.seq for s in decision.scheduled if s.samples]
         try:
             if self.workers:
                 self.workers.execute(step)
-            logits = self.runner.execute(step, pending)
+            logits = self.runner.execute(step)
             sampled = self._sample(logits, sampling_rows) if sampling_rows else None
+            self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
             host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
         except Exception as exc:
             raise self._fail(exc) from exc
@@ -280,7 +280,7 @@ class LLMEngine:
         for seq in sampling_rows:
             seq.output_token_ids.append(PENDING_TOKEN)
             rows.append((seq, len(seq.output_token_ids) - 1))
-        return _LaunchedStep(decision, rows, sampled.token_ids if sampled is not None else None, host, ready)
+        return _LaunchedStep(decision, rows, host, ready)
 
     def _fail(self, exc: BaseException) -> EngineDeadError:
         if self.workers and self.workers.death_reason:
@@ -290,7 +290,7 @@ class LLMEngine:
         log.exception("engine step failed")
         return EngineDeadError(self.dead_reason)
 
-    def _step_input(self, decision: SchedulerOutput) -> tuple[StepInput, PendingTokens | None]:
+    def _step_input(self, decision: SchedulerOutput, share_sampled: bool) -> StepInput:
         token_ids, context_lens, tables, sample_rows = [], [], [], []
         positions, sources = [], []  # flat positions of stand-in tokens, rows of the in-flight step's samples
         flat = 0
@@ -307,11 +307,10 @@ class LLMEngine:
             context_lens.append(start)
             tables.append(seq.block_table)
             sample_rows.append(s.samples)
-        pending = None
-        if positions:
-            assert self._in_flight is not None and self._in_flight.token_ids is not None
-            pending = PendingTokens(positions, sources, self._in_flight.token_ids)
-        return StepInput(token_ids, context_lens, tables, sample_rows), pending
+        pending = PendingTokens(positions, sources) if positions else None
+        # The next step's pending tokens are read from these ids on every rank: TP workers need a copy.
+        share = share_sampled and self.workers is not None and any(sample_rows)
+        return StepInput(token_ids, context_lens, tables, sample_rows, pending, share)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         batch = SamplingBatch.build(

@@ -16,10 +16,10 @@ import torch
 
 from engine_service.config import EngineConfig
 from engine_service.cuda_graph import CUDAGraphRunner
-from engine_service.step_input import PendingTokens, StepInput
+from engine_service.step_input import StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
-from qwen3.distributed import destroy_tensor_parallel, init_tensor_parallel
+from qwen3.distributed import broadcast_from_rank0, destroy_tensor_parallel, init_tensor_parallel
 from qwen3.forward_batch import ForwardBatch, copy_to_device
 from qwen3.loader import load_checkpoint
 from qwen3.model import Qwen3ForCausalLM
@@ -74,6 +74,7 @@ class ModelRunner:
                      time.monotonic() - started)
         self.num_kv_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
+        self.last_sampled: torch.Tensor | None = None  # [S] int64: the previous step's sampled ids
 
     # ---- KV cache ---------------------------------------------------------------------------
     @property
@@ -168,18 +169,34 @@ class ModelRunner:
 
     # ---- steps ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+    def execute(self, step: StepInput) -> torch.Tensor:
         """Run one step; returns the logits [num sampled rows, vocab] (every rank computes them).
 
-        ``pending`` (rank 0 only) names input tokens still on the device, from the step before; they are
-        copied into the batch here, after that step's sampler in stream order, so the host never waits.
+        ``step.pending`` names input tokens still on the device, sampled by the step before: they are
+        copied from ``last_sampled`` here, behind that step's sampler in stream order, so the host never
+        waits for them.
         """
         batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.block_size,
                                    self.device, step.sample_rows)
-        if pending is not None:
-            index = copy_to_device(torch.tensor([pending.flat_positions, pending.source_rows]), self.device)  # [2, P]
-            batch.input_ids[index[0]] = pending.sampled[index[1]]
+        if step.pending is not None:
+            if self.last_sampled is None:
+                raise RuntimeError("a step names pending tokens but no sampled ids were shared before it")
+            rows = [step.pending.flat_positions, step.pending.source_rows]
+            index = copy_to_device(torch.tensor(rows), self.device)  # [2, P]
+            batch.input_ids[index[0]] = self.last_sampled[index[1]]
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
         hidden = self.model(batch)
         return self.model.compute_logits(hidden, batch)
+
+    def share_sampled(self, step: StepInput, sampled: torch.Tensor | None) -> None:
+        """Keep a step's sampled ids [S] int64 for the next step's pending tokens.
+
+        Rank 0 passes the ids it sampled; with ``step.share_sampled`` they are broadcast and the other
+        ranks (``sampled`` None) receive them. Every rank calls this after ``execute`` of the same step.
+        """
+        if step.share_sampled:
+            if sampled is None:
+                sampled = torch.empty(step.num_sampled, dtype=torch.int64, device=self.device)
+            broadcast_from_rank0(sampled)
+        self.last_sampled = sampled

@@ -103,6 +103,7 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
             command = conn.recv()
             if isinstance(command, Execute):
                 runner.execute(command.step)  # no reply: the collectives keep ranks in step
+                runner.share_sampled(command.step, None)
             elif isinstance(command, ReportCapacity):
                 conn.send(Capacity(rank, runner.kv_block_capacity()))
             elif isinstance(command, AllocateKVCache):

@@ -1,4 +1,4 @@
-"""Tensor-parallel process group: who am I, how many of us, and the two collectives the layers use.
+"""Tensor-parallel process group: who am I, how many of us, and the collectives (the layers use two; the engine one more).
 
 The default ``torch.distributed`` group is the tensor-parallel group (one process per GPU, or per
 CPU rank with gloo in tests). Without an initialised group everything degrades to world size 1, so
@@ -53,6 +53,14 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``x`` on every rank with rank 0's ``x``, in place (no-op with one rank). On CUDA the
+    copy is queued on the device like a kernel; the host does not wait for it."""
+    if tp_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
 
 
 def destroy_tensor_parallel() -> None:
