@@ -25,6 +25,7 @@ from engine_service.sequence import PENDING_TOKEN, FinishReason, Sequence
 from engine_service.step_input import PendingTokens, StepInput
 from engine_service.tp_workers import WorkerGroup
 from qwen3.distributed import destroy_tensor_parallel
+from qwen3.forward_batch import copy_to_device
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,6 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._overlap = config.overlaps_steps
         self._in_flight: _LaunchedStep | None = None   # the step queued on the device, not yet finished
-        self._num_history_readers = 0                   # unfinished requests with penalties (see step())
         self.num_prompt_tokens_total = 0   # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens_total = 0
         log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
@@ -199,8 +199,6 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, seed,
                        max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens))
         self.requests[request_id] = seq
-        if params.reads_token_history:
-            self._num_history_readers += 1
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -232,21 +230,16 @@ class LLMEngine:
         With ``async_scheduling`` one step stays in flight: this call queues step N+1 on the device and
         only then waits for step N's sampled ids, so the host's scheduling and batch building overlap
         the device's work. Step N+1 was scheduled before step N's tokens were known, so a sequence that
-        step N finishes computes one token too many, which is dropped. Requests whose penalties read
-        earlier token ids on the host make the engine wait for each step (no overlap) while they run.
+        step N finishes computes one token too many, which is dropped. Penalties that count step N's
+        tokens read them on the device (``SamplingBatch.build``'s ``pending_token_ids``).
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
-        overlap = self._overlap and self._num_history_readers == 0
-        outputs: list[RequestOutput] = []
-        if self._in_flight is not None and not overlap:
-            outputs = self._finish(self._pop_in_flight())
         decision = self.scheduler.schedule()
-        launched = self._launch(decision, overlap) if not decision.is_empty else None
-        if self._in_flight is not None:
-            outputs = self._finish(self._pop_in_flight())
+        launched = self._launch(decision, self._overlap) if not decision.is_empty else None
+        outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
         if launched is not None:
-            if overlap:
+            if self._overlap:
                 self._in_flight = launched
             else:
                 outputs += self._finish(launched)
@@ -316,8 +309,19 @@ class LLMEngine:
         batch = SamplingBatch.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device,
+            self._pending_token_ids(seqs, logits.device),
         )
         return self.sampler(logits, batch)
+
+    def _pending_token_ids(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor | None:
+        """[S] int64 on ``device``: per sampling row, the id its sequence sampled in the step in flight
+        (garbage for rows that did not sample there), gathered on the device. None where no row's
+        penalties read earlier tokens or no step is in flight."""
+        sampled = self.runner.last_sampled  # [S_prev]: the in-flight step's ids; None if it sampled no row
+        if self._in_flight is None or sampled is None or not any(s.params.reads_token_history for s in seqs):
+            return None
+        sources = [self._in_flight.row_of.get(s.request_id, 0) for s in seqs]
+        return sampled[copy_to_device(torch.tensor(sources, dtype=torch.int64), device)]
 
     def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's sampled ids, write them over the stand-ins, and report what changed."""
@@ -361,8 +365,6 @@ class LLMEngine:
         while seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
             seq.output_token_ids.pop()
         self.requests.pop(seq.request_id, None)
-        if seq.params.reads_token_history:
-            self._num_history_readers -= 1
         self.scheduler.finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:

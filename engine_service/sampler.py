@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine_service.sampling_params import SamplingParams
+from engine_service.sequence import PENDING_TOKEN
 from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -87,11 +88,17 @@ class SamplingBatch:
         seeds: list[int],
         vocab_size: int,
         device: torch.device | str,
+        pending_token_ids: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Gather the per-row parameters of one step.
 
         ``seeds[i]`` is row i's effective seed; its output step is ``len(output_token_ids[i])``, so the
         uniform it samples with depends on nothing but those two numbers.
+
+        With one step in flight (async scheduling) a row's last output token may still be on the
+        device: its host list then ends in ``PENDING_TOKEN`` and ``pending_token_ids`` [S] int64, on
+        ``device``, holds the real id at that row (other rows' entries are ignored). The penalties then
+        read it there, so the host never waits for it.
         """
         num_rows = len(params)
         if num_rows == 0:
@@ -120,10 +127,10 @@ class SamplingBatch:
             greedy=i[:, 0].bool(), temperature=f[:, 0], top_k=i[:, 1], top_p=f[:, 1], min_p=f[:, 2],
             repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
             uniforms=i[:, 2].to(torch.float64).mul_(2.0 ** -53),   # exact: 53-bit integers fit a double
-            seen_tokens=_pairs([(prompt + output) if p.repetition_penalty != 1.0 else []
-                                for p, prompt, output in zip(params, prompt_token_ids, output_token_ids)], device),
-            output_tokens=_pairs([output if (p.presence_penalty or p.frequency_penalty) else []
-                                  for p, output in zip(params, output_token_ids)], device),
+            seen_tokens=_history_pairs([p.repetition_penalty != 1.0 for p in params], prompt_token_ids,
+                                       output_token_ids, pending_token_ids, device),
+            output_tokens=_history_pairs([bool(p.presence_penalty or p.frequency_penalty) for p in params], None,
+                                         output_token_ids, pending_token_ids, device),
             banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids) if len(output) < p.min_tokens else ()
                                   for p, output in zip(params, output_token_ids)], device),
             all_greedy=all(p.is_greedy for p in params),
@@ -290,6 +297,32 @@ def _uniform_bits(seed: int, step: int) -> int:
     """The 53-bit integer n, with u = n / 2^53 in [0, 1), of the draw at output ``step`` of a request
     seeded with ``seed`` (any int)."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11   # the high bits mix best
+
+
+def _history_pairs(wanted: list[bool], prompt_token_ids: list[list[int]] | None, output_token_ids: list[list[int]],
+                   pending_token_ids: torch.Tensor | None, device: torch.device | str) -> TokenPairs | None:
+    """(row, token) pairs of the earlier tokens of the ``wanted`` rows: their prompt (when given) and
+    output tokens. A last output token still on the device (``PENDING_TOKEN``) is read from
+    ``pending_token_ids`` on the device instead."""
+    known, pending_rows = [], []
+    for row, (want, output) in enumerate(zip(wanted, output_token_ids)):
+        if not want:
+            known.append(())
+            continue
+        if output and output[-1] == PENDING_TOKEN:
+            pending_rows.append(row)
+            output = output[:-1]
+        known.append(output if prompt_token_ids is None else prompt_token_ids[row] + output)
+    pairs = _pairs(known, device)
+    if not pending_rows:
+        return pairs
+    if pending_token_ids is None:
+        raise ValueError("output_token_ids: a pending last token needs pending_token_ids")
+    rows = copy_to_device(torch.tensor(pending_rows, dtype=torch.int64), device)   # [R]
+    tokens = pending_token_ids[rows]                                                 # [R], gathered on the device
+    if pairs is None:
+        return TokenPairs(rows, tokens)
+    return TokenPairs(torch.cat([pairs.rows, rows]), torch.cat([pairs.tokens, tokens]))
 
 
 def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | None:

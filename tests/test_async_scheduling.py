@@ -60,14 +60,39 @@ def test_seeded_sampling_warpers_and_logprobs(tiny_checkpoint: Path) -> None:
     assert got[0].logprobs and len(got[0].logprobs[0].top) == 3
 
 
-def test_penalties_wait_for_each_step(tiny_checkpoint: Path) -> None:
-    """Penalties read earlier token ids on the host; mixed with other requests they still match."""
+def test_penalties_read_the_token_in_flight(tiny_checkpoint: Path) -> None:
+    """Penalties count the previous step's token while it is still on the device; mixed with other
+    requests every token matches the synchronous run."""
     params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=3, max_tokens=16,
+                             ignore_eos=True),
+              # strong enough that greedy never repeats the token before, provided the one sampled by
+              # the step in flight is counted
+              SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0, max_tokens=40,
                              ignore_eos=True)]
-    _, _, engine = same(tiny_checkpoint, prompts(3, seed=3), params, num_kv_blocks=64)
-    assert engine._num_history_readers == 0
+    ps = prompts(4, seed=3)
+    got, _, _ = same(tiny_checkpoint, ps, params, num_kv_blocks=64)
+    unpenalized, _ = run(tiny_checkpoint, ps[3:], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                         overlap=True, num_kv_blocks=64)
+
+    def adjacent_repeats(tokens: list[int]) -> int:
+        return sum(a == b for a, b in zip(tokens, tokens[1:]))
+
+    assert adjacent_repeats(unpenalized[0].token_ids) > 0, "the case needs a model that repeats itself"
+    assert adjacent_repeats(got[3].token_ids) == 0
+
+
+def test_penalties_keep_a_step_in_flight(tiny_checkpoint: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
+                                    async_scheduling=True))
+    engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=4,
+                                                      ignore_eos=True))
+    assert engine.step() == []       # queued, not waited for
+    assert [d.new_token_ids for d in engine.step()] != []
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == 32
 
 
 def test_stop_tokens(tiny_checkpoint: Path) -> None:
@@ -124,8 +149,8 @@ def test_abort_with_a_step_in_flight(tiny_checkpoint: Path) -> None:
 
 
 def test_tensor_parallel_workers_get_the_sampled_ids(tiny_checkpoint: Path) -> None:
-    """TP=2 (gloo): the workers fill pending tokens from rank 0's broadcast; penalties switch to waiting steps
-    mid-run and back; every token equals TP=1 without overlap."""
+    """TP=2 (gloo): the workers fill pending tokens from rank 0's broadcast, a penalised request among
+    the others; every token equals TP=1 without overlap."""
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 12, 20)]
     params.append(SamplingParams(temperature=0.0, repetition_penalty=1.2, max_tokens=6, ignore_eos=True))
     ps = prompts(4, seed=11)

@@ -2,7 +2,8 @@
 
 - decode through CUDA graphs gives the same greedy tokens as eager decode;
 - each GPU attention backend gives the same greedy tokens as the torch reference backend on the same bf16
-  checkpoint for the first 32 tokens, or the divergence is a bf16 near-tie (logit gap shown).
+  checkpoint for the first 32 tokens, or the divergence is a bf16 near-tie (logit gap shown);
+- async scheduling gives the same tokens as synchronous steps (or near-ties), penalties included.
 """
 
 from __future__ import annotations
@@ -100,3 +101,27 @@ def test_async_scheduling_matches_synchronous_steps(bf16_checkpoint: Path, backe
     # A finished row stays in the batch one step longer with overlap, so some steps replay another graph
     # bucket (other GEMM shapes): bf16 near-ties may flip; anything else is a bug.
     assert_same_or_near_tie(overlapped, sync, f"{backend} async vs sync steps")
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash-attn"])
+def test_async_penalties_count_the_token_in_flight(bf16_checkpoint: Path, backend: str) -> None:
+    """A huge repetition penalty forbids every prompt token and every earlier output token. With a step in
+    flight the previous output token is still on the device when the next step samples; it must count.
+
+    This runs the device-side path on CUDA (graphs, async steps). Whether it would catch a token left
+    uncounted depends on the checkpoint wanting to repeat itself (printed); the CPU test
+    ``test_penalties_read_the_token_in_flight`` has a case that does."""
+    reason = backend_unavailable_reason(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    banned = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, repetition_penalty=1e4)
+    with LLM(bf16_checkpoint, device="cuda", max_model_len=2048, gpu_memory_utilization=0.5,
+             attention_backend=backend, async_scheduling=True) as llm:
+        free = llm.generate(prompts(), GREEDY)
+        penalised = llm.generate(prompts(), banned)
+    repeats = sum(len(o.token_ids) - len(set(o.token_ids)) for o in free)
+    print(f"{backend}: unpenalised greedy outputs repeat a token {repeats} times")  # the case's teeth
+    for prompt, out in zip(prompts(), penalised):
+        assert len(out.token_ids) == 32
+        assert len(set(out.token_ids)) == 32, f"a token repeats: {out.token_ids}"
+        assert not set(out.token_ids) & set(prompt)
