@@ -79,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))
-    loading = running._load_task
+    loading = asyncio.ensure_future(running.wait_until_ready())
     done, _ = await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
     if loading in done and loading.exception() is not None:
         log.error("engine failed to load: %s", loading.exception())
@@ -87,7 +87,8 @@ async def serve(args: argparse.Namespace) -> int:
         serving.cancel()
         return 1
     await serving
-    await running.stop(0)
+    loading.cancel()  # a signal during loading: stop() below cancels the load itself
+    await running.stop(0)  # after the graceful stop: the engine and background tasks (the server is already stopped)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ from tokenizer_service.server import TokenizerServer, start_tokenizer_server
 
 REPO = Path(__file__).resolve().parent.parent
 IM_END = QWEN3_EOS_IDS[0]  # <|im_end|>: the EOS every script ends with
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (free when this returns; tests use it at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from serving import free_port
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common import errors
@@ -183,10 +183,7 @@ async def test_request_id_binding_is_per_rpc(engine_server) -> None:
 
 
 async def test_from_rpc_error_for_unreachable_upstream() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await engine_pb2_grpc.EngineServiceStub(channel).GetLoad(engine_pb2.GetLoadRequest(), timeout=2)
     mapped = errors.from_rpc_error(info.value, "engine")
@@ -336,9 +333,7 @@ def test_configure_logging_writes_structured_lines() -> None:
 
 async def test_metrics_exporter_reports_rpcs(engine_server) -> None:
     assert start_metrics_server(0) is None  # 0 = off
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     port = start_metrics_server(free)
     assert port == free
     target, _, _ = engine_server

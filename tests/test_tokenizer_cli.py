@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,23 +14,16 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import REPO, free_port
 
 from tokenizer_service.server import SERVICE_NAME
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_cli_serves_and_stops_on_sigterm(demo_checkpoint: Path) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint),
-         "--engine", f"127.0.0.1:{_free_port()}", "--port", "0", "--metrics-port", str(metrics_port),
+         "--engine", f"127.0.0.1:{free_port()}", "--port", "0", "--metrics-port", str(metrics_port),
          "--engine-probe-interval", "0.2", "--log-format", "json", "--grace", "1"],
         cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import grpc.aio
 import pytest
 
 from qwen3serve.tokenizer.v1 import tokenizer_pb2
+from serving import free_port
 from service_common.errors import bad_request_field
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.client import AsyncTokenizerClient, TokenizerClient, chat_message
@@ -65,16 +65,10 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def server(tokenizer: ChatTokenizer) -> AsyncIterator[TokenizerServer]:
     # No engine is needed here: the engine address points at a closed port.
-    running = await start_tokenizer_server(tokenizer, f"127.0.0.1:{_free_port()}", probe_interval_s=60)
+    running = await start_tokenizer_server(tokenizer, f"127.0.0.1:{free_port()}", probe_interval_s=60)
     yield running
     await running.stop(0)
 
