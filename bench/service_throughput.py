@@ -8,7 +8,7 @@
 Prints output tok/s of both, their ratio, both engines' KV block counts (they must match for a fair
 ratio), and the service's TTFT / inter-token latency percentiles and mean concurrency.
 
-    python bench/service_throughput.py --model DIR [--num-requests 256] [--clients 4]
+    python bench/service_throughput.py --model DIR [--num-requests 256] [--clients 8] [--stream-interval 1]
 """
 
 from __future__ import annotations
@@ -97,8 +97,12 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
             "itl": [g for r in results for g in r[2]], "end": max(r[3] for r in results)}
 
 
-def _client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
-    queue.put(asyncio.run(_client(port, jobs, temperature, ready, go)))
+def client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
+    try:
+        queue.put(asyncio.run(_client(port, jobs, temperature, ready, go)))
+    except BaseException as exc:  # reported, so the parent stops waiting for this client's result
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
 
 
 def _own_cpu_seconds() -> float:
@@ -106,7 +110,7 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -122,42 +126,56 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
     cmd = [sys.executable, "-m", "engine_service", "--model", str(args.model), "--port", str(port),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--kv-block-size", str(args.kv_block_size), "--max-model-len", str(args.max_model_len),
-           "--attention-backend", args.attention_backend, "--log-level", "WARNING"]
+           "--attention-backend", args.attention_backend, "--stream-interval", str(args.stream_interval),
+           "--log-level", "WARNING"]
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
     try:
-        _wait_serving(port, server, timeout=600)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        jobs = list(zip(prompts, out_lens))
-        shares = [jobs[i::args.clients] for i in range(args.clients)]
-        ready, go = ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=_client_process, args=(port, share, args.temperature, ready, go, queue))
-                 for share in shares]
-        for p in procs:
-            p.start()
-        # CPU time of the server process and of the engine process it spawned, over the timed run:
-        # a process whose CPU seconds approach the run's wall time is the bottleneck.
-        watched = {"server": server.pid, **{f"its child {pid}": pid for pid in _children(server.pid)}}
-        for _ in procs:
-            ready.get(timeout=300)
-        cpu_before = {name: _cpu_seconds(pid) for name, pid in watched.items()}
-        start_at = time.time()
-        go.set()
-        running, kv_blocks = _sample_load(port, queue, len(procs))
-        cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
-        results = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-        seconds = max(r["end"] for r in results) - start_at
-        cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
-        return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
-                "cpu_s": cpu, "mean_running": sum(running) / len(running) if running else float("nan"),
-                "ttft": sorted(t for r in results for t in r["ttft"]),
-                "itl": sorted(g for r in results for g in r["itl"])}
+        wait_serving(port, server, timeout=600)
+        return run_clients(port, list(zip(prompts, out_lens)), args.clients, args.temperature, server.pid)
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, temperature: float,
+                server_pid: int) -> dict:
+    """Open every Generate stream at once from ``num_clients`` client processes and wait for them all.
+
+    The clock starts when every client has connected. Returns output tokens, seconds, KV blocks, the
+    CPU seconds of the server, its children and each client over the run, the mean number of running
+    requests (GetLoad), and the clients' TTFT and inter-token gaps.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    shares = [jobs[i::num_clients] for i in range(num_clients)]
+    ready, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=client_process, args=(port, share, temperature, ready, go, queue))
+             for share in shares]
+    for p in procs:
+        p.start()
+    # CPU time of the server process and of the engine process it spawned, over the timed run:
+    # a process whose CPU seconds approach the run's wall time is the bottleneck.
+    watched = {"server": server_pid, **{f"its child {pid}": pid for pid in _children(server_pid)}}
+    for _ in procs:
+        ready.get(timeout=300)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    start_at = time.time()
+    go.set()
+    running, kv_blocks = _sample_load(port, queue, len(procs))
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(procs)} clients failed; the first: {failed[0]}")
+    seconds = max(r["end"] for r in results) - start_at
+    cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
+    return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
+            "cpu_s": cpu, "mean_running": sum(running) / len(running) if running else float("nan"),
+            "ttft": sorted(t for r in results for t in r["ttft"]),
+            "itl": sorted(g for r in results for g in r["itl"])}
 
 
 def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
@@ -183,7 +201,7 @@ def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
     return running, kv_blocks
 
 
-def _wait_serving(port: int, server: subprocess.Popen, timeout: float) -> None:
+def wait_serving(port: int, server: subprocess.Popen, timeout: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -220,6 +238,7 @@ def main() -> int:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--max-input", type=int, default=1024, help="workload prompt lengths U[100, this]")
     p.add_argument("--max-output", type=int, default=1024, help="workload output lengths U[100, this]")
+    p.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per streamed message")
     p.add_argument("--skip-offline", action="store_true")
     args = p.parse_args()
     prompts, out_lens = workload(args.num_requests, 0, 100, args.max_input, 100, args.max_output)
@@ -236,7 +255,9 @@ def main() -> int:
         print(f"service / offline: {ratio:.1%}")
     print("KV blocks: " + ", ".join(f"{name} {r['kv_blocks']}" for name, r in rows)
           + f"; service mean running requests {s['mean_running']:.0f}")
-    print("CPU seconds during the service run: " + ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_s"].items()))
+    print("CPU seconds during the service run: " + ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_s"].items())
+          + f"; server CPU per streamed token {s['cpu_s']['server'] / s['tokens'] * 1e6:.1f} us"
+          + f" (stream interval {args.stream_interval})")
     print(f"service TTFT p50 {pct(s['ttft'], .5) * 1e3:.0f} ms, p99 {pct(s['ttft'], .99) * 1e3:.0f} ms; "
           f"inter-token p50 {pct(s['itl'], .5) * 1e3:.1f} ms, p99 {pct(s['itl'], .99) * 1e3:.1f} ms")
     return 0

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["auto", "flash-attn", "triton", "torch"])
     p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
                    help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed message (a request's first token is always sent at once); "
+                        "larger values cost the server less CPU per token at high concurrency")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None, help="gRPC-level cap on RPCs in flight")
     p.add_argument("--grace-period", type=float, default=10.0, help="seconds streams may finish after SIGTERM")
     p.add_argument("--engine-in-thread", action="store_true",
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from engine_service.async_engine import validate_stream_interval
     from engine_service.engine import LLMEngine
     from engine_service.server import start_engine_server
     from service_common.metrics import start_metrics_server
@@ -70,12 +74,14 @@ async def serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed,
         async_scheduling=args.async_scheduling)
+    validate_stream_interval(args.stream_interval)
     metrics_port = start_metrics_server(args.metrics_port, args.host)
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
                                         host=args.host, port=args.port,
                                         config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs),
-                                        log_level=args.log_level, log_format=args.log_format)
+                                        log_level=args.log_level, log_format=args.log_format,
+                                        stream_interval=args.stream_interval)
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))

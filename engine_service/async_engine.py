@@ -57,42 +57,50 @@ class _Stop:
 
 Event = tuple  # ("outputs", [RequestOutput], EngineStats) | ("error", request_id, Exception)
 #                | ("aborted", ticket, bool) | ("stats", EngineStats) | ("dead", reason) | ("stopped", reason)
-#                | ("tokens", [request_id], [token_id], [RequestOutput], EngineStats): "outputs" on the pipe
+#                | ("tokens", [request_id], [count], [token_id], [RequestOutput], EngineStats): "outputs" on the pipe
 
 
 def _pack(event: Event) -> Event:
-    """The pipe form of an event: a step's plain one-token deltas as two flat lists, which pickle in
-    microseconds where 256 ``RequestOutput`` objects took about a millisecond on each side."""
+    """The pipe form of an event: a step's plain deltas (tokens only, not final) as flat lists, which
+    pickle in microseconds where 256 ``RequestOutput`` objects took about a millisecond on each side."""
     if event[0] != "outputs":
         return event
     _, outputs, stats = event
-    ids, tokens, others = [], [], []
+    ids, counts, tokens, others = [], [], [], []
     for out in outputs:
-        if not out.finished and out.new_logprobs is None and len(out.new_token_ids) == 1:
+        if not out.finished and out.new_logprobs is None:
             ids.append(out.request_id)
-            tokens.append(out.new_token_ids[0])
+            counts.append(len(out.new_token_ids))
+            tokens += out.new_token_ids
         else:
             others.append(out)
-    return ("tokens", ids, tokens, others, stats)
+    return ("tokens", ids, counts, tokens, others, stats)
 
 
 def _unpack(event: Event) -> Event:
     if event[0] != "tokens":
         return event
-    _, ids, tokens, others, stats = event
-    return ("outputs", [RequestOutput(rid, [token]) for rid, token in zip(ids, tokens)] + others, stats)
+    _, ids, counts, tokens, others, stats = event
+    outputs, start = [], 0
+    for rid, count in zip(ids, counts):
+        outputs.append(RequestOutput(rid, tokens[start:start + count]))
+        start += count
+    return ("outputs", outputs + others, stats)
 
 
 class EngineLoop:
     """The engine side: apply commands, step while there is work, emit events. Returns on stop or death.
 
     ``next_command(timeout)`` returns a command or None when none arrives within ``timeout`` seconds
-    (0: don't wait); ``emit(event)`` hands an event to the event-loop side.
+    (0: don't wait); ``emit(event)`` hands an event to the event-loop side. ``stream_interval`` N > 1
+    sends a request's tokens N at a time (its first token and its final delta at once), so the
+    server writes N times fewer stream messages.
     """
 
     def __init__(self, engine: LLMEngine, next_command: Callable[[float], object | None],
-                 emit: Callable[[Event], None]) -> None:
+                 emit: Callable[[Event], None], stream_interval: int = 1) -> None:
         self.engine, self.next_command, self.emit = engine, next_command, emit
+        self.batcher = DeltaBatcher(stream_interval)
 
     def run(self) -> None:
         try:
@@ -102,7 +110,7 @@ class EngineLoop:
                 if not self._apply_commands(wait=not self.engine.has_unfinished_requests()):
                     return
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    outputs = self.batcher.ready(self.engine.step())
                     if outputs:
                         self.emit(("outputs", outputs, self.engine.stats()))
         except EngineDeadError as exc:
@@ -132,9 +140,48 @@ class EngineLoop:
             elif isinstance(command, _Abort):
                 out = self.engine.abort_request(command.request_id)
                 if out is not None:
-                    self.emit(("outputs", [out], self.engine.stats()))
+                    self.emit(("outputs", self.batcher.ready([out]), self.engine.stats()))
                 if command.ticket is not None:
                     self.emit(("aborted", command.ticket, out is not None))
+
+
+def validate_stream_interval(stream_interval: int) -> None:
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be an int >= 1, got {stream_interval!r}")
+
+
+class DeltaBatcher:
+    """Holds a request's deltas back until ``stream_interval`` tokens are ready, except its first token
+    (time to first token is not delayed) and its final delta, which carries everything held."""
+
+    def __init__(self, stream_interval: int = 1) -> None:
+        validate_stream_interval(stream_interval)
+        self.stream_interval = stream_interval
+        self._held: dict[str, RequestOutput] = {}   # request id -> tokens not sent yet
+        self._started: set[str] = set()             # requests whose first token was sent
+
+    def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The deltas to send now, in ``outputs``' order; the rest are held for a later call."""
+        if self.stream_interval == 1:
+            return outputs
+        ready = []
+        for out in outputs:
+            rid = out.request_id
+            held = self._held.pop(rid, None)
+            if held is not None:
+                held.absorb(out)
+                out = held
+            if out.finished:
+                self._started.discard(rid)
+                ready.append(out)
+            elif rid not in self._started:
+                self._started.add(rid)
+                ready.append(out)
+            elif len(out.new_token_ids) < self.stream_interval:
+                self._held[rid] = out
+            else:
+                ready.append(out)
+        return ready
 
 
 class AsyncEngine:
@@ -155,18 +202,21 @@ class AsyncEngine:
         self._driver: _ThreadDriver | _ProcessDriver | None = None
 
     @classmethod
-    def in_thread(cls, engine: LLMEngine) -> AsyncEngine:
-        """Drive ``engine`` from a thread of this process."""
+    def in_thread(cls, engine: LLMEngine, stream_interval: int = 1) -> AsyncEngine:
+        """Drive ``engine`` from a thread of this process (``stream_interval``: see ``EngineLoop``)."""
+        validate_stream_interval(stream_interval)
         self = cls(engine.info, engine.stats())
         self.engine = engine
-        self._driver = _ThreadDriver(engine)
+        self._driver = _ThreadDriver(engine, stream_interval)
         return self
 
     @classmethod
-    def in_process(cls, config: EngineConfig, log_level: str = "INFO", log_format: str = "kv") -> AsyncEngine:
+    def in_process(cls, config: EngineConfig, log_level: str = "INFO", log_format: str = "kv",
+                   stream_interval: int = 1) -> AsyncEngine:
         """Load the engine in a child process (blocking until it is ready: call it off the event loop).
         Raises RuntimeError with the child's error if loading fails."""
-        driver = _ProcessDriver(config, log_level, log_format)
+        validate_stream_interval(stream_interval)
+        driver = _ProcessDriver(config, log_level, log_format, stream_interval)
         self = cls(driver.info, driver.stats)
         self._driver = driver
         return self
@@ -285,20 +335,14 @@ def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> 
         if isinstance(nxt, BaseException):
             stream.put_nowait(nxt)  # errors are terminal (nothing follows them): deliver it on the next read
             break
-        item.new_token_ids.extend(nxt.new_token_ids)
-        if nxt.new_logprobs:
-            item.new_logprobs = (item.new_logprobs or []) + nxt.new_logprobs
-        if nxt.finished:
-            item.finished, item.finish_reason = True, nxt.finish_reason
-            item.num_prompt_tokens, item.num_output_tokens = nxt.num_prompt_tokens, nxt.num_output_tokens
-            item.num_cached_tokens, item.queue_time = nxt.num_cached_tokens, nxt.queue_time
+        item.absorb(nxt)
     return item
 
 
 # ---- drivers: where the engine loop runs ----------------------------------------------------------
 class _ThreadDriver:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, stream_interval: int) -> None:
+        self.engine, self.stream_interval = engine, stream_interval
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -311,7 +355,7 @@ class _ThreadDriver:
             except queue.Empty:
                 return None
 
-        loop = EngineLoop(self.engine, next_command, emit)
+        loop = EngineLoop(self.engine, next_command, emit, self.stream_interval)
         self._thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
         self._thread.start()
         return self._commands.put
@@ -329,11 +373,12 @@ class _ProcessDriver:
     on a full pipe, would run at that pace. Commands go through a sender thread, so a full pipe never
     blocks the event loop. The child's death shows as end-of-file on the pipe."""
 
-    def __init__(self, config: EngineConfig, log_level: str, log_format: str) -> None:
+    def __init__(self, config: EngineConfig, log_level: str, log_format: str, stream_interval: int) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe(duplex=True)
         # Not a daemon: the engine spawns its own tensor-parallel workers, which daemons may not.
-        self._process = ctx.Process(target=_engine_process_main, args=(config, child_conn, log_level, log_format),
+        self._process = ctx.Process(target=_engine_process_main,
+                                    args=(config, child_conn, log_level, log_format, stream_interval),
                                     name="qwen3-engine", daemon=False)
         self._process.start()
         child_conn.close()
@@ -391,7 +436,8 @@ class _ProcessDriver:
         self._conn.close()
 
 
-def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str, log_format: str) -> None:
+def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str, log_format: str,
+                         stream_interval: int) -> None:
     """Entry point of the engine process: load, report ready (or the error), run the loop, shut down."""
     from service_common.logging import configure_logging
 
@@ -429,7 +475,7 @@ def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str,
     sender.start()
     try:
         emit(("ready", engine.info, engine.stats()))
-        EngineLoop(engine, next_command, emit).run()
+        EngineLoop(engine, next_command, emit, stream_interval).run()
     finally:
         outbox.put(None)
         sender.join(30)  # deliver the last events (the final deltas, "stopped") before exiting

@@ -59,6 +59,16 @@ class RequestOutput:
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling (on the final output)
 
+    def absorb(self, later: RequestOutput) -> None:
+        """Append ``later``, the same request's next delta, so that this one delta says what both said."""
+        self.new_token_ids.extend(later.new_token_ids)
+        if later.new_logprobs:
+            self.new_logprobs = (self.new_logprobs or []) + later.new_logprobs
+        if later.finished:
+            self.finished, self.finish_reason = True, later.finish_reason
+            self.num_prompt_tokens, self.num_output_tokens = later.num_prompt_tokens, later.num_output_tokens
+            self.num_cached_tokens, self.queue_time = later.num_cached_tokens, later.queue_time
+
 
 @dataclass(frozen=True)
 class EngineInfo:

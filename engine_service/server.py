@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc.aio
 
-from engine_service.async_engine import AsyncEngine
+from engine_service.async_engine import AsyncEngine, validate_stream_interval
 from engine_service.config import EngineConfig
 from engine_service.engine import EngineDeadError, EngineInfo, EngineOverloadedError, LLMEngine, RequestOutput
 from engine_service.metrics import EngineMetrics
@@ -117,13 +117,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         try:
             async for out in engine.generate(list(request.prompt_token_ids), params, request_id):
                 now = time.perf_counter()
-                if out.new_token_ids:
-                    self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                if n := len(out.new_token_ids):
+                    self.metrics.generation_tokens.inc(n)
                     if first:
                         self.metrics.time_to_first_token.observe(now - start)
                         first = False
                     else:
-                        self.metrics.inter_token_latency.observe(now - last)
+                        # n tokens in one message (stream interval, or a backlog folded): the gap is theirs
+                        for _ in range(n):
+                            self.metrics.inter_token_latency.observe((now - last) / n)
                     last = now
                 if out.finished:
                     self.metrics.e2e_request_latency.observe(now - start)
@@ -197,15 +199,17 @@ class EngineServer:
 async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], model_path: str, *,
                               model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
                               config: ServerConfig | None = None, log_level: str = "INFO",
-                              log_format: str = "kv") -> EngineServer:
+                              log_format: str = "kv", stream_interval: int = 1) -> EngineServer:
     """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine meanwhile.
 
     ``engine`` is an ``EngineConfig``, loaded and run in a child process (what the CLI does: the GPU
     loop then never shares this process's interpreter lock with gRPC; ``log_level``/``log_format`` set
     up its logs), or a zero-argument callable returning an ``LLMEngine``, run off the event loop and
     then driven from a thread of this process (tests, embedding). Health turns SERVING once it is
-    loaded, and NOT_SERVING for good if the engine dies.
+    loaded, and NOT_SERVING for good if the engine dies. ``stream_interval`` N > 1 streams each
+    request's tokens N per message (the first token and the final message at once).
     """
+    validate_stream_interval(stream_interval)
     name = model_name or Path(model_path).name
     servicer = EngineServicer(name, str(model_path))
     server, health = build_server([SERVICE_NAME], config)
@@ -221,9 +225,10 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     async def load() -> None:
         try:
             if isinstance(engine, EngineConfig):
-                driven = await asyncio.to_thread(AsyncEngine.in_process, engine, log_level, log_format)
+                driven = await asyncio.to_thread(AsyncEngine.in_process, engine, log_level, log_format,
+                                                 stream_interval)
             else:
-                driven = AsyncEngine.in_thread(await asyncio.to_thread(engine))
+                driven = AsyncEngine.in_thread(await asyncio.to_thread(engine), stream_interval)
         except Exception:
             log.exception("engine failed to load")
             raise

@@ -50,11 +50,19 @@ def test_host_overhead_script(tiny_checkpoint: Path) -> None:
 
 def test_service_throughput_script(demo_checkpoint: Path) -> None:
     out = run_script("bench/service_throughput.py", "--model", str(demo_checkpoint), "--clients", "1",
-                     *SMALL_WORKLOAD)
+                     "--stream-interval", "3", *SMALL_WORKLOAD)
     rows = dict(re.findall(r"^(offline LLM.generate|gRPC Generate x2 streams)\s+(\d+)", out, re.MULTILINE))
     assert rows.get("offline LLM.generate") == rows.get("gRPC Generate x2 streams") and rows, out
     assert re.search(r"service / offline: [\d.]+%", out), out
     assert re.search(r"KV blocks: offline LLM.generate (\d+), gRPC Generate x2 streams \1;", out), out
+    assert re.search(r"server CPU per streamed token [\d.]+ us \(stream interval 3\)", out), out
+
+
+def test_stream_overhead_script() -> None:
+    out = run_script("bench/stream_overhead.py", "--streams", "6", "--tokens", "9", "--rate", "3000",
+                     "--stream-intervals", "1", "4", "--clients", "1")
+    rows = re.findall(r"^\s+([14])\s+(\d+)\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+", out, re.MULTILINE)
+    assert rows == [("1", "54"), ("4", "54")], out  # every token of every stream arrives at both intervals
 
 
 def test_hf_comparison_needs_cuda(demo_checkpoint: Path) -> None:

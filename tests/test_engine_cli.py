@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving import REPO, free_port
 
@@ -96,8 +97,11 @@ def test_cli_exits_with_the_load_error(tiny_checkpoint: Path, tmp_path: Path) ->
     assert failed and "model.safetensors is unreadable" in failed[0]["msg"]
 
 
-def test_cli_rejects_a_bad_option_before_listening(tiny_checkpoint: Path) -> None:
-    proc = start(tiny_checkpoint, "--max-num-seqs", "0")
+@pytest.mark.parametrize("option, value, field", [("--max-num-seqs", "0", "max_num_seqs"),
+                                                   ("--stream-interval", "0", "stream_interval")])
+def test_cli_rejects_a_bad_option_before_listening(tiny_checkpoint: Path, option: str, value: str,
+                                                   field: str) -> None:
+    proc = start(tiny_checkpoint, option, value)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert "error: max_num_seqs" in stderr and "listening" not in stderr
+    assert f"error: {field}" in stderr and "listening" not in stderr

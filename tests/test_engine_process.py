@@ -158,7 +158,7 @@ def test_pipe_form_of_outputs_round_trips() -> None:
     outputs = [RequestOutput("a", [5]), RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
                RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01), RequestOutput("d", [1, 2])]
     packed = _pack(("outputs", outputs, "stats"))
-    assert packed[0] == "tokens" and packed[1] == ["a"] and packed[2] == [5]
+    assert packed[0] == "tokens" and packed[1:4] == (["a", "d"], [1, 2], [5, 1, 2])
     kind, got, stats = _unpack(pickle.loads(pickle.dumps(packed)))
     assert kind == "outputs" and stats == "stats"
     assert sorted(got, key=lambda o: o.request_id) == outputs

@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from engine_service import LLM, SamplingParams
 from engine_service.config import EngineConfig
@@ -233,3 +234,36 @@ async def test_health_goes_serving_then_not_serving_when_the_engine_dies(tiny_ch
             assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await running.stop(0)
+
+
+async def test_stream_interval_groups_tokens_after_the_first(tiny_checkpoint: Path) -> None:
+    ps = prompts(3, seed=12)
+    with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
+        expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=11,
+                                                                             ignore_eos=True))]
+    running = await start_engine_server(
+        lambda: LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=128)),
+        str(tiny_checkpoint), stream_interval=4)
+    itl_count = ("qwen3serve_inter_token_latency_seconds_count", {"model_name": tiny_checkpoint.name})
+    itl_before = REGISTRY.get_sample_value(*itl_count) or 0.0
+    try:
+        await running.wait_until_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+
+            async def messages(prompt: list[int]) -> list[engine_pb2.GenerateResponse]:
+                return [r async for r in stub.Generate(greedy_request(prompt, 11, logprobs=0))]
+
+            streams = await asyncio.gather(*(messages(p) for p in ps))
+    finally:
+        await running.stop(0)
+    for stream, want in zip(streams, expected):
+        assert [t for r in stream for t in r.token_ids] == want
+        assert [len(r.logprobs) for r in stream] == [len(r.token_ids) for r in stream]
+        assert len(stream[0].token_ids) == 1                             # time to first token is not delayed
+        assert all(len(r.token_ids) >= 4 for r in stream[1:-1])           # then 4 at a time (or more, if folded)
+        assert len(stream) <= 4 and stream[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+    # every token after the first is one inter-token observation, however the tokens were grouped
+    assert REGISTRY.get_sample_value(*itl_count) - itl_before == sum(len(want) - 1 for want in expected)
+    with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
+        await start_engine_server(lambda: None, str(tiny_checkpoint), stream_interval=0)  # type: ignore[arg-type]
