@@ -157,19 +157,15 @@ def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, 
     # CPU time of the server process and of the engine process it spawned, over the timed run:
     # a process whose CPU seconds approach the run's wall time is the bottleneck.
     watched = {"server": server_pid, **{f"its child {pid}": pid for pid in _children(server_pid)}}
-    for _ in procs:
-        ready.get(timeout=300)
+    _collect(ready, procs, queue, "connecting")
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     start_at = time.time()
     go.set()
-    running, kv_blocks = _sample_load(port, queue, len(procs))
+    running, kv_blocks = _sample_load(port, queue, procs)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
-    results = [queue.get() for _ in procs]
+    results = _collect(queue, procs, queue, "finishing")
     for p in procs:
         p.join()
-    failed = [r["error"] for r in results if "error" in r]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(procs)} clients failed; the first: {failed[0]}")
     seconds = max(r["end"] for r in results) - start_at
     cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
     return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
@@ -178,7 +174,27 @@ def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, 
             "itl": sorted(g for r in results for g in r["itl"])}
 
 
-def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
+def _collect(source, procs: list, results, stage: str) -> list:
+    """One item per client process from ``source``. Raises as soon as a client reports an error (on
+    ``results``) or dies without one (a signal), instead of waiting for it forever."""
+    import queue as queue_module
+
+    items: list = []
+    while len(items) < len(procs):
+        try:
+            item = source.get(timeout=1.0)
+        except queue_module.Empty:
+            codes = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if not codes:
+                continue
+            item = results.get(timeout=1.0) if not results.empty() else {"error": f"exit code {codes[0]}"}
+        if isinstance(item, dict) and "error" in item:
+            raise RuntimeError(f"a client failed while {stage}: {item['error']}")
+        items.append(item)
+    return items
+
+
+def _sample_load(port: int, queue, procs: list) -> tuple[list[int], int]:
     """GetLoad every 50 ms until the clients' results start arriving; returns (num_running samples taken
     while anything ran, the server's KV block count)."""
     import grpc
@@ -190,7 +206,7 @@ def _sample_load(port: int, queue, num_clients: int) -> tuple[list[int], int]:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         kv_blocks = stub.GetModelInfo(engine_pb2.GetModelInfoRequest()).num_kv_blocks
         idle = 0
-        while queue.empty():
+        while queue.empty() and not any(p.exitcode not in (None, 0) for p in procs):
             load = stub.GetLoad(engine_pb2.GetLoadRequest())
             if load.num_running or load.num_waiting:
                 running.append(load.num_running)

@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
         serving.cancel()
         return 1
     await serving
-    loading.cancel()  # a signal during loading: stop() below cancels the load itself
+    loading.cancel()  # a signal during loading: this cancels the load too
     await running.stop(0)  # after the graceful stop: the engine and background tasks (the server is already stopped)
     return 0
 

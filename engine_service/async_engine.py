@@ -114,10 +114,18 @@ class EngineLoop:
                     if outputs:
                         self.emit(("outputs", outputs, self.engine.stats()))
         except EngineDeadError as exc:
+            self._emit_held()
             self.emit(("dead", str(exc)))
         except Exception as exc:  # a bug: report it, fail every stream, never hang them
             log.exception("engine loop crashed")
+            self._emit_held()
             self.emit(("dead", f"engine loop crashed: {exc!r}"))
+
+    def _emit_held(self) -> None:
+        """Before the streams end with an error: the tokens they were already given, held back."""
+        held = self.batcher.release_all()
+        if held:
+            self.emit(("outputs", held, self.engine.stats()))
 
     def _apply_commands(self, wait: bool) -> bool:
         """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
@@ -130,6 +138,7 @@ class EngineLoop:
                 return True
             wait, applied = False, True
             if isinstance(command, _Stop):
+                self._emit_held()
                 self.emit(("stopped", "the engine is shutting down"))
                 return False
             if isinstance(command, _Add):
@@ -140,7 +149,7 @@ class EngineLoop:
             elif isinstance(command, _Abort):
                 out = self.engine.abort_request(command.request_id)
                 if out is not None:
-                    self.emit(("outputs", self.batcher.ready([out]), self.engine.stats()))
+                    self.emit(("outputs", [self.batcher.final(out)], self.engine.stats()))
                 if command.ticket is not None:
                     self.emit(("aborted", command.ticket, out is not None))
 
@@ -152,7 +161,8 @@ def validate_stream_interval(stream_interval: int) -> None:
 
 class DeltaBatcher:
     """Holds a request's deltas back until ``stream_interval`` tokens are ready, except its first token
-    (time to first token is not delayed) and its final delta, which carries everything held."""
+    (time to first token is not delayed) and its final delta, which carries everything held. A request
+    that gets no token in a step (preempted, waiting to be recomputed) is sent what it holds at once."""
 
     def __init__(self, stream_interval: int = 1) -> None:
         validate_stream_interval(stream_interval)
@@ -161,20 +171,23 @@ class DeltaBatcher:
         self._started: set[str] = set()             # requests whose first token was sent
 
     def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """The deltas to send now, in ``outputs``' order; the rest are held for a later call."""
+        """Of one engine step's deltas, those to send now; the rest are held for a later step."""
         if self.stream_interval == 1:
             return outputs
         ready = []
+        if self._held:  # requests that got nothing this step: what they hold goes now
+            stepped = {out.request_id for out in outputs}
+            ready += [self._held.pop(rid) for rid in [rid for rid in self._held if rid not in stepped]]
         for out in outputs:
             rid = out.request_id
+            if out.finished:
+                ready.append(self.final(out))
+                continue
             held = self._held.pop(rid, None)
             if held is not None:
                 held.absorb(out)
                 out = held
-            if out.finished:
-                self._started.discard(rid)
-                ready.append(out)
-            elif rid not in self._started:
+            if rid not in self._started:
                 self._started.add(rid)
                 ready.append(out)
             elif len(out.new_token_ids) < self.stream_interval:
@@ -182,6 +195,21 @@ class DeltaBatcher:
             else:
                 ready.append(out)
         return ready
+
+    def final(self, out: RequestOutput) -> RequestOutput:
+        """A request's final delta (finished or aborted), carrying whatever it held."""
+        self._started.discard(out.request_id)
+        held = self._held.pop(out.request_id, None)
+        if held is None:
+            return out
+        held.absorb(out)
+        return held
+
+    def release_all(self) -> list[RequestOutput]:
+        """Every held delta, now (the engine is stopping or died: nothing more will follow them)."""
+        held, self._held = list(self._held.values()), {}
+        self._started.clear()
+        return held
 
 
 class AsyncEngine:

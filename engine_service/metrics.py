@@ -16,8 +16,9 @@ _M = ["model_name"]
 
 TIME_TO_FIRST_TOKEN = Histogram("qwen3serve_time_to_first_token_seconds", "Time from request to first token",
                                 _M, buckets=_LATENCY_BUCKETS)
-INTER_TOKEN_LATENCY = Histogram("qwen3serve_inter_token_latency_seconds", "Time between a request's tokens",
-                                _M, buckets=_LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram("qwen3serve_inter_token_latency_seconds",
+                                "Time between a request's tokens after its first message (a message of n tokens: "
+                                "its gap / n, n times)", _M, buckets=_LATENCY_BUCKETS)
 E2E_REQUEST_LATENCY = Histogram("qwen3serve_e2e_request_latency_seconds", "Request latency, first byte to last",
                                 _M, buckets=_LATENCY_BUCKETS)
 REQUEST_QUEUE_TIME = Histogram("qwen3serve_request_queue_time_seconds", "Time waiting before first scheduled",

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from engine_service.async_engine import DeltaBatcher, _merge_ready
+from engine_service.async_engine import DeltaBatcher, EngineLoop, _merge_ready
 from engine_service.engine import EngineDeadError, RequestOutput, TokenLogprob
 from engine_service.sequence import FinishReason
 
@@ -36,24 +36,32 @@ async def test_an_error_after_tokens_is_delivered_next() -> None:
 def test_delta_batcher_sends_the_first_token_then_groups_and_flushes_on_finish() -> None:
     batcher = DeltaBatcher(3)
     lp = [TokenLogprob(t, -1.0, ()) for t in range(20)]
-    sent: list[RequestOutput] = []
-    for step in range(7):  # "a" gets a token (with its logprob) every step; "b" only in steps 0-1, then aborts
-        outputs = [RequestOutput("a", [step], [lp[step]])]
-        if step < 2:
-            outputs.append(RequestOutput("b", [100 + step]))
-        if step == 3:
-            outputs.append(RequestOutput("b", [], finished=True, finish_reason=FinishReason.ABORTED))
+    sent: list[list[RequestOutput]] = []
+    for step in range(7):  # "a" gets a token (with its logprob) every step and finishes in step 6
+        out = RequestOutput("a", [step], [lp[step]])
         if step == 6:
-            outputs[0].finished, outputs[0].finish_reason = True, FinishReason.LENGTH
-        sent += batcher.ready(outputs)
-    a = [o for o in sent if o.request_id == "a"]
-    assert [o.new_token_ids for o in a] == [[0], [1, 2, 3], [4, 5, 6]]
+            out.finished, out.finish_reason = True, FinishReason.LENGTH
+        sent.append(batcher.ready([out]))
+    assert [[o.new_token_ids for o in step] for step in sent] == [[[0]], [], [], [[1, 2, 3]], [], [], [[4, 5, 6]]]
+    a = [o for step in sent for o in step]
     assert [[x.token_id for x in o.new_logprobs or []] for o in a] == [[0], [1, 2, 3], [4, 5, 6]]
     assert a[-1].finished and a[-1].finish_reason is FinishReason.LENGTH
-    b = [o for o in sent if o.request_id == "b"]
-    assert [o.new_token_ids for o in b] == [[100], [101]]  # the held token leaves with the abort
-    assert b[-1].finished and b[-1].finish_reason is FinishReason.ABORTED
+    assert not batcher._held and not batcher._started
     assert batcher.ready([RequestOutput("a", [9])]) == [RequestOutput("a", [9])]  # a new request "a" starts afresh
+
+
+def test_delta_batcher_sends_what_a_request_holds_when_it_gets_no_token_or_ends() -> None:
+    batcher = DeltaBatcher(4)
+    assert len(batcher.ready([RequestOutput("a", [1]), RequestOutput("b", [10])])) == 2   # first tokens
+    assert batcher.ready([RequestOutput("a", [2]), RequestOutput("b", [11])]) == []       # both held
+    # "b" is preempted: no token this step, so its held token goes now rather than after its recompute
+    assert batcher.ready([RequestOutput("a", [3])]) == [RequestOutput("b", [11])]
+    # "a" is aborted: its final delta carries what it held
+    final = batcher.final(RequestOutput("a", [], finished=True, finish_reason=FinishReason.ABORTED))
+    assert final.new_token_ids == [2, 3] and final.finish_reason is FinishReason.ABORTED
+    assert batcher.ready([RequestOutput("b", [12])]) == []
+    assert batcher.release_all() == [RequestOutput("b", [12])]  # the engine stops: nothing is kept back
+    assert not batcher._held and not batcher._started
 
 
 def test_delta_batcher_of_one_passes_outputs_through() -> None:
@@ -62,3 +70,31 @@ def test_delta_batcher_of_one_passes_outputs_through() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="stream_interval"):
             DeltaBatcher(bad)  # type: ignore[arg-type]
+
+
+class _DyingEngine:
+    """Gives request "r" one token per step, then dies in step 4."""
+
+    dead_reason = None
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def has_unfinished_requests(self) -> bool:
+        return True
+
+    def stats(self) -> str:
+        return "stats"
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        if self.steps == 4:
+            raise EngineDeadError("a worker died")
+        return [RequestOutput("r", [self.steps])]
+
+
+def test_engine_loop_sends_held_tokens_before_reporting_death() -> None:
+    events: list[tuple] = []
+    EngineLoop(_DyingEngine(), lambda timeout: None, events.append, stream_interval=8).run()  # type: ignore[arg-type]
+    assert events == [("outputs", [RequestOutput("r", [1])], "stats"), ("outputs", [RequestOutput("r", [2, 3])], "stats"),
+                      ("dead", "a worker died")]

@@ -147,7 +147,7 @@ async def test_load_failure_in_the_engine_process_names_the_cause(tmp_path: Path
 
 
 def test_pipe_form_of_outputs_round_trips() -> None:
-    """Plain one-token deltas travel as flat lists; finals and logprob-carrying deltas as objects;
+    """Plain deltas (tokens only, one or more) travel as flat lists; finals and logprob-carrying deltas as objects;
     the server side gets the same outputs back (order within a step does not matter to streams)."""
     import pickle
 

@@ -1,9 +1,10 @@
-"""Engine on CUDA (run on the lent H100; skipped with the reason on CPU machines).
+"""Engine on CUDA (run on the lent H100 and H200; skipped with the reason on CPU machines).
 
 - decode through CUDA graphs gives the same greedy tokens as eager decode;
 - each GPU attention backend gives the same greedy tokens as the torch reference backend on the same bf16
   checkpoint for the first 32 tokens, or the divergence is a bf16 near-tie (logit gap shown);
-- async scheduling gives the same tokens as synchronous steps (or near-ties), penalties included.
+- async scheduling gives the same greedy tokens as synchronous steps (or near-ties), and penalties with a
+  step in flight run on the device (the exact comparison with penalties is the CPU test's).
 """
 
 from __future__ import annotations
