@@ -239,8 +239,9 @@ class LLMEngine:
 
         With ``async_scheduling`` one step stays in flight: this call queues step N+1 on the device and
         only then waits for step N's sampled ids, so the host's scheduling and batch building overlap
-        the device's work. Step N+1 was scheduled before step N's tokens were known, so a sequence that
-        step N finishes computes one token too many, which is dropped. Penalties that count step N's
+        the device's work. Step N+1 was scheduled before step N's tokens were known: a sequence whose
+        step-N token is its last allowed one is left out of it, but one that step N ends with a stop
+        token computes one token too many, which is dropped. Penalties that count step N's
         tokens read them on the device (``SamplingBatch.build``'s ``pending_token_ids``).
         """
         if self.dead_reason:

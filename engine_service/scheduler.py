@@ -64,6 +64,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.reached_length_limit:  # its last token is in flight (async scheduling): nothing to compute
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()

@@ -65,5 +65,11 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
     @property
+    def reached_length_limit(self) -> bool:
+        """Its last output token (perhaps still being sampled, with async scheduling) is the last it may
+        have: it finishes when that token is read, and computes nothing more."""
+        return len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_total_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

@@ -126,6 +126,32 @@ def test_prefix_cache_hits(tiny_checkpoint: Path) -> None:
         assert plain.generate([base + first.token_ids[:15]], params)[0].token_ids == again.token_ids
 
 
+def test_a_sequence_at_its_length_limit_is_not_scheduled_again(tiny_checkpoint: Path) -> None:
+    """Its last token is still in flight when the next step is scheduled, but it can only finish: the
+    step after it must not compute (and allocate KV for) a token that would be dropped."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
+                                    async_scheduling=True, max_model_len=12))
+    launched: list[list[str]] = []
+    launch = engine._launch
+
+    def counting(decision, overlap):
+        launched.append([s.seq.request_id for s in decision.scheduled])
+        return launch(decision, overlap)
+
+    engine._launch = counting  # type: ignore[method-assign]
+    engine.add_request("five", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    engine.add_request("model-len", [4, 5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                                max_tokens=50))
+    tokens: dict[str, list[int]] = {"five": [], "model-len": []}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            tokens[d.request_id] += d.new_token_ids
+    assert [len(tokens["five"]), len(tokens["model-len"])] == [5, 4]   # 12 - 8 prompt tokens
+    # one prefill step and 4 (3) decode steps each: the step after the last token never runs
+    assert sum("five" in step for step in launched) == 5 and sum("model-len" in step for step in launched) == 4
+    assert engine.block_manager.num_free_blocks == 32
+
+
 def test_abort_with_a_step_in_flight(tiny_checkpoint: Path) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
                                     async_scheduling=True))
