@@ -60,7 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from engine_service.async_engine import validate_stream_interval
     from engine_service.engine import LLMEngine
     from engine_service.server import start_engine_server
     from service_common.metrics import start_metrics_server
@@ -74,7 +73,6 @@ async def serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed,
         async_scheduling=args.async_scheduling)
-    validate_stream_interval(args.stream_interval)
     metrics_port = start_metrics_server(args.metrics_port, args.host)
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
