@@ -32,7 +32,7 @@ def main() -> int:
     args = p.parse_args()
 
     from engine_service import LLM, SamplingParams
-    from engine_service.sampler import SamplingBatch
+    from engine_service.core.sampler import SamplingBatch
     from qwen3.forward_batch import ForwardBatch
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]

@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_throughput import free_port, pct, run_clients, wait_serving  # noqa: E402
 
-from engine_service.engine import EngineInfo, EngineStats, RequestOutput  # noqa: E402
+from engine_service.protocol import EngineInfo, EngineStats, FinishReason, RequestOutput  # noqa: E402
 from engine_service.sampling_params import SamplingParams  # noqa: E402
-from engine_service.sequence import FinishReason  # noqa: E402
 
 
 class SyntheticEngine:

@@ -9,18 +9,18 @@ __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
-    from engine_service.engine import LLMEngine
-    from engine_service.llm import LLM
+    from engine_service.core.engine import LLMEngine
+    from engine_service.core.llm import LLM
     from engine_service.sampling_params import SamplingParams
 
 
 def __getattr__(name: str):  # lazy: `python -m engine_service --help` should not import torch first
     if name == "LLM":
-        from engine_service.llm import LLM
+        from engine_service.core.llm import LLM
 
         return LLM
     if name == "LLMEngine":
-        from engine_service.engine import LLMEngine
+        from engine_service.core.engine import LLMEngine
 
         return LLMEngine
     if name == "EngineConfig":

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from engine_service.config import EngineConfig
+from engine_service.limits import RequestLimits
 
 log = logging.getLogger("engine_service")
 
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed message (a request's first token is always sent at once); "
                         "larger values cost the server less CPU per token at high concurrency")
+    p.add_argument("--max-request-id-bytes", type=int, default=RequestLimits.max_request_id_bytes,
+                   help="longest request_id accepted (INVALID_ARGUMENT beyond it)")
+    p.add_argument("--max-stop-token-ids", type=int, default=RequestLimits.max_stop_token_ids,
+                   help="most stop_token_ids one request may carry (INVALID_ARGUMENT beyond it)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None, help="gRPC-level cap on RPCs in flight")
     p.add_argument("--grace-period", type=float, default=10.0, help="seconds streams may finish after SIGTERM")
     p.add_argument("--engine-in-thread", action="store_true",
@@ -60,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from engine_service.engine import LLMEngine
+    from engine_service.core.engine import LLMEngine
     from engine_service.server import start_engine_server
     from service_common.metrics import start_metrics_server
     from service_common.server import ServerConfig, serve_until_signal
@@ -79,7 +84,8 @@ async def serve(args: argparse.Namespace) -> int:
                                         host=args.host, port=args.port,
                                         config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs),
                                         log_level=args.log_level, log_format=args.log_format,
-                                        stream_interval=args.stream_interval)
+                                        stream_interval=args.stream_interval,
+                                        limits=RequestLimits(args.max_request_id_bytes, args.max_stop_token_ids))
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))

@@ -1,17 +1,17 @@
-"""Drives the synchronous ``LLMEngine`` off the event loop and exposes it to asyncio.
+"""The asyncio side of the engine: requests in, per-request streams of deltas out; torch-free.
 
-Two halves talk through commands (add, abort, stop) and events (outputs, errors, abort results, death):
+``AsyncEngine`` talks to an ``EngineLoop`` (``core/engine_loop.py``) through the typed commands and events
+of ``engine_service.protocol``. The loop runs in a **child process** (``AsyncEngine.in_process``, what the
+CLI serves: the GPU loop's Python work never competes with gRPC for one interpreter lock) or in a
+**thread** of this process (``AsyncEngine.in_thread``: tests, embedding an engine object you already hold).
 
-- ``EngineLoop`` is the engine side: it applies commands between steps and emits each step's outputs.
-- ``AsyncEngine`` is the event-loop side: handlers get their request's deltas from a per-request
-  ``asyncio.Queue``; the event loop never waits on the GPU.
-
-The engine side runs either in a **child process** (``AsyncEngine.in_process``, what the CLI serves):
-the GPU loop's Python work (scheduling, input preparation, sampling bookkeeping) then never competes
-with gRPC for one interpreter lock, which at hundreds of streams halved throughput in a thread; or in
-a **thread** of this process (``AsyncEngine.in_thread``: tests, embedding an engine object you
-already hold). Abort is a command (a running step cannot be interrupted), so a cancelled stream's KV
-blocks return to the pool before the engine's next step.
+**Request identity.** Every request gets an internal id here, unique for the engine's lifetime; commands
+and events carry only that id, and each stream reads the events of its own id. The client's
+``request_id`` is a label: it names a *live* request (for Abort and for logs), a second live request with
+the same label is refused (``RequestIdInUseError``, after waiting ``LABEL_RELEASE_WAIT_S`` for the first to
+end: its client's cancel may still be on the way), and the label is free again the moment its request
+ends (finished, cancelled, past its deadline, aborted). A late event of an ended request finds no stream
+and is dropped, so it can never reach a new request that reuses the label.
 """
 
 from __future__ import annotations
@@ -20,196 +20,35 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
-import pickle
 import queue
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-from engine_service.config import EngineConfig
-from engine_service.engine import EngineDeadError, EngineInfo, EngineStats, LLMEngine, RequestOutput
+from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
+from engine_service.protocol import (AbortAnswered, AbortRequest, AddRequest, Command, EngineDeadError, EngineInfo,
+                                     EngineLoadFailed, EngineReady, EngineStats, EngineStopped, Event,
+                                     RequestFailed, RequestOutput, StatsUpdate, StepOutputs, StopEngine,
+                                     decode_event)
 from engine_service.sampling_params import SamplingParams
-from engine_service.sequence import FinishReason
+
+if TYPE_CHECKING:
+    from engine_service.config import EngineConfig
+    from engine_service.core.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
 
-# ---- commands (to the engine) and events (from it); all picklable ---------------------------------
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
+#: How long a new request waits for a live one with the same label to end before ALREADY_EXISTS.
+LABEL_RELEASE_WAIT_S = 0.5
 
 
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-    ticket: int | None  # answered by an ("aborted", ticket, found) event when not None
+class RequestIdInUseError(ValueError):
+    """A live request already carries this request_id (a finished one's id may be reused)."""
 
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-Event = tuple  # ("outputs", [RequestOutput], EngineStats) | ("error", request_id, Exception)
-#                | ("aborted", ticket, bool) | ("stats", EngineStats) | ("dead", reason) | ("stopped", reason)
-#                | ("tokens", [request_id], [count], [token_id], [RequestOutput], EngineStats): "outputs" on the pipe
-
-
-def _pack(event: Event) -> Event:
-    """The pipe form of an event: a step's plain deltas (tokens only, not final) as flat lists, which
-    pickle in microseconds where 256 ``RequestOutput`` objects took about a millisecond on each side."""
-    if event[0] != "outputs":
-        return event
-    _, outputs, stats = event
-    ids, counts, tokens, others = [], [], [], []
-    for out in outputs:
-        if not out.finished and out.new_logprobs is None:
-            ids.append(out.request_id)
-            counts.append(len(out.new_token_ids))
-            tokens += out.new_token_ids
-        else:
-            others.append(out)
-    return ("tokens", ids, counts, tokens, others, stats)
-
-
-def _unpack(event: Event) -> Event:
-    if event[0] != "tokens":
-        return event
-    _, ids, counts, tokens, others, stats = event
-    outputs, start = [], 0
-    for rid, count in zip(ids, counts):
-        outputs.append(RequestOutput(rid, tokens[start:start + count]))
-        start += count
-    return ("outputs", outputs + others, stats)
-
-
-class EngineLoop:
-    """The engine side: apply commands, step while there is work, emit events. Returns on stop or death.
-
-    ``next_command(timeout)`` returns a command or None when none arrives within ``timeout`` seconds
-    (0: don't wait); ``emit(event)`` hands an event to the event-loop side. ``stream_interval`` N > 1
-    sends a request's tokens N at a time (its first token and its final delta at once), so the
-    server writes N times fewer stream messages.
-    """
-
-    def __init__(self, engine: LLMEngine, next_command: Callable[[float], object | None],
-                 emit: Callable[[Event], None], stream_interval: int = 1) -> None:
-        self.engine, self.next_command, self.emit = engine, next_command, emit
-        self.batcher = DeltaBatcher(stream_interval)
-
-    def run(self) -> None:
-        try:
-            while True:
-                if self.engine.dead_reason:  # e.g. a TP worker died while we were idle
-                    raise EngineDeadError(self.engine.dead_reason)
-                if not self._apply_commands(wait=not self.engine.has_unfinished_requests()):
-                    return
-                if self.engine.has_unfinished_requests():
-                    outputs = self.batcher.ready(self.engine.step())
-                    if outputs:
-                        self.emit(("outputs", outputs, self.engine.stats()))
-        except EngineDeadError as exc:
-            self._emit_held()
-            self.emit(("dead", str(exc)))
-        except Exception as exc:  # a bug: report it, fail every stream, never hang them
-            log.exception("engine loop crashed")
-            self._emit_held()
-            self.emit(("dead", f"engine loop crashed: {exc!r}"))
-
-    def _emit_held(self) -> None:
-        """Before the streams end with an error: the tokens they were already given, held back."""
-        held = self.batcher.release_all()
-        if held:
-            self.emit(("outputs", held, self.engine.stats()))
-
-    def _apply_commands(self, wait: bool) -> bool:
-        """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
-        applied = False
-        while True:
-            command = self.next_command(0.5 if wait else 0.0)
-            if command is None:
-                if applied:
-                    self.emit(("stats", self.engine.stats()))
-                return True
-            wait, applied = False, True
-            if isinstance(command, _Stop):
-                self._emit_held()
-                self.emit(("stopped", "the engine is shutting down"))
-                return False
-            if isinstance(command, _Add):
-                try:
-                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-                except Exception as exc:  # delivered to its own stream; others are untouched
-                    self.emit(("error", command.request_id, exc))
-            elif isinstance(command, _Abort):
-                out = self.engine.abort_request(command.request_id)
-                if out is not None:
-                    self.emit(("outputs", [self.batcher.final(out)], self.engine.stats()))
-                if command.ticket is not None:
-                    self.emit(("aborted", command.ticket, out is not None))
-
-
-def validate_stream_interval(stream_interval: int) -> None:
-    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
-        raise ValueError(f"stream_interval must be an int >= 1, got {stream_interval!r}")
-
-
-class DeltaBatcher:
-    """Holds a request's deltas back until ``stream_interval`` tokens are ready, except its first token
-    (time to first token is not delayed) and its final delta, which carries everything held. A request
-    that gets no token in a step (preempted, waiting to be recomputed) is sent what it holds at once."""
-
-    def __init__(self, stream_interval: int = 1) -> None:
-        validate_stream_interval(stream_interval)
-        self.stream_interval = stream_interval
-        self._held: dict[str, RequestOutput] = {}   # request id -> tokens not sent yet
-        self._started: set[str] = set()             # requests whose first token was sent
-
-    def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Of one engine step's deltas, those to send now; the rest are held for a later step."""
-        if self.stream_interval == 1:
-            return outputs
-        ready = []
-        if self._held:  # requests that got nothing this step: what they hold goes now
-            stepped = {out.request_id for out in outputs}
-            ready += [self._held.pop(rid) for rid in [rid for rid in self._held if rid not in stepped]]
-        for out in outputs:
-            rid = out.request_id
-            if out.finished:
-                ready.append(self.final(out))
-                continue
-            held = self._held.pop(rid, None)
-            if held is not None:
-                held.absorb(out)
-                out = held
-            if rid not in self._started:
-                self._started.add(rid)
-                ready.append(out)
-            elif len(out.new_token_ids) < self.stream_interval:
-                self._held[rid] = out
-            else:
-                ready.append(out)
-        return ready
-
-    def final(self, out: RequestOutput) -> RequestOutput:
-        """A request's final delta (finished or aborted), carrying whatever it held."""
-        self._started.discard(out.request_id)
-        held = self._held.pop(out.request_id, None)
-        if held is None:
-            return out
-        held.absorb(out)
-        return held
-
-    def release_all(self) -> list[RequestOutput]:
-        """Every held delta, now (the engine is stopping or died: nothing more will follow them)."""
-        held, self._held = list(self._held.values()), {}
-        self._started.clear()
-        return held
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request_id {request_id!r} names a request that is still running")
+        self.request_id = request_id
 
 
 class AsyncEngine:
@@ -222,11 +61,14 @@ class AsyncEngine:
         self.engine: LLMEngine | None = None
         self.dead_reason: str | None = None
         self.on_death: Callable[[str], None] | None = None  # called on the event loop
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._abort_waiters: dict[int, asyncio.Future] = {}
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # internal id -> its deltas
+        self._live: dict[str, str] = {}          # client label -> internal id, for live labelled requests
+        self._label_released: dict[str, asyncio.Event] = {}  # labels someone waits to reuse -> set when free
+        self._ids = itertools.count()
+        self._abort_waiters: dict[int, asyncio.Future[bool]] = {}
         self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._send: Callable[[object], None] = _not_started
+        self._send: Callable[[Command], None] = _not_started
         self._driver: _ThreadDriver | _ProcessDriver | None = None
 
     @classmethod
@@ -260,26 +102,33 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         if self._driver is not None:
-            self._send(_Stop())
+            self._send(StopEngine())
             await asyncio.to_thread(self._driver.join)
             self._driver = None
+
+    @property
+    def num_live_requests(self) -> int:
+        return len(self._streams)
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the request's deltas. Raises ValueError (bad request), EngineOverloadedError, EngineDeadError.
+        """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises FieldError
+        (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError.
 
         Closing the iterator early (client cancel, deadline) aborts the request in the engine.
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         self.info.validate(prompt_token_ids, params)
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._send(_Add(request_id, list(prompt_token_ids), params))
+        if request_id and request_id in self._live:
+            await self._wait_for_label(request_id)
+        internal_id = str(next(self._ids))
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[internal_id] = stream
+        if request_id:
+            self._live[request_id] = internal_id
+        self._send(AddRequest(internal_id, list(prompt_token_ids), params))
         finished = False
         try:
             while True:
@@ -292,19 +141,56 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(internal_id, None)
+            self._release_label(request_id, internal_id)
             if not finished and not self.dead_reason:
-                self._send(_Abort(request_id, None))
+                self._send(AbortRequest(internal_id, None))
 
     async def abort(self, request_id: str) -> bool:
-        """Abort a live request; False if no such request is running or waiting."""
-        if request_id not in self._streams or self.dead_reason:
+        """Abort the live request labelled ``request_id``; False if none is running or waiting. Once this
+        returns True the label is free for a new request (the old stream still gets its ABORTED end)."""
+        internal_id = self._live.get(request_id)
+        if internal_id is None or self.dead_reason:
             return False
         ticket = next(self._tickets)
         done = asyncio.get_running_loop().create_future()
         self._abort_waiters[ticket] = done
-        self._send(_Abort(request_id, ticket))
-        return await done
+        self._send(AbortRequest(internal_id, ticket))
+        found = await done
+        self._release_label(request_id, internal_id)
+        return found
+
+    def abort_all(self) -> int:
+        """Abort every live request (server shutdown after its grace period): each stream ends with its
+        ABORTED final delta. Returns how many were asked to stop."""
+        if self.dead_reason:
+            return 0
+        for internal_id in list(self._streams):
+            self._send(AbortRequest(internal_id, None))
+        return len(self._streams)
+
+    async def _wait_for_label(self, request_id: str) -> None:
+        """Wait up to ``LABEL_RELEASE_WAIT_S`` for the live request labelled ``request_id`` to end, else raise
+        RequestIdInUseError. A client that cancels a stream and at once reuses its id sends the cancel first,
+        but the server may run the new call's handler before the old one has seen its cancellation."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LABEL_RELEASE_WAIT_S
+        while request_id in self._live:
+            remaining = deadline - loop.time()
+            released = self._label_released.setdefault(request_id, asyncio.Event())
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(released.wait(), remaining)
+            except asyncio.TimeoutError:
+                raise RequestIdInUseError(request_id) from None
+
+    def _release_label(self, request_id: str | None, internal_id: str) -> None:
+        if request_id and self._live.get(request_id) == internal_id:
+            del self._live[request_id]
+            released = self._label_released.pop(request_id, None)
+            if released is not None:
+                released.set()
 
     # ---- events, on the event loop ----------------------------------------------------------
     def _post_event(self, event: Event) -> None:
@@ -313,25 +199,24 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._on_event, event)
 
     def _on_event(self, event: Event) -> None:
-        kind = event[0]
-        if kind == "outputs":
-            _, outputs, self.stats = event
-            for out in outputs:
+        if isinstance(event, StepOutputs):
+            self.stats = event.stats
+            for out in event.outputs:
                 stream = self._streams.get(out.request_id)
-                if stream is not None:
+                if stream is not None:  # None: the request already ended; its late event is dropped
                     stream.put_nowait(out)
-        elif kind == "stats":
-            self.stats = event[1]
-        elif kind == "error":
-            stream = self._streams.get(event[1])
+        elif isinstance(event, StatsUpdate):
+            self.stats = event.stats
+        elif isinstance(event, RequestFailed):
+            stream = self._streams.get(event.internal_id)
             if stream is not None:
-                stream.put_nowait(event[2])
-        elif kind == "aborted":
-            waiter = self._abort_waiters.pop(event[1], None)
+                stream.put_nowait(event.error)
+        elif isinstance(event, AbortAnswered):
+            waiter = self._abort_waiters.pop(event.ticket, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(event[2])
-        elif kind in ("dead", "stopped"):
-            self._fail_all(event[1], died=kind == "dead")
+                waiter.set_result(event.found)
+        elif isinstance(event, EngineStopped):
+            self._fail_all(event.reason, died=event.died)
 
     def _fail_all(self, reason: str, died: bool) -> None:
         if self.dead_reason is not None:
@@ -347,11 +232,12 @@ class AsyncEngine:
             self.on_death(reason)
 
 
-def _not_started(command: object) -> None:
+def _not_started(command: Command) -> None:
     raise EngineDeadError("the engine has not been started")
 
 
-def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> RequestOutput | BaseException:
+def _merge_ready(item: RequestOutput | BaseException,
+                 stream: asyncio.Queue[RequestOutput | BaseException]) -> RequestOutput | BaseException:
     """Fold deltas that queued up while the consumer was busy into one.
 
     When the event loop falls behind the engine (hundreds of streams, a slow client), this turns N
@@ -371,13 +257,13 @@ def _merge_ready(item: RequestOutput | BaseException, stream: asyncio.Queue) -> 
 class _ThreadDriver:
     def __init__(self, engine: LLMEngine, stream_interval: int) -> None:
         self.engine, self.stream_interval = engine, stream_interval
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self, emit: Callable[[Event], None]) -> Callable[[object], None]:
+    def start(self, emit: Callable[[Event], None]) -> Callable[[Command], None]:
         """Start the engine thread; events reach the event loop through ``emit`` (thread-safe)."""
 
-        def next_command(timeout: float) -> object | None:
+        def next_command(timeout: float) -> Command | None:
             try:
                 return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
             except queue.Empty:
@@ -405,24 +291,25 @@ class _ProcessDriver:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe(duplex=True)
         # Not a daemon: the engine spawns its own tensor-parallel workers, which daemons may not.
-        self._process = ctx.Process(target=_engine_process_main,
+        self._process = ctx.Process(target=run_engine_process,
                                     args=(config, child_conn, log_level, log_format, stream_interval),
                                     name="qwen3-engine", daemon=False)
         self._process.start()
         child_conn.close()
         try:
-            message = self._conn.recv()
+            first = decode_event(self._conn.recv_bytes())
         except EOFError:
             self._process.join(5)
             raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
-        if message[0] != "ready":
+        if isinstance(first, EngineLoadFailed):
             self._process.join(30)
-            raise RuntimeError(message[1])  # the child's error, e.g. "ConfigError: ...: config field ..."
-        _, self.info, self.stats = message
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+            raise RuntimeError(first.reason)  # the child's error, e.g. "ConfigError: ...: config field ..."
+        assert isinstance(first, EngineReady), first
+        self.info, self.stats = first.info, first.stats
+        self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
 
-    def start(self, on_loop: Callable[[Event], None], loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+    def start(self, on_loop: Callable[[Event], None], loop: asyncio.AbstractEventLoop) -> Callable[[Command], None]:
         """Start moving commands and events; events are handed to ``on_loop`` on the event loop."""
 
         def send_loop() -> None:
@@ -432,21 +319,21 @@ class _ProcessDriver:
                     self._conn.send(command)
                 except (OSError, EOFError, BrokenPipeError):
                     return  # the receiver reports the death
-                if isinstance(command, _Stop):
+                if isinstance(command, StopEngine):
                     return
 
         def on_readable() -> None:
             try:
                 while self._conn.poll():  # every whole message waiting; a message is written in one go
-                    event = _unpack(self._conn.recv())
+                    event = decode_event(self._conn.recv_bytes())
                     on_loop(event)
-                    if event[0] in ("stopped", "dead"):
+                    if isinstance(event, EngineStopped):
                         loop.remove_reader(self._conn.fileno())
                         return
             except (EOFError, OSError):
                 loop.remove_reader(self._conn.fileno())
                 self._process.join(1)
-                on_loop(("dead", f"the engine process exited (exit code {self._process.exitcode})"))
+                on_loop(EngineStopped(f"the engine process exited (exit code {self._process.exitcode})", died=True))
 
         self._sender = threading.Thread(target=send_loop, name="engine-send", daemon=True)
         self._sender.start()
@@ -464,50 +351,4 @@ class _ProcessDriver:
         self._conn.close()
 
 
-def _engine_process_main(config: EngineConfig, conn: Connection, log_level: str, log_format: str,
-                         stream_interval: int) -> None:
-    """Entry point of the engine process: load, report ready (or the error), run the loop, shut down."""
-    from service_common.logging import configure_logging
-
-    configure_logging(log_level, log_format)  # type: ignore[arg-type]
-    try:
-        engine = LLMEngine(config)
-    except Exception as exc:
-        log.exception("engine failed to load")
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-
-    def next_command(timeout: float) -> object | None:
-        try:
-            return conn.recv() if conn.poll(timeout) else None
-        except (EOFError, OSError):  # the server process is gone: nobody is left to serve
-            log.warning("the server side of the engine pipe closed; shutting down")
-            return _Stop()
-
-    # Events are pickled here and written by a sender thread: when the server falls behind and the
-    # pipe is full, the engine keeps stepping (the server folds the backlog into fewer messages)
-    # instead of blocking on the write. The thread holds the interpreter lock only between writes.
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
-
-    def send_loop() -> None:
-        while (data := outbox.get()) is not None:
-            try:
-                conn.send_bytes(data)
-            except (BrokenPipeError, OSError):
-                return  # the server is gone; the next command poll turns that into a stop
-
-    def emit(event: Event) -> None:
-        outbox.put(pickle.dumps(_pack(event), protocol=pickle.HIGHEST_PROTOCOL))
-
-    sender = threading.Thread(target=send_loop, name="engine-events", daemon=True)
-    sender.start()
-    try:
-        emit(("ready", engine.info, engine.stats()))
-        EngineLoop(engine, next_command, emit, stream_interval).run()
-    finally:
-        outbox.put(None)
-        sender.join(30)  # deliver the last events (the final deltas, "stopped") before exiting
-        engine.shutdown()
-
-
-__all__ = ["AsyncEngine", "EngineLoop", "FinishReason"]
+__all__ = ["AsyncEngine", "RequestIdInUseError"]

@@ -1,13 +1,19 @@
-"""Engine configuration: one frozen, validated dataclass; derived values are properties."""
+"""Engine configuration: one frozen, validated dataclass; derived values are properties.
+
+Torch-free at import (the service side and ``--help`` read it); the properties that answer in torch
+types import torch when called, which only the engine core does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from qwen3.dtypes import DTYPE_NAMES, torch_dtype
+from qwen3.attention.names import BACKEND_CHOICES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,11 @@ class EngineConfig:
             raise ValueError(f"model: {self.model!r} is not a directory")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise ValueError("device is 'cuda' but no CUDA device is available")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -55,13 +61,16 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.attention_backend not in ("auto", "flash-attn", "triton", "torch"):
-            raise ValueError(f"attention_backend must be auto, flash-attn, triton or torch; got {self.attention_backend!r}")
+        if self.attention_backend not in BACKEND_CHOICES:
+            raise ValueError(f"attention_backend must be one of {', '.join(BACKEND_CHOICES)}; "
+                             f"got {self.attention_backend!r}")
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -74,4 +83,10 @@ class EngineConfig:
         return self.async_scheduling
 
     def resolve_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
-        return checkpoint_dtype if self.dtype == "auto" else _DTYPES[self.dtype]
+        return checkpoint_dtype if self.dtype == "auto" else torch_dtype(self.dtype)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from service_common.validation import FieldError
+
 # Most alternatives a request may ask logprobs for (as OpenAI's API allows).
 MAX_LOGPROBS = 20
 
@@ -15,7 +17,8 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its next tokens and when it stops.
+    """How one request picks its next tokens and when it stops. Invalid values raise ``FieldError`` naming
+    the field (a ``ValueError``).
 
     Logits are processed in the order of transformers' ``generate``: repetition penalty (prompt and
     output tokens), presence/frequency penalties (output tokens), min_tokens (EOS and stop ids banned),
@@ -41,7 +44,7 @@ class SamplingParams:
                      "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise FieldError(name, f"must be a finite number, got {value!r}")
         for name in ("top_k", "max_tokens", "min_tokens"):
             _require_int(name, getattr(self, name))
         if self.seed is not None:
@@ -50,32 +53,32 @@ class SamplingParams:
             _require_int("logprobs", self.logprobs)
 
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise FieldError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise FieldError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive count, got {self.top_k}")
+            raise FieldError("top_k", f"must be -1 or 0 (disabled) or a positive count, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise FieldError("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise FieldError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            raise FieldError("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+            raise FieldError("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise FieldError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise FieldError("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            raise FieldError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
         if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
-            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
+            raise FieldError("stop_token_ids", f"must be a sequence of token ids, got {self.stop_token_ids!r}")
         stop = tuple(self.stop_token_ids)
         bad = next((t for t in stop if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
         if bad is not None:
-            raise ValueError(f"stop_token_ids must hold non-negative ints, got {bad!r}")
+            raise FieldError("stop_token_ids", f"must hold non-negative ints, got {bad!r}")
         object.__setattr__(self, "stop_token_ids", stop)  # frozen: lists become tuples (hashable, immutable)
 
     @property
@@ -90,4 +93,4 @@ class SamplingParams:
 
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise FieldError(name, f"must be an int, got {value!r}")

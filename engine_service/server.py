@@ -14,19 +14,26 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc.aio
 
-from engine_service.async_engine import AsyncEngine, validate_stream_interval
+from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
-from engine_service.engine import EngineDeadError, EngineInfo, EngineOverloadedError, LLMEngine, RequestOutput
+from engine_service.limits import RequestLimits, check_request_id
+from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.metrics import EngineMetrics
+from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, FinishReason, RequestOutput,
+                                     check_lengths)
 from engine_service.sampling_params import SamplingParams
-from engine_service.sequence import FinishReason
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
-from service_common.errors import InvalidArgument, NotFound, Overloaded, Unavailable, handle_errors
+from service_common.errors import AlreadyExists, Overloaded, Unavailable, handle_errors
 from service_common.logging import bind_request_id
 from service_common.server import ServerConfig, bind, build_server, set_serving
+from service_common.validation import FieldError, check_count
+
+if TYPE_CHECKING:
+    from engine_service.core.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +50,36 @@ _OPTIONAL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
                     "frequency_penalty", "seed", "min_tokens", "logprobs")
 
 
-def _invalid(exc: ValueError, prefix: str = "") -> InvalidArgument:
-    """Our ValueErrors start with the field's name ("top_p must be ...", "prompt_token_ids: ...")."""
-    message = str(exc)
-    field = message.split()[0].rstrip(":") if message else "request"
-    description = message[len(field):].lstrip(": ") if message.startswith(field) else message
-    return InvalidArgument(prefix + field, description or message)
+def sampling_params(request: engine_pb2.GenerateRequest, info: EngineInfo, limits: RequestLimits) -> SamplingParams:
+    """The request's ``SamplingParams``; FieldError (with the proto path) on a bad field. Sizes are checked
+    before their items are touched."""
+    msg = request.sampling_params
+    check_count("sampling_params.stop_token_ids", len(msg.stop_token_ids), limits.max_stop_token_ids, "ids")
+    kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+    try:
+        kwargs["max_tokens"] = check_lengths(len(request.prompt_token_ids),
+                                             msg.max_tokens if msg.HasField("max_tokens") else None,
+                                             info.max_model_len)
+        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+        kwargs["ignore_eos"] = msg.ignore_eos
+        return SamplingParams(**kwargs)  # type: ignore[arg-type]
+    except FieldError as exc:
+        raise request_path(exc) from None
+
+
+def request_path(exc: FieldError) -> FieldError:
+    """An engine-side FieldError with its path in GenerateRequest: the engine names the prompt's field or a
+    ``SamplingParams`` field, and the latter sit under ``sampling_params`` in the proto."""
+    return exc if exc.field.startswith("prompt_token_ids") else exc.within("sampling_params")
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
-    def __init__(self, model_name: str, model_path: str, metrics: EngineMetrics | None = None) -> None:
+    def __init__(self, model_name: str, model_path: str, metrics: EngineMetrics | None = None,
+                 limits: RequestLimits | None = None) -> None:
         self.model_name = model_name
         self.model_path = model_path
         self.metrics = metrics or EngineMetrics(model_name)
+        self.limits = limits or RequestLimits()
         self.engine: AsyncEngine | None = None  # set once loaded; until then requests are UNAVAILABLE
 
     def attach(self, engine: AsyncEngine) -> None:
@@ -67,28 +91,6 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         if self.engine.dead_reason:
             raise Unavailable(f"the engine is down: {self.engine.dead_reason}")
         return self.engine
-
-    # ---- request conversion ---------------------------------------------------------------------
-    def sampling_params(self, request: engine_pb2.GenerateRequest, core: EngineInfo) -> SamplingParams:
-        msg = request.sampling_params
-        kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
-        prompt_len = len(request.prompt_token_ids)
-        room = core.max_model_len - prompt_len
-        if msg.HasField("max_tokens"):
-            if msg.max_tokens > room:
-                raise InvalidArgument(
-                    "sampling_params.max_tokens",
-                    f"prompt ({prompt_len} tokens) + max_tokens ({msg.max_tokens}) exceeds the model's maximum "
-                    f"length ({core.max_model_len})")
-            kwargs["max_tokens"] = msg.max_tokens
-        else:
-            kwargs["max_tokens"] = max(1, room)  # as vLLM: up to the model's length
-        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
-        kwargs["ignore_eos"] = msg.ignore_eos
-        try:
-            return SamplingParams(**kwargs)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise _invalid(exc, "sampling_params.") from exc
 
     def _response(self, request_id: str, out: RequestOutput) -> engine_pb2.GenerateResponse:
         response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids)
@@ -108,14 +110,17 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     @handle_errors
     async def Generate(self, request: engine_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        check_request_id(request.request_id, self.limits)
+        labelled = bool(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         engine = self._live_engine()
-        params = self.sampling_params(request, engine.info)
+        params = sampling_params(request, engine.info, self.limits)
         start = last = time.perf_counter()
         first = True
         try:
-            async for out in engine.generate(list(request.prompt_token_ids), params, request_id):
+            async for out in engine.generate(list(request.prompt_token_ids), params,
+                                             request_id if labelled else None):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):
                     self.metrics.generation_tokens.inc(n)
@@ -134,8 +139,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                         self.metrics.request_queue_time.observe(out.queue_time)
                     self.metrics.finished((out.finish_reason or FinishReason.ERROR).value)
                 yield self._response(request_id, out)
-        except ValueError as exc:
-            raise _invalid(exc, "sampling_params." if str(exc).startswith("stop_token_ids") else "") from exc
+        except FieldError as exc:
+            raise request_path(exc) from None
+        except RequestIdInUseError as exc:
+            raise AlreadyExists(str(exc)) from exc
         except EngineOverloadedError as exc:
             raise Overloaded(str(exc)) from exc
         except EngineDeadError as exc:
@@ -144,12 +151,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     @handle_errors
     async def Abort(self, request: engine_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> engine_pb2.AbortResponse:
+        check_request_id(request.request_id, self.limits)
         bind_request_id(request.request_id)
         if not request.request_id:
-            raise InvalidArgument("request_id", "must not be empty")
-        if not await self._live_engine().abort(request.request_id):
-            raise NotFound(f"no running or waiting request with request_id {request.request_id!r}")
-        return engine_pb2.AbortResponse(aborted=True)
+            raise FieldError("request_id", "must not be empty")
+        # Unknown or already ended is not an error (Abort is idempotent): aborted=false, as the proto says.
+        return engine_pb2.AbortResponse(aborted=await self._live_engine().abort(request.request_id))
 
     @handle_errors
     async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest,
@@ -199,7 +206,8 @@ class EngineServer:
 async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], model_path: str, *,
                               model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
                               config: ServerConfig | None = None, log_level: str = "INFO",
-                              log_format: str = "kv", stream_interval: int = 1) -> EngineServer:
+                              log_format: str = "kv", stream_interval: int = 1,
+                              limits: RequestLimits | None = None) -> EngineServer:
     """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine meanwhile.
 
     ``engine`` is an ``EngineConfig``, loaded and run in a child process (what the CLI does: the GPU
@@ -211,7 +219,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     """
     validate_stream_interval(stream_interval)
     name = model_name or Path(model_path).name
-    servicer = EngineServicer(name, str(model_path))
+    servicer = EngineServicer(name, str(model_path), limits=limits)
     server, health = build_server([SERVICE_NAME], config)
     engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     bound = bind(server, host, port)

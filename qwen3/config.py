@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from qwen3.dtypes import DTYPE_NAMES, torch_dtype
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -138,8 +139,8 @@ class Qwen3Config:
             raise ConfigError(f"config field '{scaling_key}.rope_type' is {rope_type!r}; supported: default, yarn")
 
         dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
-        if dtype_name not in _DTYPES:
-            raise ConfigError(f"config field 'torch_dtype' is {dtype_name!r}; supported: {sorted(_DTYPES)}")
+        if dtype_name not in DTYPE_NAMES:
+            raise ConfigError(f"config field 'torch_dtype' is {dtype_name!r}; supported: {sorted(DTYPE_NAMES)}")
 
         heads = raw["num_attention_heads"]
         return cls(
@@ -156,7 +157,7 @@ class Qwen3Config:
             max_position_embeddings=raw.get("max_position_embeddings", 40960),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
-            torch_dtype=_DTYPES[dtype_name],
+            torch_dtype=torch_dtype(dtype_name),
             eos_token_ids=eos_token_ids or _as_id_tuple(raw.get("eos_token_id")),
         )
 

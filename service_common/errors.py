@@ -8,6 +8,8 @@ exception           status code          meaning for the caller
 ==================  ===================  ===============================================================
 InvalidArgument     INVALID_ARGUMENT     fix the request; the message and a ``google.rpc.BadRequest``
                                          detail name the field
+FieldError          INVALID_ARGUMENT     (service_common.validation) the same, raised below the servicers
+AlreadyExists       ALREADY_EXISTS       a live request already has this id; pick another or wait for it
 NotFound            NOT_FOUND            the named thing (e.g. a request id) does not exist
 Overloaded          RESOURCE_EXHAUSTED   this replica's queue is full; retry later (with backoff)
 Unavailable         UNAVAILABLE          shutting down, dead, or an upstream is unreachable; retry
@@ -42,6 +44,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service_common.logging import current_request_id
+from service_common.validation import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,12 @@ class InvalidArgument(ServiceError):
         self.description = message
 
 
+class AlreadyExists(ServiceError):
+    """The thing the request would create exists already (a live request with the same id)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class NotFound(ServiceError):
     """The thing the request names does not exist."""
 
@@ -94,11 +103,13 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-_MAPPED_CODES = (InvalidArgument, NotFound, Overloaded, Unavailable, DeadlineExceeded)
+_MAPPED_CODES = (InvalidArgument, AlreadyExists, NotFound, Overloaded, Unavailable, DeadlineExceeded)
 
 
 def to_status(exc: BaseException, request_id: str = "") -> grpc.Status:
     """The status an exception becomes: code, message and trailing metadata (the rich status)."""
+    if isinstance(exc, FieldError):
+        exc = InvalidArgument(exc.field, exc.message)
     if isinstance(exc, _MAPPED_CODES):
         code, message = exc.code, exc.message
     else:
@@ -210,6 +221,8 @@ def from_rpc_error(err: grpc.RpcError, upstream: str) -> ServiceError:
         return Overloaded(f"{upstream} overloaded: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{upstream}: {details}")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return AlreadyExists(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline exceeded while waiting for the {upstream}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
@@ -218,6 +231,7 @@ def from_rpc_error(err: grpc.RpcError, upstream: str) -> ServiceError:
 
 
 __all__ = [
-    "DeadlineExceeded", "InvalidArgument", "NotFound", "Overloaded", "ServiceError", "Unavailable",
+    "AlreadyExists", "DeadlineExceeded", "FieldError", "InvalidArgument", "NotFound", "Overloaded",
+    "ServiceError", "Unavailable",
     "abort_with", "bad_request_field", "from_rpc_error", "handle_errors", "to_status",
 ]

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 
 from engine_service.config import EngineConfig
-from engine_service.engine import LLMEngine
+from engine_service.core.engine import LLMEngine
 from engine_service.server import EngineServer, start_engine_server
 from qwen3.testing.checkpoints import QWEN3_EOS_IDS
 from tokenizer_service.chat_template import ChatTokenizer

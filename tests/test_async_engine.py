@@ -7,9 +7,10 @@ import asyncio
 
 import pytest
 
-from engine_service.async_engine import DeltaBatcher, EngineLoop, _merge_ready
-from engine_service.engine import EngineDeadError, RequestOutput, TokenLogprob
-from engine_service.sequence import FinishReason
+from engine_service.async_engine import _merge_ready
+from engine_service.core.engine_loop import DeltaBatcher, EngineLoop
+from engine_service.protocol import (EngineDeadError, EngineStopped, FinishReason, RequestOutput, StepOutputs,
+                                     TokenLogprob)
 
 
 async def test_queued_deltas_fold_into_one_message_in_order() -> None:
@@ -94,7 +95,7 @@ class _DyingEngine:
 
 
 def test_engine_loop_sends_held_tokens_before_reporting_death() -> None:
-    events: list[tuple] = []
+    events: list[object] = []
     EngineLoop(_DyingEngine(), lambda timeout: None, events.append, stream_interval=8).run()  # type: ignore[arg-type]
-    assert events == [("outputs", [RequestOutput("r", [1])], "stats"), ("outputs", [RequestOutput("r", [2, 3])], "stats"),
-                      ("dead", "a worker died")]
+    assert events == [StepOutputs([RequestOutput("r", [1])], "stats"), StepOutputs([RequestOutput("r", [2, 3])], "stats"),
+                      EngineStopped("a worker died", died=True)]

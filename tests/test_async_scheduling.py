@@ -10,7 +10,7 @@ import pytest
 
 from engine_service import LLM, SamplingParams
 from engine_service.config import EngineConfig
-from engine_service.engine import LLMEngine
+from engine_service.core.engine import LLMEngine
 
 
 def prompts(n: int, seed: int, lo: int = 3, hi: int = 60) -> list[list[int]]:
@@ -141,7 +141,7 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again(tiny_checkpoint: 
     engine._launch = counting  # type: ignore[method-assign]
     engine.add_request("five", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     engine.add_request("model-len", [4, 5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                                max_tokens=50))
+                                                                                max_tokens=4))  # all that fits
     tokens: dict[str, list[int]] = {"five": [], "model-len": []}
     while engine.has_unfinished_requests():
         for d in engine.step():

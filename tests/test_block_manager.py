@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from engine_service.block_manager import BlockManager
+from engine_service.core.block_manager import BlockManager
 from engine_service.sampling_params import SamplingParams
-from engine_service.sequence import Sequence
+from engine_service.core.sequence import Sequence
 
 
 def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
-    return Sequence(rid, list(tokens), SamplingParams(), seed=0, max_total_tokens=10_000)
+    return Sequence(rid, list(tokens), SamplingParams(), seed=0)
 
 
 def compute_all(bm: BlockManager, seq: Sequence) -> None:

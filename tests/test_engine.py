@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
-from engine_service.engine import LLMEngine
+from engine_service.core.engine import LLMEngine
 from engine_service.config import EngineConfig
 
 

@@ -151,15 +151,15 @@ def test_pipe_form_of_outputs_round_trips() -> None:
     the server side gets the same outputs back (order within a step does not matter to streams)."""
     import pickle
 
-    from engine_service.async_engine import _pack, _unpack
-    from engine_service.engine import RequestOutput, TokenLogprob
-    from engine_service.sequence import FinishReason
+    from engine_service.protocol import (FinishReason, RequestOutput, StatsUpdate, StepOutputs, TokenLogprob,
+                                         decode_event, encode_event)
 
     outputs = [RequestOutput("a", [5]), RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
                RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01), RequestOutput("d", [1, 2])]
-    packed = _pack(("outputs", outputs, "stats"))
-    assert packed[0] == "tokens" and packed[1:4] == (["a", "d"], [1, 2], [5, 1, 2])
-    kind, got, stats = _unpack(pickle.loads(pickle.dumps(packed)))
-    assert kind == "outputs" and stats == "stats"
-    assert sorted(got, key=lambda o: o.request_id) == outputs
-    assert _pack(("stats", "x")) == ("stats", "x")
+    data = encode_event(StepOutputs(outputs, "stats"))  # type: ignore[arg-type]
+    packed = pickle.loads(data)
+    assert packed[1:4] == (["a", "d"], [1, 2], [5, 1, 2])  # the plain deltas, flat
+    event = decode_event(data)
+    assert isinstance(event, StepOutputs) and event.stats == "stats"
+    assert sorted(event.outputs, key=lambda o: o.request_id) == outputs
+    assert decode_event(encode_event(StatsUpdate("x"))) == StatsUpdate("x")  # type: ignore[arg-type]

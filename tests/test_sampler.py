@@ -15,10 +15,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine_service import sampler as sampler_module
-from engine_service.sampler import Sampler, SamplingBatch, _inverse_cdf, _splitmix64
+from engine_service.core import sampler as sampler_module
+from engine_service.core.sampler import Sampler, SamplingBatch, _inverse_cdf, _splitmix64
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
-from engine_service.sequence import PENDING_TOKEN
+from engine_service.core.sequence import PENDING_TOKEN
 
 EOS = (5, 6)
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from qwen3.attention.names import BACKEND_NAMES
 from qwen3.forward_batch import ForwardBatch
 
 
@@ -48,6 +49,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "flash-attn": ("qwen3.attention.flash_attn_backend", "FlashAttentionBackend"),
 }
 AUTO_ORDER = ("flash-attn", "triton", "torch")
+assert set(_REGISTRY) == set(BACKEND_NAMES), "qwen3.attention.names lists every backend"
 
 
 def _load(name: str) -> type[AttentionBackend]:

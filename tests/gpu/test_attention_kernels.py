@@ -206,7 +206,7 @@ def test_flash_attn_backend_decode_step_matches_torch(block_size: int) -> None:
 
 # ---- decode in a CUDA graph -------------------------------------------------------------------------
 class StaticDecode:
-    """Static input buffers for one decode bucket, filled the way engine_service.cuda_graph does it."""
+    """Static input buffers for one decode bucket, filled the way engine_service.core.cuda_graph does it."""
 
     def __init__(self, bucket: int, max_blocks: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.q = torch.zeros(bucket, num_heads, head_dim, dtype=torch.bfloat16, device=CUDA)

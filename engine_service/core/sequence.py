@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine_service.protocol import FinishReason
 from engine_service.sampling_params import SamplingParams
 
 
@@ -19,20 +20,12 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(enum.Enum):
-    STOP = "stop"          # an EOS id or one of stop_token_ids
-    LENGTH = "length"      # max_tokens, or the model's max length
-    ABORTED = "aborted"    # client cancel, deadline, or Abort
-    ERROR = "error"        # the engine failed while serving it
-
-
 @dataclass
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int                               # effective sampling seed (drawn at admission if params.seed is None)
-    max_total_tokens: int                   # prompt + outputs may not exceed this (max_model_len)
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -68,7 +61,7 @@ class Sequence:
     def reached_length_limit(self) -> bool:
         """Its last output token (perhaps still being sampled, with async scheduling) is the last it may
         have: it finishes when that token is read, and computes nothing more."""
-        return len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_total_tokens
+        return len(self.output_token_ids) >= self.params.max_tokens  # which fits max_model_len: validated
 
     @property
     def is_finished(self) -> bool:

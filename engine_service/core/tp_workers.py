@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable, Union
 
 from engine_service.config import EngineConfig
-from engine_service.step_input import StepInput
+from engine_service.core.step_input import StepInput
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def free_loopback_port() -> int:
 
 
 def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connection) -> None:
-    from engine_service.model_runner import ModelRunner  # imported in the child: it initialises torch
+    from engine_service.core.model_runner import ModelRunner  # imported in the child: it initialises torch
 
     try:
         conn.send(Started(rank))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine_service.sequence import Sequence
+from engine_service.core.sequence import Sequence
 
 
 @dataclass

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Sequence as Seq
 
 from engine_service.config import EngineConfig
-from engine_service.engine import LLMEngine, TokenLogprob
+from engine_service.core.engine import LLMEngine
+from engine_service.protocol import TokenLogprob
 from engine_service.sampling_params import SamplingParams
 
 

@@ -16,8 +16,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from engine_service.block_manager import BlockManager
-from engine_service.sequence import FinishReason, Sequence, SequenceStatus
+from engine_service.core.block_manager import BlockManager
+from engine_service.core.sequence import Sequence, SequenceStatus
+from engine_service.protocol import FinishReason
 
 
 @dataclass

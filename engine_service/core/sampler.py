@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine_service.sampling_params import SamplingParams
-from engine_service.sequence import PENDING_TOKEN
+from engine_service.core.sequence import PENDING_TOKEN
 from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 
 from engine_service.config import EngineConfig
-from engine_service.cuda_graph import CUDAGraphRunner
-from engine_service.step_input import StepInput
+from engine_service.core.cuda_graph import CUDAGraphRunner
+from engine_service.core.step_input import StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import broadcast_from_rank0, destroy_tensor_parallel, init_tensor_parallel

@@ -15,99 +15,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_service.block_manager import BlockManager
+from engine_service.core.block_manager import BlockManager
 from engine_service.config import EngineConfig
-from engine_service.model_runner import ModelRunner
-from engine_service.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine_service.core.model_runner import ModelRunner
+from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, EngineStats,
+                                     FinishReason, RequestOutput, TokenLogprob)
 from engine_service.sampling_params import SamplingParams
-from engine_service.scheduler import Scheduler, SchedulerOutput
-from engine_service.sequence import PENDING_TOKEN, FinishReason, Sequence
-from engine_service.step_input import PendingTokens, StepInput
-from engine_service.tp_workers import WorkerGroup
+from engine_service.core.scheduler import Scheduler, SchedulerOutput
+from engine_service.core.sequence import PENDING_TOKEN, Sequence
+from engine_service.core.step_input import PendingTokens, StepInput
+from engine_service.core.tp_workers import WorkerGroup
 from qwen3.distributed import destroy_tensor_parallel
 from qwen3.forward_batch import copy_to_device
 
 log = logging.getLogger(__name__)
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full; the caller should retry later or elsewhere."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine cannot serve any more requests (a worker died or a step failed)."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top-N alternatives, best first
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (a delta; ``finished`` on the last one)."""
-
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprob] | None = None
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to first scheduling (on the final output)
-
-    def absorb(self, later: RequestOutput) -> None:
-        """Append ``later``, the same request's next delta, so that this one delta says what both said."""
-        self.new_token_ids.extend(later.new_token_ids)
-        if later.new_logprobs:
-            self.new_logprobs = (self.new_logprobs or []) + later.new_logprobs
-        if later.finished:
-            self.finished, self.finish_reason = True, later.finish_reason
-            self.num_prompt_tokens, self.num_output_tokens = later.num_prompt_tokens, later.num_output_tokens
-            self.num_cached_tokens, self.queue_time = later.num_cached_tokens, later.queue_time
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """A loaded engine's static facts: enough to describe it and to validate requests without it
-    (the gRPC service holds this while the engine itself runs in another process)."""
-
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    dtype: str
-    tensor_parallel_size: int
-    kv_block_size: int
-    num_kv_blocks: int
-    attention_backend: str
-    max_waiting_requests: int
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field if this request can never be served."""
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens; the model's maximum "
-                             f"length is {self.max_model_len} including at least one generated token")
-        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad_stop is not None:
-            raise ValueError(f"stop_token_ids: token id {bad_stop} is outside the vocabulary")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_kv_blocks: int
-    num_preemptions_total: int
-    prefix_cache_hit_rate: float
 
 
 @dataclass
@@ -194,7 +116,8 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field if this request can never be served."""
+        """Raise FieldError naming the field if this request can never be served (the service's rule:
+        ``EngineInfo.validate``)."""
         self.info.validate(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -206,8 +129,7 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
-        seq = Sequence(request_id, list(prompt_token_ids), params, seed,
-                       max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens))
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -384,7 +306,7 @@ class LLMEngine:
         if n >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return FinishReason.STOP
-        if n >= p.max_tokens or seq.num_prompt_tokens + n >= seq.max_total_tokens:
+        if n >= p.max_tokens:  # prompt + max_tokens <= max_model_len: validated at admission
             return FinishReason.LENGTH
         return None
 

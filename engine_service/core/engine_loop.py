@@ -1,0 +1,203 @@
+"""The engine side of the service: apply commands between steps, step while there is work, emit events.
+
+``EngineLoop`` runs in the engine process (``run_engine_process``, what the CLI serves) or in a thread of
+the server process (tests, embedding). It speaks only the typed commands and events of
+``engine_service.protocol``; every request is named by the internal id the service assigned.
+
+Importing this module does not import torch: the server process names ``run_engine_process`` as the
+child's entry point without loading the engine itself (the child imports ``LLMEngine`` when it starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from engine_service.protocol import (AbortAnswered, AbortRequest, AddRequest, Command, EngineDeadError,
+                                     EngineLoadFailed, EngineReady, EngineStopped, Event, RequestFailed,
+                                     RequestOutput, StatsUpdate, StepOutputs, StopEngine, encode_event)
+
+if TYPE_CHECKING:
+    from engine_service.config import EngineConfig
+    from engine_service.core.engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+def validate_stream_interval(stream_interval: int) -> None:
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be an int >= 1, got {stream_interval!r}")
+
+
+class EngineLoop:
+    """Apply commands, step while there is work, emit events. Returns on stop or death.
+
+    ``next_command(timeout)`` returns a command or None when none arrives within ``timeout`` seconds
+    (0: don't wait); ``emit(event)`` hands an event to the service side. ``stream_interval`` N > 1
+    sends a request's tokens N at a time (its first token and its final delta at once), so the
+    server writes N times fewer stream messages.
+    """
+
+    def __init__(self, engine: LLMEngine, next_command: Callable[[float], Command | None],
+                 emit: Callable[[Event], None], stream_interval: int = 1) -> None:
+        self.engine, self.next_command, self.emit = engine, next_command, emit
+        self.batcher = DeltaBatcher(stream_interval)
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.engine.dead_reason:  # e.g. a TP worker died while we were idle
+                    raise EngineDeadError(self.engine.dead_reason)
+                if not self._apply_commands(wait=not self.engine.has_unfinished_requests()):
+                    return
+                if self.engine.has_unfinished_requests():
+                    outputs = self.batcher.ready(self.engine.step())
+                    if outputs:
+                        self.emit(StepOutputs(outputs, self.engine.stats()))
+        except EngineDeadError as exc:
+            self._emit_held()
+            self.emit(EngineStopped(str(exc), died=True))
+        except Exception as exc:  # a bug: report it, fail every stream, never hang them
+            log.exception("engine loop crashed")
+            self._emit_held()
+            self.emit(EngineStopped(f"engine loop crashed: {exc!r}", died=True))
+
+    def _emit_held(self) -> None:
+        """Before the streams end with an error: the tokens they were already given, held back."""
+        held = self.batcher.release_all()
+        if held:
+            self.emit(StepOutputs(held, self.engine.stats()))
+
+    def _apply_commands(self, wait: bool) -> bool:
+        """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
+        applied = False
+        while True:
+            command = self.next_command(0.5 if wait else 0.0)
+            if command is None:
+                if applied:
+                    self.emit(StatsUpdate(self.engine.stats()))
+                return True
+            wait, applied = False, True
+            if isinstance(command, StopEngine):
+                self._emit_held()
+                self.emit(EngineStopped("the engine is shutting down", died=False))
+                return False
+            if isinstance(command, AddRequest):
+                try:
+                    self.engine.add_request(command.internal_id, command.prompt_token_ids, command.params)
+                except Exception as exc:  # delivered to its own stream; others are untouched
+                    self.emit(RequestFailed(command.internal_id, exc))
+            elif isinstance(command, AbortRequest):
+                out = self.engine.abort_request(command.internal_id)
+                if out is not None:
+                    self.emit(StepOutputs([self.batcher.final(out)], self.engine.stats()))
+                if command.ticket is not None:
+                    self.emit(AbortAnswered(command.ticket, out is not None))
+
+
+class DeltaBatcher:
+    """Holds a request's deltas back until ``stream_interval`` tokens are ready, except its first token
+    (time to first token is not delayed) and its final delta, which carries everything held. A request
+    that gets no token in a step (preempted, waiting to be recomputed) is sent what it holds at once."""
+
+    def __init__(self, stream_interval: int = 1) -> None:
+        validate_stream_interval(stream_interval)
+        self.stream_interval = stream_interval
+        self._held: dict[str, RequestOutput] = {}   # internal id -> tokens not sent yet
+        self._started: set[str] = set()             # requests whose first token was sent
+
+    def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Of one engine step's deltas, those to send now; the rest are held for a later step."""
+        if self.stream_interval == 1:
+            return outputs
+        ready = []
+        if self._held:  # requests that got nothing this step: what they hold goes now
+            stepped = {out.request_id for out in outputs}
+            ready += [self._held.pop(rid) for rid in [rid for rid in self._held if rid not in stepped]]
+        for out in outputs:
+            rid = out.request_id
+            if out.finished:
+                ready.append(self.final(out))
+                continue
+            held = self._held.pop(rid, None)
+            if held is not None:
+                held.absorb(out)
+                out = held
+            if rid not in self._started:
+                self._started.add(rid)
+                ready.append(out)
+            elif len(out.new_token_ids) < self.stream_interval:
+                self._held[rid] = out
+            else:
+                ready.append(out)
+        return ready
+
+    def final(self, out: RequestOutput) -> RequestOutput:
+        """A request's final delta (finished or aborted), carrying whatever it held."""
+        self._started.discard(out.request_id)
+        held = self._held.pop(out.request_id, None)
+        if held is None:
+            return out
+        held.absorb(out)
+        return held
+
+    def release_all(self) -> list[RequestOutput]:
+        """Every held delta, now (the engine is stopping or died: nothing more will follow them)."""
+        held, self._held = list(self._held.values()), {}
+        self._started.clear()
+        return held
+
+
+def run_engine_process(config: EngineConfig, conn: Connection, log_level: str, log_format: str,
+                       stream_interval: int) -> None:
+    """Entry point of the engine process: load, report ready (or the error), run the loop, shut down."""
+    from engine_service.core.engine import LLMEngine
+    from service_common.logging import configure_logging
+
+    # Ctrl-C in a terminal signals the whole process group: the server decides when the engine stops
+    # (after draining its streams) and says so with StopEngine; a SIGINT here would only kill it early.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        engine = LLMEngine(config)
+    except Exception as exc:
+        log.exception("engine failed to load")
+        conn.send_bytes(encode_event(EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
+        return
+
+    def next_command(timeout: float) -> Command | None:
+        try:
+            return conn.recv() if conn.poll(timeout) else None
+        except (EOFError, OSError):  # the server process is gone: nobody is left to serve
+            log.warning("the server side of the engine pipe closed; shutting down")
+            return StopEngine()
+
+    # Events are encoded here and written by a sender thread: when the server falls behind and the
+    # pipe is full, the engine keeps stepping (the server folds the backlog into fewer messages)
+    # instead of blocking on the write. The thread holds the interpreter lock only between writes.
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def send_loop() -> None:
+        while (data := outbox.get()) is not None:
+            try:
+                conn.send_bytes(data)
+            except (BrokenPipeError, OSError):
+                return  # the server is gone; the next command poll turns that into a stop
+
+    def emit(event: Event) -> None:
+        outbox.put(encode_event(event))
+
+    sender = threading.Thread(target=send_loop, name="engine-events", daemon=True)
+    sender.start()
+    try:
+        emit(EngineReady(engine.info, engine.stats()))
+        EngineLoop(engine, next_command, emit, stream_interval).run()
+    finally:
+        outbox.put(None)
+        sender.join(30)  # deliver the last events (the final deltas, EngineStopped) before exiting
+        engine.shutdown()

@@ -1,0 +1,28 @@
+"""``FieldError``: the one way any layer (engine core, servicers, configs) says "this field of the request is wrong".
+
+It carries the field's path (``sampling_params.top_p``, ``messages[2].content``) apart from the message, so the
+servicers never parse a field name out of exception text: ``service_common.errors`` maps it to INVALID_ARGUMENT with a
+``google.rpc.BadRequest`` detail naming ``field``. It is a ``ValueError``, so code that validates plain Python values
+(``SamplingParams(...)``, the offline ``LLM``) raises the exception Python users expect. Torch-free and grpc-free.
+"""
+
+from __future__ import annotations
+
+
+class FieldError(ValueError):
+    """``field`` (a path into the request) is invalid; ``message`` says why, without repeating the path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def within(self, prefix: str) -> FieldError:
+        """The same error, its path nested under ``prefix`` (``"sampling_params"`` + ``"top_p"``)."""
+        return FieldError(f"{prefix}.{self.field}" if prefix else self.field, self.message)
+
+
+def check_count(field: str, count: int, limit: int, what: str = "items") -> None:
+    """Raise FieldError if ``count`` exceeds ``limit`` (checked before any per-item work)."""
+    if count > limit:
+        raise FieldError(field, f"has {count} {what}; the limit is {limit}")
