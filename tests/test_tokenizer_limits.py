@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
-import pytest_asyncio
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from serving import Services, free_port, start_services
+from serving import free_port
 from service_common.errors import InvalidArgument, bad_request_field, handle_errors
 from service_common.server import bind, build_server
 from tokenizer_service.chat_template import ChatTokenizer
@@ -30,11 +28,11 @@ Msg, Tool, Call = tokenizer_pb2.ChatMessage, tokenizer_pb2.Tool, tokenizer_pb2.T
 USER = Msg(role="user", content="hi")
 
 
-def _chat(**fields) -> tokenizer_pb2.ChatRequest:
+def chat_request(**fields) -> tokenizer_pb2.ChatRequest:
     return tokenizer_pb2.ChatRequest(**{"messages": [USER], **fields})
 
 
-def _complete(**fields) -> tokenizer_pb2.CompleteRequest:
+def complete_request(**fields) -> tokenizer_pb2.CompleteRequest:
     return tokenizer_pb2.CompleteRequest(**{"prompt": "hi", **fields})
 
 
@@ -55,7 +53,8 @@ async def _call(stub: tokenizer_pb2_grpc.TokenizerServiceStub, request) -> None:
         await call
 
 
-async def _rejected(stub: tokenizer_pb2_grpc.TokenizerServiceStub, request, field: str, *fragments: str) -> str:
+async def assert_rejected(stub: tokenizer_pb2_grpc.TokenizerServiceStub, request, field: str,
+                          *fragments: str) -> str:
     """Assert INVALID_ARGUMENT naming ``field`` within a second; returns the message."""
     start = time.perf_counter()
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -104,20 +103,20 @@ async def small(tokenizer: ChatTokenizer) -> AsyncIterator[tokenizer_pb2_grpc.To
 SMALL_CASES = [  # (name, request, field, text the message must hold)
     ("tokenize-text", tokenizer_pb2.TokenizeRequest(text="a" * 1001), "text", "--max-text-bytes"),
     ("tokenize-text-utf8", tokenizer_pb2.TokenizeRequest(text="é" * 501), "text", "1002 bytes; the limit is 1000"),
-    ("complete-prompt", _complete(prompt="a" * 1001), "prompt", "limit of 1000"),
-    ("complete-stop-count", _complete(stop=["a", "b", "c"]), "stop", "3 stop strings; the limit is 2"),
-    ("complete-stop-length", _complete(stop=["a", "123456789"]), "stop[1]", "--max-stop-bytes"),
-    ("complete-request-id", _complete(request_id="r" * 17), "request_id", "--max-request-id-bytes"),
-    ("chat-request-id", _chat(request_id="r" * 17), "request_id", "limit of 16"),
-    ("chat-stop-count", _chat(stop=["a", "b", "c"]), "stop", "--max-stop-strings"),
-    ("chat-messages", _chat(messages=[USER] * 5), "messages", "5 messages; the limit is 4"),
-    ("chat-content", _chat(messages=[USER, Msg(role="user", content="x" * 1001)]), "messages[1].content",
+    ("complete-prompt", complete_request(prompt="a" * 1001), "prompt", "limit of 1000"),
+    ("complete-stop-count", complete_request(stop=["a", "b", "c"]), "stop", "3 stop strings; the limit is 2"),
+    ("complete-stop-length", complete_request(stop=["a", "123456789"]), "stop[1]", "--max-stop-bytes"),
+    ("complete-request-id", complete_request(request_id="r" * 17), "request_id", "--max-request-id-bytes"),
+    ("chat-request-id", chat_request(request_id="r" * 17), "request_id", "limit of 16"),
+    ("chat-stop-count", chat_request(stop=["a", "b", "c"]), "stop", "--max-stop-strings"),
+    ("chat-messages", chat_request(messages=[USER] * 5), "messages", "5 messages; the limit is 4"),
+    ("chat-content", chat_request(messages=[USER, Msg(role="user", content="x" * 1001)]), "messages[1].content",
      "--max-text-bytes"),
-    ("chat-total", _chat(messages=[Msg(role="user", content="x" * 400)] * 3), "messages", "1200 bytes in all"),
-    ("chat-tools", _chat(tools=[Tool(name="a")] * 3), "tools", "--max-tools"),
-    ("chat-tool-json", _chat(tools=[Tool(name="a", parameters_json="{}" + " " * 199)]), "tools[0].parameters_json",
+    ("chat-total", chat_request(messages=[Msg(role="user", content="x" * 400)] * 3), "messages", "1200 bytes in all"),
+    ("chat-tools", chat_request(tools=[Tool(name="a")] * 3), "tools", "--max-tools"),
+    ("chat-tool-json", chat_request(tools=[Tool(name="a", parameters_json="{}" + " " * 199)]), "tools[0].parameters_json",
      "--max-tool-json-bytes"),
-    ("chat-tool-depth", _chat(tools=[Tool(name="a", parameters_json='{"a": [[[[[1]]]]]}')]),
+    ("chat-tool-depth", chat_request(tools=[Tool(name="a", parameters_json='{"a": [[[[[1]]]]]}')]),
      "tools[0].parameters_json", "6 levels deep; the limit is 5 (--max-json-depth)"),
     ("template-call-depth", tokenizer_pb2.ApplyChatTemplateRequest(messages=_calls('{"a": {"b": {"c": [[{}]]}}}')),
      "messages[1].tool_calls[0].arguments_json", "--max-json-depth"),
@@ -129,7 +128,7 @@ SMALL_CASES = [  # (name, request, field, text the message must hold)
 @pytest.mark.parametrize("name,request_,field,fragment", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
 async def test_configured_limits_name_the_field_and_the_limit(
         small: tokenizer_pb2_grpc.TokenizerServiceStub, name: str, request_, field: str, fragment: str) -> None:
-    await _rejected(small, request_, field, fragment)
+    await assert_rejected(small, request_, field, fragment)
 
 
 async def test_within_the_limits_is_served(small: tokenizer_pb2_grpc.TokenizerServiceStub,
@@ -151,18 +150,18 @@ HUGE = 6 * 2**20  # the size the issue saw freeze the service for 5 s
 
 HUGE_CASES = [  # (name, request factory, field): built when the test runs, not at collection
     ("tokenize", lambda: tokenizer_pb2.TokenizeRequest(text="word " * (HUGE // 5)), "text"),
-    ("complete", lambda: _complete(prompt="word " * (HUGE // 5)), "prompt"),
-    ("chat", lambda: _chat(messages=[Msg(role="user", content="word " * (HUGE // 5))]), "messages[0].content"),
-    ("request-id", lambda: _complete(request_id="r" * HUGE), "request_id"),
-    ("stops", lambda: _complete(stop=["s"] * 100_000), "stop"),
-    ("messages", lambda: _chat(messages=[USER] * 100_000), "messages"),
+    ("complete", lambda: complete_request(prompt="word " * (HUGE // 5)), "prompt"),
+    ("chat", lambda: chat_request(messages=[Msg(role="user", content="word " * (HUGE // 5))]), "messages[0].content"),
+    ("request-id", lambda: complete_request(request_id="r" * HUGE), "request_id"),
+    ("stops", lambda: complete_request(stop=["s"] * 100_000), "stop"),
+    ("messages", lambda: chat_request(messages=[USER] * 100_000), "messages"),
 ]
 
 
 @pytest.mark.parametrize("name,make,field", HUGE_CASES, ids=[c[0] for c in HUGE_CASES])
 async def test_huge_requests_are_rejected_at_once_by_default(stub: tokenizer_pb2_grpc.TokenizerServiceStub,
                                                              name: str, make, field: str) -> None:
-    await _rejected(stub, make(), field, "the limit")
+    await assert_rejected(stub, make(), field, "the limit")
 
 
 # ---- hostile tool JSON: INVALID_ARGUMENT naming the field, never INTERNAL ---------------------------
@@ -175,12 +174,12 @@ LONE_SURROGATE = '{"city": "\\ud800"}'
                          ids=["deep-array", "deep-unclosed", "lone-surrogate", "reversed-pair"])
 async def test_hostile_tool_json_is_invalid_argument(stub: tokenizer_pb2_grpc.TokenizerServiceStub,
                                                      text: str, fragment: str) -> None:
-    await _rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=[USER], tools=[
+    await assert_rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=[USER], tools=[
         Tool(name="f", parameters_json=text)]), "tools[0].parameters_json", fragment)
-    await _rejected(stub, _chat(tools=[Tool(name="f", parameters_json=text)]), "tools[0].parameters_json", fragment)
-    await _rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=_calls(text)),
+    await assert_rejected(stub, chat_request(tools=[Tool(name="f", parameters_json=text)]), "tools[0].parameters_json", fragment)
+    await assert_rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=_calls(text)),
                     "messages[1].tool_calls[0].arguments_json", fragment)
-    await _rejected(stub, _chat(messages=_calls(text)), "messages[1].tool_calls[0].arguments_json", fragment)
+    await assert_rejected(stub, chat_request(messages=_calls(text)), "messages[1].tool_calls[0].arguments_json", fragment)
 
 
 async def test_surrogate_pairs_and_brackets_in_strings_are_fine(stub: tokenizer_pb2_grpc.TokenizerServiceStub
@@ -196,32 +195,7 @@ def test_json_depth_ignores_brackets_in_strings() -> None:
     assert json_depth("[" * 10_000) == 10_000
 
 
-# ---- a too-long prompt names what the caller sent ----------------------------------------------------
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def short_model(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIterator[Services]:
-    services = await start_services(demo_checkpoint, tokenizer, max_model_len=64, num_kv_blocks=16)
-    yield services
-    await services.stop()
-
-
-@pytest.mark.asyncio(loop_scope="module")
-@pytest.mark.parametrize("kind", ["chat", "complete"])
-async def test_too_long_prompt_names_messages_or_prompt(short_model: Services, kind: str) -> None:
-    async with grpc.aio.insecure_channel(short_model.tokenizer_target) as channel:
-        stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-        text = "one two three " * 30  # 90 tokens and more, over the model's 64
-        request = (_chat(messages=[Msg(role="user", content=text)]) if kind == "chat" else _complete(prompt=text))
-        details = await _rejected(stub, request, "messages" if kind == "chat" else "prompt", "the prompt has ",
-                                  "maximum length is 64 tokens")
-        tokens = int(details.split("the prompt has ")[1].split()[0])
-        assert tokens > 64
-        # A prompt that fits is served (the check is not off by one in the wrong direction).
-        request = _chat(messages=[Msg(role="user", content="hi")]) if kind == "chat" else _complete(prompt="hi")
-        request.sampling_params.CopyFrom(engine_pb2.SamplingParams(max_tokens=2, temperature=0))
-        responses = [r async for r in (stub.Chat if kind == "chat" else stub.Complete)(request, timeout=30)]
-        assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
-
-
+# ---- the engine's prompt errors name what the caller sent (real engine: test_tokenizer_engine_limits.py) --
 class _EngineRejectingPrompts(engine_pb2_grpc.EngineServiceServicer):
     """An engine without GetModelInfo (UNIMPLEMENTED) whose Generate finds every prompt too long."""
 
@@ -243,7 +217,7 @@ async def test_engine_prompt_errors_name_messages_or_prompt(tokenizer: ChatToken
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-            await _rejected(stub, _chat() if kind == "chat" else _complete(),
+            await assert_rejected(stub, chat_request() if kind == "chat" else complete_request(),
                             "messages" if kind == "chat" else "prompt", "too many")
     finally:
         await running.stop(0)
