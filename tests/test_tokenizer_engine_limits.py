@@ -1,8 +1,8 @@
-"""The tokenizer service in front of a real engine (demo model, CPU, loopback sockets): a too-long prompt
-names the field the caller sent, and nothing heavy runs on the event loop: while a maximal-size Tokenize and a maximal-size
-Complete prompt are processed (the prompt then rejected as longer than the model), a concurrent Chat
-stream keeps flowing and health checks answer at once. Real engine (demo model, CPU) and tokenizer
-servers over loopback sockets, all in this process: a GIL held anywhere shows up as a gap."""
+"""The tokenizer service in front of a real engine (demo model, CPU): a too-long prompt names the field
+the caller sent, and nothing heavy runs on the event loop: while a maximal-size Tokenize and a maximal-size
+Complete prompt are processed (the prompt then rejected as longer than the model), a concurrent Chat stream
+keeps flowing and health checks answer at once. Engine and tokenizer servers over loopback sockets, all in
+this process: a GIL held anywhere shows up as a gap."""
 
 from __future__ import annotations
 
@@ -112,13 +112,15 @@ async def test_too_long_prompt_names_messages_or_prompt(demo: Services, kind: st
     async with grpc.aio.insecure_channel(demo.tokenizer_target) as channel:
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
         text = "one two three " * 1000  # 3000 tokens and more, over the model's 2048
-        request = (chat_request(messages=[Msg(role="user", content=text)]) if kind == "chat" else complete_request(prompt=text))
+        request = (chat_request(messages=[Msg(role="user", content=text)]) if kind == "chat"
+                   else complete_request(prompt=text))
         details = await assert_rejected(stub, request, "messages" if kind == "chat" else "prompt", "the prompt has ",
                                   "maximum length is 2048 tokens")
         tokens = int(details.split("the prompt has ")[1].split()[0])
         assert tokens > 2048
         # A prompt that fits is served (the check is not off by one in the wrong direction).
-        request = chat_request(messages=[Msg(role="user", content="hi")]) if kind == "chat" else complete_request(prompt="hi")
+        request = (chat_request(messages=[Msg(role="user", content="hi")]) if kind == "chat"
+                   else complete_request(prompt="hi"))
         request.sampling_params.CopyFrom(engine_pb2.SamplingParams(max_tokens=2, temperature=0))
         responses = [r async for r in (stub.Chat if kind == "chat" else stub.Complete)(request, timeout=30)]
         assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH

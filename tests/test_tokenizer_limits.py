@@ -114,7 +114,8 @@ SMALL_CASES = [  # (name, request, field, text the message must hold)
      "--max-text-bytes"),
     ("chat-total", chat_request(messages=[Msg(role="user", content="x" * 400)] * 3), "messages", "1200 bytes in all"),
     ("chat-tools", chat_request(tools=[Tool(name="a")] * 3), "tools", "--max-tools"),
-    ("chat-tool-json", chat_request(tools=[Tool(name="a", parameters_json="{}" + " " * 199)]), "tools[0].parameters_json",
+    ("chat-tool-json", chat_request(tools=[Tool(name="a", parameters_json="{}" + " " * 199)]),
+     "tools[0].parameters_json",
      "--max-tool-json-bytes"),
     ("chat-tool-depth", chat_request(tools=[Tool(name="a", parameters_json='{"a": [[[[[1]]]]]}')]),
      "tools[0].parameters_json", "6 levels deep; the limit is 5 (--max-json-depth)"),
@@ -176,10 +177,12 @@ async def test_hostile_tool_json_is_invalid_argument(stub: tokenizer_pb2_grpc.To
                                                      text: str, fragment: str) -> None:
     await assert_rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=[USER], tools=[
         Tool(name="f", parameters_json=text)]), "tools[0].parameters_json", fragment)
-    await assert_rejected(stub, chat_request(tools=[Tool(name="f", parameters_json=text)]), "tools[0].parameters_json", fragment)
+    await assert_rejected(stub, chat_request(tools=[Tool(name="f", parameters_json=text)]), "tools[0].parameters_json",
+                          fragment)
     await assert_rejected(stub, tokenizer_pb2.ApplyChatTemplateRequest(messages=_calls(text)),
                     "messages[1].tool_calls[0].arguments_json", fragment)
-    await assert_rejected(stub, chat_request(messages=_calls(text)), "messages[1].tool_calls[0].arguments_json", fragment)
+    await assert_rejected(stub, chat_request(messages=_calls(text)), "messages[1].tool_calls[0].arguments_json",
+                          fragment)
 
 
 async def test_surrogate_pairs_and_brackets_in_strings_are_fine(stub: tokenizer_pb2_grpc.TokenizerServiceStub
