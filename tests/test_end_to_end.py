@@ -20,7 +20,6 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2
 
 from qwen3serve.engine.v1 import engine_pb2
-from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from serving import Services, health_status, start_engine, start_services, wait_until, write_scripted_checkpoint
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.client import AsyncEngineClient, AsyncTokenizerClient
@@ -58,11 +57,7 @@ def user(text: str) -> list[dict[str, str]]:
 
 def template(tokenizer: ChatTokenizer, messages: list[dict[str, str]], enable_thinking: bool | None = None
              ) -> list[int]:
-    request = tokenizer_pb2.ApplyChatTemplateRequest(
-        messages=[tokenizer_pb2.ChatMessage(**m) for m in messages], add_generation_prompt=True)
-    if enable_thinking is not None:
-        request.enable_thinking = enable_thinking
-    return tokenizer.apply_chat_template(request)[1]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)[1]
 
 
 def one_shot(tokenizer: ChatTokenizer, ids: list[int]) -> str:

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import fields
 
 from service_common.logging import configure_logging
 from service_common.metrics import start_metrics_server
 from service_common.server import ServerConfig, serve_until_signal
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.config import TokenizerServiceConfig
+from tokenizer_service.config import RequestLimits, TokenizerServiceConfig
+from tokenizer_service.limits import option_name
 from tokenizer_service.server import start_tokenizer_server
 
 log = logging.getLogger("tokenizer_service")
@@ -49,6 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
                    help="least severe log records written (default: %(default)s)")
     p.add_argument("--log-format", default=defaults["log_format"].default, choices=["kv", "json"],
                    help="key=value lines or JSON lines (default: %(default)s)")
+    # ---- request limits: one option per RequestLimits field --------------------------------------
+    limits = p.add_argument_group("request limits", "checked before any other work; a request beyond one is "
+                                  "answered INVALID_ARGUMENT naming the field and the limit (sizes: UTF-8 bytes)")
+    for f in fields(RequestLimits):
+        limits.add_argument(option_name(f.name), type=int, default=f.default, metavar="N",
+                            help=f"{f.metadata['help']} (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         return TokenizerServiceConfig(
@@ -57,7 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
             engine_probe_timeout_s=args.engine_probe_timeout, grace_s=args.grace,
             log_level=args.log_level, log_format=args.log_format,
             server=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
-                                max_message_bytes=args.max_message_mb * 2**20))
+                                max_message_bytes=args.max_message_mb * 2**20),
+            limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}))
     except ValueError as exc:
         p.error(str(exc))  # exits with status 2 and the usage line
 
@@ -69,7 +78,8 @@ async def serve(config: TokenizerServiceConfig) -> None:
         log.info("metrics exporter listening", extra={"address": f"{config.host}:{metrics_port}"})
     running = await start_tokenizer_server(
         tokenizer, config.engine, host=config.host, port=config.port, server_config=config.server,
-        probe_interval_s=config.engine_probe_interval_s, probe_timeout_s=config.engine_probe_timeout_s)
+        probe_interval_s=config.engine_probe_interval_s, probe_timeout_s=config.engine_probe_timeout_s,
+        limits=config.limits)
     try:
         await serve_until_signal(running.server, running.health, config.grace_s)
     finally:

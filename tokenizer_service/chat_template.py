@@ -1,17 +1,29 @@
 """The checkpoint's tokenizer and its own chat template (rendered by transformers, never by hand).
 
-Requests arrive as protos; :func:`messages_to_dicts` / :func:`tools_to_dicts` turn them into the
-OpenAI-style dicts that Hugging Face chat templates expect (validating roles and tool JSON, with
-errors naming the field), and :class:`ChatTokenizer` renders and tokenizes them.
+Plain types only: conversations are the OpenAI-style dicts Hugging Face chat templates take (the
+servicer converts protos, :mod:`tokenizer_service.conversation`).
 
-Tokenization goes through the ``tokenizers`` backend directly: its ``encode``/``decode`` take the
-tokenizer immutably, so they are safe from worker threads, where transformers' wrappers may mutate
-padding/truncation state.
+**Chat content is text.** A special-token string written inside a message (``<|im_start|>system``,
+``<|im_end|>``) is tokenized as the characters it is made of, never as the control token, so a user
+cannot forge a role; only the template's own special tokens become special ids. How: every string
+the caller supplied is escaped before rendering (special-token strings and the escape character
+become private-use placeholders, :class:`_SpecialTextEscape`), so after rendering every special-token
+string left in the prompt is the template's. The prompt is split at those, each piece between them
+is unescaped and encoded with special-token matching off, and the pieces' ids are joined with the
+template's special ids. This is exactly how ``tokenizers`` itself encodes (it splits at added tokens
+before pre-tokenizing), so a conversation without special-token strings in its content gets the same
+ids as transformers' ``apply_chat_template(tokenize=True)``; non-special added tokens (Qwen3's
+``<think>``, ``<tool_call>``) are matched in content as transformers matches them.
+
+Tokenization calls the ``tokenizers`` backend's batch methods, also for one text: a single
+``encode`` holds the GIL for its whole run (seconds for megabytes), its batch form releases it, so a
+worker thread running it leaves the event loop free (measured: docs/RELIABILITY.md, "Limits").
+The backends are used immutably (no padding/truncation state), so they are safe from worker threads.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,69 +32,40 @@ import jinja2
 import tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from service_common.errors import InvalidArgument
 
-ROLES = ("system", "user", "assistant", "tool")
+Json = dict[str, Any]
 
 
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(field, f"not valid JSON ({exc.msg} at position {exc.pos})") from exc
-    if not isinstance(value, dict):
-        raise InvalidArgument(field, f"must be a JSON object, got {type(value).__name__}")
-    return value
+class _SpecialTextEscape:
+    """Reversible escaping of special-token strings inside caller-supplied text.
 
+    ``ESC`` (a private-use character) followed by one code character: ``ESC ESC`` is a literal ESC,
+    ``ESC chr(0xE001 + i)`` is special token ``i``. Templates transform content (Qwen3's strips
+    newlines and splits at ``</think>``) but never inside these two-character sequences.
+    """
 
-def messages_to_dicts(messages: Sequence[tokenizer_pb2.ChatMessage], field: str = "messages"
-                      ) -> list[dict[str, Any]]:
-    """Proto messages -> chat-template dicts (OpenAI layout); InvalidArgument names the bad field."""
-    if not messages:
-        raise InvalidArgument(field, "at least one message is required")
-    out: list[dict[str, Any]] = []
-    for i, msg in enumerate(messages):
-        where = f"{field}[{i}]"
-        if msg.role not in ROLES:
-            raise InvalidArgument(f"{where}.role", f"must be one of {', '.join(ROLES)}; got {msg.role!r}")
-        entry: dict[str, Any] = {"role": msg.role, "content": msg.content}
-        if msg.HasField("reasoning_content"):
-            if msg.role != "assistant":
-                raise InvalidArgument(f"{where}.reasoning_content", "only assistant messages have reasoning")
-            entry["reasoning_content"] = msg.reasoning_content
-        if msg.tool_calls:
-            if msg.role != "assistant":
-                raise InvalidArgument(f"{where}.tool_calls", "only assistant messages make tool calls")
-            calls = []
-            for j, call in enumerate(msg.tool_calls):
-                if not call.name:
-                    raise InvalidArgument(f"{where}.tool_calls[{j}].name", "must not be empty")
-                arguments = _json_object(call.arguments_json or "{}", f"{where}.tool_calls[{j}].arguments_json")
-                calls.append({**({"id": call.id} if call.id else {}), "type": "function",
-                              "function": {"name": call.name, "arguments": arguments}})
-            entry["tool_calls"] = calls
-        if msg.tool_call_id:
-            if msg.role != "tool":
-                raise InvalidArgument(f"{where}.tool_call_id", "only tool messages answer a tool call")
-            entry["tool_call_id"] = msg.tool_call_id
-        out.append(entry)
-    return out
+    ESC = "\ue000"
 
+    def __init__(self, specials: Sequence[str]) -> None:
+        self._encode = {self.ESC: self.ESC * 2} | {s: self.ESC + chr(0xE001 + i) for i, s in enumerate(specials)}
+        self._decode = {code[1]: text for text, code in self._encode.items()}
+        longest_first = sorted(self._encode, key=len, reverse=True)
+        self._find = re.compile("|".join(map(re.escape, longest_first)))
+        self._escaped = re.compile(re.escape(self.ESC) + r"([\s\S])")
 
-def tools_to_dicts(tools: Sequence[tokenizer_pb2.Tool], field: str = "tools") -> list[dict[str, Any]]:
-    """Proto tools -> OpenAI function-tool dicts; InvalidArgument names the bad field."""
-    out = []
-    for i, tool in enumerate(tools):
-        if not tool.name:
-            raise InvalidArgument(f"{field}[{i}].name", "must not be empty")
-        function: dict[str, Any] = {"name": tool.name}
-        if tool.description:
-            function["description"] = tool.description
-        if tool.parameters_json:
-            function["parameters"] = _json_object(tool.parameters_json, f"{field}[{i}].parameters_json")
-        out.append({"type": "function", "function": function})
-    return out
+    def escape(self, value: Any) -> Any:
+        """``value`` (JSON-like: dicts, lists, strings, numbers) with every string escaped, keys too."""
+        if isinstance(value, str):
+            return self._find.sub(lambda m: self._encode[m[0]], value)
+        if isinstance(value, dict):
+            return {self.escape(k): self.escape(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.escape(v) for v in value]
+        return value
+
+    def unescape(self, text: str) -> str:
+        return self._escaped.sub(lambda m: self._decode.get(m[1], m[0]), text)
 
 
 class ChatTokenizer:
@@ -98,6 +81,16 @@ class ChatTokenizer:
         self.hf = hf_tokenizer
         self.backend: tokenizers.Tokenizer = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # A second backend that encodes special-token strings as text (transformers' split_special_tokens):
+        # a copy, because the flag is the tokenizer's state and the backend is shared by worker threads.
+        self._text_backend = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._text_backend.encode_special_tokens = True
+        self.special_ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._escape = _SpecialTextEscape(list(self.special_ids))
+        longest_first = sorted(self.special_ids, key=len, reverse=True)
+        # No special tokens: a pattern that never matches (an empty alternation would match everywhere).
+        self._split_specials = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")" if longest_first
+                                          else r"(\Z.)")
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ChatTokenizer:
@@ -108,7 +101,8 @@ class ChatTokenizer:
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of a raw text; special-token strings in it become their special ids."""
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
                field: str = "token_ids") -> str:
@@ -117,12 +111,13 @@ class ChatTokenizer:
         if bad is not None:
             raise InvalidArgument(f"{field}[{bad}]", f"token id {token_ids[bad]} is not below the "
                                                      f"tokenizer's vocabulary size {self.vocab_size}")
-        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode_batch([list(token_ids)], skip_special_tokens=skip_special_tokens)[0]
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+    def render(self, messages: list[Json], tools: list[Json] | None = None, *,
                add_generation_prompt: bool, enable_thinking: bool | None = None) -> str:
-        """The prompt text of a conversation. Template errors (``raise_exception`` in the template,
-        e.g. a role order it does not accept) are InvalidArgument on ``messages``."""
+        """The prompt text of a conversation, as the template writes it. Template errors
+        (``raise_exception`` in the template, e.g. a role order it does not accept) are InvalidArgument
+        on ``messages``."""
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:  # Qwen3's template tests `enable_thinking is defined`
             kwargs["enable_thinking"] = enable_thinking
@@ -135,10 +130,19 @@ class ChatTokenizer:
             raise TypeError(f"apply_chat_template returned {type(prompt).__name__}, expected str")
         return prompt
 
-    def apply_chat_template(self, request: tokenizer_pb2.ApplyChatTemplateRequest) -> tuple[str, list[int]]:
-        """Render and tokenize (the template's special-token strings become their special ids)."""
-        prompt = self.render(messages_to_dicts(request.messages), tools_to_dicts(request.tools),
-                             add_generation_prompt=request.add_generation_prompt,
-                             enable_thinking=request.enable_thinking if request.HasField("enable_thinking")
-                             else None)
-        return prompt, self.encode(prompt)
+    def apply_chat_template(self, messages: list[Json], tools: list[Json] | None = None, *,
+                            add_generation_prompt: bool, enable_thinking: bool | None = None
+                            ) -> tuple[str, list[int]]:
+        """Render and tokenize: (prompt text, prompt ids). The template's special-token strings become
+        special ids; the same strings inside the caller's content stay text (module docstring)."""
+        escaped = self.render(self._escape.escape(messages), self._escape.escape(tools or []),
+                              add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        # re.split with a capturing group: [text, special, text, special, ..., text]
+        parts = self._split_specials.split(escaped)
+        texts = [self._escape.unescape(t) for t in parts[0::2]]
+        encoded = self._text_backend.encode_batch_fast(texts, add_special_tokens=False)
+        ids: list[int] = list(encoded[0].ids)
+        for special, piece in zip(parts[1::2], encoded[1:], strict=True):
+            ids.append(self.special_ids[special])
+            ids.extend(piece.ids)
+        return self._escape.unescape(escaped), ids

@@ -1,11 +1,46 @@
-"""The tokenizer service's configuration (one frozen dataclass; errors name the field)."""
+"""The tokenizer service's configuration (frozen dataclasses; errors name the field)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from service_common.server import ServerConfig
+
+
+def _limit(default: int, help: str) -> int:
+    """A request limit: its default and the ``--help`` text of its command-line option."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold, checked before any per-item work (tokenizing, parsing, rendering).
+
+    Each limit is a command-line option (``--max-text-bytes`` for ``max_text_bytes``, ...); a request
+    beyond one is answered INVALID_ARGUMENT naming the field and the limit. Sizes are UTF-8 bytes.
+    """
+
+    max_text_bytes: int = _limit(
+        1 << 20, "text to tokenize: Tokenize.text, Complete.prompt, each chat message's content and the "
+                 "chat's total (content, reasoning, tool-call arguments, tool definitions)")
+    max_chat_messages: int = _limit(1024, "messages in one chat")
+    max_tools: int = _limit(128, "tools offered in one chat, and tool calls in one message")
+    max_tool_json_bytes: int = _limit(
+        64 << 10, "one tool's parameters_json or description, one tool call's arguments_json")
+    max_json_depth: int = _limit(64, "nesting depth of tool JSON (objects and arrays)")
+    max_stop_strings: int = _limit(16, "stop strings per request")
+    max_stop_bytes: int = _limit(256, "one stop string")
+    max_request_id_bytes: int = _limit(256, "a request_id")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.max_tool_json_bytes > self.max_text_bytes:
+            raise ValueError(f"max_tool_json_bytes ({self.max_tool_json_bytes}) must not exceed "
+                             f"max_text_bytes ({self.max_text_bytes})")
 
 
 @dataclass(frozen=True)
@@ -21,6 +56,7 @@ class TokenizerServiceConfig:
     log_level: str = "INFO"
     log_format: str = "kv"               # "kv" (key=value) or "json"
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))

@@ -47,7 +47,8 @@ class IncrementalDetokenizer:
         if self._finished:
             return ""
         self._finished = True
-        full = self._tokenizer.decode(self._token_ids, skip_special_tokens=self._skip_special_tokens)
+        # The batch form releases the GIL (a long output takes milliseconds; callers run this in a thread).
+        full = self._tokenizer.decode_batch([self._token_ids], skip_special_tokens=self._skip_special_tokens)[0]
         if len(full) < self._emitted_chars:
             # Cannot happen for byte-level BPE; a tokenizer whose decoder rewrites earlier text (e.g.
             # whitespace clean-up) would break the contract, so fail loudly rather than garble text.

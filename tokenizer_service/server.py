@@ -1,6 +1,9 @@
 """The TokenizerService servicer: text in, text out, with the engine's Generate behind Chat/Complete.
 
-One generation request, in order: render (chat template) and tokenize in a worker thread ->
+One generation request, in order: limits (:mod:`tokenizer_service.limits`: counts and sizes, before
+any per-item work) -> convert, render (chat template) and tokenize in a worker thread (the tokenizer
+releases the GIL there, so the event loop keeps serving) -> the prompt's length against the engine's
+``max_model_len`` ->
 ``EngineService.Generate`` with the caller's remaining deadline -> for every engine message:
 incremental detokenization -> stop-string hold-back -> (Chat) reasoning split -> (Chat with tools)
 tool-call parsing -> a response message when there is new text. A matched stop string, a client cancel or a deadline cancels the
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -30,8 +33,11 @@ from service_common.errors import InvalidArgument, ServiceError, from_rpc_error,
 from service_common.logging import bind_request_id
 from service_common.server import ServerConfig, bind, build_server, set_serving
 from tokenizer_service.chat_template import ChatTokenizer
+from tokenizer_service.config import RequestLimits
+from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
 from tokenizer_service.detokenizer import IncrementalDetokenizer
 from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
+from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
 from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
 from tokenizer_service.tool_calls import ParsedToolCall, ToolCallParser
 
@@ -52,26 +58,59 @@ class _TextDelta:
     matched_stop: str = ""
 
 
-def _check_text_generation(sampling: engine_pb2.SamplingParams, stops: Sequence[str]) -> None:
-    if sampling.HasField("logprobs"):
+def _check_text_generation(request: tokenizer_pb2.ChatRequest | tokenizer_pb2.CompleteRequest,
+                           limits: RequestLimits) -> None:
+    """What Chat and Complete share: request_id and stop strings within the limits, no logprobs."""
+    check_request_id(request.request_id, limits)
+    check_stop_strings(request.stop, limits)
+    if request.sampling_params.HasField("logprobs"):
         raise InvalidArgument("sampling_params.logprobs",
                               "token log-probabilities are served by EngineService.Generate only")
-    for i, stop in enumerate(stops):
-        if not stop:
-            raise InvalidArgument(f"stop[{i}]", "must not be empty")
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    """Serves TokenizerService with ``tokenizer``, generating through ``engine`` (an EngineService stub)."""
+    """Serves TokenizerService with ``tokenizer``, generating through ``engine`` (an EngineService stub);
+    every request is held to ``limits`` before any other work."""
 
-    def __init__(self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub,
+                 limits: RequestLimits | None = None) -> None:
         self._tokenizer = tokenizer
         self._engine = engine
+        self._limits = limits or RequestLimits()
+        self._max_model_len: int | None = None  # the engine's, once asked (forget_model_info resets it)
+
+    def forget_model_info(self) -> None:
+        """The engine (re)started: ask for its max_model_len again before the next prompt."""
+        self._max_model_len = None
+
+    def _render(self, messages: Sequence[tokenizer_pb2.ChatMessage], tools: Sequence[tokenizer_pb2.Tool],
+                add_generation_prompt: bool, enable_thinking: bool | None) -> tuple[str, list[int]]:
+        """Convert, render and tokenize a conversation (in a worker thread: parsing and rendering are
+        linear in the request's size, bounded by the limits checked before)."""
+        return self._tokenizer.apply_chat_template(
+            messages_to_dicts(messages, self._limits), tools_to_dicts(tools, self._limits),
+            add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+
+    async def _check_prompt_length(self, prompt_ids: Sequence[int], field: str) -> None:
+        """InvalidArgument on ``field`` if the prompt leaves no room for one generated token. Asks the
+        engine's GetModelInfo once; if that fails, the engine's own check decides (see _generate)."""
+        if self._max_model_len is None:
+            try:
+                info = await self._engine.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=2.0)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("GetModelInfo failed; the engine checks the prompt's length itself",
+                          extra={"code": exc.code().name})
+                return
+            self._max_model_len = info.max_model_len
+        if len(prompt_ids) >= self._max_model_len:
+            raise InvalidArgument(field, f"the prompt has {len(prompt_ids)} tokens; the model's maximum length "
+                                         f"is {self._max_model_len} tokens, including at least one generated token")
 
     # ---- unary ------------------------------------------------------------------------------
     @handle_errors
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> tokenizer_pb2.TokenizeResponse:
+        check_text("text", request.text, self._limits)
         ids = await asyncio.to_thread(self._tokenizer.encode, request.text, request.add_special_tokens)
         return tokenizer_pb2.TokenizeResponse(token_ids=ids)
 
@@ -84,26 +123,29 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @handle_errors
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
                                 context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
-        prompt, ids = await asyncio.to_thread(self._tokenizer.apply_chat_template, request)
+        check_conversation(request.messages, request.tools, self._limits)
+        prompt, ids = await asyncio.to_thread(
+            self._render, request.messages, request.tools, request.add_generation_prompt,
+            request.enable_thinking if request.HasField("enable_thinking") else None)
         return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, prompt_token_ids=ids)
 
     # ---- streaming --------------------------------------------------------------------------
     @handle_errors
     async def Chat(self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
+        _check_text_generation(request, self._limits)  # before the id is logged: it may be too long
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
-        _check_text_generation(request.sampling_params, request.stop)
-        template_request = tokenizer_pb2.ApplyChatTemplateRequest(
-            messages=request.messages, tools=request.tools, add_generation_prompt=True)
-        if request.HasField("enable_thinking"):
-            template_request.enable_thinking = request.enable_thinking
-        prompt, prompt_ids = await asyncio.to_thread(self._tokenizer.apply_chat_template, template_request)
+        check_conversation(request.messages, request.tools, self._limits)
+        prompt, prompt_ids = await asyncio.to_thread(
+            self._render, request.messages, request.tools, True,
+            request.enable_thinking if request.HasField("enable_thinking") else None)
+        await self._check_prompt_length(prompt_ids, "messages")
         splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
         tool_parser = ToolCallParser() if request.tools else None  # calls are parsed only when tools are offered
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
-        async with aclosing(self._generate(request_id, prompt_ids, request.sampling_params, request.stop,
-                                           context)) as deltas:
+        async with aclosing(self._generate(request_id, prompt_ids, "messages", request.sampling_params,
+                                           request.stop, context)) as deltas:
             async for delta in deltas:
                 finished = delta.finish_reason != _UNFINISHED
                 reasoning, text = splitter.push(delta.text)
@@ -128,14 +170,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @handle_errors
     async def Complete(self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
+        _check_text_generation(request, self._limits)
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
-        _check_text_generation(request.sampling_params, request.stop)
+        check_text("prompt", request.prompt, self._limits)
         prompt_ids = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
-        async with aclosing(self._generate(request_id, prompt_ids, request.sampling_params, request.stop,
-                                           context)) as deltas:
+        await self._check_prompt_length(prompt_ids, "prompt")
+        async with aclosing(self._generate(request_id, prompt_ids, "prompt", request.sampling_params,
+                                           request.stop, context)) as deltas:
             async for delta in deltas:
                 if delta.finish_reason != _UNFINISHED:
                     yield tokenizer_pb2.CompleteResponse(
@@ -144,9 +188,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 elif delta.text:
                     yield tokenizer_pb2.CompleteResponse(request_id=request_id, text=delta.text)
 
-    async def _generate(self, request_id: str, prompt_ids: list[int], sampling: engine_pb2.SamplingParams,
-                        stops: Sequence[str], context: grpc.aio.ServicerContext) -> AsyncIterator[_TextDelta]:
-        """Call the engine and turn its token stream into text deltas, ending with a finished one."""
+    async def _generate(self, request_id: str, prompt_ids: list[int], prompt_field: str,
+                        sampling: engine_pb2.SamplingParams, stops: Sequence[str],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[_TextDelta]:
+        """Call the engine and turn its token stream into text deltas, ending with a finished one.
+        The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""
         detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
         matcher = StopStringMatcher(stops)
         call = self._engine.Generate(
@@ -162,8 +208,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if response.HasField("usage"):
                     cached_prompt_tokens = response.usage.cached_prompt_tokens
                 text = detokenizer.push(response.token_ids)
-                if finished:
-                    text += detokenizer.finish()
+                if finished:  # decodes the whole output once: off the loop
+                    text += await asyncio.to_thread(detokenizer.finish)
                 out = matcher.push(text)
                 if isinstance(out, StopMatch):
                     usage = response.usage if finished else engine_pb2.Usage(
@@ -177,7 +223,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if out:
                     yield _TextDelta(out)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "engine") from exc
+            error = from_rpc_error(exc, "engine")
+            if isinstance(error, InvalidArgument) and error.field == "prompt_token_ids":
+                error = InvalidArgument(prompt_field, error.description)
+            raise error from exc
         finally:
             # No-op when the engine finished; otherwise (stop string, client cancel, deadline, error)
             # the engine sees CANCELLED and aborts the request.
@@ -190,7 +239,9 @@ class EngineHealthProbe:
     service answers SERVING for EngineService. Status changes are logged once, not every probe."""
 
     def __init__(self, channel: grpc.aio.Channel, health: health_aio.HealthServicer,
-                 service_names: Sequence[str], interval_s: float = 2.0, timeout_s: float = 1.0) -> None:
+                 service_names: Sequence[str], interval_s: float = 2.0, timeout_s: float = 1.0,
+                 on_serving: Callable[[], None] | None = None) -> None:
+        self._on_serving = on_serving  # called each time the engine turns SERVING (it may have restarted)
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._health = health
         self._service_names = tuple(service_names)
@@ -213,6 +264,8 @@ class EngineHealthProbe:
                                                                                    "serving": serving})
             await set_serving(self._health, self._service_names, serving)
             self.engine_serving = serving
+            if serving and self._on_serving is not None:
+                self._on_serving()
         return serving
 
     def start(self) -> None:
@@ -272,20 +325,21 @@ class TokenizerServer:
 
 async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *, host: str = "127.0.0.1",
                                  port: int = 0, server_config: ServerConfig | None = None,
-                                 probe_interval_s: float = 2.0, probe_timeout_s: float = 1.0
-                                 ) -> TokenizerServer:
+                                 probe_interval_s: float = 2.0, probe_timeout_s: float = 1.0,
+                                 limits: RequestLimits | None = None) -> TokenizerServer:
     """Build, bind and start the server (port 0: a free one) and the engine health probe."""
     server, health = build_server([SERVICE_NAME], server_config)
     channel = engine_channel(engine_target, server_config)
-    tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-        TokenizerServicer(tokenizer, engine_pb2_grpc.EngineServiceStub(channel)), server)
+    servicer = TokenizerServicer(tokenizer, engine_pb2_grpc.EngineServiceStub(channel), limits)
+    tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(servicer, server)
     try:
         bound = bind(server, host, port)
     except OSError:
         await channel.close()
         raise
     await server.start()
-    probe = EngineHealthProbe(channel, health, [SERVICE_NAME], probe_interval_s, probe_timeout_s)
+    probe = EngineHealthProbe(channel, health, [SERVICE_NAME], probe_interval_s, probe_timeout_s,
+                              on_serving=servicer.forget_model_info)
     probe.start()
     log.info("tokenizer service listening", extra={"address": f"{host}:{bound}", "engine": engine_target})
     return TokenizerServer(server, health, bound, channel, probe)
