@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pki import Pki, write_pki
-from serving import Services, free_port, health_status, start_services
+from serving import REPO, Services, free_port, health_status, start_services
 
 from engine_service.__main__ import parse_args as engine_args
 from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
@@ -331,3 +333,35 @@ def test_every_security_option_shows_its_default(capsys: pytest.CaptureFixture[s
     assert len(blocks) >= (5 if cli is engine_args else 11)
     for block in blocks:
         assert "(default:" in " ".join(block.split()), block
+
+
+async def test_the_tokenizer_cli_serves_tls_and_a_key_file(demo_checkpoint: Path, pki: Pki, tmp_path: Path) -> None:
+    """The options wired through ``python -m tokenizer_service`` (a real process)."""
+    key_file = tmp_path / "key"
+    key_file.write_text(TOKENIZER_KEY + "\n")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint), "--engine",
+        f"127.0.0.1:{free_port()}", "--port", str(port), "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key), "--api-key-file", str(key_file), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # health needs no key; NOT_SERVING: no engine behind it
+            try:
+                status = await health_status(target, TOKENIZER_SERVICE, ChannelSecurity(client_tls(pki, False)))
+                break
+            except grpc.aio.AioRpcError:
+                assert time.monotonic() < deadline and proc.returncode is None, "the CLI did not start"
+                await asyncio.sleep(0.2)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with AsyncTokenizerClient(target, root_certificates=pki.ca.read_bytes(), api_key=TOKENIZER_KEY) as c:
+            assert await c.tokenize("Hello", timeout=10) == [9707]
+        async with AsyncTokenizerClient(target, root_certificates=pki.ca.read_bytes()) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.tokenize("Hello", timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
