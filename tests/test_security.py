@@ -170,6 +170,20 @@ async def test_the_bearer_scheme_is_case_insensitive_and_one_header_only(secured
 
 
 @module_loop
+async def test_a_wrong_engine_key_is_a_server_error_not_the_callers(secured: Services, pki: Pki,
+                                                                    tokenizer: ChatTokenizer) -> None:
+    front = await start_tokenizer_server(tokenizer, secured.engine_target,
+                                         engine_security=ChannelSecurity(client_tls(pki), "not-the-key-0123456789"))
+    try:
+        async with AsyncTokenizerClient(f"127.0.0.1:{front.port}") as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _drain(client.chat([{"role": "user", "content": "Hi"}], max_tokens=2, timeout=10))
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        await front.stop(0)
+
+
+@module_loop
 async def test_health_answers_without_a_key(secured: Services, pki: Pki) -> None:
     assert await health_status(secured.tokenizer_target, TOKENIZER_SERVICE,
                                ChannelSecurity(client_tls(pki, with_cert=False))) == SERVING
