@@ -9,6 +9,7 @@ import sys
 
 from engine_service.config import EngineConfig
 from engine_service.limits import RequestLimits
+from service_common.options import add_security_options, parse_or_exit, server_security
 
 log = logging.getLogger("engine_service")
 
@@ -61,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="kv", choices=["kv", "json"])
-    return p.parse_args(argv)
+    add_security_options(p)
+    args = p.parse_args(argv)
+    args.security = parse_or_exit(p, server_security, args)  # files read now: bad ones exit 2 before loading
+    return args
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -82,7 +86,8 @@ async def serve(args: argparse.Namespace) -> int:
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
                                         host=args.host, port=args.port,
-                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs),
+                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                                            security=args.security),
                                         log_level=args.log_level, log_format=args.log_format,
                                         stream_interval=args.stream_interval,
                                         limits=RequestLimits(args.max_request_id_bytes, args.max_stop_token_ids))

@@ -222,7 +222,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     servicer = EngineServicer(name, str(model_path), limits=limits)
     server, health = build_server([SERVICE_NAME], config)
     engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, config.security if config is not None else None)
     await server.start()
     running = EngineServer(server, health, servicer, bound)
 

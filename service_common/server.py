@@ -2,9 +2,10 @@
 
 Usage (what ``python -m tokenizer_service`` and ``python -m engine_service`` do)::
 
-    server, health = build_server([SERVICE_NAME], ServerConfig(max_concurrent_rpcs=1024))
+    config = ServerConfig(max_concurrent_rpcs=1024, security=ServerSecurity(tls=..., api_key=...))
+    server, health = build_server([SERVICE_NAME], config)
     add_MyServiceServicer_to_server(servicer, server)
-    port = bind(server, "127.0.0.1", 50051)
+    port = bind(server, "127.0.0.1", 50051, config.security)  # TLS if configured
     await server.start()
     await set_serving(health, [SERVICE_NAME], True)      # when ready to take requests
     await serve_until_signal(server, health, grace_s=10)  # SIGTERM/SIGINT: NOT_SERVING, then stop(grace)
@@ -16,7 +17,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -26,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from service_common.metrics import RpcMetricsInterceptor
+from service_common.security import ServerSecurity, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class ServerConfig:
     keepalive_timeout_s: float = 10.0
     # Clients may ping this often without being told to go away (too_many_pings).
     min_client_ping_interval_s: float = 10.0
+    # TLS / mutual TLS and the API key (service_common.security); default plaintext, no key.
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -112,7 +116,8 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     if not service_names:
         raise ValueError("service_names must name at least one service")
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(service_names), *interceptors],
+        # Metrics outermost: UNAUTHENTICATED answers are counted too.
+        interceptors=[RpcMetricsInterceptor(service_names), *config.security.interceptors(), *interceptors],
         options=config.channel_options(),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -134,20 +139,25 @@ async def set_serving(health: health_aio.HealthServicer, service_names: Iterable
         await health.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0) -> int:
-    """Listen on ``host:port`` (plaintext); port 0 picks a free port. Returns the bound port.
+def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0,
+         security: ServerSecurity | None = None) -> int:
+    """Listen on ``host:port``, with TLS when ``security.tls`` is set; port 0 picks a free port.
+    Returns the bound port. Warns (once) when a non-loopback host gets neither TLS nor an API key.
 
     Raises OSError naming the address when it cannot be bound (in use, bad host).
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in [0, 65535], got {port}")
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    tls = security.tls if security is not None else None
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if tls is None
+                 else server.add_secure_port(address, tls.credentials()))
     except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
+    warn_if_exposed(host, security)
     return bound
 
 

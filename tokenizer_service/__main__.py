@@ -10,6 +10,8 @@ from dataclasses import fields
 
 from service_common.logging import configure_logging
 from service_common.metrics import start_metrics_server
+from service_common.options import (add_engine_channel_options, add_security_options, engine_channel_security,
+                                    parse_or_exit, server_security)
 from service_common.server import ServerConfig, serve_until_signal
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits, TokenizerServiceConfig
@@ -57,15 +59,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
     for f in fields(RequestLimits):
         limits.add_argument(option_name(f.name), type=int, default=f.default, metavar="N",
                             help=f"{f.metadata['help']} (default: %(default)s)")
+    add_security_options(p)
+    add_engine_channel_options(p)
     args = p.parse_args(argv)
+    security = parse_or_exit(p, server_security, args)
+    engine_security = parse_or_exit(p, engine_channel_security, args)
     try:
         return TokenizerServiceConfig(
             model=args.model, engine=args.engine, host=args.host, port=args.port,
             metrics_port=args.metrics_port, engine_probe_interval_s=args.engine_probe_interval,
             engine_probe_timeout_s=args.engine_probe_timeout, grace_s=args.grace,
-            log_level=args.log_level, log_format=args.log_format,
+            log_level=args.log_level, log_format=args.log_format, engine_security=engine_security,
             server=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
-                                max_message_bytes=args.max_message_mb * 2**20),
+                                max_message_bytes=args.max_message_mb * 2**20, security=security),
             limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}))
     except ValueError as exc:
         p.error(str(exc))  # exits with status 2 and the usage line
@@ -79,7 +85,7 @@ async def serve(config: TokenizerServiceConfig) -> None:
     running = await start_tokenizer_server(
         tokenizer, config.engine, host=config.host, port=config.port, server_config=config.server,
         probe_interval_s=config.engine_probe_interval_s, probe_timeout_s=config.engine_probe_timeout_s,
-        limits=config.limits)
+        limits=config.limits, engine_security=config.engine_security)
     try:
         await serve_until_signal(running.server, running.health, config.grace_s)
     finally:

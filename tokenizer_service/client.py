@@ -12,6 +12,12 @@ Sampling fields are keyword arguments named as in ``SamplingParams`` (an unknown
 TypeError). Messages and tools may be protos or OpenAI-style dicts. Failures are raised as the
 ``grpc.RpcError`` the server sent (see ``service_common.errors.from_rpc_error`` for domain errors).
 Leaving a stream early cancels the call, which aborts the request on the server.
+
+Secured servers (``--tls-cert``, ``--tls-client-ca``, ``--api-key``): every client takes
+``root_certificates`` (PEM bytes of the CA to trust; TLS with the system's CAs when only ``tls=True``),
+``certificate_chain``/``private_key`` (mutual TLS) and ``api_key`` (sent as ``authorization: Bearer``)::
+
+    TokenizerClient("host:50052", root_certificates=Path("ca.pem").read_bytes(), api_key=key)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import grpc.aio
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from service_common.security import ChannelSecurity, ChannelTls, aio_channel, sync_channel
 
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20),
@@ -97,11 +104,28 @@ def _template_request(messages: Iterable[MessageLike], tools: Iterable[ToolLike]
     return request
 
 
+def _security(channel: object, tls: bool | None, root_certificates: bytes | None,
+              certificate_chain: bytes | None, private_key: bytes | None, api_key: str | None) -> ChannelSecurity:
+    """TLS when asked (``tls``) or implied by any certificate argument; the key sent on every call."""
+    given = tls or root_certificates or certificate_chain or private_key or api_key
+    if channel is not None and given:
+        raise TypeError("give either a channel (with its own credentials) or credentials, not both")
+    use_tls = tls if tls is not None else any(x is not None for x in (root_certificates, certificate_chain))
+    return ChannelSecurity(ChannelTls(root_certificates, certificate_chain, private_key) if use_tls else None,
+                           api_key)
+
+
 # ---- asyncio ------------------------------------------------------------------------------------
 class _AsyncClient:
-    def __init__(self, target: str, channel: grpc.aio.Channel | None = None) -> None:
+    stub_class: Any  # the generated stub class of the service
+
+    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None, *, tls: bool | None = None,
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, api_key: str | None = None) -> None:
+        security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
         self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.channel = channel or aio_channel(target, _CHANNEL_OPTIONS, security)
+        self.stub = self.stub_class(self.channel)
 
     async def close(self) -> None:
         if self._own_channel:
@@ -125,9 +149,7 @@ async def _stream(call: Any) -> AsyncIterator[Any]:
 class AsyncEngineClient(_AsyncClient):
     """EngineService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
 
-    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None) -> None:
-        super().__init__(target, channel)
-        self.stub = engine_pb2_grpc.EngineServiceStub(self.channel)
+    stub_class = engine_pb2_grpc.EngineServiceStub
 
     def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
                  **sampling: Any) -> AsyncIterator[engine_pb2.GenerateResponse]:
@@ -149,9 +171,7 @@ class AsyncEngineClient(_AsyncClient):
 class AsyncTokenizerClient(_AsyncClient):
     """TokenizerService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
 
-    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None) -> None:
-        super().__init__(target, channel)
-        self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+    stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
 
     async def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None
                        ) -> list[int]:
@@ -186,9 +206,15 @@ class AsyncTokenizerClient(_AsyncClient):
 
 # ---- blocking -----------------------------------------------------------------------------------
 class _SyncClient:
-    def __init__(self, target: str, channel: grpc.Channel | None = None) -> None:
+    stub_class: Any  # the generated stub class of the service
+
+    def __init__(self, target: str = "", channel: grpc.Channel | None = None, *, tls: bool | None = None,
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, api_key: str | None = None) -> None:
+        security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.channel = channel or sync_channel(target, _CHANNEL_OPTIONS, security)
+        self.stub = self.stub_class(self.channel)
 
     def close(self) -> None:
         if self._own_channel:
@@ -211,9 +237,7 @@ def _sync_stream(call: Any) -> Iterator[Any]:
 class EngineClient(_SyncClient):
     """EngineService over a blocking channel (not for use on an event loop thread)."""
 
-    def __init__(self, target: str = "", channel: grpc.Channel | None = None) -> None:
-        super().__init__(target, channel)
-        self.stub = engine_pb2_grpc.EngineServiceStub(self.channel)
+    stub_class = engine_pb2_grpc.EngineServiceStub
 
     def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
                  **sampling: Any) -> Iterator[engine_pb2.GenerateResponse]:
@@ -234,9 +258,7 @@ class EngineClient(_SyncClient):
 class TokenizerClient(_SyncClient):
     """TokenizerService over a blocking channel (not for use on an event loop thread)."""
 
-    def __init__(self, target: str = "", channel: grpc.Channel | None = None) -> None:
-        super().__init__(target, channel)
-        self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+    stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
 
     def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
         return list(self.stub.Tokenize(tokenizer_pb2.TokenizeRequest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from service_common.security import ChannelSecurity
 from service_common.server import ServerConfig
 
 
@@ -55,8 +56,9 @@ class TokenizerServiceConfig:
     grace_s: float = 10.0                # on SIGTERM, running streams get this long to finish
     log_level: str = "INFO"
     log_format: str = "kv"               # "kv" (key=value) or "json"
-    server: ServerConfig = field(default_factory=ServerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)  # limits, keepalive, TLS, API key
     limits: RequestLimits = field(default_factory=RequestLimits)
+    engine_security: ChannelSecurity = field(default_factory=ChannelSecurity)  # TLS / key to reach the engine
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))

@@ -31,6 +31,7 @@ from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from service_common.errors import InvalidArgument, ServiceError, from_rpc_error, handle_errors
 from service_common.logging import bind_request_id
+from service_common.security import ChannelSecurity, aio_channel
 from service_common.server import ServerConfig, bind, build_server, set_serving
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
@@ -293,10 +294,12 @@ class EngineHealthProbe:
             await asyncio.sleep(self._interval_s)
 
 
-def engine_channel(target: str, server_config: ServerConfig | None = None) -> grpc.aio.Channel:
-    """The channel to the engine: message limits matching the server's, keepalive on long streams."""
+def engine_channel(target: str, server_config: ServerConfig | None = None,
+                   security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """The channel to the engine: message limits matching the server's, keepalive on long streams,
+    TLS and the engine's API key per ``security`` (the health probe shares it)."""
     config = server_config or ServerConfig()
-    return grpc.aio.insecure_channel(target, options=[
+    return aio_channel(target, security=security, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # At least the engine server's min_client_ping_interval_s, or it would answer too_many_pings.
@@ -326,14 +329,16 @@ class TokenizerServer:
 async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *, host: str = "127.0.0.1",
                                  port: int = 0, server_config: ServerConfig | None = None,
                                  probe_interval_s: float = 2.0, probe_timeout_s: float = 1.0,
-                                 limits: RequestLimits | None = None) -> TokenizerServer:
-    """Build, bind and start the server (port 0: a free one) and the engine health probe."""
+                                 limits: RequestLimits | None = None,
+                                 engine_security: ChannelSecurity | None = None) -> TokenizerServer:
+    """Build, bind and start the server (port 0: a free one) and the engine health probe.
+    ``engine_security``: how to reach a secured engine (TLS, client certificate, API key)."""
     server, health = build_server([SERVICE_NAME], server_config)
-    channel = engine_channel(engine_target, server_config)
+    channel = engine_channel(engine_target, server_config, engine_security)
     servicer = TokenizerServicer(tokenizer, engine_pb2_grpc.EngineServiceStub(channel), limits)
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(servicer, server)
     try:
-        bound = bind(server, host, port)
+        bound = bind(server, host, port, server_config.security if server_config is not None else None)
     except OSError:
         await channel.close()
         raise
