@@ -41,7 +41,7 @@ import torch
 from qwen3.attention.backend import auto_backend_name, backend_unavailable_reason
 print(' '.join(b for b in ('flash-attn', 'triton') if not backend_unavailable_reason(b, torch.device('cuda'))))")
 auto=$($PY -c "import torch; from qwen3.attention.backend import auto_backend_name; print(auto_backend_name(torch.device('cuda'), torch.bfloat16))")
-commit=$(git rev-parse --short HEAD 2>/dev/null || cat .perf-commit 2>/dev/null || echo unknown)
+commit=$(cat .perf-commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)  # .perf-commit: a copied tree
 echo "# $(date -u +%FT%TZ) commit $commit; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); backends: $backends; auto: $auto; peer: $PEER_DIR" | tee "$OUT/summary.txt"
 summary() { echo "$*" | tee -a "$OUT/summary.txt" > /dev/null; }
 
