@@ -9,10 +9,12 @@ Each row times the attention call alone (the KV store is not included) with
 
     KV bandwidth = bytes of K and V read / time,  bytes = sum(seq_lens) * Hkv * D * 2 (K, V) * elem bytes
 
-and its share of ``--ceiling-tbps``. ``--graphs`` adds the same call captured in a CUDA graph and timed by
+and its share of the device-to-device copy ceiling measured at the start of the same run
+(``bench/ceilings.py``; ``--ceiling-tbps`` overrides it, for comparisons only). ``--graphs`` adds the same call captured in a CUDA graph and timed by
 replay (what the engine does; it removes Python/launch overhead, ~100 us a call for FlashAttention-4).
-A device-to-device copy that reads as many bytes (and writes as many) gives a measured sanity ceiling,
-reported as (read + written) bytes / time, the usual convention for copy bandwidth.
+The copy ceiling is (read + written) bytes / time of a 2 GiB device-to-device copy, the usual convention
+for copy bandwidth; a copy as large as one layer's KV is reported as a row too. The last line names the
+backend ``--attention-backend auto`` picks on this GPU and whether it is the fastest row here.
 
 Rows: ``triton`` (this project's split-K kernel, default heuristic, plus ``--sweep`` variants),
 ``flash-attn`` (FlashAttention-4 ``flash_attn_varlen_func`` with ``page_table``, if importable), and the
@@ -145,8 +147,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 256], help="KV block sizes (default 16 256)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--ceiling-tbps", type=float, default=3.0,
-                        help="bandwidth ceiling in TB/s for the %% column (default 3.0: H100 measured copy)")
+    parser.add_argument("--ceiling-tbps", type=float, default=None,
+                        help="bandwidth ceiling in TB/s for the %% column (default: measured now, a 2 GiB d2d copy)")
     parser.add_argument("--graphs", action="store_true", help="also time each call replayed from a CUDA graph")
     parser.add_argument("--sweep", action="store_true", help="also time triton split/tile variants")
     parser.add_argument("--ref-seqs", type=int, default=8, help="sequences for the torch-reference row (0: none)")
@@ -163,6 +165,12 @@ def main() -> None:
           f"{args.num_heads} q / {args.num_kv_heads} kv heads, head_dim {args.head_dim}, {args.dtype}, "
           f"{torch.cuda.get_device_name(device)}")
 
+    from bench.ceilings import copy_tbps
+
+    measured = copy_tbps(device=device)
+    ceiling = args.ceiling_tbps or measured
+    print(f"# copy ceiling: {measured:.3f} TB/s measured now (2 GiB d2d, read + written)"
+          + (f"; % column uses --ceiling-tbps {ceiling}" if args.ceiling_tbps else ""))
     rows: list[Row] = []
     for block_size in args.block_sizes:
         w = make_workload(lens, args.num_heads, args.num_kv_heads, args.head_dim, block_size, dtype, device, args.seed)
@@ -172,7 +180,7 @@ def main() -> None:
                 us = timer(fn)
                 tbps = w.kv_bytes / us / 1e6
                 rows.append(Row(backend, block_size, config, mode, us, w.kv_bytes, tbps,
-                                100 * tbps / args.ceiling_tbps))
+                                100 * tbps / ceiling))
         if args.ref_seqs:
             from qwen3.attention.torch_backend import paged_attention_reference
 
@@ -182,11 +190,11 @@ def main() -> None:
                                                              small.scale))
             tbps = small.kv_bytes / us / 1e6
             rows.append(Row("torch-ref", block_size, f"{args.ref_seqs} seqs only", "eager", us, small.kv_bytes,
-                            tbps, 100 * tbps / args.ceiling_tbps))
+                            tbps, 100 * tbps / ceiling))
         del w
         torch.cuda.empty_cache()
     kv_bytes = next(r.kv_bytes for r in rows if r.backend == "triton")
-    rows.append(copy_row(kv_bytes, args.ceiling_tbps, device))
+    rows.append(copy_row(kv_bytes, ceiling, device))
 
     header = f"{'backend':<11} {'block':>5} {'mode':<6} {'median us':>10} {'KV TB/s':>8} {'% ceil':>7}  config"
     print(header)
@@ -194,8 +202,16 @@ def main() -> None:
     for r in rows:
         print(f"{r.backend:<11} {r.block_size or '':>5} {r.mode:<6} {r.median_us:>10.1f} {r.tbps:>8.3f} "
               f"{r.pct_ceiling:>6.1f}%  {r.config}")
+    from qwen3.attention.backend import auto_backend_name
+
+    auto = auto_backend_name(device, dtype)
+    best = max((r for r in rows if r.backend in ("triton", "flash-attn") and r.config.startswith(("auto", "FA4"))),
+               key=lambda r: r.tbps)
+    verdict = "the fastest row" if best.backend == auto else f"NOT the fastest row ({best.backend} is)"
+    print(f"auto picks {auto} on this GPU (compute capability {torch.cuda.get_device_capability(device)}): {verdict}")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        args.json.write_text(json.dumps({"copy_tbps": measured, "auto": auto, "fastest": best.backend,
+                                         "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of docs/BENCHMARKS.md in one script, for one short session on a lent GPU.
-# Run from the repository root on a CUDA machine whose python3 has torch (and, for the flash-attn rows,
-# flash-attn-4); logs and JSON land in $OUT (default ./gpu-results).
+# Run from the repository root on a CUDA machine whose python3 has torch; logs and JSON land in $OUT
+# (default ./gpu-results); the last lines printed are a summary table.
 #
-#   bash bench/gpu_suite.sh [STEP...]      STEP: kernels engine decode latency throughput service hf unfused
-#                                          (default: all but hf; hf runs the engine and then
-#                                          transformers' continuous batching (~4 minutes) in one process)
+#   bash bench/gpu_suite.sh [STEP...]
+#
+# Default steps (~8 minutes on an H200): kernels decode latency peer model8b latency8b prefill8b
+#   kernels    GPU correctness: attention kernels, fused element-wise kernels, engine (graphs, backends) vs torch
+#   decode     decode-attention KV bandwidth per backend against the d2d copy ceiling measured in the same run,
+#              and whether `--attention-backend auto` picks the fastest row on this GPU
+#   latency    batch-1 decode ms/token, 0.6B shape (auto backend)
+#   peer       nano-vLLM vs ours on nano-vLLM's exact workload, 0.6B shape, PAIRS alternating pairs (default 3)
+#   model8b    write a random-weight 8B checkpoint (on the GPU; ~16 GB) unless MODEL8B exists
+#   latency8b  batch-1 decode ms/token, 8B shape
+#   prefill8b  8B prefill 8 x 4,096 tokens: TFLOP/s against the bf16 matmul ceiling measured in the same run
+# Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
+#   throughput, service, unfused, hf (the older rows of docs/BENCHMARKS.md).
+#
+# nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
+# (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
+# .device/fa4b and runs `source .device/fa4b/setup.sh && bash bench/gpu_suite.sh`). PEER_DIR (default
+# ../shared/peer, then .perf/peer) is the peer folder; without flash_attn.cute the peer steps say so and skip.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
 MODEL=${MODEL:-/tmp/qwen3-0.6b-random}
+MODEL8B=${MODEL8B:-/tmp/qwen3-8b-random}
+PAIRS=${PAIRS:-3}
+if [ -z "${PEER_DIR:-}" ]; then
+  for d in ../shared/peer shared/peer .perf/peer; do [ -f "$d/peer_bench.py" ] && PEER_DIR=$(cd "$d" && pwd) && break; done
+fi
+PEER_DIR=${PEER_DIR:-../shared/peer}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels engine decode latency throughput service)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels decode latency peer model8b latency8b prefill8b)
 backends=$($PY -c "
 import torch
-from qwen3.attention.backend import backend_unavailable_reason
+from qwen3.attention.backend import auto_backend_name, backend_unavailable_reason
 print(' '.join(b for b in ('flash-attn', 'triton') if not backend_unavailable_reason(b, torch.device('cuda'))))")
-echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); backends: $backends"
+auto=$($PY -c "import torch; from qwen3.attention.backend import auto_backend_name; print(auto_backend_name(torch.device('cuda'), torch.bfloat16))")
+commit=$(cat .perf-commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)  # .perf-commit: a copied tree
+echo "# $(date -u +%FT%TZ) commit $commit; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); backends: $backends; auto: $auto; peer: $PEER_DIR" | tee "$OUT/summary.txt"
+summary() { echo "$*" | tee -a "$OUT/summary.txt" > /dev/null; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run one step, log it, never stop the suite
   local name=$1 limit=$2; shift 2
@@ -27,34 +52,40 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one step, log it, never stop the
   local rc=$?
   echo "## $name: rc=$rc in $((SECONDS - t0)) s"
   tail -n "${TAIL:-25}" "$OUT/$name.log"
+  summary "$name rc=$rc $((SECONDS - t0))s: $(grep -E "${PICK:-.}" "$OUT/$name.log" | tail -n 1)"
 }
+have_fa4() { $PY -c "import flash_attn.cute" > /dev/null 2>&1; }
 
 [ -f qwen3serve/__init__.py ] || make proto-gen PY=$PY > "$OUT/proto.log" 2>&1
-[ -f "$MODEL/config.json" ] || $PY -m qwen3.testing.make_checkpoint --preset qwen3-0.6b --out "$MODEL" > "$OUT/model.log" 2>&1
+[ -f "$MODEL/config.json" ] || $PY -m qwen3.testing.make_checkpoint --preset qwen3-0.6b --out "$MODEL" --device cuda > "$OUT/model.log" 2>&1
 
 for s in "${steps[@]}"; do
   case $s in
-    kernels) step kernels 300 $PY -m pytest -q -p no:cacheprovider tests/gpu/test_attention_kernels.py ;;
-    engine) TAIL=40 step engine 300 $PY -m pytest -q -s -p no:cacheprovider tests/gpu/test_engine_gpu.py tests/gpu/test_fused_kernels.py ;;
-    decode) TAIL=40 step decode 240 $PY bench/attention_decode.py --graphs --json "$OUT/decode.json" ;;
-    latency)
-      for b in $backends; do
-        TAIL=4 step "latency-$b" 180 $PY bench/latency.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
-      done
-      # A/B: the same run waiting for every step (no async scheduling)
-      TAIL=4 step latency-sync 180 $PY bench/latency.py --model "$MODEL" --no-async-scheduling --json "$OUT/results.jsonl"
-      TAIL=40 step latency-profile 180 $PY bench/latency.py --model "$MODEL" --repeats 1 --output-len 64 --profile 32 ;;
+    kernels) TAIL=15 PICK="passed|failed|error" step kernels 240 $PY -m pytest -q -p no:cacheprovider -x \
+               tests/gpu/test_attention_kernels.py tests/gpu/test_fused_kernels.py tests/gpu/test_engine_gpu.py ;;
+    decode) TAIL=20 PICK="auto picks" step decode 180 $PY bench/attention_decode.py --graphs --json "$OUT/decode.json"
+            summary "decode rows: $(grep -E '^(triton|flash-attn|d2d) ' "$OUT/decode.log" | awk '{printf "%s/%s/%s %s TB/s %s; ", $1, $2, $3, $5, $6}')" ;;
+    latency) TAIL=4 PICK="ms/token" step latency 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
+    profile) TAIL=40 step profile 150 $PY bench/latency.py --model "$MODEL" --repeats 1 --output-len 64 --profile 32 ;;
+    peer|peer8b)
+      m=$MODEL; [ "$s" = peer8b ] && m=$MODEL8B
+      if ! have_fa4; then summary "$s: skipped (flash_attn.cute not importable: stage FA4 first)"; echo "## $s: skipped, no FA4"; continue; fi
+      TAIL=12 PICK="median of" step "$s" 560 $PY bench/peer_compare.py --model "$m" --peer-dir "$PEER_DIR" --pairs "$PAIRS" \
+        --log "$OUT/$s-runs.log" --json "$OUT/results.jsonl" ;;
+    model8b) [ -f "$MODEL8B/config.json" ] || TAIL=3 step model8b 240 $PY -m qwen3.testing.make_checkpoint \
+               --preset qwen3-8b --out "$MODEL8B" --device cuda ;;
+    latency8b) TAIL=4 PICK="ms/token" step latency8b 150 $PY bench/latency.py --model "$MODEL8B" --repeats 3 --output-len 128 --json "$OUT/results.jsonl" ;;
+    prefill8b) TAIL=4 PICK="prefill" step prefill8b 150 $PY bench/prefill.py --model "$MODEL8B" --json "$OUT/results.jsonl" ;;
     throughput)
       for b in $backends; do
-        TAIL=4 step "throughput-$b" 300 $PY bench/throughput.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
-      done
-      TAIL=4 step throughput-sync 300 $PY bench/throughput.py --model "$MODEL" --no-async-scheduling --json "$OUT/results.jsonl"
-      # where a full-batch decode step's time goes (the first backend, 10 steps from step 300)
-      TAIL=32 step throughput-profile 300 $PY bench/throughput.py --model "$MODEL" --profile 300:10 ;;
+        TAIL=4 PICK="tok/s" step "throughput-$b" 300 $PY bench/throughput.py --model "$MODEL" --attention-backend "$b" --json "$OUT/results.jsonl"
+      done ;;
     unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
-      QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
+      QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 PICK="ms/token" step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
     service) TAIL=8 step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac
 done
+echo "# ===== summary ($OUT/summary.txt) ====="
+cat "$OUT/summary.txt"

@@ -213,3 +213,15 @@ def _interpreter_main() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+@pytest.mark.parametrize("capability, first", [((9, 0), "triton"), ((10, 0), "flash-attn"), ((8, 0), "triton")])
+def test_auto_order_follows_the_compute_capability_table(monkeypatch: pytest.MonkeyPatch,
+                                                         capability: tuple[int, int], first: str) -> None:
+    from qwen3.attention import backend as backend_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    order = backend_module.auto_order(torch.device("cuda"))
+    assert order[0] == first and set(order) == {"triton", "flash-attn", "torch"}
+    assert backend_module.auto_order(torch.device("cpu")) == backend_module.AUTO_ORDER

@@ -230,6 +230,23 @@ def test_greedy_takes_the_argmax_of_the_penalised_logits() -> None:
     assert out.logprobs is None and out.top_logprobs is None and out.top_logprobs_ids is None
 
 
+def test_plain_greedy_batch_skips_the_float32_copy_and_keeps_first_index_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(5, 300).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 250] = logits[0].max() + 1          # a tie: the first index wins, as before
+    params = [SamplingParams(temperature=0.0)] * 5
+    want = Sampler()(logits.float(), build(params, 300)).token_ids
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("the plain greedy path processed the logits")
+
+    monkeypatch.setattr(Sampler, "processed_logits", forbidden)
+    out = Sampler()(logits, build(params, 300))
+    assert out.token_ids.tolist() == want.tolist() and out.token_ids[0] == 7
+    with pytest.raises(ValueError, match="logits"):
+        Sampler()(logits[:, :299], build(params, 300))
+
+
 def test_skips_work_no_row_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object) -> None:
         raise AssertionError("called although no row needs it")

@@ -75,6 +75,11 @@ class SamplingBatch:
     num_logprobs: int | None           # most top alternatives any row asked for; None: no row wants logprobs
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether some row's scores change before the warpers (penalties or min_tokens bans)."""
+        return not (self.seen_tokens is None and self.output_tokens is None and self.banned_tokens is None)
+
+    @property
     def num_rows(self) -> int:
         return int(self.greedy.shape[0])
 
@@ -145,6 +150,11 @@ class Sampler:
     """Stateless: ``Sampler()(logits [S, V], batch) -> SamplerOutput``."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.all_greedy and batch.num_logprobs is None and not batch.has_penalties:
+            # Nothing changes the scores: argmax of the raw logits (exact in any float dtype, same ties),
+            # without the [S, V] float32 copy. One kernel at batch 1 instead of two.
+            self.check_shape(logits, batch)
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         scores = self.processed_logits(logits, batch)                # [S, V] float32
         token_ids = scores.argmax(dim=-1)                            # [S]
         if not batch.all_greedy:
@@ -164,11 +174,15 @@ class Sampler:
         """The scores of the next token, [S, V] float32 (a new tensor; ``logits`` is left alone): after
         penalties and min_tokens, and for sampled rows the warpers. Greedy rows take their argmax,
         sampled rows draw from their softmax."""
+        self.check_shape(logits, batch)
+        scores = self.apply_penalties(logits.to(torch.float32, copy=True), batch)
+        return scores if batch.all_greedy else self.apply_warpers(scores, batch)
+
+    @staticmethod
+    def check_shape(logits: torch.Tensor, batch: SamplingBatch) -> None:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows or logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits must have shape [{batch.num_rows}, {batch.vocab_size}] "
                              f"(rows, vocab_size), got {list(logits.shape)}")
-        scores = self.apply_penalties(logits.to(torch.float32, copy=True), batch)
-        return scores if batch.all_greedy else self.apply_warpers(scores, batch)
 
     @staticmethod
     def apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -42,13 +42,25 @@ class AttentionBackend(ABC):
         """Store ``k``/``v`` into the cache, then attend causally; see the module docstring."""
 
 
-# name -> (module, class); a class may define unavailable_reason(device). "auto" takes the first of AUTO_ORDER that can run.
+# name -> (module, class); a class may define unavailable_reason(device). "auto" takes the first of
+# auto_order(device) that can run.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("qwen3.attention.torch_backend", "TorchAttentionBackend"),
     "triton": ("qwen3.attention.triton_backend", "TritonAttentionBackend"),
     "flash-attn": ("qwen3.attention.flash_attn_backend", "FlashAttentionBackend"),
 }
-AUTO_ORDER = ("flash-attn", "triton", "torch")
+AUTO_ORDER = ("triton", "flash-attn", "torch")
+# Preference by CUDA compute capability (major, minor), chosen by measurement; capabilities not listed use AUTO_ORDER.
+# (9, 0), Hopper (H100, H200): triton. H200, 2026-12-02/03: decode attention 3.83 TB/s (91% of the measured copy
+#   ceiling) against FA4's 2.84-2.95 (67-70%), and 19.8k vs 18.4k tok/s end to end; H100, 2026-11-25: decode
+#   attention 92.4% vs 86.6% at block 16 (docs/BENCHMARKS.md). bench/attention_decode.py re-checks it every run.
+# (10, x), Blackwell: flash-attn first: FlashAttention-4's main target, and this project's triton kernels were never
+#   tuned there. Not measured here (no Blackwell machine lent): a lead, not a result.
+AUTO_ORDER_BY_CAPABILITY: dict[tuple[int, int], tuple[str, ...]] = {
+    (9, 0): ("triton", "flash-attn", "torch"),
+    (10, 0): ("flash-attn", "triton", "torch"),
+    (10, 3): ("flash-attn", "triton", "torch"),
+}
 assert set(_REGISTRY) == set(BACKEND_NAMES), "qwen3.attention.names lists every backend"
 
 
@@ -78,14 +90,29 @@ def available_backends(device: torch.device, dtype: torch.dtype | None = None) -
     return [n for n in _REGISTRY if backend_unavailable_reason(n, device, dtype) is None]
 
 
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The order in which "auto" tries backends on ``device``: by compute capability on CUDA
+    (``AUTO_ORDER_BY_CAPABILITY``), else ``AUTO_ORDER``."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return AUTO_ORDER_BY_CAPABILITY.get(torch.cuda.get_device_capability(device), AUTO_ORDER)
+    return AUTO_ORDER
+
+
+def auto_backend_name(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend "auto" picks for ``device`` and ``dtype``: the first of ``auto_order(device)`` that can run."""
+    for candidate in auto_order(device):
+        if backend_unavailable_reason(candidate, device, dtype) is None:
+            return candidate
+    raise ValueError("no attention backend is available")  # torch always is; kept for clarity
+
+
 def create_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> AttentionBackend:
-    """Instantiate backend ``name`` for ``device`` and ``dtype`` ("auto" picks flash-attn, then triton, then
-    torch, the first that can run); a ValueError naming the reason if the named one cannot."""
+    """Instantiate backend ``name`` for ``device`` and ``dtype`` ("auto": ``auto_backend_name``, the
+    fastest measured backend for the GPU's compute capability that can run); a ValueError naming the
+    reason if the named one cannot."""
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            if backend_unavailable_reason(candidate, device, dtype) is None:
-                return _load(candidate)()
-        raise ValueError("no attention backend is available")  # torch always is; kept for clarity
+        return _load(auto_backend_name(device, dtype))()
     reason = backend_unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"attention_backend: {reason}")

@@ -63,6 +63,7 @@ def write_checkpoint(
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
     init_std: float | None = None,
+    device: str | torch.device = "cpu",
     **overrides: Any,
 ) -> Path:
     """Write a random-weight ``Qwen3ForCausalLM`` checkpoint; returns ``out_dir``.
@@ -70,6 +71,7 @@ def write_checkpoint(
     ``overrides`` replace preset fields (e.g. ``num_key_value_heads=4``, ``rope_scaling={...}``).
     ``max_shard_size`` (e.g. ``"200KB"``) produces a sharded checkpoint with an index file.
     ``init_std`` widens the random init so that logits are far from ties (default: transformers' 0.02).
+    ``device`` is where the weights are drawn (the same seed gives different weights on CPU and CUDA).
     """
     from transformers import Qwen3Config as HFQwen3Config
     from transformers import Qwen3ForCausalLM as HFQwen3ForCausalLM
@@ -83,7 +85,8 @@ def write_checkpoint(
     eos_ids = QWEN3_EOS_IDS if fields["vocab_size"] > max(QWEN3_EOS_IDS) else [fields["vocab_size"] - 1]
     config = HFQwen3Config(**fields, eos_token_id=eos_ids[-1], bos_token_id=eos_ids[-1])
     torch.manual_seed(seed)
-    model = HFQwen3ForCausalLM(config).to(dtype)
+    with torch.device(device):
+        model = HFQwen3ForCausalLM(config).to(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
