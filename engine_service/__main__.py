@@ -8,7 +8,7 @@ import logging
 import sys
 
 from engine_service.config import EngineConfig
-from engine_service.limits import RequestLimits
+from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
 from service_common.options import add_security_options, parse_or_exit, server_security
 
 log = logging.getLogger("engine_service")
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed message (a request's first token is always sent at once); "
                         "larger values cost the server less CPU per token at high concurrency")
+    p.add_argument("--max-message-mb", type=int, default=ENGINE_MAX_MESSAGE_BYTES // 2**20,
+                   help="largest request or response message, MiB (a 128k-token prompt is < 1 MiB); "
+                        "beyond it gRPC answers RESOURCE_EXHAUSTED")
     p.add_argument("--max-request-id-bytes", type=int, default=RequestLimits.max_request_id_bytes,
                    help="longest request_id accepted (INVALID_ARGUMENT beyond it)")
     p.add_argument("--max-stop-token-ids", type=int, default=RequestLimits.max_stop_token_ids,
@@ -87,6 +90,7 @@ async def serve(args: argparse.Namespace) -> int:
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
                                         host=args.host, port=args.port,
                                         config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                                            max_message_bytes=args.max_message_mb * 2**20,
                                                             security=args.security),
                                         log_level=args.log_level, log_format=args.log_format,
                                         stream_interval=args.stream_interval,

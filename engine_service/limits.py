@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from service_common.validation import FieldError
 
+#: Largest message the engine server receives or sends (``--max-message-mb``). A prompt of 128k token ids is
+#: under 0.7 MB; gRPC parses a message on the event loop before any handler runs (a 30 MB prompt stalls every
+#: stream for ~0.3 s), so the limit is kept near what a real request needs. Beyond it gRPC itself answers
+#: RESOURCE_EXHAUSTED ("received message larger than max").
+ENGINE_MAX_MESSAGE_BYTES = 8 * 2**20
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -20,7 +20,7 @@ import grpc.aio
 
 from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
-from engine_service.limits import RequestLimits, check_request_id
+from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
 from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.metrics import EngineMetrics
 from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, FinishReason, RequestOutput,
@@ -220,6 +220,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     validate_stream_interval(stream_interval)
     name = model_name or Path(model_path).name
     servicer = EngineServicer(name, str(model_path), limits=limits)
+    config = config or ServerConfig(max_message_bytes=ENGINE_MAX_MESSAGE_BYTES)
     server, health = build_server([SERVICE_NAME], config)
     engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     bound = bind(server, host, port, config.security if config is not None else None)

@@ -67,7 +67,7 @@ async def test_oversized_and_invalid_fields_are_named(engine_target: str, reques
 
 
 async def test_a_huge_prompt_does_not_stall_another_stream(engine_target: str) -> None:
-    """A 2M-id prompt is rejected while another request streams: its largest inter-message gap stays small."""
+    """A 2M-id prompt (as large as the message limit allows) is rejected while another request streams: its largest inter-message gap stays small."""
     async with grpc.aio.insecure_channel(engine_target, options=[
             ("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
@@ -83,7 +83,7 @@ async def test_a_huge_prompt_does_not_stall_another_stream(engine_target: str) -
 
         # Serialized beforehand, sent as raw bytes: the test's own client shares this event loop, and
         # building a 2M-id message here would be the test stalling itself, not the server.
-        huge = _request(prompt_token_ids=list(range(2_000_000))).SerializeToString()
+        huge = _request(prompt_token_ids=list(range(2_000_000))).SerializeToString()  # 6.6 MB: under the limit
         raw_generate = channel.unary_stream("/qwen3serve.engine.v1.EngineService/Generate",
                                             request_serializer=lambda data: data,
                                             response_deserializer=engine_pb2.GenerateResponse.FromString)
@@ -94,3 +94,17 @@ async def test_a_huge_prompt_does_not_stall_another_stream(engine_target: str) -
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         await streaming
     assert max(gaps[1:]) < 0.2, f"largest inter-token gap {max(gaps[1:]):.3f} s"
+
+
+async def test_a_message_beyond_the_size_limit_is_resource_exhausted(engine_target: str) -> None:
+    """Beyond --max-message-mb (8 MiB) gRPC refuses the message before parsing it."""
+    huge = _request(prompt_token_ids=list(range(4_000_000))).SerializeToString()
+    assert len(huge) > 8 * 2**20
+    async with grpc.aio.insecure_channel(engine_target, options=[
+            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        raw_generate = channel.unary_stream("/qwen3serve.engine.v1.EngineService/Generate",
+                                            request_serializer=lambda data: data,
+                                            response_deserializer=engine_pb2.GenerateResponse.FromString)
+        err, seconds = await _rejected(raw_generate, huge)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.details()
+    assert seconds < 1.0
