@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from qwen3serve.engine.v1 import engine_pb2
 from serving import Services, health_status, start_engine, start_services, wait_until, write_scripted_checkpoint
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.client import AsyncEngineClient, AsyncTokenizerClient
+from clients import AsyncEngineClient, AsyncTokenizerClient
 from tokenizer_service.server import start_tokenizer_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

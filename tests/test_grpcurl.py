@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from engine_service import LLM, SamplingParams
 from serving import Services, grpcurl_binary, json_stream, run_process, start_services
-from tokenizer_service.client import AsyncTokenizerClient
+from clients import AsyncTokenizerClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

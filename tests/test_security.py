@@ -34,7 +34,7 @@ from service_common.security import (ChannelSecurity, ChannelTls, ServerSecurity
 from service_common.server import ServerConfig, bind, build_server
 from tokenizer_service.__main__ import parse_args as tokenizer_args
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.client import AsyncEngineClient, AsyncTokenizerClient, EngineClient, TokenizerClient
+from clients import AsyncEngineClient, AsyncTokenizerClient, EngineClient, TokenizerClient
 from tokenizer_service.server import SERVICE_NAME as TOKENIZER_SERVICE
 from tokenizer_service.server import start_tokenizer_server
 

@@ -352,7 +352,7 @@ async def test_metrics_exporter_reports_rpcs(engine_server) -> None:
 def test_shared_code_and_clients_do_not_import_torch() -> None:
     """service_common (both servers) and the Python clients stay light: no torch, no transformers."""
     code = ("import sys, service_common.server, service_common.errors, service_common.logging, "
-            "service_common.metrics, tokenizer_service.client; "
+            "service_common.metrics, clients; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent, check=True)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving import free_port
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.client import AsyncTokenizerClient
+from clients import AsyncTokenizerClient
 from tokenizer_service.server import start_tokenizer_server
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643

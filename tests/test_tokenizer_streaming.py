@@ -21,7 +21,7 @@ from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common import errors
 from service_common.server import bind, build_server, set_serving
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.client import AsyncTokenizerClient
+from clients import AsyncTokenizerClient
 from tokenizer_service.server import SERVICE_NAME, TokenizerServer, start_tokenizer_server
 
 ENGINE = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name

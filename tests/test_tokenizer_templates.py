@@ -18,7 +18,7 @@ from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from serving import free_port
 from service_common.errors import bad_request_field
 from tokenizer_service.chat_template import ChatTokenizer
-from tokenizer_service.client import AsyncTokenizerClient, TokenizerClient, chat_message
+from clients import AsyncTokenizerClient, TokenizerClient, chat_message
 from tokenizer_service.server import TokenizerServer, start_tokenizer_server
 
 WEATHER_TOOL = {"type": "function", "function": {
