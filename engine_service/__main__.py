@@ -9,6 +9,8 @@ import sys
 
 from engine_service.config import EngineConfig
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
+from qwen3.attention.names import BACKEND_CHOICES
+from qwen3.dtypes import DTYPE_NAMES
 from service_common.options import add_security_options, parse_or_exit, server_security
 
 log = logging.getLogger("engine_service")
@@ -27,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (0 = off)")
     p.add_argument("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default,
                    help="GPUs to split the model across")
-    p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", *DTYPE_NAMES],
                    help="weight/activation dtype (auto: the checkpoint's)")
     p.add_argument("--device", default=d["device"].default, choices=["auto", "cuda", "cpu"])
     p.add_argument("--max-model-len", type=int, default=None, help="max prompt+output tokens (default: the model's)")
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="overlap each step's host work with the previous step's GPU work "
                         "(default: on for CUDA)")
     p.add_argument("--attention-backend", default=d["attention_backend"].default,
-                   choices=["auto", "flash-attn", "triton", "torch"])
+                   choices=BACKEND_CHOICES)
     p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
                    help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
     p.add_argument("--stream-interval", type=int, default=1,
