@@ -4,6 +4,9 @@ Every line carries the request id of the RPC it was logged from: a handler calls
 :func:`bind_request_id` once, and every log call in that RPC's task (grpc.aio runs each RPC in its own
 task, so the binding never leaks into another RPC) carries it without passing it around. Fields given
 with ``extra={...}`` are appended as their own keys.
+
+Lines are bounded: a field longer than ``MAX_FIELD_CHARS`` (``MAX_EXC_CHARS`` for a traceback) is cut
+and says how much was left out, so a multi-megabyte request id or body never lands whole in a log.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import IO, Any, Literal
+
+MAX_FIELD_CHARS = 2048
+MAX_EXC_CHARS = 16384
 
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -41,14 +47,29 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     }
     request_id = getattr(record, "request_id", None) or current_request_id()
     if request_id:
-        fields["request_id"] = request_id
-    fields["msg"] = record.getMessage()
+        fields["request_id"] = truncate(str(request_id))
+    fields["msg"] = truncate(record.getMessage())
     for key, value in vars(record).items():
         if key not in _RECORD_ATTRS and key != "request_id":
-            fields[key] = value
+            fields[key] = _bounded(value)
     if record.exc_info:
-        fields["exc"] = logging.Formatter().formatException(record.exc_info)
+        fields["exc"] = truncate(logging.Formatter().formatException(record.exc_info), MAX_EXC_CHARS)
     return fields
+
+
+def _bounded(value: Any) -> Any:
+    """A field value as is (numbers, short values: JSON keeps their type), or cut to MAX_FIELD_CHARS."""
+    if isinstance(value, (int, float, bool, type(None))):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return value if len(text) <= MAX_FIELD_CHARS else truncate(text)
+
+
+def truncate(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more chars]"
 
 
 class KeyValueFormatter(logging.Formatter):

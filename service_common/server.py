@@ -2,13 +2,13 @@
 
 Usage (what ``python -m tokenizer_service`` and ``python -m engine_service`` do)::
 
-    config = ServerConfig(max_concurrent_rpcs=1024, security=ServerSecurity(tls=..., api_key=...))
+    config = ServerConfig(max_concurrent_streams=1024, security=ServerSecurity(tls=..., api_key=...))
     server, health = build_server([SERVICE_NAME], config)
     add_MyServiceServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1", 50051, config.security)  # TLS if configured
     await server.start()
     await set_serving(health, [SERVICE_NAME], True)      # when ready to take requests
-    await serve_until_signal(server, health, grace_s=10)  # SIGTERM/SIGINT: NOT_SERVING, then stop(grace)
+    await serve_until_signal(server, health, grace_s=10)  # SIGTERM/SIGINT: NOT_SERVING, drain, stop
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterable, Sequence
+import socket
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from service_common.admission import AdmissionInterceptor
 from service_common.metrics import RpcMetricsInterceptor
 from service_common.security import ServerSecurity, warn_if_exposed
 
@@ -41,8 +44,13 @@ class ServerConfig:
     # Largest message either way. Prompts of 128k tokens are ~0.5-1 MB as packed uint32s; gRPC's
     # default 4 MiB receive limit is too tight for long conversations sent as text to the tokenizer.
     max_message_bytes: int = 64 * 1024 * 1024
-    # RPCs in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once. None: no limit.
-    max_concurrent_rpcs: int | None = None
+    # Generation streams (the services' server-streaming RPCs) at once; beyond it they are answered
+    # RESOURCE_EXHAUSTED. Health, GetModelInfo, GetLoad, Abort are never counted. None: no limit.
+    max_concurrent_streams: int | None = 4096
+    # Calls grpc core holds before the event loop picks them up. Its defaults (1,000, hard 3,000)
+    # cancelled the excess of a burst (CANCELLED, no log line) before our handlers could answer
+    # RESOURCE_EXHAUSTED; the stream limit and the engine's waiting queue are the real bounds.
+    max_pending_calls: int = 100_000
     # Server pings idle connections this often, so that a stream quiet for minutes (a long prefill,
     # a slow queue) is not dropped by NATs / proxies, and a dead peer is noticed.
     keepalive_time_s: float = 30.0
@@ -56,8 +64,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
-        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
-            raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}")
+        if self.max_concurrent_streams is not None and self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1 or None, got {self.max_concurrent_streams}")
+        if self.max_pending_calls < 1:
+            raise ValueError(f"max_pending_calls must be >= 1, got {self.max_pending_calls}")
         for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -73,6 +83,8 @@ class ServerConfig:
             # Linux lets two servers share a port with SO_REUSEPORT (gRPC's default): a second instance
             # on a busy port would then start "fine" and receive half the traffic. Make it an error.
             ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", self.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_pending_calls),
         ]
 
 
@@ -103,6 +115,19 @@ class _ReflectionPool:
         return getattr(self._pool, name)
 
 
+class _HealthServicer(health_aio.HealthServicer):
+    """grpcio-health-checking's aio servicer, plus ``List`` (it leaves it UNIMPLEMENTED, with a traceback)."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext  # noqa: N802
+                   ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+
+
+# The admission interceptor of each server built here: the graceful shutdown waits on its stream count.
+_ADMISSION: weakref.WeakKeyDictionary[grpc.aio.Server, AdmissionInterceptor] = weakref.WeakKeyDictionary()
+
+
 def build_server(service_names: Sequence[str], config: ServerConfig | None = None,
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
                  ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
@@ -115,13 +140,16 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     config = config or ServerConfig()
     if not service_names:
         raise ValueError("service_names must name at least one service")
+    admission = AdmissionInterceptor(service_names, config.max_concurrent_streams)
     server = grpc.aio.server(
-        # Metrics outermost: UNAUTHENTICATED answers are counted too.
-        interceptors=[RpcMetricsInterceptor(service_names), *config.security.interceptors(), *interceptors],
+        # Metrics outermost: UNAUTHENTICATED answers are counted too. Admission after the key check: a
+        # refused caller takes no stream slot.
+        interceptors=[RpcMetricsInterceptor(service_names), *config.security.interceptors(), admission,
+                      *interceptors],
         options=config.channel_options(),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    health = health_aio.HealthServicer()
+    _ADMISSION[server] = admission
+    health = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server,
                                         pool=_ReflectionPool(descriptor_pool.Default()))
@@ -150,6 +178,7 @@ def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0,
         raise ValueError(f"port must be in [0, 65535], got {port}")
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     tls = security.tls if security is not None else None
+    _check_port_free(host, port, address)
     try:
         bound = (server.add_insecure_port(address) if tls is None
                  else server.add_secure_port(address, tls.credentials()))
@@ -161,36 +190,100 @@ def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0,
     return bound
 
 
+def _check_port_free(host: str, port: int, address: str) -> None:
+    """Raise OSError("cannot listen on ADDRESS: address already in use") before grpc tries: grpc's own
+    failure is a core ERROR line plus a message that hides the cause."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {address}: {exc.strerror}") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror.lower()}") from exc
+
+
+# After the grace period, how long aborted streams get to send their final message; then how long
+# what is left (unary calls, health watches) gets before it is cancelled.
+ABORT_WAIT_S = 5.0
+LAST_CALLS_WAIT_S = 1.0
+
+
 async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthServicer,
                              grace_s: float = 10.0,
-                             signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Run a started server until one of ``signals`` arrives (or the server stops by itself), then
-    shut down gracefully: health turns NOT_SERVING for every service (load balancers stop sending),
-    new RPCs are refused, running ones get ``grace_s`` seconds to finish before being cancelled.
-    The caller releases its own resources (engine, channels) after this returns.
+                             signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT), *,
+                             on_grace_end: Callable[[], Awaitable[None]] | None = None,
+                             until: Awaitable[object] | None = None) -> None:
+    """Run a started server until one of ``signals`` arrives, ``until`` completes (e.g. the engine
+    died) or the server stops by itself; then drain:
+
+    1. health turns NOT_SERVING for every service and new RPCs are refused (UNAVAILABLE);
+    2. running generation streams get ``grace_s`` seconds to finish;
+    3. then ``on_grace_end()`` (the engine aborts every live request, so each stream ends with a final
+       ABORTED message) and up to ABORT_WAIT_S for those messages; without it, grpc cancels the
+       streams (UNAVAILABLE);
+    4. what is left (unary calls, health watches) gets LAST_CALLS_WAIT_S, then the server stops.
+
+    A second signal cuts the grace period short. The caller releases its own resources (engine,
+    channels) after this returns.
     """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     received: list[str] = []
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
+        if stop.is_set():
+            log.warning("second signal: ending the running streams now", extra={"signal": sig.name})
+            hurry.set()
         stop.set()
 
     for sig in signals:
-        loop.add_signal_handler(sig, on_signal, sig)
-    stop_waiter = asyncio.ensure_future(stop.wait())
+        loop.add_signal_handler(sig, on_signal, sig)  # kept while draining: a second Ctrl-C is no traceback
+    waiters = {asyncio.ensure_future(stop.wait())}
+    if until is not None:
+        waiters.add(asyncio.ensure_future(until))
     # Never cancelled: grpc's wait_for_termination awaits the server's own shutdown future, and
     # cancelling it would cancel that future and make server.stop() below raise CancelledError.
     termination = asyncio.ensure_future(server.wait_for_termination())
     try:
-        await asyncio.wait({stop_waiter, termination}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*waiters, termination}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        log.info("shutting down", extra={"signal": received[0] if received else "none", "grace_s": grace_s})
+        await _drain(server, health, grace_s, on_grace_end, hurry)
+        await termination
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        stop_waiter.cancel()
-    log.info("shutting down", extra={"signal": received[0] if received else "none", "grace_s": grace_s})
-    await health.enter_graceful_shutdown()
-    await server.stop(grace_s)
-    await termination
     log.info("stopped")
+
+
+async def _drain(server: grpc.aio.Server, health: health_aio.HealthServicer, grace_s: float,
+                 on_grace_end: Callable[[], Awaitable[None]] | None, hurry: asyncio.Event) -> None:
+    await health.enter_graceful_shutdown()
+    admission = _ADMISSION.get(server)
+    # Refuses new RPCs at once; cancels whatever still runs at the end of this (outer) deadline.
+    stopping = asyncio.ensure_future(server.stop(grace_s + (ABORT_WAIT_S if on_grace_end else 0.0)))
+
+    async def until_idle_or(timeout: float, *events: asyncio.Event) -> None:
+        idle = asyncio.ensure_future(admission.wait_idle() if admission else asyncio.shield(stopping))
+        extra = {asyncio.ensure_future(event.wait()) for event in events}
+        _, pending = await asyncio.wait({idle, *extra}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+    await until_idle_or(grace_s, hurry)
+    if admission is not None and admission.active_streams and on_grace_end is not None:
+        log.info("grace period over: aborting the streams still running",
+                 extra={"streams": admission.active_streams})
+        await on_grace_end()
+        await until_idle_or(ABORT_WAIT_S)
+    if admission is not None and not admission.active_streams:
+        await server.stop(LAST_CALLS_WAIT_S)  # shortens the outer deadline: no stream is left to wait for
+    await stopping

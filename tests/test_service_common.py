@@ -246,8 +246,8 @@ async def test_bind_refuses_a_port_in_use() -> None:
 
 
 def test_server_config_errors_name_the_field() -> None:
-    with pytest.raises(ValueError, match="max_concurrent_rpcs"):
-        ServerConfig(max_concurrent_rpcs=0)
+    with pytest.raises(ValueError, match="max_concurrent_streams"):
+        ServerConfig(max_concurrent_streams=0)
     with pytest.raises(ValueError, match="keepalive_time_s"):
         ServerConfig(keepalive_time_s=0)
 
