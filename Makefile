@@ -12,6 +12,8 @@ MODEL ?=
 DEMO_DIR ?= .cache/demo-model
 ENGINE_PORT ?= 50051
 TOKENIZER_PORT ?= 50052
+ENGINE_ARGS ?=
+TOKENIZER_ARGS ?=
 
 .PHONY: install proto proto-gen test test-gpu serve demo-model bench lint clean
 
@@ -46,11 +48,13 @@ test-gpu: install
 demo-model: install
 	$(PY) -m qwen3.testing.make_checkpoint --preset demo --out $(DEMO_DIR) --skip-if-exists
 
+# Both services under scripts/serve.py (exec: make's child is the supervisor, so SIGTERM to make reaches
+# it): Ctrl-C/SIGTERM drains both; either dying stops the other and fails make. More options:
+# make serve ENGINE_ARGS="--max-num-seqs 64" TOKENIZER_ARGS="--log-format json".
 serve: install
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
-	$(PY) -m engine_service --model $(or $(MODEL),$(DEMO_DIR)) --port $(ENGINE_PORT) & \
-	ENGINE_PID=$$!; trap 'kill $$ENGINE_PID 2>/dev/null' EXIT INT TERM; \
-	$(PY) -m tokenizer_service --model $(or $(MODEL),$(DEMO_DIR)) --engine 127.0.0.1:$(ENGINE_PORT) --port $(TOKENIZER_PORT)
+	exec $(PY) scripts/serve.py --model $(or $(MODEL),$(DEMO_DIR)) --engine-port $(ENGINE_PORT) \
+	  --tokenizer-port $(TOKENIZER_PORT) --engine-args '$(ENGINE_ARGS)' --tokenizer-args '$(TOKENIZER_ARGS)'
 
 # buf lint on the protos (style guide + a comment on every element); needs npm.
 lint:

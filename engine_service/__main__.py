@@ -12,6 +12,7 @@ from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
 from qwen3.attention.names import BACKEND_CHOICES
 from qwen3.dtypes import DTYPE_NAMES
 from service_common.options import add_security_options, parse_or_exit, server_security
+from service_common.server import ServerConfig
 
 log = logging.getLogger("engine_service")
 
@@ -59,8 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longest request_id accepted (INVALID_ARGUMENT beyond it)")
     p.add_argument("--max-stop-token-ids", type=int, default=RequestLimits.max_stop_token_ids,
                    help="most stop_token_ids one request may carry (INVALID_ARGUMENT beyond it)")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=None, help="gRPC-level cap on RPCs in flight")
-    p.add_argument("--grace-period", type=float, default=10.0, help="seconds streams may finish after SIGTERM")
+    p.add_argument("--max-concurrent-streams", type=int, default=ServerConfig.max_concurrent_streams,
+                   help="Generate streams at once; more are answered RESOURCE_EXHAUSTED (health, GetLoad, "
+                        "GetModelInfo and Abort are never limited)")
+    p.add_argument("--grace-period", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, seconds running streams may finish; then they end ABORTED")
     p.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process instead of its own process "
                         "(saves a process; costs throughput at high concurrency: one interpreter lock for both)")
@@ -77,7 +81,7 @@ async def serve(args: argparse.Namespace) -> int:
     from engine_service.core.engine import LLMEngine
     from engine_service.server import start_engine_server
     from service_common.metrics import start_metrics_server
-    from service_common.server import ServerConfig, serve_until_signal
+    from service_common.server import serve_until_signal
 
     config = EngineConfig(  # validated here, before anything listens: bad options fail fast
         model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, device=args.device,
@@ -91,7 +95,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
     running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
                                         host=args.host, port=args.port,
-                                        config=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                        config=ServerConfig(max_concurrent_streams=args.max_concurrent_streams,
                                                             max_message_bytes=args.max_message_mb * 2**20,
                                                             security=args.security),
                                         log_level=args.log_level, log_format=args.log_format,
@@ -99,7 +103,8 @@ async def serve(args: argparse.Namespace) -> int:
                                         limits=RequestLimits(args.max_request_id_bytes, args.max_stop_token_ids))
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
-    serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period))
+    serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period,
+                                                       on_grace_end=running.abort_all, until=running.died.wait()))
     loading = asyncio.ensure_future(running.wait_until_ready())
     done, _ = await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
     if loading in done and loading.exception() is not None:
@@ -110,6 +115,9 @@ async def serve(args: argparse.Namespace) -> int:
     await serving
     loading.cancel()  # a signal during loading: this cancels the load too
     await running.stop(0)  # after the graceful stop: the engine and background tasks (the server is already stopped)
+    if running.died.is_set():  # a supervisor restarts us; staying up NOT_SERVING would serve no one
+        log.error("exiting after the engine's death")
+        return 1
     return 0
 
 
@@ -123,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad options: say which, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # e.g. "cannot listen on 127.0.0.1:50051: address already in use"
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed: nothing was serving yet
+        return 130
 
 
 if __name__ == "__main__":

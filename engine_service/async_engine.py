@@ -21,6 +21,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -294,7 +295,13 @@ class _ProcessDriver:
         self._process = ctx.Process(target=run_engine_process,
                                     args=(config, child_conn, log_level, log_format, stream_interval),
                                     name="qwen3-engine", daemon=False)
-        self._process.start()
+        # SIGINT stays blocked while the child starts (it inherits this thread's mask), so a Ctrl-C during
+        # its imports cannot kill it either; run_engine_process ignores SIGINT, then unblocks it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_conn.close()
         try:
             first = decode_event(self._conn.recv_bytes())

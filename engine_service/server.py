@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,6 +188,12 @@ class EngineServer:
     port: int
     _load_task: asyncio.Task | None = None
     _metrics_task: asyncio.Task | None = None
+    died: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine dies (not on stop)
+
+    async def abort_all(self) -> None:
+        """End every running stream with a final ABORTED message (the end of a graceful shutdown)."""
+        if self.servicer.engine is not None:
+            self.servicer.engine.abort_all()
 
     async def wait_until_ready(self) -> None:
         if self._load_task is not None:
@@ -230,6 +236,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     async def on_death(reason: str) -> None:
         log.error("engine died; health NOT_SERVING", extra={"reason": reason})
         await set_serving(health, [SERVICE_NAME], False)
+        running.died.set()
 
     async def load() -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
@@ -43,9 +44,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
     p.add_argument("--engine-probe-timeout", type=float, default=defaults["engine_probe_timeout_s"].default,
                    help="seconds one engine health check may take (default: %(default)s)")
     p.add_argument("--grace-period", "--grace", dest="grace", type=float, default=defaults["grace_s"].default,
-                   help="on SIGTERM/SIGINT, seconds running streams get to finish (default: %(default)s)")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
-                   help="RPCs in flight at once; more are answered RESOURCE_EXHAUSTED (default: no limit)")
+                   help="on SIGTERM/SIGINT, seconds running streams get to finish; then they end ABORTED "
+                        "(default: %(default)s)")
+    p.add_argument("--max-concurrent-streams", type=int, default=server_defaults.max_concurrent_streams,
+                   help="Chat and Complete streams at once; more are answered RESOURCE_EXHAUSTED (health and "
+                        "unary RPCs are never limited) (default: %(default)s)")
     p.add_argument("--max-message-mb", type=int, default=server_defaults.max_message_bytes // 2**20,
                    help="largest request or response message, MiB (default: %(default)s)")
     p.add_argument("--log-level", default=defaults["log_level"].default,
@@ -70,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
             metrics_port=args.metrics_port, engine_probe_interval_s=args.engine_probe_interval,
             engine_probe_timeout_s=args.engine_probe_timeout, grace_s=args.grace,
             log_level=args.log_level, log_format=args.log_format, engine_security=engine_security,
-            server=ServerConfig(max_concurrent_rpcs=args.max_concurrent_rpcs,
+            server=ServerConfig(max_concurrent_streams=args.max_concurrent_streams,
                                 max_message_bytes=args.max_message_mb * 2**20, security=security),
             limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}))
     except ValueError as exc:
@@ -87,16 +90,23 @@ async def serve(config: TokenizerServiceConfig) -> None:
         probe_interval_s=config.engine_probe_interval_s, probe_timeout_s=config.engine_probe_timeout_s,
         limits=config.limits, engine_security=config.engine_security)
     try:
-        await serve_until_signal(running.server, running.health, config.grace_s)
+        await serve_until_signal(running.server, running.health, config.grace_s, on_grace_end=running.abort_all)
     finally:
         await running.stop(0)  # after the graceful stop: probe, channel (the server is already stopped)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     configure_logging(config.log_level, config.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:  # e.g. "cannot listen on 127.0.0.1:50052: address already in use"
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed (loading the tokenizer)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -79,6 +79,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._engine = engine
         self._limits = limits or RequestLimits()
         self._max_model_len: int | None = None  # the engine's, once asked (forget_model_info resets it)
+        self._live: set[str] = set()  # request ids of the engine streams open now
 
     def forget_model_info(self) -> None:
         """The engine (re)started: ask for its max_model_len again before the next prompt."""
@@ -106,6 +107,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if len(prompt_ids) >= self._max_model_len:
             raise InvalidArgument(field, f"the prompt has {len(prompt_ids)} tokens; the model's maximum length "
                                          f"is {self._max_model_len} tokens, including at least one generated token")
+
+    async def abort_all(self) -> None:
+        """Abort every open generation in the engine (the end of a graceful shutdown): each stream then
+        ends with the engine's final ABORTED message, passed on as this service's final message."""
+        ids = list(self._live)
+        results = await asyncio.gather(*(self._engine.Abort(engine_pb2.AbortRequest(request_id=rid), timeout=2)
+                                         for rid in ids), return_exceptions=True)
+        failed = [(rid, r) for rid, r in zip(ids, results) if isinstance(r, grpc.aio.AioRpcError)]
+        if failed:  # e.g. the engine is shutting down too: it aborts them itself at the end of its grace period
+            log.warning("could not abort some engine streams", extra={"count": len(failed),
+                                                                       "error": failed[0][1].code().name})
 
     # ---- unary ------------------------------------------------------------------------------
     @handle_errors
@@ -202,6 +214,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             timeout=context.time_remaining())  # gRPC does not pass deadlines on by itself
         completion_tokens = 0
         cached_prompt_tokens = 0
+        self._live.add(request_id)
         try:
             async for response in call:
                 completion_tokens += len(response.token_ids)
@@ -232,6 +245,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             # No-op when the engine finished; otherwise (stop string, client cancel, deadline, error)
             # the engine sees CANCELLED and aborts the request.
             call.cancel()
+            self._live.discard(request_id)
         raise ServiceError(f"engine stream for request {request_id} ended without a finish reason")
 
 
@@ -317,6 +331,11 @@ class TokenizerServer:
     port: int
     engine_channel: grpc.aio.Channel
     probe: EngineHealthProbe
+    servicer: TokenizerServicer
+
+    async def abort_all(self) -> None:
+        """End every running stream with a final ABORTED message (the end of a graceful shutdown)."""
+        await self.servicer.abort_all()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new RPCs, give running ones ``grace_s``, close the channel."""
@@ -347,4 +366,4 @@ async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *
                               on_serving=servicer.forget_model_info)
     probe.start()
     log.info("tokenizer service listening", extra={"address": f"{host}:{bound}", "engine": engine_target})
-    return TokenizerServer(server, health, bound, channel, probe)
+    return TokenizerServer(server, health, bound, channel, probe, servicer)

@@ -162,6 +162,7 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: str, l
     # Ctrl-C in a terminal signals the whole process group: the server decides when the engine stops
     # (after draining its streams) and says so with StopEngine; a SIGINT here would only kill it early.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while spawning us
     configure_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
         engine = LLMEngine(config)
