@@ -205,7 +205,7 @@ def _check_port_free(host: str, port: int, address: str) -> None:
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror.lower()}") from exc
+                raise OSError(f"cannot listen on {address}: {(exc.strerror or str(exc)).lower()}") from exc
 
 
 # After the grace period, how long aborted streams get to send their final message; then how long
