@@ -21,7 +21,7 @@ from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
 from engine_service.server import EngineServer, start_engine_server
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2
-from service_common.logging import MAX_FIELD_CHARS, KeyValueFormatter
+from service_common.logging import KeyValueFormatter
 from service_common.server import ServerConfig
 from tokenizer_service.server import start_tokenizer_server
 
@@ -159,5 +159,5 @@ async def test_a_multi_megabyte_request_id_never_lands_whole_in_a_log_line(
     formatter = KeyValueFormatter()
     lines = [formatter.format(r) for r in caplog.records if getattr(r, "request_id", None) == huge]
     assert lines, "the refusal was not logged with its request id"
-    assert all(len(line) < 4 * MAX_FIELD_CHARS for line in lines)
+    assert all(len(line) < 10_000 for line in lines)
     assert all("more chars]" in line for line in lines)
