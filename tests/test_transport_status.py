@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine_service.config import EngineConfig
-from engine_service.engine import LLMEngine
+from engine_service.core.engine import LLMEngine
 from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
 from engine_service.server import EngineServer, start_engine_server
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
