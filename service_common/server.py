@@ -266,10 +266,13 @@ async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthS
 
 async def _drain(server: grpc.aio.Server, health: health_aio.HealthServicer, grace_s: float,
                  on_grace_end: Callable[[], Awaitable[None]] | None, hurry: asyncio.Event) -> None:
-    await health.enter_graceful_shutdown()
     admission = _ADMISSION.get(server)
     # Refuses new RPCs at once; cancels whatever still runs at the end of this (outer) deadline.
     stopping = asyncio.ensure_future(server.stop(grace_s + (ABORT_WAIT_S if on_grace_end else 0.0)))
+    # Let the stop begin (the listener closes) before a health watcher hears NOT_SERVING: a client that
+    # reacts by calling again then gets UNAVAILABLE, never a call cancelled by the shutdown (CANCELLED).
+    await asyncio.sleep(0)
+    await health.enter_graceful_shutdown()
 
     async def until_idle_or(timeout: float, *events: asyncio.Event) -> None:
         idle = asyncio.ensure_future(admission.wait_idle() if admission else asyncio.shield(stopping))
