@@ -19,8 +19,9 @@ as input was sampled by the previous plan.
 Invariants (``check_invariants``; tested property-based in tests/test_core_invariants.py): a sequence
 is in ``waiting`` or ``running`` exactly when it is unfinished, and in the queue its status names;
 running sequences never exceed ``max_num_seqs``; every running sequence's blocks cover its computed
-tokens; ``num_computed_tokens <= num_tokens`` with at most one computed token still pending; a
-finished sequence holds no blocks and is never planned.
+tokens; ``num_computed_tokens <= num_tokens`` with at most one computed token still pending, and
+below ``prompt + max_tokens`` (the last allowed token is never an input); a finished sequence holds
+no blocks and is never planned.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.num_pending_tokens = 0
+        seq.num_computed_tokens = seq.num_pending_tokens = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -194,6 +195,8 @@ class Scheduler:
             assert 0 <= seq.num_computed_tokens <= seq.num_tokens, f"{name}: computes beyond its tokens"
             assert seq.num_computed_tokens <= seq.num_known_tokens + 1, f"{name}: computes two unknown tokens"
             assert 0 <= seq.num_pending_tokens <= 2, f"{name}: {seq.num_pending_tokens} tokens pending"
+            assert seq.num_computed_tokens < seq.num_prompt_tokens + seq.params.max_tokens, \
+                f"{name}: computed its last allowed token, which is never an input"
             assert len(bm.block_table(seq)) * bm.block_size >= seq.num_computed_tokens, \
                 f"{name}: computed tokens outside its blocks"
             if seq.is_finished:
