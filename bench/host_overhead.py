@@ -59,7 +59,7 @@ def main() -> int:
     block_size = engine.runner.block_size
 
     def stub_execute(step):  # the batch is still built (host work); the model is not run
-        build_batch(step.token_ids, step.context_lens, step.block_tables, block_size, "cpu", step.sample_rows)
+        build_batch(step.input_token_ids(), step.context_lens, step.block_tables, block_size, "cpu", step.sample_rows)
         return logits[: sum(step.sample_rows)]
 
     engine.runner.execute = stub_execute

@@ -16,7 +16,7 @@ def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
 
 
 def compute_all(bm: BlockManager, seq: Sequence) -> None:
-    """What the engine does after a step that computed every known token of ``seq``."""
+    """What the scheduler does for a step that computed every known token of ``seq``."""
     assert bm.allocate(seq, seq.num_tokens)
     seq.num_computed_tokens = seq.num_tokens
     bm.cache_full_blocks(seq)
@@ -47,8 +47,9 @@ def test_random_operations_never_leak_blocks() -> None:
                 bm.cache_full_blocks(seq)
         else:
             bm.free(live.pop(rng.randrange(len(live))))
-        held = {b for s in live for b in s.block_table}
+        held = {b for s in live for b in bm.block_table(s)}
         assert bm.num_free_blocks + len(held) == bm.num_blocks
+        bm.check_invariants()
     for seq in live:
         bm.free(seq)
     assert bm.num_free_blocks == bm.num_blocks
@@ -60,7 +61,7 @@ def test_prefix_hit_reuses_blocks_and_leaves_one_token_to_compute() -> None:
     compute_all(bm, a)                      # blocks [0..3], [4..7] are full and cached
     b = make_seq(list(range(8)) + [99, 98], "b")
     assert bm.match_prefix(b) == 8
-    assert b.block_table == a.block_table[:2]
+    assert bm.block_table(b) == bm.block_table(a)[:2]
     c = make_seq(list(range(8)), "c")       # fully cached prompt: the last block is recomputed
     assert bm.match_prefix(c) == 4
     d = make_seq([1] + list(range(1, 8)), "d")  # first block differs -> nothing after it is reused
@@ -96,7 +97,7 @@ def test_allocation_failure_changes_nothing() -> None:
     bm = BlockManager(num_blocks=2, block_size=2)
     seq = make_seq([1, 2, 3, 4, 5, 6], "big")
     assert not bm.allocate(seq, 6)
-    assert seq.block_table == [] and bm.num_free_blocks == 2
+    assert bm.block_table(seq) == () and bm.num_free_blocks == 2
 
 
 def test_hit_rate_counts_a_resumed_sequences_outputs_on_both_sides() -> None:

@@ -18,7 +18,6 @@ from transformers.generation.logits_process import (
 from engine_service.core import sampler as sampler_module
 from engine_service.core.sampler import Sampler, SamplingBatch, _inverse_cdf, _splitmix64
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
-from engine_service.core.sequence import PENDING_TOKEN
 
 EOS = (5, 6)
 
@@ -182,25 +181,32 @@ def test_presence_and_frequency_penalties_follow_the_openai_formula() -> None:
 
 
 def test_penalties_read_a_pending_last_token_on_the_device() -> None:
-    """Async scheduling: a last output token still on the device (PENDING_TOKEN on the host) counts
-    exactly as if the host knew it; rows without a pending token ignore ``pending_token_ids``."""
+    """Async scheduling: a last output token still on the device (``pending``; the host list lacks it)
+    counts exactly as if the host knew it, for penalties, min_tokens and the draw's output step; rows
+    without a pending token ignore ``pending_token_ids``."""
     vocab = 40
     torch.manual_seed(5)
     logits = torch.randn(4, vocab)
-    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.3), SamplingParams(repetition_penalty=1.5),
+    # row 0: 3 known + 1 pending = min_tokens, so EOS is allowed only if the pending token counts
+    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, min_tokens=4),
+              SamplingParams(repetition_penalty=1.5),
               SamplingParams(frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=9), SamplingParams()]
     prompts = [[1, 2], [3], [4], [8]]
     known = [[7, 7, 8], [2, 11, 12], [9, 4], [6]]
     last = [7, 12, 33, 6]   # the real ids of the tokens still on the device
     pending = [True, True, False, True]
-    outputs = [k + [PENDING_TOKEN] if p else k + [t] for k, t, p in zip(known, last, pending)]
+    outputs = [k if p else k + [t] for k, t, p in zip(known, last, pending)]
     pending_ids = torch.tensor([t if p else 0 for t, p in zip(last, pending)])
-    got = Sampler().processed_logits(logits, SamplingBatch.build(
-        params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending_token_ids=pending_ids))
-    want = Sampler().processed_logits(logits, build(params, vocab, prompts, [k + [t] for k, t in zip(known, last)]))
-    torch.testing.assert_close(got, want)
+    got_batch = SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending,
+                                    pending_token_ids=pending_ids)
+    want_batch = build(params, vocab, prompts, [k + [t] for k, t in zip(known, last)])
+    torch.testing.assert_close(Sampler().processed_logits(logits, got_batch),
+                               Sampler().processed_logits(logits, want_batch))
+    assert got_batch.uniforms.tolist() == want_batch.uniforms.tolist()
     with pytest.raises(ValueError, match="pending_token_ids"):
-        build(params, vocab, prompts, outputs)
+        SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending)
+    with pytest.raises(ValueError, match="pending needs one entry per row"):
+        SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending[:2])
 
 
 def test_half_precision_logits_are_processed_in_float32_and_left_untouched() -> None:

@@ -1,4 +1,9 @@
-"""Fixed-size KV blocks: reference counts, a free pool, and prefix caching.
+"""Fixed-size KV blocks: reference counts, a free pool, block tables, and prefix caching.
+
+The block manager is the only writer of KV-block state: every block's reference count and cache
+key, the free pool, and each sequence's block table and block hashes (kept here, keyed by the
+sequence; ``block_table(seq)`` hands out an immutable snapshot). It never writes a sequence: it reads
+its tokens and its ``num_computed_tokens`` (the scheduler's) and answers with counts.
 
 Prefix caching: once a block is full, it is keyed by a chained hash of (previous block's hash, its
 token ids), so a block is only ever matched together with its whole prefix. A lookup compares the
@@ -6,14 +11,20 @@ stored token ids too, so a hash collision can never serve wrong K/V. Blocks whos
 stay in the cache, in the free pool in least-recently-freed order, until a fresh allocation evicts
 them.
 
-Invariant (tested): ``num_free_blocks + blocks held by live sequences == num_blocks``; once every
-sequence has finished or been aborted, ``num_free_blocks == num_blocks``.
+Invariants (``check_invariants``; tested property-based in tests/test_core_invariants.py):
+
+- every block's reference count equals the number of block tables that hold it; a block is in the
+  free pool exactly when its count is 0, so ``num_free_blocks + distinct blocks in tables == num_blocks``
+  and nothing leaks or is freed twice;
+- once every sequence is freed, ``num_free_blocks == num_blocks``;
+- the cache maps a hash to a block that carries that hash; a block's table position is hashed only
+  when the block is full of known, computed tokens.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 from engine_service.core.sequence import Sequence
 
@@ -23,6 +34,15 @@ class _Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _SeqBlocks:
+    """One sequence's blocks: its table (an immutable tuple, so snapshots are free) and the chained
+    hashes of its leading full blocks."""
+
+    table: tuple[int, ...] = ()
+    hashes: list[int] = field(default_factory=list)
 
 
 class BlockManager:
@@ -36,6 +56,7 @@ class BlockManager:
         # ref_count == 0 blocks, least recently freed first (evicted first); values unused
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self._seqs: dict[Sequence, _SeqBlocks] = {}   # sequences holding blocks (or hashes) now
         self.prefix_cache_queries = 0      # tokens looked up (for hit-rate metrics; hits <= queries)
         self.prefix_cache_hits = 0
 
@@ -49,27 +70,34 @@ class BlockManager:
         """Fraction of blocks held by live sequences (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    def block_table(self, seq: Sequence) -> tuple[int, ...]:
+        """``seq``'s KV block ids, in token order (empty if it holds none): an immutable snapshot."""
+        held = self._seqs.get(seq)
+        return held.table if held is not None else ()
+
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Extra blocks ``seq`` needs for its K/V to cover ``num_tokens`` tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return max(0, -(-num_tokens // self.block_size) - len(self.block_table(seq)))
 
     # ---- prefix cache -----------------------------------------------------------------------
     def _chain_hash(self, prev: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((prev, token_ids))
 
     def match_prefix(self, seq: Sequence) -> int:
-        """Give a sequence with no blocks the cached blocks of its longest cached prefix.
+        """Give a sequence with no blocks the cached blocks of its longest cached prefix; returns the
+        number of tokens they hold (the caller's new ``num_computed_tokens``).
 
         At least one token is always left to compute, so the step that finishes the prefill still
-        produces logits. Returns the number of tokens served from the cache.
+        produces logits.
         """
-        assert not seq.block_table, "match_prefix is for sequences without blocks"
+        assert seq not in self._seqs, "match_prefix is for sequences without blocks"
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
+        max_blocks = min(seq.num_tokens - 1, seq.num_known_tokens) // bs
         prev: int | None = None
         hits: list[int] = []
+        hashes: list[int] = []
         for i in range(max_blocks):
             ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
             h = self._chain_hash(prev, ids)
@@ -77,46 +105,45 @@ class BlockManager:
             if block_id is None or self._blocks[block_id].token_ids != ids:
                 break  # a miss (or a collision): nothing after it can be reused
             hits.append(block_id)
-            seq.block_hashes.append(h)
+            hashes.append(h)
             prev = h
         # All its tokens: a preempted sequence resumes with its outputs, whose blocks may hit too.
         self.prefix_cache_queries += seq.num_tokens
-        for block_id in hits:
-            self._take(block_id)
-        seq.block_table = hits
-        seq.num_hashed_blocks = len(hits)
-        seq.num_computed_tokens = len(hits) * bs
-        self.prefix_cache_hits += seq.num_computed_tokens
-        return seq.num_computed_tokens
+        if hits:
+            for block_id in hits:
+                self._take(block_id)
+            self._seqs[seq] = _SeqBlocks(tuple(hits), hashes)
+        self.prefix_cache_hits += len(hits) * bs
+        return len(hits) * bs
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register ``seq``'s newly filled blocks (all K/V computed) in the prefix cache."""
-        if not self.enable_prefix_caching:
+        """Register ``seq``'s newly filled blocks (all K/V computed, all ids known) in the prefix cache."""
+        held = self._seqs.get(seq)
+        if not self.enable_prefix_caching or held is None:
             return
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
-        while seq.num_hashed_blocks < full:
-            i = seq.num_hashed_blocks
+        full = min(seq.num_computed_tokens, seq.num_known_tokens, len(held.table) * bs) // bs
+        hashes = held.hashes
+        while len(hashes) < full:
+            i = len(hashes)
             ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
-            prev = seq.block_hashes[i - 1] if i else None
-            h = self._chain_hash(prev, ids)
-            seq.block_hashes.append(h)
-            block_id = seq.block_table[i]
+            h = self._chain_hash(hashes[i - 1] if i else None, ids)
+            hashes.append(h)
+            block_id = held.table[i]
             block = self._blocks[block_id]
             if h not in self._cached:  # an identical block cached earlier wins; this one stays private
                 block.hash, block.token_ids = h, ids
                 self._cached[h] = block_id
-            seq.num_hashed_blocks += 1
 
     # ---- allocation -------------------------------------------------------------------------
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free_blocks
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens; False (and no change) if the pool is short."""
         needed = self.blocks_needed(seq, num_tokens)
+        if needed == 0:
+            return True
         if needed > self.num_free_blocks:
             return False
+        new = []
         for _ in range(needed):
             block_id, _ = self._free.popitem(last=False)  # evict the least recently freed
             block = self._blocks[block_id]
@@ -125,27 +152,45 @@ class BlockManager:
                     del self._cached[block.hash]
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
-            seq.block_table.append(block_id)
+            new.append(block_id)
+        held = self._seqs.setdefault(seq, _SeqBlocks())
+        held.table += tuple(new)
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Release ``seq``'s blocks. Its tail goes to the pool first, so shared prefixes outlive tails."""
-        for block_id in reversed(seq.block_table):
+        """Release ``seq``'s blocks (and forget its hashes). Its tail goes to the pool first, so shared
+        prefixes outlive tails. A sequence without blocks is left as it is."""
+        held = self._seqs.pop(seq, None)
+        if held is None:
+            return
+        for block_id in reversed(held.table):
             block = self._blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
+                self._free[block_id] = None
                 if block.hash is None:
-                    self._free[block_id] = None
                     self._free.move_to_end(block_id, last=False)  # uncached: reuse first
-                else:
-                    self._free[block_id] = None
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_hashed_blocks = 0
-        seq.num_computed_tokens = 0
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
         block.ref_count += 1
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the invariants of the module docstring do not hold (O(blocks): tests)."""
+        refs = Counter(b for held in self._seqs.values() for b in held.table)
+        for block_id, block in enumerate(self._blocks):
+            assert block.ref_count == refs[block_id], \
+                f"block {block_id}: ref_count {block.ref_count}, held by {refs[block_id]} tables"
+            assert (block.ref_count == 0) == (block_id in self._free), \
+                f"block {block_id}: ref_count {block.ref_count} but {'' if block_id in self._free else 'not '}free"
+        assert self.num_free_blocks + len(refs) == self.num_blocks
+        for h, block_id in self._cached.items():
+            assert self._blocks[block_id].hash == h, f"cache entry {h} names block {block_id}, which has another hash"
+        for seq, held in self._seqs.items():
+            assert len(set(held.table)) == len(held.table), f"{seq.request_id}: a block twice in its table"
+            assert len(held.hashes) * self.block_size <= min(seq.num_computed_tokens, seq.num_known_tokens), \
+                f"{seq.request_id}: a block hashed before its tokens were computed and known"
+        assert self.prefix_cache_hits <= self.prefix_cache_queries

@@ -10,55 +10,21 @@ from __future__ import annotations
 
 import logging
 import random
-import time
-from dataclasses import dataclass, field
-
-import torch
 
 from engine_service.core.block_manager import BlockManager
 from engine_service.config import EngineConfig
 from engine_service.core.model_runner import ModelRunner
-from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, EngineStats,
                                      FinishReason, RequestOutput, TokenLogprob)
 from engine_service.sampling_params import SamplingParams
-from engine_service.core.scheduler import Scheduler, SchedulerOutput
-from engine_service.core.sequence import PENDING_TOKEN, Sequence
-from engine_service.core.step_input import PendingTokens, StepInput
+from engine_service.core.scheduler import Scheduler
+from engine_service.core.sequence import Sequence
+from engine_service.core.step_executor import LaunchedStep, StepExecutor
+from engine_service.core.step_plan import StepPlan
 from engine_service.core.tp_workers import WorkerGroup
 from qwen3.distributed import destroy_tensor_parallel
-from qwen3.forward_batch import copy_to_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _LaunchedStep:
-    """A step queued on the device whose sampled ids have not been read on the host yet."""
-
-    decision: SchedulerOutput
-    rows: list[tuple[Sequence, int]]     # per sampled row: its sequence and the index of its stand-in token
-    host: tuple[torch.Tensor, ...]       # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
-    ready: torch.cuda.Event | None       # recorded after the copies to ``host`` (None on the CPU)
-    row_of: dict[str, int] = field(init=False)   # request id -> its row
-
-    def __post_init__(self) -> None:
-        self.row_of = {seq.request_id: row for row, (seq, _) in enumerate(self.rows)}
-
-
-def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
-    """Start copying the sampler's results to the host without waiting; the event marks their arrival."""
-    tensors = [out.token_ids]
-    if out.logprobs is not None:
-        tensors.append(out.logprobs)
-        if out.top_logprobs_ids is not None:
-            tensors += [out.top_logprobs_ids, out.top_logprobs]
-    if out.token_ids.device.type == "cpu":
-        return tuple(tensors), None
-    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
 
 
 class LLMEngine:
@@ -101,11 +67,11 @@ class LLMEngine:
             kv_block_size=config.kv_block_size, num_kv_blocks=capacity, attention_backend=self.runner.backend.name,
             max_waiting_requests=config.max_waiting_requests)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self._overlap = config.overlaps_steps
+        self.executor = StepExecutor(self.runner, self.workers, self.eos_token_ids, self.vocab_size, self._overlap)
         self.requests: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)
-        self._overlap = config.overlaps_steps
-        self._in_flight: _LaunchedStep | None = None   # the step queued on the device, not yet finished
+        self._in_flight: LaunchedStep | None = None   # the step queued on the device, not yet finished
         self.num_prompt_tokens_total = 0   # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens_total = 0
         log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
@@ -168,8 +134,8 @@ class LLMEngine:
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
-        decision = self.scheduler.schedule()
-        launched = self._launch(decision, self._overlap) if not decision.is_empty else None
+        plan = self.scheduler.schedule()
+        launched = self._launch(plan) if not plan.is_empty else None
         outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
         if launched is not None:
             if self._overlap:
@@ -178,35 +144,21 @@ class LLMEngine:
                 outputs += self._finish(launched)
         return outputs
 
-    def _pop_in_flight(self) -> _LaunchedStep:
+    def _pop_in_flight(self) -> LaunchedStep:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         return launched
 
-    def _launch(self, decision: SchedulerOutput, overlap: bool) -> _LaunchedStep:
-        """Queue the model and the sampler for ``decision`` and start copying the sampled ids to the host;
-        then advance every scheduled sequence as if the step were done (a stand-in for each sampled token)."""
-        step = self._step_input(decision, share_sampled=overlap)
-        sampling_rows = [s.seq for s in decision.scheduled if s.samples]
+    def _launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
+        for e in plan.entries:
+            prompt_left = e.seq.num_prompt_tokens - e.context_len
+            if prompt_left > 0:
+                self.num_prompt_tokens_total += min(e.num_new_tokens, prompt_left)
         try:
-            if self.workers:
-                self.workers.execute(step)
-            logits = self.runner.execute(step)
-            sampled = self._sample(logits, sampling_rows) if sampling_rows else None
-            self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
-            host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
+            return self.executor.launch(plan)
         except Exception as exc:
             raise self._fail(exc) from exc
-        for s in decision.scheduled:
-            seq = s.seq
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.num_prompt_tokens_total += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += s.num_new_tokens
-        rows = []
-        for seq in sampling_rows:
-            seq.output_token_ids.append(PENDING_TOKEN)
-            rows.append((seq, len(seq.output_token_ids) - 1))
-        return _LaunchedStep(decision, rows, host, ready)
 
     def _fail(self, exc: BaseException) -> EngineDeadError:
         if self.workers and self.workers.death_reason:
@@ -216,87 +168,33 @@ class LLMEngine:
         log.exception("engine step failed")
         return EngineDeadError(self.dead_reason)
 
-    def _step_input(self, decision: SchedulerOutput, share_sampled: bool) -> StepInput:
-        token_ids, context_lens, tables, sample_rows = [], [], [], []
-        positions, sources = [], []  # flat positions of stand-in tokens, rows of the in-flight step's samples
-        flat = 0
-        for s in decision.scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            tokens = seq.token_ids(start, start + s.num_new_tokens)
-            flat += len(tokens)
-            if tokens[-1] == PENDING_TOKEN:  # only ever the last token, sampled by the step in flight
-                assert self._in_flight is not None
-                tokens[-1] = 0
-                positions.append(flat - 1)
-                sources.append(self._in_flight.row_of[seq.request_id])
-            token_ids.append(tokens)
-            context_lens.append(start)
-            tables.append(seq.block_table)
-            sample_rows.append(s.samples)
-        pending = PendingTokens(positions, sources) if positions else None
-        # The next step's pending tokens are read from these ids on every rank: TP workers need a copy.
-        share = share_sampled and self.workers is not None and any(sample_rows)
-        return StepInput(token_ids, context_lens, tables, sample_rows, pending, share)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        batch = SamplingBatch.build(
-            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device,
-            self._pending_token_ids(seqs, logits.device),
-        )
-        return self.sampler(logits, batch)
-
-    def _pending_token_ids(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor | None:
-        """[S] int64 on ``device``: per sampling row, the id its sequence sampled in the step in flight
-        (garbage for rows that did not sample there), gathered on the device. None where no row's
-        penalties read earlier tokens or no step is in flight."""
-        sampled = self.runner.last_sampled  # [S_prev]: the in-flight step's ids; None if it sampled no row
-        if self._in_flight is None or sampled is None or not any(s.params.reads_token_history for s in seqs):
-            return None
-        sources = [self._in_flight.row_of.get(s.request_id, 0) for s in seqs]
-        return sampled[copy_to_device(torch.tensor(sources, dtype=torch.int64), device)]
-
-    def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's sampled ids, write them over the stand-ins, and report what changed."""
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's sampled ids, apply them (``Scheduler.apply``), and report what changed."""
         try:
-            if launched.ready is not None:
-                launched.ready.synchronize()
-            token_ids, logprobs, top_ids, top_vals = (
-                [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host)))
+            result = self.executor.wait(launched)
         except Exception as exc:
             raise self._fail(exc) from exc
-        live = [(row, seq, index) for row, (seq, index) in enumerate(launched.rows) if not seq.is_finished]
-        for row, seq, index in live:  # (a sequence aborted while the step was in flight is skipped)
-            seq.output_token_ids[index] = token_ids[row]
-        for s in launched.decision.scheduled:
-            if not s.seq.is_finished:
-                self.block_manager.cache_full_blocks(s.seq)  # every token it has computed is known now
-        now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for row, seq, index in live:
-            token = token_ids[row]
+        for row, seq in self.scheduler.apply(launched.plan, result.token_ids):
+            token = result.token_ids[row]
             self.num_generated_tokens_total += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
-            reason = self._finish_reason(seq, token, index + 1)
+            reason = self._finish_reason(seq, token, len(seq.output_token_ids))
             if reason is None:
                 out = RequestOutput(seq.request_id, [token])
             else:
                 self._retire(seq, reason)
                 out = self._final_output(seq)  # the last delta carries the finish reason and usage
                 out.new_token_ids.append(token)
-            if seq.params.logprobs is not None and logprobs is not None:
+            if seq.params.logprobs is not None and result.logprobs is not None:
                 n = seq.params.logprobs
-                top = tuple(zip(top_ids[row][:n], top_vals[row][:n])) if (n and top_ids is not None) else ()
-                out.new_logprobs = [TokenLogprob(token, logprobs[row], top)]
+                top = tuple(zip(result.top_ids[row][:n], result.top_logprobs[row][:n])) \
+                    if (n and result.top_ids is not None) else ()
+                out.new_logprobs = [TokenLogprob(token, result.logprobs[row], top)]
             outputs.append(out)
         return outputs
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
-        """Finish or abort ``seq``: drop its stand-in tokens and return its KV blocks now."""
-        while seq.output_token_ids and seq.output_token_ids[-1] == PENDING_TOKEN:
-            seq.output_token_ids.pop()
+        """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now."""
         self.requests.pop(seq.request_id, None)
         self.scheduler.finish(seq, reason)
 

@@ -173,10 +173,10 @@ class ModelRunner:
         """Run one step; returns the logits [num sampled rows, vocab] (every rank computes them).
 
         ``step.pending`` names input tokens still on the device, sampled by the step before: they are
-        copied from ``last_sampled`` here, behind that step's sampler in stream order, so the host never
-        waits for them.
+        copied from ``last_sampled`` into their input slots here, behind that step's sampler in stream
+        order, so the host never waits for them.
         """
-        batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.block_size,
+        batch = ForwardBatch.build(step.input_token_ids(), step.context_lens, step.block_tables, self.block_size,
                                    self.device, step.sample_rows)
         if step.pending is not None:
             if self.last_sampled is None:

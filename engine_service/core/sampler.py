@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from engine_service.sampling_params import SamplingParams
-from engine_service.core.sequence import PENDING_TOKEN
 from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -93,17 +92,18 @@ class SamplingBatch:
         seeds: list[int],
         vocab_size: int,
         device: torch.device | str,
+        pending: list[bool] | None = None,
         pending_token_ids: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Gather the per-row parameters of one step.
 
-        ``seeds[i]`` is row i's effective seed; its output step is ``len(output_token_ids[i])``, so the
-        uniform it samples with depends on nothing but those two numbers.
+        ``output_token_ids[i]`` are row i's output ids known on the host. With one step in flight
+        (async scheduling) a row may have one output token more, still on the device: ``pending[i]``
+        says so, and ``pending_token_ids`` [S] int64, on ``device``, holds its id at that row (other
+        rows' entries are ignored). The penalties read it there, so the host never waits for it.
 
-        With one step in flight (async scheduling) a row's last output token may still be on the
-        device: its host list then ends in ``PENDING_TOKEN`` and ``pending_token_ids`` [S] int64, on
-        ``device``, holds the real id at that row (other rows' entries are ignored). The penalties then
-        read it there, so the host never waits for it.
+        ``seeds[i]`` is row i's effective seed; its output step is its number of output tokens (known
+        and pending), so the uniform it samples with depends on nothing but those two numbers.
         """
         num_rows = len(params)
         if num_rows == 0:
@@ -113,15 +113,19 @@ class SamplingBatch:
                              f"{num_rows}, {len(prompt_token_ids)}, {len(output_token_ids)}, {len(seeds)}")
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if pending is not None and len(pending) != num_rows:
+            raise ValueError(f"pending needs one entry per row; got {len(pending)} for {num_rows} rows")
+        num_outputs = ([len(o) for o in output_token_ids] if pending is None
+                       else [len(o) + p for o, p in zip(output_token_ids, pending)])
 
         floats, ints = [], []
-        for p, seed, output in zip(params, seeds, output_token_ids):
+        for p, seed, n in zip(params, seeds, num_outputs):
             # Greedy rows get neutral warpers, so the warped scores keep their argmax and the flags
             # below only count rows that sample.
             top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, len(output))))
+            ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, n)))
         # Two host-to-device copies in all (queued, never waited for), then views.
         f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)   # [S, 6]
         i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)       # [S, 3]
@@ -133,11 +137,11 @@ class SamplingBatch:
             repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
             uniforms=i[:, 2].to(torch.float64).mul_(2.0 ** -53),   # exact: 53-bit integers fit a double
             seen_tokens=_history_pairs([p.repetition_penalty != 1.0 for p in params], prompt_token_ids,
-                                       output_token_ids, pending_token_ids, device),
+                                       output_token_ids, pending, pending_token_ids, device),
             output_tokens=_history_pairs([bool(p.presence_penalty or p.frequency_penalty) for p in params], None,
-                                         output_token_ids, pending_token_ids, device),
-            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids) if len(output) < p.min_tokens else ()
-                                  for p, output in zip(params, output_token_ids)], device),
+                                         output_token_ids, pending, pending_token_ids, device),
+            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids) if n < p.min_tokens else ()
+                                  for p, n in zip(params, num_outputs)], device),
             all_greedy=all(p.is_greedy for p in params),
             max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
             use_top_p=any(row[1] < 1.0 for row in floats),
@@ -314,24 +318,24 @@ def _uniform_bits(seed: int, step: int) -> int:
 
 
 def _history_pairs(wanted: list[bool], prompt_token_ids: list[list[int]] | None, output_token_ids: list[list[int]],
-                   pending_token_ids: torch.Tensor | None, device: torch.device | str) -> TokenPairs | None:
+                   pending: list[bool] | None, pending_token_ids: torch.Tensor | None,
+                   device: torch.device | str) -> TokenPairs | None:
     """(row, token) pairs of the earlier tokens of the ``wanted`` rows: their prompt (when given) and
-    output tokens. A last output token still on the device (``PENDING_TOKEN``) is read from
-    ``pending_token_ids`` on the device instead."""
+    output tokens. A last output token still on the device (``pending``) is read from
+    ``pending_token_ids`` on the device."""
     known, pending_rows = [], []
     for row, (want, output) in enumerate(zip(wanted, output_token_ids)):
         if not want:
             known.append(())
             continue
-        if output and output[-1] == PENDING_TOKEN:
+        if pending is not None and pending[row]:
             pending_rows.append(row)
-            output = output[:-1]
         known.append(output if prompt_token_ids is None else prompt_token_ids[row] + output)
     pairs = _pairs(known, device)
     if not pending_rows:
         return pairs
     if pending_token_ids is None:
-        raise ValueError("output_token_ids: a pending last token needs pending_token_ids")
+        raise ValueError("pending: a row with a pending output token needs pending_token_ids")
     rows = copy_to_device(torch.tensor(pending_rows, dtype=torch.int64), device)   # [R]
     tokens = pending_token_ids[rows]                                                 # [R], gathered on the device
     if pairs is None:

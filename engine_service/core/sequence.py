@@ -1,4 +1,22 @@
-"""A request's life inside the engine: its tokens, its KV blocks, its status and its timings."""
+"""A request's life inside the engine: its tokens, its status and its timings.
+
+Who writes what (one writer per field; everyone else only reads):
+
+- the **scheduler** (``Scheduler``): ``status``, ``num_computed_tokens``, ``num_pending_tokens``,
+  ``output_token_ids`` (when a step's sampled ids are applied), ``num_cached_prompt_tokens``,
+  ``num_preemptions``, ``finish_reason``, ``first_scheduled_time``;
+- the **engine** (``LLMEngine``): the token timings (``first_token_time``, ``last_token_time``);
+- the **block manager** writes nothing here: a sequence's KV blocks, block table and block hashes live
+  in the ``BlockManager``, keyed by the sequence (``BlockManager.block_table(seq)``).
+
+Invariants (checked by ``Scheduler.check_invariants``, tested property-based in tests/test_core_invariants.py):
+
+- ``output_token_ids`` holds only ids read back from the device; a token that is sampled but not read
+  back yet (async scheduling) is counted in ``num_pending_tokens``, never written as a stand-in value;
+- ``num_computed_tokens <= num_tokens``, and at most one computed token is still pending: the one the
+  step in flight sampled, which the next step takes as its input on the device;
+- ``num_pending_tokens <= 2``: one step in flight, plus the step being launched.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +28,25 @@ from engine_service.protocol import FinishReason
 from engine_service.sampling_params import SamplingParams
 
 
-#: Stands in an output token that is sampled but not yet read back from the device (async scheduling).
-PENDING_TOKEN = -1
-
-
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
     RUNNING = "running"    # holds KV blocks and is scheduled every step
     FINISHED = "finished"
 
 
-@dataclass
+# eq=False: a sequence is an identity (the block manager keys its tables by it), never a value.
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int                               # effective sampling seed (drawn at admission if params.seed is None)
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)   # read back from the device, in order
+    num_pending_tokens: int = 0             # sampled after output_token_ids, not read back yet
     status: SequenceStatus = SequenceStatus.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0            # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0            # tokens whose K/V are in the cache (or queued to be)
     num_cached_prompt_tokens: int = 0       # prompt tokens served by the prefix cache (first admission)
-    num_hashed_blocks: int = 0              # leading blocks registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     first_scheduled_time: float | None = None
@@ -42,14 +55,26 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output tokens, counting those sampled but not read back yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + output tokens whose ids the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens so far, counting those sampled but not read back yet."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens ``start:end`` of prompt + output, without concatenating the whole sequence."""
+        """Known tokens ``start:end`` of prompt + output (``end <= num_known_tokens``), without
+        concatenating the whole sequence."""
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
@@ -61,7 +86,7 @@ class Sequence:
     def reached_length_limit(self) -> bool:
         """Its last output token (perhaps still being sampled, with async scheduling) is the last it may
         have: it finishes when that token is read, and computes nothing more."""
-        return len(self.output_token_ids) >= self.params.max_tokens  # which fits max_model_len: validated
+        return self.num_output_tokens >= self.params.max_tokens  # which fits max_model_len: validated
 
     @property
     def is_finished(self) -> bool:

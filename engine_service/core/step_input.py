@@ -1,10 +1,14 @@
-"""What one engine step asks of the model, in host-side lists: built by the engine from the
-scheduler's decision, sent as-is to tensor-parallel workers (it pickles small), turned into a
-``ForwardBatch`` by each rank's model runner."""
+"""What one engine step asks of the model, in host-side columns: projected from the scheduler's
+``StepPlan`` (``StepPlan.model_input``), sent as-is to tensor-parallel workers (it pickles small),
+turned into a ``ForwardBatch`` by each rank's model runner."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+#: the input slot of a pending token before the device copy fills it (see ``StepInput.input_token_ids``)
+_EMPTY_SLOT = (0,)
 
 
 @dataclass(frozen=True)
@@ -12,21 +16,26 @@ class PendingTokens:
     """Input tokens the host does not know yet: sampled by the previous step, still on the device.
 
     With one step in flight (``async_scheduling``), a decode row's input token is the one its sequence
-    sampled in the step before, which has not reached the host when this step is built. The host list
-    holds a stand-in; each rank's model runner copies the real ids over it from that step's sampled ids
+    sampled in the step before, which has not reached the host when this step is built. Each rank's
+    model runner copies it into the batch's input ids from that step's sampled ids
     (``ModelRunner.last_sampled``), on the device and in stream order.
     """
 
-    flat_positions: list[int]   # indices into the step's flat token list (sequence after sequence)
-    source_rows: list[int]      # the matching rows of the previous step's sampled ids
+    rows: tuple[int, ...]            # rows of this step whose last new token is pending
+    flat_positions: tuple[int, ...]  # their indices into the step's flat token list (sequence after sequence)
+    source_rows: tuple[int, ...]     # the matching rows of the previous step's sampled ids
 
 
 @dataclass(frozen=True)
 class StepInput:
-    token_ids: list[list[int]]      # per sequence, the tokens whose K/V this step computes
-    context_lens: list[int]         # per sequence, tokens already in the KV cache
-    block_tables: list[list[int]]   # per sequence, its KV block ids (cover context + new tokens)
-    sample_rows: list[bool]         # per sequence, whether its last new token's logits are sampled
+    """Per row (one sequence each): the ids this step computes, its context, its KV blocks, whether
+    it samples. A row named in ``pending`` has one new token more than its ``token_ids``: the last,
+    whose id only the device has."""
+
+    token_ids: Sequence[Sequence[int]]     # per row, the known ids of its new tokens
+    context_lens: Sequence[int]            # per row, tokens already in the KV cache
+    block_tables: Sequence[Sequence[int]]  # per row, its KV block ids (cover context + new tokens)
+    sample_rows: Sequence[bool]            # per row, whether its last new token's logits are sampled
     pending: PendingTokens | None = None
     # After the step, rank 0 broadcasts its sampled ids to every rank (async scheduling with TP > 1),
     # so that the next step's pending tokens can be filled on every rank.
@@ -39,3 +48,13 @@ class StepInput:
     @property
     def num_sampled(self) -> int:
         return sum(self.sample_rows)
+
+    def input_token_ids(self) -> list[Sequence[int]]:
+        """Per row, the contents the model's input-id buffer starts with: the known ids, and for a
+        pending row one more slot, 0 until the runner's device copy overwrites it. (A new list: the
+        step itself only ever holds known ids.)"""
+        tokens = list(self.token_ids)
+        if self.pending is not None:
+            for row in self.pending.rows:
+                tokens[row] = (*tokens[row], *_EMPTY_SLOT)
+        return tokens

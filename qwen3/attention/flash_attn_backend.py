@@ -1,4 +1,4 @@
-"""Attention through FlashAttention: FlashAttention-4 (``flash_attn.cute``) where installed, else FA2.
+"""Attention through FlashAttention-4 (``flash_attn.cute``, the ``flash-attn-4`` package).
 
 The KV store is this project's Triton kernel (``kernels.store_kv``); attention is one FlashAttention call
 over the paged cache for prefill and decode alike (varlen queries, ``seqused_k`` = context lengths,
@@ -16,12 +16,6 @@ FlashAttention-4 (``flash-attn-4``, checked against 4.0.0b36's ``flash_attn/cute
   decode; ``max_seqlen_k`` defaults to the page-table width times the page size), and it neither
   synchronises nor reads the device, so ``supports_cuda_graphs`` is True. Each shape compiles once
   (JIT, seconds) on first use: the engine's warm-up runs before capture.
-
-FlashAttention-2 (the classic ``flash-attn`` package) is a thin fallback that can be neither run nor
-tested here or on the lent device (it is not installable there): ``flash_attn_varlen_func`` with
-``block_table`` for prefill, ``flash_attn_with_kvcache`` for decode. Upstream FA2 requires the block
-size to be a multiple of 256, and since graph capture of this adapter is unverified it declares
-``supports_cuda_graphs = False``.
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ import importlib
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from qwen3.attention.backend import AttentionBackend
 from qwen3.attention.kernels.common import ATTENTION_DTYPES, cuda_unavailable_reason
@@ -40,29 +33,20 @@ from qwen3.forward_batch import ForwardBatch
 
 #: compute-capability majors where FlashAttention-4 has a paged-KV forward kernel
 FA4_PAGED_KV_ARCHS = (9, 10, 11)
-#: upstream FlashAttention-2 checks ``page_block_size % 256 == 0`` for paged KV
-FA2_PAGE_MULTIPLE = 256
 
 
 @functools.cache
-def _find_flash_attn() -> tuple[str, ModuleType] | str:
-    """("fa4", flash_attn.cute) or ("fa2", flash_attn), or a message saying why neither imports."""
+def _find_flash_attn() -> ModuleType | str:
+    """``flash_attn.cute``, or a message saying why it does not import."""
     try:
-        return "fa4", importlib.import_module("flash_attn.cute")
+        return importlib.import_module("flash_attn.cute")
     except ImportError as exc:
-        fa4_error = exc
-    try:
-        module = importlib.import_module("flash_attn")
-    except ImportError as exc:
-        return f"neither flash-attn-4 (flash_attn.cute: {fa4_error}) nor flash-attn 2 ({exc}) is importable"
-    if not hasattr(module, "flash_attn_with_kvcache"):
-        return f"flash_attn.cute is not importable ({fa4_error}) and {module.__name__} is not FlashAttention-2"
-    return "fa2", module
+        return f"flash-attn-4 (flash_attn.cute) is not importable: {exc}"
 
 
 class FlashAttentionBackend(AttentionBackend):
     name = "flash-attn"
-    supports_cuda_graphs = True  # FlashAttention-4; an FA2 instance sets it False (see the module docstring)
+    supports_cuda_graphs = True  # see the module docstring
     dtypes = ATTENTION_DTYPES
 
     @staticmethod
@@ -73,20 +57,17 @@ class FlashAttentionBackend(AttentionBackend):
         found = _find_flash_attn()
         if isinstance(found, str):
             return found
-        if found[0] == "fa4":
-            major, minor = torch.cuda.get_device_capability(device)
-            if major not in FA4_PAGED_KV_ARCHS:
-                return (f"FlashAttention-4 has no paged-KV kernel for sm_{major}{minor}; it needs Hopper (sm_90) "
-                        "or Blackwell (sm_100/sm_110)")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major not in FA4_PAGED_KV_ARCHS:
+            return (f"FlashAttention-4 has no paged-KV kernel for sm_{major}{minor}; it needs Hopper (sm_90) "
+                    "or Blackwell (sm_100/sm_110)")
         return None
 
     def __init__(self) -> None:
         found = _find_flash_attn()
         if isinstance(found, str):
             raise ValueError(f"attention backend 'flash-attn': {found}")
-        self.flavor, self._module = found
-        if self.flavor == "fa2":
-            self.supports_cuda_graphs = False
+        self._module = found
 
     def forward(
         self,
@@ -99,12 +80,6 @@ class FlashAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:          # [T, Hq, D]
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        if self.flavor == "fa4":
-            return self._fa4(q, k_cache, v_cache, batch, scale)
-        return self._fa2(q, k_cache, v_cache, batch, scale)
-
-    def _fa4(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-             scale: float) -> torch.Tensor:
         out, _lse = self._module.flash_attn_varlen_func(
             q, k_cache, v_cache,
             cu_seqlens_q=batch.query_start_loc,  # [B + 1] int32
@@ -115,22 +90,3 @@ class FlashAttentionBackend(AttentionBackend):
             causal=True,                         # bottom-right aligned: new tokens are the context's last
         )
         return out  # [T, Hq, D]
-
-    def _fa2(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-             scale: float) -> torch.Tensor:
-        """Untested adapter (FA2 is not installable on any machine this project runs on)."""
-        block_size = k_cache.shape[1]
-        if block_size % FA2_PAGE_MULTIPLE:
-            raise ValueError(f"block_size {block_size}: FlashAttention-2's paged KV cache needs a multiple of "
-                             f"{FA2_PAGE_MULTIPLE}; set kv_block_size to 256 or choose another attention backend")
-        if batch.is_decode:
-            out = self._module.flash_attn_with_kvcache(
-                q.unsqueeze(1), k_cache, v_cache,  # q as [B, 1, Hq, D]
-                cache_seqlens=batch.seq_lens, block_table=batch.block_tables, softmax_scale=scale, causal=True,
-            )
-            return out.squeeze(1)
-        cu_seqlens_k = F.pad(torch.cumsum(batch.seq_lens, 0, dtype=torch.int32), (1, 0))  # [B + 1]
-        return self._module.flash_attn_varlen_func(
-            q, k_cache, v_cache, batch.query_start_loc, cu_seqlens_k, batch.max_query_len, batch.max_seq_len,
-            softmax_scale=scale, causal=True, block_table=batch.block_tables,
-        )

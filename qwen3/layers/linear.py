@@ -1,6 +1,5 @@
 """Tensor-parallel linear layers (Megatron style), ``Y = X A^T + b`` with ``A`` of shape [out, in].
 
-- ``ReplicatedLinear``: every rank holds all of ``A``.
 - ``ColumnParallelLinear``: ``A`` split along ``out`` (dim 0); each rank yields its slice of ``Y``.
 - ``MergedColumnParallelLinear``: several column-parallel matrices stacked (gate + up), each split.
 - ``QKVParallelLinear``: q, k and v projections stacked, each split by heads.
@@ -18,20 +17,6 @@ from torch import nn
 
 from qwen3.distributed import all_reduce, divide, tp_rank, tp_world_size
 from qwen3.layers.weights import CheckpointTensor, copy_checked, default_weight_loader, load_shard
-
-
-class ReplicatedLinear(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -21,23 +21,6 @@ class CheckpointTensor(Protocol):
     def load(self) -> torch.Tensor: ...
 
 
-class InMemoryTensor:
-    """A ``CheckpointTensor`` over a tensor already in memory (tests, tied weights)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self._tensor = tensor
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._tensor.shape)
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        return self._tensor.narrow(dim, start, length)
-
-    def load(self) -> torch.Tensor:
-        return self._tensor
-
-
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` with dtype conversion, refusing a shape mismatch instead of broadcasting."""
     if tuple(dst.shape) != tuple(src.shape):

@@ -1,0 +1,100 @@
+"""Run a ``StepPlan`` on the device and read its ``StepResult`` back: the model on every rank, the
+sampler on rank 0, the copy of the sampled ids to the host.
+
+``launch`` only queues work (and starts a non-blocking copy of the results to pinned memory behind a
+CUDA event); ``wait`` blocks until that copy is done. With async scheduling the engine launches step
+N+1 before it waits for step N, so the host builds the next step while the device computes. Neither
+touches a sequence: they read the plan, and the engine hands the result to ``Scheduler.apply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine_service.core.model_runner import ModelRunner
+from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine_service.core.step_plan import PlannedSeq, StepPlan, StepResult
+from engine_service.core.tp_workers import WorkerGroup
+from qwen3.forward_batch import copy_to_device
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose sampled ids have not been read on the host yet."""
+
+    plan: StepPlan
+    host: tuple[torch.Tensor, ...]       # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
+    ready: torch.cuda.Event | None       # recorded after the copies to ``host`` (None on the CPU)
+
+
+def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+    """Start copying the sampler's results to the host without waiting; the event marks their arrival."""
+    tensors = [out.token_ids]
+    if out.logprobs is not None:
+        tensors.append(out.logprobs)
+        if out.top_logprobs_ids is not None:
+            tensors += [out.top_logprobs_ids, out.top_logprobs]
+    if out.token_ids.device.type == "cpu":
+        return tuple(tensors), None
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+class StepExecutor:
+    """Rank 0's side of a step: drive the TP workers and the local runner, sample, copy back."""
+
+    def __init__(self, runner: ModelRunner, workers: WorkerGroup | None, eos_token_ids: tuple[int, ...],
+                 vocab_size: int, share_sampled: bool) -> None:
+        self.runner, self.workers = runner, workers
+        self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
+        # With a step in flight, the next step's pending tokens are read from its sampled ids on every
+        # rank: TP workers need a copy.
+        self.share_sampled = share_sampled and workers is not None
+        self.sampler = Sampler()
+
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host."""
+        step = plan.model_input(self.share_sampled)
+        if self.workers:
+            self.workers.execute(step)
+        logits = self.runner.execute(step)
+        sampled = self._sample(logits, plan.sampling) if plan.sampling else None
+        self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
+        host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
+        return LaunchedStep(plan, host, ready)
+
+    @staticmethod
+    def wait(launched: LaunchedStep) -> StepResult:
+        """Block until ``launched``'s sampled ids are on the host, and return them."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        if not launched.host:
+            return StepResult([])
+        token_ids, logprobs, top_ids, top_vals = [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host))
+        return StepResult(token_ids, logprobs, top_ids, top_vals)
+
+    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...]) -> SamplerOutput:
+        seqs = [e.seq for e in rows]
+        pending = [e.pending_row is not None for e in rows]
+        batch = SamplingBatch.build(
+            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device, pending,
+            self._pending_token_ids(rows, pending, logits.device),
+        )
+        return self.sampler(logits, batch)
+
+    def _pending_token_ids(self, rows: tuple[PlannedSeq, ...], pending: list[bool],
+                           device: torch.device) -> torch.Tensor | None:
+        """[S] int64 on ``device``: per sampling row, the id its sequence sampled in the step in flight
+        (garbage for rows without one), gathered on the device. None where no row has such a token or
+        no row's penalties read earlier tokens."""
+        if not any(pending) or not any(e.seq.params.reads_token_history for e in rows):
+            return None
+        sampled = self.runner.last_sampled  # [S_prev]: the in-flight step's ids
+        assert sampled is not None, "a pending token but no sampled ids kept from the step before"
+        sources = [e.pending_row if e.pending_row is not None else 0 for e in rows]
+        return sampled[copy_to_device(torch.tensor(sources, dtype=torch.int64), device)]

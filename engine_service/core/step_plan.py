@@ -1,0 +1,81 @@
+"""The typed boundary of one engine step: the scheduler's ``StepPlan`` going in, a ``StepResult`` coming back.
+
+``Scheduler.schedule`` returns a plan and has already committed it (computed-token counts advanced,
+one pending token counted per sampling row); the engine launches it (``StepExecutor``) and, once the
+sampled ids are on the host, hands the ``StepResult`` to ``Scheduler.apply``, the one place where
+sampled ids become known tokens. Both are immutable: nothing downstream of the scheduler changes a
+decision, and nothing but ``Scheduler.apply`` turns a result into sequence state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+from engine_service.core.sequence import Sequence
+from engine_service.core.step_input import PendingTokens, StepInput
+
+
+class PlannedSeq(NamedTuple):
+    """One sequence's part of a step (a NamedTuple: immutable, and cheap to build per row per step)."""
+
+    seq: Sequence
+    context_len: int                # tokens already computed: the position of its first new token
+    num_new_tokens: int             # tokens whose K/V this step computes, positions context_len onwards
+    token_ids: tuple[int, ...]      # the known ids among them: all, or all but the last when pending_row is set
+    block_table: tuple[int, ...]    # snapshot of its KV blocks, covering context_len + num_new_tokens
+    samples: bool                   # this step reaches its last token, so it samples the next
+    pending_row: int | None         # its last new token is the one it sampled at this row of the step in flight
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step computes, sequence by sequence (running ones first, then newly admitted ones).
+
+    Invariants (tested): no finished sequence appears; each sequence appears at most once; each row's
+    block table covers ``context_len + num_new_tokens``; the rows' new tokens fit the step's budget.
+    """
+
+    entries: tuple[PlannedSeq, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.entries
+
+    @cached_property
+    def sampling(self) -> tuple[PlannedSeq, ...]:
+        """The rows that sample, in the order of the sampled ids (row i of a ``StepResult``)."""
+        return tuple(e for e in self.entries if e.samples)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(e.num_new_tokens for e in self.entries)
+
+    def model_input(self, share_sampled: bool) -> StepInput:
+        """The plan without its sequences: what the model runner on every rank consumes."""
+        token_ids, context_lens, tables, sample_rows = [], [], [], []
+        rows, positions, sources = [], [], []
+        flat = 0
+        for row, e in enumerate(self.entries):
+            token_ids.append(e.token_ids)
+            context_lens.append(e.context_len)
+            tables.append(e.block_table)
+            sample_rows.append(e.samples)
+            flat += e.num_new_tokens
+            if e.pending_row is not None:  # only ever its last new token
+                rows.append(row)
+                positions.append(flat - 1)
+                sources.append(e.pending_row)
+        pending = PendingTokens(tuple(rows), tuple(positions), tuple(sources)) if rows else None
+        return StepInput(token_ids, context_lens, tables, sample_rows, pending, share_sampled and bool(self.sampling))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's sampling, read back to the host: one entry per row of ``StepPlan.sampling``."""
+
+    token_ids: list[int]                        # [S]
+    logprobs: list[float] | None = None         # [S] when some row asked for logprobs
+    top_ids: list[list[int]] | None = None      # [S, N] most likely first, when some row asked for N > 0
+    top_logprobs: list[list[float]] | None = None
