@@ -211,3 +211,28 @@ def test_sampling_params_normalise_controls() -> None:
     assert p.logit_bias == ((2, -100.0), (9, 1.0)) and p.allowed_token_ids == (4, 2)
     assert p.bad_words == ((1, 2), (3,))
     hash(p)
+
+
+def test_controls_keep_async_scheduling_token_exact(tiny_checkpoint) -> None:
+    """The engine with one step in flight (bad_words then compare a last token still on the device) gives the
+    same tokens as one step at a time, for a batch mixing the controls with plain requests."""
+    from engine_service import LLM
+
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [[3, 17, 250, 9], [44, 8], [100, 101, 102], [7] * 5]
+    with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64) as llm:
+        greedy = [o.token_ids for o in llm.generate(prompts, plain)]
+    pairs = [[a, b] for a, b in zip(greedy[0], greedy[0][1:])]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, bad_words=pairs),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, bad_words=[greedy[1][:3]],
+                             logit_bias={greedy[1][0]: -100.0}),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=24, ignore_eos=True, allowed_token_ids=[5, 50, 500]),
+              plain]
+    runs = []
+    for overlap in (False, True):
+        with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, async_scheduling=overlap) as llm:
+            runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
+    got = runs[1]
+    assert got[0] != greedy[0] and not {tuple(got[0][i:i + 2]) for i in range(23)} & {tuple(p) for p in pairs}
+    assert greedy[1][0] not in got[1] and set(got[2]) <= {5, 50, 500} and got[3] == greedy[3]
