@@ -100,7 +100,8 @@ async def serve(args: argparse.Namespace) -> int:
                                                             security=args.security),
                                         log_level=args.log_level, log_format=args.log_format,
                                         stream_interval=args.stream_interval,
-                                        limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}))
+                                        limits=RequestLimits(**{f.name: getattr(args, f.name)
+                                                                for f in fields(RequestLimits)}))
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period,
