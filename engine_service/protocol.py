@@ -120,6 +120,15 @@ class EngineInfo:
         if bad_bias is not None:
             raise FieldError(f"logit_bias[{bad_bias}]", f"token id {bad_bias} is outside the vocabulary "
                                                         f"[0, {self.vocab_size})")
+        if params.allowed_token_ids is not None:
+            # Every allowed id banned would leave a row with no finite score: refuse it rather than emit an
+            # id outside the allowed set.
+            banned = {word[0] for word in params.bad_words if len(word) == 1}
+            if params.min_tokens:
+                banned.update(self.eos_token_ids, params.stop_token_ids)
+            if banned.issuperset(params.allowed_token_ids):
+                raise FieldError("allowed_token_ids", "every allowed id is banned (one-id bad_words, or EOS and "
+                                                      "stop ids while min_tokens holds)")
 
     def _check_ids(self, field: str, token_ids: tuple[int, ...]) -> None:
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)

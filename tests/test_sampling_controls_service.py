@@ -113,6 +113,8 @@ LIMITS = RequestLimits()
     ({"bad_words": [[1]] * (LIMITS.max_bad_words + 1)}, "sampling_params.bad_words"),
     ({"bad_words": [[1], [2] * (LIMITS.max_bad_word_tokens + 1)]}, "sampling_params.bad_words[1]"),
     ({"truncate_prompt_tokens": 0}, "sampling_params.truncate_prompt_tokens"),
+    ({"allowed_token_ids": [7, 8], "bad_words": [[7], [8]]}, "sampling_params.allowed_token_ids"),
+    ({"allowed_token_ids": [151645, 9], "stop_token_ids": [9], "min_tokens": 1}, "sampling_params.allowed_token_ids"),
 ])
 async def test_bad_controls_are_invalid_argument_naming_the_field(services: Services, sampling, field) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
