@@ -87,7 +87,8 @@ async def test_a_raw_v1_client_lists_and_fetches_files(target: str) -> None:
              for b in by_symbol.file_descriptor_response.file_descriptor_proto]
     names = [f.name for f in files]
     assert "qwen3serve/tokenizer/v1/tokenizer.proto" in names and "qwen3serve/engine/v1/engine.proto" in names
-    engine_file = descriptor_pb2.FileDescriptorProto.FromString(by_name.file_descriptor_response.file_descriptor_proto[0])
+    (engine_bytes,) = by_name.file_descriptor_response.file_descriptor_proto
+    engine_file = descriptor_pb2.FileDescriptorProto.FromString(engine_bytes)
     assert engine_file.package == "qwen3serve.engine.v1"
     assert "SamplingParams" in [m.name for m in engine_file.message_type]
     assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
