@@ -42,10 +42,14 @@ ToolLike = tokenizer_pb2.Tool | Mapping[str, Any]
 
 
 def sampling_params(**fields: Any) -> engine_pb2.SamplingParams:
-    """``SamplingParams`` from keyword arguments; None values are left unset (engine default)."""
+    """``SamplingParams`` from keyword arguments; None values are left unset (engine default).
+    ``logit_bias`` is a dict (token id -> bias); ``bad_words`` may be lists of token ids."""
     unknown = sorted(set(fields) - _SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    if fields.get("bad_words") is not None:
+        fields["bad_words"] = [w if isinstance(w, engine_pb2.TokenSequence) else engine_pb2.TokenSequence(token_ids=w)
+                               for w in fields["bad_words"]]
     return engine_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import fields
 
 from engine_service.config import EngineConfig
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
@@ -56,10 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-mb", type=int, default=ENGINE_MAX_MESSAGE_BYTES // 2**20,
                    help="largest request or response message, MiB (a 128k-token prompt is < 1 MiB); "
                         "beyond it gRPC answers RESOURCE_EXHAUSTED")
-    p.add_argument("--max-request-id-bytes", type=int, default=RequestLimits.max_request_id_bytes,
-                   help="longest request_id accepted (INVALID_ARGUMENT beyond it)")
-    p.add_argument("--max-stop-token-ids", type=int, default=RequestLimits.max_stop_token_ids,
-                   help="most stop_token_ids one request may carry (INVALID_ARGUMENT beyond it)")
+    for limit in fields(RequestLimits):
+        p.add_argument(f"--{limit.name.replace('_', '-')}", type=int, default=limit.default,
+                       help=f"{limit.metadata['help']} (INVALID_ARGUMENT beyond it)")
     p.add_argument("--max-concurrent-streams", type=int, default=ServerConfig.max_concurrent_streams,
                    help="Generate streams at once; more are answered RESOURCE_EXHAUSTED (health, GetLoad, "
                         "GetModelInfo and Abort are never limited)")
@@ -100,7 +100,8 @@ async def serve(args: argparse.Namespace) -> int:
                                                             security=args.security),
                                         log_level=args.log_level, log_format=args.log_format,
                                         stream_interval=args.stream_interval,
-                                        limits=RequestLimits(args.max_request_id_bytes, args.max_stop_token_ids))
+                                        limits=RequestLimits(**{f.name: getattr(args, f.name)
+                                                                for f in fields(RequestLimits)}))
     log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
                                                      "metrics_port": metrics_port})
     serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period,

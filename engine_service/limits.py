@@ -6,7 +6,7 @@ server's transport limit (``--max-message-mb``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from service_common.validation import FieldError
 
@@ -19,13 +19,23 @@ ENGINE_MAX_MESSAGE_BYTES = 8 * 2**20
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_request_id_bytes: int = 256
-    max_stop_token_ids: int = 256
+    """Each field is a CLI option (``--max-request-id-bytes`` ...) with its ``help``; beyond a limit the
+    request is answered INVALID_ARGUMENT naming the field."""
+
+    max_request_id_bytes: int = field(default=256, metadata={"help": "longest request_id accepted"})
+    max_stop_token_ids: int = field(default=256, metadata={"help": "most stop_token_ids one request may carry"})
+    max_logit_bias: int = field(default=1024, metadata={"help": "most logit_bias entries one request may carry"})
+    # A whole vocabulary (152k ids) is ~0.6 MB on the wire; the host flattens the list every step.
+    max_allowed_token_ids: int = field(default=16384,
+                                       metadata={"help": "most allowed_token_ids one request may carry"})
+    # bad_words are compared with the output's tail on the host every step: words x length bounds that work.
+    max_bad_words: int = field(default=128, metadata={"help": "most bad_words sequences one request may carry"})
+    max_bad_word_tokens: int = field(default=32, metadata={"help": "most token ids in one bad_words sequence"})
 
     def __post_init__(self) -> None:
-        for name in ("max_request_id_bytes", "max_stop_token_ids"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be >= 1, got {getattr(self, f.name)}")
 
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:

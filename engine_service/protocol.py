@@ -112,10 +112,28 @@ class EngineInfo:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
             raise FieldError("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad_stop is not None:
-            raise FieldError("stop_token_ids",
-                             f"token id {bad_stop} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_ids("stop_token_ids", params.stop_token_ids)
+        self._check_ids("allowed_token_ids", params.allowed_token_ids or ())
+        for i, word in enumerate(params.bad_words):
+            self._check_ids(f"bad_words[{i}]", word)
+        bad_bias = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
+        if bad_bias is not None:
+            raise FieldError(f"logit_bias[{bad_bias}]", f"token id {bad_bias} is outside the vocabulary "
+                                                        f"[0, {self.vocab_size})")
+        if params.allowed_token_ids is not None:
+            # Every allowed id banned would leave a row with no finite score: refuse it rather than emit an
+            # id outside the allowed set.
+            banned = {word[0] for word in params.bad_words if len(word) == 1}
+            if params.min_tokens:
+                banned.update(self.eos_token_ids, params.stop_token_ids)
+            if banned.issuperset(params.allowed_token_ids):
+                raise FieldError("allowed_token_ids", "every allowed id is banned (one-id bad_words, or EOS and "
+                                                      "stop ids while min_tokens holds)")
+
+    def _check_ids(self, field: str, token_ids: tuple[int, ...]) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise FieldError(field, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service_common.validation import FieldError
 
 # Most alternatives a request may ask logprobs for (as OpenAI's API allows).
 MAX_LOGPROBS = 20
+
+# OpenAI's range for a logit_bias value: -100 in effect bans a token, +100 in effect forces it.
+MAX_LOGIT_BIAS = 100.0
 
 # Temperatures below this are treated as greedy: dividing logits by a near-zero temperature only
 # risks overflow, and the result would be the argmax anyway.
@@ -20,9 +24,10 @@ class SamplingParams:
     """How one request picks its next tokens and when it stops. Invalid values raise ``FieldError`` naming
     the field (a ``ValueError``).
 
-    Logits are processed in the order of transformers' ``generate``: repetition penalty (prompt and
-    output tokens), presence/frequency penalties (output tokens), min_tokens (EOS and stop ids banned),
-    then, for sampled requests, temperature, top-k, top-p, min-p.
+    Logits are processed in this order: logit_bias (added to the model's logits, as OpenAI describes
+    it), then as transformers' ``generate``: repetition penalty (prompt and output tokens),
+    presence/frequency penalties (output tokens); then the bans (allowed_token_ids, bad_words,
+    min_tokens' EOS and stop ids); then, for sampled requests, temperature, top-k, top-p, min-p.
     """
 
     temperature: float = 1.0            # 0 (or below GREEDY_TEMPERATURE) = greedy
@@ -38,6 +43,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False            # keep generating past EOS (stop_token_ids still stop)
     logprobs: int | None = None         # None: no logprobs; N: the chosen token's plus the top N (0..MAX_LOGPROBS)
+    # token id -> bias in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] added to its logit; a mapping becomes sorted pairs
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None   # None: every token; else only these (not empty)
+    # Token-id sequences never completed: a sequence's last id is banned while the output ends with the
+    # ids before it (vLLM's bad_words, on ids; a one-id sequence bans that id outright).
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -73,18 +84,27 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise FieldError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
-        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
-            raise FieldError("stop_token_ids", f"must be a sequence of token ids, got {self.stop_token_ids!r}")
-        stop = tuple(self.stop_token_ids)
-        bad = next((t for t in stop if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
-        if bad is not None:
-            raise FieldError("stop_token_ids", f"must hold non-negative ints, got {bad!r}")
-        object.__setattr__(self, "stop_token_ids", stop)  # frozen: lists become tuples (hashable, immutable)
+        # frozen: lists become tuples (hashable, immutable)
+        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            allowed = _token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not allowed:
+                raise FieldError("allowed_token_ids", "must not be empty (leave it unset to allow every token)")
+            object.__setattr__(self, "allowed_token_ids", allowed)
+        _require_sequence("bad_words", self.bad_words, "token-id sequences")
+        words = tuple(_token_ids(f"bad_words[{i}]", word) for i, word in enumerate(self.bad_words))
+        empty = next((i for i, word in enumerate(words) if not word), None)
+        if empty is not None:
+            raise FieldError(f"bad_words[{empty}]", "must hold at least one token id")
+        object.__setattr__(self, "bad_words", words)
 
     @property
     def reads_token_history(self) -> bool:
-        """Whether sampling needs the ids of earlier tokens (the penalties do)."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        """Whether sampling needs the ids of earlier tokens (the penalties do, and bad_words of more than
+        one id, which compare the output's tail)."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or any(len(word) > 1 for word in self.bad_words))
 
     @property
     def is_greedy(self) -> bool:
@@ -94,3 +114,39 @@ class SamplingParams:
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FieldError(name, f"must be an int, got {value!r}")
+
+
+def _require_sequence(name: str, value: object, what: str) -> None:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise FieldError(name, f"must be a sequence of {what}, got {value!r}")
+
+
+def _token_ids(name: str, value: object) -> tuple[int, ...]:
+    """``value`` as a tuple of non-negative int ids; FieldError naming ``name`` otherwise."""
+    _require_sequence(name, value, "token ids")
+    ids = tuple(value)  # type: ignore[arg-type]
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
+    if bad is not None:
+        raise FieldError(name, f"must hold non-negative ints, got {bad!r}")
+    return ids
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """A mapping (or pairs) of token id -> bias as sorted (id, bias) pairs; the error names the id
+    (``logit_bias[5]``)."""
+    if not isinstance(value, Mapping):
+        _require_sequence("logit_bias", value, "(token id, bias) pairs")
+    pairs = list(value.items()) if isinstance(value, Mapping) else [tuple(p) for p in value]  # type: ignore
+    if any(len(p) != 2 for p in pairs):
+        raise FieldError("logit_bias", "must map token ids to biases")
+    ids = [t for t, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise FieldError("logit_bias", "names a token id twice")
+    for token, bias in pairs:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise FieldError("logit_bias", f"keys must be non-negative token ids, got {token!r}")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)
+                or abs(bias) > MAX_LOGIT_BIAS):
+            raise FieldError(f"logit_bias[{token}]", f"must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                                     f"got {bias!r}")
+    return tuple(sorted((t, float(b)) for t, b in pairs))

@@ -20,17 +20,16 @@ import grpc.aio
 
 from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
+from engine_service.generate_request import generate_inputs, request_path
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
 from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.metrics import EngineMetrics
-from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, FinishReason, RequestOutput,
-                                     check_lengths)
-from engine_service.sampling_params import SamplingParams
+from engine_service.protocol import EngineDeadError, EngineOverloadedError, FinishReason, RequestOutput
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common.errors import AlreadyExists, Overloaded, Unavailable, handle_errors
 from service_common.logging import bind_request_id
 from service_common.server import ServerConfig, bind, build_server, set_serving
-from service_common.validation import FieldError, check_count
+from service_common.validation import FieldError
 
 if TYPE_CHECKING:
     from engine_service.core.engine import LLMEngine
@@ -45,32 +44,6 @@ _FINISH_REASONS = {
     FinishReason.ABORTED: engine_pb2.FINISH_REASON_ABORTED,
     FinishReason.ERROR: engine_pb2.FINISH_REASON_ERROR,
 }
-# Optional scalar fields of the SamplingParams message that map 1:1 onto SamplingParams.
-_OPTIONAL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "min_tokens", "logprobs")
-
-
-def sampling_params(request: engine_pb2.GenerateRequest, info: EngineInfo, limits: RequestLimits) -> SamplingParams:
-    """The request's ``SamplingParams``; FieldError (with the proto path) on a bad field. Sizes are checked
-    before their items are touched."""
-    msg = request.sampling_params
-    check_count("sampling_params.stop_token_ids", len(msg.stop_token_ids), limits.max_stop_token_ids, "ids")
-    kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
-    try:
-        kwargs["max_tokens"] = check_lengths(len(request.prompt_token_ids),
-                                             msg.max_tokens if msg.HasField("max_tokens") else None,
-                                             info.max_model_len)
-        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
-        kwargs["ignore_eos"] = msg.ignore_eos
-        return SamplingParams(**kwargs)  # type: ignore[arg-type]
-    except FieldError as exc:
-        raise request_path(exc) from None
-
-
-def request_path(exc: FieldError) -> FieldError:
-    """An engine-side FieldError with its path in GenerateRequest: the engine names the prompt's field or a
-    ``SamplingParams`` field, and the latter sit under ``sampling_params`` in the proto."""
-    return exc if exc.field.startswith("prompt_token_ids") else exc.within("sampling_params")
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
@@ -115,11 +88,11 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         engine = self._live_engine()
-        params = sampling_params(request, engine.info, self.limits)
+        prompt_token_ids, params = generate_inputs(request, engine.info, self.limits)
         start = last = time.perf_counter()
         first = True
         try:
-            async for out in engine.generate(list(request.prompt_token_ids), params,
+            async for out in engine.generate(prompt_token_ids, params,
                                              request_id if labelled else None):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):

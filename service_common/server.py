@@ -26,10 +26,10 @@ import grpc.aio
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from service_common.admission import AdmissionInterceptor
 from service_common.metrics import RpcMetricsInterceptor
+from service_common.reflection import enable_reflection
 from service_common.security import ServerSecurity, warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     _ADMISSION[server] = admission
     health = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server,
-                                        pool=_ReflectionPool(descriptor_pool.Default()))
+    enable_reflection(server, [*service_names, HEALTH_SERVICE_NAME], pool=_ReflectionPool(descriptor_pool.Default()))
     # The aio HealthServicer starts "" as SERVING; nothing is ready yet. set() is async, but touching
     # the status map directly here keeps build_server usable before the event loop runs.
     for name in ("", *service_names):

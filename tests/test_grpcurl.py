@@ -22,6 +22,7 @@ ENGINE = "qwen3serve.engine.v1.EngineService"
 TOKENIZER = "qwen3serve.tokenizer.v1.TokenizerService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 PROMPT = [9707, 11, 1879, 0, 108386, 151645]  # arbitrary ids, a special one included
 ENGINE_OPTIONS = {"max_model_len": 256, "num_kv_blocks": 32}
 
@@ -59,8 +60,9 @@ async def grpcurl(grpcurl_path: Path):
 
 
 async def test_list_shows_every_service(services: Services, grpcurl) -> None:
-    assert set((await grpcurl(services.engine_target, "list")).split()) == {ENGINE, HEALTH, REFLECTION}
-    assert set((await grpcurl(services.tokenizer_target, "list")).split()) == {TOKENIZER, HEALTH, REFLECTION}
+    reflection = {REFLECTION, REFLECTION_V1}
+    assert set((await grpcurl(services.engine_target, "list")).split()) == {ENGINE, HEALTH, *reflection}
+    assert set((await grpcurl(services.tokenizer_target, "list")).split()) == {TOKENIZER, HEALTH, *reflection}
     methods = (await grpcurl(services.engine_target, "list", ENGINE)).split()
     assert methods == [f"{ENGINE}.{m}" for m in ("Abort", "Generate", "GetLoad", "GetModelInfo")]
 

@@ -61,12 +61,23 @@ class _TextDelta:
 
 def _check_text_generation(request: tokenizer_pb2.ChatRequest | tokenizer_pb2.CompleteRequest,
                            limits: RequestLimits) -> None:
-    """What Chat and Complete share: request_id and stop strings within the limits, no logprobs."""
+    """What Chat and Complete share: request_id and stop strings within the limits, no logprobs, a
+    truncate_prompt_tokens of at least 1 (the prompt is truncated here, before its length is checked)."""
     check_request_id(request.request_id, limits)
     check_stop_strings(request.stop, limits)
-    if request.sampling_params.HasField("logprobs"):
+    sampling = request.sampling_params
+    if sampling.HasField("logprobs"):
         raise InvalidArgument("sampling_params.logprobs",
                               "token log-probabilities are served by EngineService.Generate only")
+    if sampling.HasField("truncate_prompt_tokens") and sampling.truncate_prompt_tokens < 1:
+        raise InvalidArgument("sampling_params.truncate_prompt_tokens",
+                              f"must be >= 1, got {sampling.truncate_prompt_tokens}")
+
+
+def _truncated(prompt_ids: list[int], sampling: engine_pb2.SamplingParams) -> list[int]:
+    """The prompt the engine will see: its last ``truncate_prompt_tokens`` ids when set (the engine truncates
+    the same way; doing it here first makes the length check and usage agree with it)."""
+    return prompt_ids[-sampling.truncate_prompt_tokens:] if sampling.HasField("truncate_prompt_tokens") else prompt_ids
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -153,12 +164,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         prompt, prompt_ids = await asyncio.to_thread(
             self._render, request.messages, request.tools, True,
             request.enable_thinking if request.HasField("enable_thinking") else None)
+        prompt_ids = _truncated(prompt_ids, request.sampling_params)
         await self._check_prompt_length(prompt_ids, "messages")
         splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
         tool_parser = ToolCallParser() if request.tools else None  # calls are parsed only when tools are offered
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
         async with aclosing(self._generate(request_id, prompt_ids, "messages", request.sampling_params,
-                                           request.stop, context)) as deltas:
+                                           request.stop, request.include_stop_str_in_output, context)) as deltas:
             async for delta in deltas:
                 finished = delta.finish_reason != _UNFINISHED
                 reasoning, text = splitter.push(delta.text)
@@ -190,9 +202,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise InvalidArgument("prompt", "must not be empty")
         check_text("prompt", request.prompt, self._limits)
         prompt_ids = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
+        prompt_ids = _truncated(prompt_ids, request.sampling_params)
         await self._check_prompt_length(prompt_ids, "prompt")
         async with aclosing(self._generate(request_id, prompt_ids, "prompt", request.sampling_params,
-                                           request.stop, context)) as deltas:
+                                           request.stop, request.include_stop_str_in_output, context)) as deltas:
             async for delta in deltas:
                 if delta.finish_reason != _UNFINISHED:
                     yield tokenizer_pb2.CompleteResponse(
@@ -202,9 +215,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     yield tokenizer_pb2.CompleteResponse(request_id=request_id, text=delta.text)
 
     async def _generate(self, request_id: str, prompt_ids: list[int], prompt_field: str,
-                        sampling: engine_pb2.SamplingParams, stops: Sequence[str],
+                        sampling: engine_pb2.SamplingParams, stops: Sequence[str], include_stop: bool,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[_TextDelta]:
-        """Call the engine and turn its token stream into text deltas, ending with a finished one.
+        """Call the engine and turn its token stream into text deltas, ending with a finished one; a matched
+        stop string ends the text, and is its last piece when ``include_stop``.
         The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""
         detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
         matcher = StopStringMatcher(stops)
@@ -229,7 +243,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     usage = response.usage if finished else engine_pb2.Usage(
                         prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                         cached_prompt_tokens=cached_prompt_tokens)
-                    yield _TextDelta(out.text, engine_pb2.FINISH_REASON_STOP, usage, out.stop)
+                    yield _TextDelta(out.text + out.stop if include_stop else out.text, engine_pb2.FINISH_REASON_STOP,
+                                     usage, out.stop)
                     return
                 if finished:
                     yield _TextDelta(out + matcher.finish(), response.finish_reason, response.usage)

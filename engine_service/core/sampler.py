@@ -4,9 +4,10 @@ Per step the engine builds a ``SamplingBatch`` (per-row parameter tensors, built
 lists) and calls ``Sampler()(logits, batch)``. Everything after that runs as whole-batch tensor ops on
 the logits' device; work that no row asks for (a sort for top-p, penalties, logprobs) is skipped.
 
-Processing order, as transformers' ``generate``: repetition penalty (prompt + output tokens),
-presence/frequency penalties (output tokens), min_tokens (EOS and stop ids banned); then greedy rows
-take the argmax and sampled rows apply temperature, top-k, top-p, min-p and draw.
+Processing order: logit_bias, then as transformers' ``generate``: repetition penalty (prompt + output
+tokens), presence/frequency penalties (output tokens); then the bans (allowed_token_ids, bad_words,
+min_tokens' EOS and stop ids; :mod:`engine_service.core.logit_masks`); then greedy rows take the argmax
+and sampled rows apply temperature, top-k, top-p, min-p and draw.
 
 Randomness is counter-based and drawn by inverse CDF: row i's draw at output step t uses one uniform
 u in [0, 1), the top 53 bits of a SplitMix64 hash of (seeds[i], t) computed on the host, and the token
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from engine_service.sampling_params import SamplingParams
+from engine_service.core.logit_masks import AllowedTokens, LogitBias, PendingBans, bad_word_bans, pending_bans
 from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -66,7 +68,10 @@ class SamplingBatch:
     uniforms: torch.Tensor             # [S] float64 in [0, 1), a hash of (seed, output step)
     seen_tokens: TokenPairs | None     # prompt + output tokens of rows with a repetition penalty
     output_tokens: TokenPairs | None   # output tokens of rows with presence/frequency penalties
-    banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens
+    banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens; bad_words' last ids
+    logit_bias: LogitBias | None       # rows with a logit_bias
+    allowed_tokens: AllowedTokens | None  # rows with allowed_token_ids
+    pending_bans: PendingBans | None   # bad_words bans that hinge on a last token still on the device
     all_greedy: bool
     max_top_k: int                     # largest enabled top_k; 0 when no row uses top-k
     use_top_p: bool
@@ -75,8 +80,9 @@ class SamplingBatch:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether some row's scores change before the warpers (penalties or min_tokens bans)."""
-        return not (self.seen_tokens is None and self.output_tokens is None and self.banned_tokens is None)
+        """Whether some row's scores change before the warpers (bias, penalties or bans)."""
+        return any(x is not None for x in (self.seen_tokens, self.output_tokens, self.banned_tokens,
+                                           self.logit_bias, self.allowed_tokens, self.pending_bans))
 
     @property
     def num_rows(self) -> int:
@@ -104,6 +110,7 @@ class SamplingBatch:
 
         ``seeds[i]`` is row i's effective seed; its output step is its number of output tokens (known
         and pending), so the uniform it samples with depends on nothing but those two numbers.
+        The penalties and bad_words read a pending id on the device; the host never waits for it.
         """
         num_rows = len(params)
         if num_rows == 0:
@@ -130,6 +137,8 @@ class SamplingBatch:
         f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)   # [S, 6]
         i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)       # [S, 3]
         top_k_host = [row[1] for row in ints]
+        bad_words, conditional_bans = bad_word_bans(params, output_token_ids)
+        bad_words, conditional_bans = bad_word_bans(params, output_token_ids, pending)
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
@@ -140,8 +149,11 @@ class SamplingBatch:
                                        output_token_ids, pending, pending_token_ids, device),
             output_tokens=_history_pairs([bool(p.presence_penalty or p.frequency_penalty) for p in params], None,
                                          output_token_ids, pending, pending_token_ids, device),
-            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids) if n < p.min_tokens else ()
-                                  for p, n in zip(params, num_outputs)], device),
+            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids, *words) if n < p.min_tokens else words
+                                  for p, n, words in zip(params, num_outputs, bad_words)], device),
+            logit_bias=LogitBias.build(params, device),
+            allowed_tokens=AllowedTokens.build(params, device),
+            pending_bans=pending_bans(conditional_bans, pending_token_ids, device),
             all_greedy=all(p.is_greedy for p in params),
             max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
             use_top_p=any(row[1] < 1.0 for row in floats),
@@ -190,7 +202,10 @@ class Sampler:
 
     @staticmethod
     def apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Repetition, presence and frequency penalties, then min_tokens bans, in place on ``scores``."""
+        """logit_bias, repetition, presence and frequency penalties, then the bans (allowed_token_ids,
+        bad_words, min_tokens), in place on ``scores``."""
+        if batch.logit_bias is not None:
+            batch.logit_bias.apply(scores)
         if batch.seen_tokens is not None:
             # As transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones.
             # Duplicate pairs write the same value, so they need no dedup.
@@ -204,8 +219,12 @@ class Sampler:
             rows, tokens = batch.output_tokens.rows, batch.output_tokens.tokens
             counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=scores.dtype), accumulate=True)
             scores -= batch.frequency_penalty[:, None] * counts + batch.presence_penalty[:, None] * (counts > 0)
+        if batch.allowed_tokens is not None:
+            batch.allowed_tokens.apply(scores)
         if batch.banned_tokens is not None:
             scores[batch.banned_tokens.rows, batch.banned_tokens.tokens] = float("-inf")
+        if batch.pending_bans is not None:
+            batch.pending_bans.apply(scores)
         return scores
 
     @staticmethod
