@@ -25,6 +25,7 @@ from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check
 from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.metrics import EngineMetrics
 from engine_service.protocol import EngineDeadError, EngineOverloadedError, FinishReason, RequestOutput
+from engine_service.vllm_grpc.servicer import SERVICE_NAME as VLLM_SERVICE_NAME, add_vllm_servicer
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common.errors import AlreadyExists, Overloaded, Unavailable, handle_errors
 from service_common.logging import bind_request_id
@@ -200,15 +201,16 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     name = model_name or Path(model_path).name
     servicer = EngineServicer(name, str(model_path), limits=limits)
     config = config or ServerConfig(max_message_bytes=ENGINE_MAX_MESSAGE_BYTES)
-    server, health = build_server([SERVICE_NAME], config)
+    server, health = build_server([SERVICE_NAME, VLLM_SERVICE_NAME], config)
     engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    add_vllm_servicer(servicer, server)  # SMG's worker contract, same engine, same port
     bound = bind(server, host, port, config.security if config is not None else None)
     await server.start()
     running = EngineServer(server, health, servicer, bound)
 
     async def on_death(reason: str) -> None:
         log.error("engine died; health NOT_SERVING", extra={"reason": reason})
-        await set_serving(health, [SERVICE_NAME], False)
+        await set_serving(health, [SERVICE_NAME, VLLM_SERVICE_NAME], False)
         running.died.set()
 
     async def load() -> None:
@@ -224,7 +226,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
         driven.on_death = lambda reason: asyncio.ensure_future(on_death(reason))
         driven.start()
         servicer.attach(driven)
-        await set_serving(health, [SERVICE_NAME], True)
+        await set_serving(health, [SERVICE_NAME, VLLM_SERVICE_NAME], True)
         log.info("serving", extra={"model": name, "port": bound})
 
     async def publish_load() -> None:
