@@ -14,8 +14,11 @@ ENGINE_PORT ?= 50051
 TOKENIZER_PORT ?= 50052
 ENGINE_ARGS ?=
 TOKENIZER_ARGS ?=
+REPLICAS ?= 2
+HTTP_PORT ?= 30000
+PROMETHEUS_PORT ?= 29000
 
-.PHONY: install proto proto-gen test test-gpu serve demo-model bench lint clean
+.PHONY: install proto proto-gen test test-gpu serve serve-cluster demo-model bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +58,13 @@ serve: install
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
 	exec $(PY) scripts/serve.py --model $(or $(MODEL),$(DEMO_DIR)) --engine-port $(ENGINE_PORT) \
 	  --tokenizer-port $(TOKENIZER_PORT) --engine-args '$(ENGINE_ARGS)' --tokenizer-args '$(TOKENIZER_ARGS)'
+
+# N engine replicas (one GPU each where there are several) and the SMG gateway in front: OpenAI HTTP on
+# HTTP_PORT, Prometheus on PROMETHEUS_PORT (engine_service/cluster.py; smg comes with the test/gateway extras).
+serve-cluster: install
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
+	exec $(PY) -m engine_service.cluster --model $(or $(MODEL),$(DEMO_DIR)) --replicas $(REPLICAS) \
+	  --http-port $(HTTP_PORT) --prometheus-port $(PROMETHEUS_PORT)
 
 # buf lint on the protos (style guide + a comment on every element); needs npm.
 lint:
