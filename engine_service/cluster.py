@@ -112,6 +112,10 @@ def _count_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine_service.cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint folder (served by every replica)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ClusterConfig(args.model, args.replicas, args.first_engine_port, args.http_port, args.prometheus_port,
                            args.host, args.served_model_name, _count_gpus(), args.engine_arg, args.smg_arg)
     processes = [start_replica(config, i) for i in range(config.replicas)]
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster as Ctrl-C does
     try:
         for i, process in enumerate(processes):
             wait_serving(f"{config.host}:{config.engine_port(i)}", args.load_timeout, process)

@@ -7,6 +7,7 @@ tokenizer service runs in front of replica 0 to give the reference greedy text.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -183,3 +184,15 @@ def last_generate_at(cluster: Cluster, i: int) -> float:
         info = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(),
                                                                           timeout=5)
     return info.last_receive_timestamp
+
+
+def test_readme_openai_snippet_runs_against_the_cluster(cluster: Cluster) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## OpenAI API through SMG"):]
+    snippet = section[section.index("```python\n") + 10:]
+    snippet = snippet[:snippet.index("```")]
+    snippet = snippet.replace("http://127.0.0.1:30000", f"http://127.0.0.1:{cluster.config.http_port}")
+    snippet = snippet.replace('"demo-model"', '"demo"')
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r" \d+$", result.stdout, re.MULTILINE), result.stdout  # content, completion tokens
