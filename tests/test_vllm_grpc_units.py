@@ -1,0 +1,89 @@
+"""The pure pieces of the SMG worker servicer: request translation and refusals, stop strings, tokenizer zip."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import tokenizers
+
+from engine_service.limits import RequestLimits
+from engine_service.protocol import EngineInfo
+from engine_service.vllm_grpc.requests import engine_request
+from engine_service.vllm_grpc.stops import StopWatch
+from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
+from qwen3serve.smg import vllm_engine_pb2 as pb
+from service_common.validation import FieldError
+
+INFO = EngineInfo(vocab_size=1000, max_model_len=64, eos_token_ids=(7,), dtype="bfloat16", tensor_parallel_size=1,
+                  kv_block_size=16, num_kv_blocks=8, attention_backend="torch", max_waiting_requests=8)
+
+
+def request(**sampling: object) -> pb.GenerateRequest:
+    r = pb.GenerateRequest(request_id="r1", tokenized=pb.TokenizedInput(input_ids=[1, 2, 3]), stream=True)
+    for name, value in sampling.items():
+        if name == "stop":
+            r.sampling_params.stop.extend(value)  # type: ignore[arg-type]
+        elif name == "choice":
+            r.sampling_params.choice.choices.append("a")
+        else:
+            setattr(r.sampling_params, name, value)
+    return r
+
+
+def test_translation_keeps_what_the_engine_honours() -> None:
+    req = engine_request(request(temperature=0.0, max_tokens=5, min_tokens=2, stop=["\n"], seed=3, logprobs=2),
+                         INFO, RequestLimits())
+    p = req.params
+    assert (p.temperature, p.max_tokens, p.min_tokens, p.seed, p.logprobs, p.top_p, p.top_k) == (0, 5, 2, 3, 2, 1.0, -1)
+    assert req.stop == ("\n",) and req.prompt_token_ids == [1, 2, 3]
+
+
+@pytest.mark.parametrize("sampling, field", [
+    ({"n": 2}, "sampling_params.n"), ({"json_schema": "{}"}, "sampling_params.json_schema"),
+    ({"choice": True}, "sampling_params.choice"), ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
+    ({"max_tokens": 100}, "sampling_params.max_tokens"), ({"top_p": 1.5}, "sampling_params.top_p"),
+    ({"stop": [""]}, "sampling_params.stop[0]"),
+])
+def test_unsupported_or_bad_fields_are_named(sampling: dict, field: str) -> None:
+    with pytest.raises(Exception) as err:
+        engine_request(request(**sampling), INFO, RequestLimits())
+    assert getattr(err.value, "field", None) == field
+
+
+def test_text_input_and_kv_transfer_are_refused() -> None:
+    r = pb.GenerateRequest(request_id="r", text="hi")
+    with pytest.raises(FieldError, match="^text"):
+        engine_request(r, INFO, RequestLimits())
+    r = request()
+    r.kv_transfer_params_json = "{}"
+    with pytest.raises(FieldError, match="^kv_transfer_params_json"):
+        engine_request(r, INFO, RequestLimits())
+    r = request()
+    r.tokenized.input_ids[:] = [5000]
+    with pytest.raises(FieldError, match=r"^tokenized\.input_ids"):
+        engine_request(r, INFO, RequestLimits())
+
+
+def test_stop_watch_finds_the_token_that_completes_the_stop(demo_checkpoint: Path) -> None:
+    fast = tokenizers.Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
+    ids = fast.encode("Hello world, stop here please", add_special_tokens=False).ids
+    watch = StopWatch(fast, ["stop here"])
+    first, hit = next((i, h) for i, t in enumerate(ids) if (h := watch.push([t])) is not None)
+    assert fast.decode(ids[:first + 1]).endswith("stop here") and hit.stop == "stop here" and hit.keep == 1
+    whole = StopWatch(fast, ["stop here"]).push(ids)  # all at once: the same token, counted from the start
+    assert whole is not None and whole.keep == first + 1
+    assert first < len(ids) - 1  # " please" was not needed to see it
+    # min_tokens: a stop string inside the first min_tokens tokens does not end the request
+    assert StopWatch(fast, ["Hello"], min_tokens=len(ids)).push(ids) is None
+    assert StopWatch(fast, ["Hello"]).push(ids) is not None
+
+
+def test_tokenizer_zip_chunks_carry_the_sha256(demo_checkpoint: Path) -> None:
+    chunks = tokenizer_chunks(demo_checkpoint)
+    data = b"".join(c.data for c in chunks)
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest() and not any(c.sha256 for c in chunks[:-1])
+    assert "tokenizer.json" in zipfile.ZipFile(io.BytesIO(data)).namelist()
