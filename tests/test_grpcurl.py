@@ -19,6 +19,7 @@ from clients import AsyncTokenizerClient
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ENGINE = "qwen3serve.engine.v1.EngineService"
+VLLM = "vllm.grpc.engine.VllmEngine"  # SMG's worker contract, served on the same port
 TOKENIZER = "qwen3serve.tokenizer.v1.TokenizerService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -61,10 +62,13 @@ async def grpcurl(grpcurl_path: Path):
 
 async def test_list_shows_every_service(services: Services, grpcurl) -> None:
     reflection = {REFLECTION, REFLECTION_V1}
-    assert set((await grpcurl(services.engine_target, "list")).split()) == {ENGINE, HEALTH, *reflection}
+    assert set((await grpcurl(services.engine_target, "list")).split()) == {ENGINE, VLLM, HEALTH, *reflection}
     assert set((await grpcurl(services.tokenizer_target, "list")).split()) == {TOKENIZER, HEALTH, *reflection}
     methods = (await grpcurl(services.engine_target, "list", ENGINE)).split()
     assert methods == [f"{ENGINE}.{m}" for m in ("Abort", "Generate", "GetLoad", "GetModelInfo")]
+    # SMG's worker contract, generated from smg-grpc-proto: reflection resolves its imported common.proto too
+    subscribe = await grpcurl(services.engine_target, "describe", f"{VLLM}.SubscribeKvEvents")
+    assert "returns ( stream .smg.grpc.common.KvEventBatch )" in subscribe
 
 
 async def test_describe_methods_and_messages_through_reflection(services: Services, grpcurl) -> None:
