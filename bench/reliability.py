@@ -7,7 +7,7 @@ lost (engine server killed) and recovered (engine restarted on the same port); t
 killed mid-stream; SIGTERM mid-stream to each server. After each phase where the engine lives on, GetLoad
 must show an empty KV pool (nothing lost). Prints one markdown table. Every loop is bounded in count and time.
 
-    .venv/bin/python bench/reliability.py [--model DIR] [--streams 1000] [--burst 3000] [--fuzz 2000]
+    .venv/bin/python bench/reliability.py [--model DIR] [--streams 1000] [--burst 3000] [--fuzz 1000]
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class Proc:
 
     def engine_child(self) -> int:
         """The pid of the engine process this engine server spawned."""
-        children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text().split()
+        # Any thread may have spawned it (the server loads the engine from a worker thread).
+        children = [pid for task in Path(f"/proc/{self.popen.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
         for pid in children:
             if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return int(pid)
@@ -192,8 +194,16 @@ async def fault(streams: Callable[[], Awaitable[tuple[Counter, Counter, list[flo
     return statuses, reasons
 
 
+class Rows(list):
+    """The table's rows; each is also printed when measured, so a run that fails later still shows it."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"| {row[0]} | {row[1]} |", flush=True)
+        super().append(row)
+
+
 async def measure(args: argparse.Namespace, logs: Path) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
+    rows = Rows()
     model = args.model
     engine = start_engine(model, logs)
     tokenizer = start_tokenizer(model, engine, logs)
@@ -303,7 +313,7 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=1000, help="streams opened at once through the tokenizer")
     p.add_argument("--burst", type=int, default=3000, help="Generate calls opened at once")
     p.add_argument("--max-waiting", type=int, default=64, help="the burst's --max-waiting-requests")
-    p.add_argument("--fuzz", type=int, default=2000, help="fuzzed requests")
+    p.add_argument("--fuzz", type=int, default=1000, help="fuzzed requests")
     p.add_argument("--seed", type=int, default=2, help="fuzzer seed")
     p.add_argument("--grace", type=float, default=2.0, help="--grace-period of the SIGTERM runs")
     args = p.parse_args()
