@@ -68,11 +68,9 @@ async def test_fuzzed_requests_get_only_documented_statuses(fuzzed) -> None:
     assert tally.total == N
     parsed = [f for f in tally.findings if f.mode != "unparseable"]
     assert not parsed, "\n".join(map(str, parsed[:20]))
-    assert tally.status_count("INTERNAL") == 0  # (UNKNOWN: only for unparseable bodies, the test below)
+    assert tally.status_count("INTERNAL") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="main answers a body protobuf cannot parse UNKNOWN (grpc's own handling); "
-                                       "the lifecycle branch makes it INVALID_ARGUMENT")
 async def test_unparseable_bodies_are_invalid_argument(fuzzed) -> None:
     _, tally, _ = fuzzed
     unparseable = [f for f in tally.findings if f.mode == "unparseable"]
