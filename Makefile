@@ -18,7 +18,7 @@ REPLICAS ?= 2
 HTTP_PORT ?= 30000
 PROMETHEUS_PORT ?= 29000
 
-.PHONY: install proto proto-gen test test-gpu serve serve-cluster demo-model bench lint clean
+.PHONY: install proto proto-gen test test-gpu fuzz soak serve serve-cluster demo-model bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ proto-gen:
 
 test: install
 	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
+
+# The fuzzer of tests/test_fuzz.py at length (`make test` sends 1,000 requests of seed 0): prints the tally.
+SEED ?= 1
+N ?= 10000
+fuzz: install
+	QWEN3SERVE_FUZZ_SEED=$(SEED) QWEN3SERVE_FUZZ_N=$(N) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+
+# The issue-11 soak: request-id reuse at 1,000 rounds (`make test` runs 150), then the long fuzzer run.
+soak: install
+	QWEN3SERVE_REUSE_ROUNDS=1000 $(PY) -m pytest -q -p no:cacheprovider tests/test_request_identity.py
+	$(MAKE) --no-print-directory fuzz
 
 # On a CUDA machine: the GPU-only tests (kernels, CUDA graphs, backend parity).
 test-gpu: install
