@@ -36,8 +36,8 @@ class CoreMachine(RuleBasedStateMachine):
     """The engine's protocol over the real Scheduler and BlockManager: schedule, launch (a no-op),
     apply the previous plan's sampled ids (async) or this one's (sync), retire finished rows."""
 
-    @initialize(num_blocks=st.integers(2, 24), block_size=st.sampled_from([1, 2, 4]),
-                max_num_seqs=st.integers(1, 6), budget=st.integers(1, 24), overlap=st.booleans(),
+    @initialize(num_blocks=st.integers(2, 12), block_size=st.sampled_from([1, 2, 4]),
+                max_num_seqs=st.integers(2, 6), budget=st.integers(1, 24), overlap=st.booleans(),
                 prefix_caching=st.booleans())
     def setup(self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, overlap: bool,
               prefix_caching: bool) -> None:
@@ -49,7 +49,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.in_flight: StepPlan | None = None
         self.previous: StepPlan | None = None
 
-    @rule(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), max_tokens=st.integers(1, 12),
+    @rule(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12), max_tokens=st.integers(1, 30),
           min_tokens=st.integers(0, 3))
     def add(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
         room = self.max_tokens_cap - len(prompt)
@@ -131,8 +131,11 @@ class CoreMachine(RuleBasedStateMachine):
 def test_random_add_step_finish_abort_keeps_the_core_invariants() -> None:
     coverage.clear()
     run_state_machine_as_test(CoreMachine, settings=settings(
-        max_examples=100, stateful_step_count=30, deadline=None, database=None,
+        # derandomize: the same examples on every run (CI stays deterministic, the coverage asserts below
+        # cannot flake); raise max_examples locally to search further
+        max_examples=100, stateful_step_count=30, deadline=None, database=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow]))
     # the runs reached the cases the invariants are about
+    print(dict(coverage))
     assert coverage["preemptions"] > 0 and coverage["pending inputs"] > 0
     assert coverage["aborts with a token in flight"] > 0 and coverage["prefix-cache hits"] > 0

@@ -119,11 +119,13 @@ class BlockManager:
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s newly filled blocks (all K/V computed, all ids known) in the prefix cache."""
         held = self._seqs.get(seq)
-        if not self.enable_prefix_caching or held is None:
+        if held is None or len(held.hashes) >= seq.num_computed_tokens // self.block_size:
+            return  # no block filled since the last call (most decode steps)
+        if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(seq.num_computed_tokens, seq.num_known_tokens, len(held.table) * bs) // bs
         hashes = held.hashes
+        full = min(seq.num_computed_tokens, seq.num_known_tokens, len(held.table) * bs) // bs
         while len(hashes) < full:
             i = len(hashes)
             ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
@@ -138,10 +140,11 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens; False (and no change) if the pool is short."""
-        needed = self.blocks_needed(seq, num_tokens)
-        if needed == 0:
+        held = self._seqs.get(seq)
+        needed = -(-num_tokens // self.block_size) - (len(held.table) if held is not None else 0)
+        if needed <= 0:
             return True
-        if needed > self.num_free_blocks:
+        if needed > len(self._free):
             return False
         new = []
         for _ in range(needed):
@@ -153,7 +156,8 @@ class BlockManager:
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
             new.append(block_id)
-        held = self._seqs.setdefault(seq, _SeqBlocks())
+        if held is None:
+            held = self._seqs[seq] = _SeqBlocks()
         held.table += tuple(new)
         return True
 

@@ -72,7 +72,6 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None   # the step queued on the device, not yet finished
-        self.num_prompt_tokens_total = 0   # prompt tokens computed (prefix-cache hits excluded)
         self.num_generated_tokens_total = 0
         log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
                  capacity, config.kv_block_size, capacity * self.runner.kv_block_bytes / 2**30, self.max_model_len)
@@ -106,6 +105,11 @@ class LLMEngine:
             return None
         self._retire(seq, FinishReason.ABORTED)
         return self._final_output(seq)
+
+    @property
+    def num_prompt_tokens_total(self) -> int:
+        """Prompt tokens computed (prefix-cache hits excluded)."""
+        return self.scheduler.num_prompt_tokens_computed
 
     def has_unfinished_requests(self) -> bool:
         # A step still in flight when nothing is unfinished holds only finished or aborted rows: it has
@@ -151,10 +155,6 @@ class LLMEngine:
 
     def _launch(self, plan: StepPlan) -> LaunchedStep:
         """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
-        for e in plan.entries:
-            prompt_left = e.seq.num_prompt_tokens - e.context_len
-            if prompt_left > 0:
-                self.num_prompt_tokens_total += min(e.num_new_tokens, prompt_left)
         try:
             return self.executor.launch(plan)
         except Exception as exc:

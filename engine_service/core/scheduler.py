@@ -43,6 +43,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
+        self.num_prompt_tokens_computed = 0   # prompt tokens planned for computing (prefix-cache hits excluded)
         self._sample_rows: dict[Sequence, int] = {}   # the last plan's sampling rows: where pending tokens are
 
     @property
@@ -118,7 +119,10 @@ class Scheduler:
     def _commit(self, seq: Sequence, num_new: int) -> PlannedSeq:
         """``seq``'s row of the plan; its ``num_new`` tokens count as computed from now on."""
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-        known = seq.num_known_tokens
+        prompt_len = len(seq.prompt_token_ids)
+        if start < prompt_len:
+            self.num_prompt_tokens_computed += min(num_new, prompt_len - start)
+        known = prompt_len + len(seq.output_token_ids)
         pending_row = None
         if end > known:  # its last new token was sampled by the plan in flight and is not read back yet
             if end != known + 1 or seq not in self._sample_rows:
@@ -128,8 +132,8 @@ class Scheduler:
             end_known = known
         else:
             end_known = end
-        samples = end == seq.num_tokens
-        entry = PlannedSeq(seq, start, num_new, tuple(seq.token_ids(start, end_known)),
+        samples = end == known + seq.num_pending_tokens   # its last token: it samples the next
+        entry = PlannedSeq(seq, start, num_new, tuple(seq.token_ids(start, end_known)) if end_known > start else (),
                            self.block_manager.block_table(seq), samples, pending_row)
         seq.num_computed_tokens = end
         if samples:

@@ -2,10 +2,10 @@
 
 Who writes what (one writer per field; everyone else only reads):
 
-- the **scheduler** (``Scheduler``): ``status``, ``num_computed_tokens``, ``num_pending_tokens``,
-  ``output_token_ids`` (when a step's sampled ids are applied), ``num_cached_prompt_tokens``,
-  ``num_preemptions``, ``finish_reason``, ``first_scheduled_time``;
-- the **engine** (``LLMEngine``): the token timings (``first_token_time``, ``last_token_time``);
+- the **scheduler** (``Scheduler``) writes every mutable field: ``status``, ``num_computed_tokens``,
+  ``num_pending_tokens``, ``output_token_ids`` and the token timings (``Scheduler.apply``, when a
+  step's sampled ids are read back), ``num_cached_prompt_tokens``, ``num_preemptions``,
+  ``finish_reason`` (``Scheduler.finish``, on the engine's decision), ``first_scheduled_time``;
 - the **block manager** writes nothing here: a sequence's KV blocks, block table and block hashes live
   in the ``BlockManager``, keyed by the sequence (``BlockManager.block_table(seq)``).
 
@@ -85,8 +85,10 @@ class Sequence:
     @property
     def reached_length_limit(self) -> bool:
         """Its last output token (perhaps still being sampled, with async scheduling) is the last it may
-        have: it finishes when that token is read, and computes nothing more."""
-        return self.num_output_tokens >= self.params.max_tokens  # which fits max_model_len: validated
+        have: it finishes when that token is read, and computes nothing more. (prompt + max_tokens fits
+        max_model_len: validated.) ``num_output_tokens``, inlined: this runs for every running sequence
+        on every step."""
+        return len(self.output_token_ids) + self.num_pending_tokens >= self.params.max_tokens
 
     @property
     def is_finished(self) -> bool:
