@@ -137,7 +137,6 @@ class SamplingBatch:
         f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)   # [S, 6]
         i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)       # [S, 3]
         top_k_host = [row[1] for row in ints]
-        bad_words, conditional_bans = bad_word_bans(params, output_token_ids)
         bad_words, conditional_bans = bad_word_bans(params, output_token_ids, pending)
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
