@@ -36,7 +36,7 @@ class CoreMachine(RuleBasedStateMachine):
     """The engine's protocol over the real Scheduler and BlockManager: schedule, launch (a no-op),
     apply the previous plan's sampled ids (async) or this one's (sync), retire finished rows."""
 
-    @initialize(num_blocks=st.integers(2, 12), block_size=st.sampled_from([1, 2, 4]),
+    @initialize(num_blocks=st.integers(2, 8), block_size=st.sampled_from([1, 2, 4]),
                 max_num_seqs=st.integers(2, 6), budget=st.integers(1, 24), overlap=st.booleans(),
                 prefix_caching=st.booleans())
     def setup(self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, overlap: bool,
@@ -51,6 +51,9 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12), max_tokens=st.integers(1, 30),
           min_tokens=st.integers(0, 3))
+    def add_new(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
+        self.add(prompt, max_tokens, min_tokens)
+
     def add(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
         room = self.max_tokens_cap - len(prompt)
         if room < 1:
@@ -61,6 +64,14 @@ class CoreMachine(RuleBasedStateMachine):
         seq = Sequence(f"r{len(self.seqs)}", prompt, params, seed=0)
         self.seqs.append(seq)
         self.scheduler.add(seq)
+
+    @precondition(lambda self: bool(self.seqs))
+    @rule(data=st.data())
+    def add_again(self, data: st.DataObject) -> None:
+        """A request repeating an earlier one's prompt and first outputs (a prefix-cache hit if still cached)."""
+        earlier = data.draw(st.sampled_from(self.seqs))
+        tokens = earlier.prompt_token_ids + earlier.output_token_ids
+        self.add(tokens[:data.draw(st.integers(1, len(tokens)))] + [1], max_tokens=8, min_tokens=0)
 
     @precondition(lambda self: self.scheduler.num_unfinished > 0 or self.in_flight is not None)
     @rule(seed=st.integers(0, 2**32 - 1))
