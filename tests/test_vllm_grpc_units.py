@@ -27,6 +27,8 @@ def request(**sampling: object) -> pb.GenerateRequest:
     for name, value in sampling.items():
         if name == "stop":
             r.sampling_params.stop.extend(value)  # type: ignore[arg-type]
+        elif name == "logit_bias":
+            r.sampling_params.logit_bias.update(value)  # type: ignore[arg-type]
         elif name == "choice":
             r.sampling_params.choice.choices.append("a")
         else:
@@ -46,12 +48,23 @@ def test_translation_keeps_what_the_engine_honours() -> None:
     ({"n": 2}, "sampling_params.n"), ({"json_schema": "{}"}, "sampling_params.json_schema"),
     ({"choice": True}, "sampling_params.choice"), ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
     ({"max_tokens": 100}, "sampling_params.max_tokens"), ({"top_p": 1.5}, "sampling_params.top_p"),
-    ({"stop": [""]}, "sampling_params.stop[0]"),
+    ({"stop": [""]}, "sampling_params.stop[0]"), ({"logit_bias": {-3: 1.0}}, "sampling_params.logit_bias[-3]"),
+    ({"logit_bias": {5: 500.0}}, "sampling_params.logit_bias[5]"),
+    ({"truncate_prompt_tokens": -2}, "sampling_params.truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": 0}, "sampling_params.truncate_prompt_tokens"),
 ])
 def test_unsupported_or_bad_fields_are_named(sampling: dict, field: str) -> None:
     with pytest.raises(Exception) as err:
         engine_request(request(**sampling), INFO, RequestLimits())
     assert getattr(err.value, "field", None) == field
+
+
+def test_logit_bias_and_truncation_reach_the_engine_as_our_own_front_door_takes_them() -> None:
+    req = engine_request(request(logit_bias={5: -100.0}, truncate_prompt_tokens=2), INFO, RequestLimits())
+    assert req.params.logit_bias == ((5, -100.0),) and req.prompt_token_ids == [2, 3]
+    r = request(truncate_prompt_tokens=-1)  # vLLM's "the model's length": room for one generated token
+    r.tokenized.input_ids[:] = list(range(100))
+    assert engine_request(r, INFO, RequestLimits()).prompt_token_ids == list(range(100 - 63, 100))
 
 
 def test_text_input_and_kv_transfer_are_refused() -> None:

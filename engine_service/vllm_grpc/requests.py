@@ -2,8 +2,9 @@
 
 Every field the engine does not support is refused with a ``FieldError`` naming it (INVALID_ARGUMENT), never
 ignored: a gateway that sends ``n: 4`` or a JSON schema must not get one unconstrained sample back as if it
-had worked. The checks of the engine's own servicer are reused (``check_request_id``, ``check_lengths``,
-``SamplingParams``' own validation); only the proto's shape differs.
+had worked. The rest is copied into our own engine proto and judged by the EngineService's validation
+(``generate_request.generate_inputs``: limits, ``truncate_prompt_tokens``, ``logit_bias``, the length rule),
+so both front doors accept and refuse the same things.
 
 proto3 has no presence on most of SMG's sampling fields: 0 means "unset" for ``top_p``, ``top_k`` and
 ``repetition_penalty`` (vLLM's own servicer reads them the same way), so those map to our defaults.
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine_service.generate_request import generate_inputs
 from engine_service.limits import RequestLimits, check_request_id
-from engine_service.protocol import EngineInfo, check_lengths
+from engine_service.protocol import EngineInfo
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
+from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.smg import vllm_engine_pb2 as pb
-from service_common.validation import FieldError, check_count
+from service_common.validation import FieldError
 from tokenizer_service.config import RequestLimits as TextLimits
 from tokenizer_service.limits import check_stop_strings
 
@@ -60,51 +63,56 @@ def check_supported(request: pb.GenerateRequest) -> None:
         raise FieldError("sampling_params.n", f"one sample per request is supported, got n={sp.n}")
     if (constraint := sp.WhichOneof("constraint")) is not None:
         raise _refuse(f"sampling_params.{constraint}", "structured output (constrained decoding)")
-    if len(sp.logit_bias):
-        raise _refuse("sampling_params.logit_bias", "logit_bias")
     if sp.HasField("prompt_logprobs"):
         raise _refuse("sampling_params.prompt_logprobs", "prompt_logprobs")
-    if sp.HasField("truncate_prompt_tokens"):
-        raise _refuse("sampling_params.truncate_prompt_tokens", "prompt truncation")
     if sp.HasField("logprobs") and not 0 <= sp.logprobs <= MAX_LOGPROBS:
         raise FieldError("sampling_params.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sp.logprobs}")
+    bad = next((t for t in sp.logit_bias if t < 0), None)
+    if bad is not None:
+        raise FieldError(f"sampling_params.logit_bias[{bad}]", "token ids are >= 0")
+    if sp.HasField("truncate_prompt_tokens") and sp.truncate_prompt_tokens < -1:
+        raise FieldError("sampling_params.truncate_prompt_tokens",
+                         f"must be -1 (the model's length) or >= 1, got {sp.truncate_prompt_tokens}")
+
+
+def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateRequest:
+    """The same request in our engine proto, so that ``generate_inputs`` (the EngineService's validation:
+    limits first, truncation, the length rule) judges both front doors alike."""
+    sp = request.sampling_params
+    ours = engine_pb2.GenerateRequest(prompt_token_ids=request.tokenized.input_ids)
+    o = ours.sampling_params
+    for name in ("temperature", "seed", "logprobs", "max_tokens"):  # fields with presence in SMG's message
+        if sp.HasField(name):
+            setattr(o, name, getattr(sp, name))
+    # No presence in SMG's message: 0 is "unset" (vLLM's servicer reads them so), which our defaults mean too.
+    for name in ("top_p", "top_k", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty",
+                 "min_tokens"):
+        if getattr(sp, name):
+            setattr(o, name, getattr(sp, name))
+    o.stop_token_ids.extend(sp.stop_token_ids)
+    o.ignore_eos = sp.ignore_eos
+    o.logit_bias.update(sp.logit_bias)
+    if sp.HasField("truncate_prompt_tokens"):
+        # vLLM's -1: as much as the model takes, which here leaves room for one generated token
+        keep = sp.truncate_prompt_tokens
+        o.truncate_prompt_tokens = info.max_model_len - 1 if keep == -1 else max(keep, 0)
+    return ours
 
 
 def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: RequestLimits) -> EngineRequest:
-    """The engine's form of ``request``. Raises FieldError with the field's path in GenerateRequest."""
+    """The engine's form of ``request``. Raises FieldError with the field's path in SMG's GenerateRequest."""
     check_request_id(request.request_id, limits)
     if not request.request_id:
         raise FieldError("request_id", "must not be empty (Abort names requests by it)")
     check_supported(request)
     sp = request.sampling_params
-    prompt = list(request.tokenized.input_ids)
-    check_count("sampling_params.stop_token_ids", len(sp.stop_token_ids), limits.max_stop_token_ids, "ids")
     stops = tuple(sp.stop)
     check_stop_strings(stops, STOP_LIMITS, "sampling_params.stop")
     try:
-        kwargs: dict[str, object] = {
-            "max_tokens": check_lengths(len(prompt), sp.max_tokens if sp.HasField("max_tokens") else None,
-                                        info.max_model_len),
-            "min_tokens": sp.min_tokens, "min_p": sp.min_p, "presence_penalty": sp.presence_penalty,
-            "frequency_penalty": sp.frequency_penalty, "stop_token_ids": tuple(sp.stop_token_ids),
-            "ignore_eos": sp.ignore_eos,
-        }
-        if sp.HasField("temperature"):
-            kwargs["temperature"] = sp.temperature
-        if sp.top_p:
-            kwargs["top_p"] = sp.top_p
-        if sp.top_k:
-            kwargs["top_k"] = sp.top_k
-        if sp.repetition_penalty:
-            kwargs["repetition_penalty"] = sp.repetition_penalty
-        if sp.HasField("seed"):
-            kwargs["seed"] = sp.seed
-        if sp.HasField("logprobs"):
-            kwargs["logprobs"] = sp.logprobs
-        params = SamplingParams(**kwargs)  # type: ignore[arg-type]
+        prompt, params = generate_inputs(_ours(request, info), info, limits)
         info.validate(prompt, params)
     except FieldError as exc:
         if exc.field.startswith("prompt_token_ids"):
             raise FieldError("tokenized.input_ids" + exc.field[len("prompt_token_ids"):], exc.message) from None
-        raise exc.within("sampling_params") from None
+        raise exc if exc.field.startswith("sampling_params") else exc.within("sampling_params") from None
     return EngineRequest(request.request_id, prompt, params, stops, sp.skip_special_tokens, request.stream)
