@@ -39,13 +39,18 @@ def run_one(which: str, model: Path, peer_dir: Path, extra: list[str], log, time
     except subprocess.TimeoutExpired:
         print(f"# {which}: timed out after {timeout:.0f} s", flush=True)
         return None
-    log.write(f"$ {' '.join(cmd)}  (rc {proc.returncode}, {time.perf_counter() - t:.1f} s)\n{proc.stdout}\n{proc.stderr}\n")
+    log.write(
+        f"$ {' '.join(cmd)}  (rc {proc.returncode}, {time.perf_counter() - t:.1f} s)\n{proc.stdout}\n{proc.stderr}\n"
+    )
     log.flush()
     match = _RESULT.search(proc.stdout)
     if proc.returncode or not match:
         print(f"# {which}: rc {proc.returncode}, no result; last stderr: {proc.stderr.strip()[-600:]}", flush=True)
         return None
-    print(f"{which:<9} {float(match.group(2)):>10,.0f} tok/s   ({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+    print(
+        f"{which:<9} {float(match.group(2)):>10,.0f} tok/s   ({time.perf_counter() - t:.0f} s with start-up)",
+        flush=True,
+    )
     return float(match.group(2))
 
 
@@ -74,13 +79,24 @@ def main() -> int:
     if not ratios:
         print("no complete pair: see the log")
         return 1
-    summary = {"bench": "peer", "model": str(args.model), "ours_options": args.ours, "pairs": len(ratios),
-               "nanovllm_tok_s": peer, "ours_tok_s": ours, "ratios": ratios,
-               "median_nanovllm": statistics.median(peer), "median_ours": statistics.median(ours),
-               "median_ratio": statistics.median(ratios), "date": time.strftime("%Y-%m-%d")}
-    print(f"median of {len(ratios)} pairs: nano-vLLM {summary['median_nanovllm']:,.0f} tok/s, ours "
-          f"{summary['median_ours']:,.0f} tok/s, ratio {summary['median_ratio']:.2f}x "
-          f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})")
+    summary = {
+        "bench": "peer",
+        "model": str(args.model),
+        "ours_options": args.ours,
+        "pairs": len(ratios),
+        "nanovllm_tok_s": peer,
+        "ours_tok_s": ours,
+        "ratios": ratios,
+        "median_nanovllm": statistics.median(peer),
+        "median_ours": statistics.median(ours),
+        "median_ratio": statistics.median(ratios),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"median of {len(ratios)} pairs: nano-vLLM {summary['median_nanovllm']:,.0f} tok/s, ours "
+        f"{summary['median_ours']:,.0f} tok/s, ratio {summary['median_ratio']:.2f}x "
+        f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(summary) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "SamplingParams"]
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig

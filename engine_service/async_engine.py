@@ -27,10 +27,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
-from engine_service.protocol import (AbortAnswered, AbortRequest, AddRequest, Command, EngineDeadError, EngineInfo,
-                                     EngineLoadFailed, EngineReady, EngineStats, EngineStopped, Event,
-                                     RequestFailed, RequestOutput, StatsUpdate, StepOutputs, StopEngine,
-                                     decode_event)
+from engine_service.protocol import (
+    AbortAnswered,
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineDeadError,
+    EngineInfo,
+    EngineLoadFailed,
+    EngineReady,
+    EngineStats,
+    EngineStopped,
+    Event,
+    RequestFailed,
+    RequestOutput,
+    StatsUpdate,
+    StepOutputs,
+    StopEngine,
+    decode_event,
+)
 from engine_service.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

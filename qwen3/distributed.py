@@ -18,8 +18,12 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(minutes=10), **kwargs,
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=10),
+        **kwargs,
     )
 
 

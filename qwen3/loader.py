@@ -56,8 +56,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
             if not f.is_file():
                 held = sorted(t for t, name in weight_map.items() if name == f.name)
                 raise CheckpointError(
-                    f"checkpoint file {f.name} listed in {_INDEX} does not exist "
-                    f"(it should hold {_name_list(held)})"
+                    f"checkpoint file {f.name} listed in {_INDEX} does not exist (it should hold {_name_list(held)})"
                 )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
@@ -120,8 +119,10 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
         weight_map = _index_weight_map(Path(model_dir)) or {}
         searched = ", ".join(p.name for p in files) if len(files) <= 3 else f"any of the {len(files)} files"
         hints = [f"the index puts '{name}' in {weight_map[name]}" for name in missing[:8] if name in weight_map]
-        raise CheckpointError(f"missing tensor(s) {_name_list(missing)}: not found in {searched} of {Path(model_dir)}"
-                              + (f" ({'; '.join(hints)})" if hints else ""))
+        raise CheckpointError(
+            f"missing tensor(s) {_name_list(missing)}: not found in {searched} of {Path(model_dir)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+        )
 
 
 def _target(name: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
@@ -146,7 +147,9 @@ def _name_list(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _expected_loads(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str | int]]) -> set[tuple[str, object]]:
+def _expected_loads(
+    params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str | int]]
+) -> set[tuple[str, object]]:
     shards_of: dict[str, list[str | int]] = {}
     for fused, shard_id in packed.values():
         shards_of.setdefault(fused, []).append(shard_id)

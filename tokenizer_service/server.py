@@ -37,8 +37,8 @@ from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
 from tokenizer_service.detokenizer import IncrementalDetokenizer
-from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
+from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
 from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
 from tokenizer_service.tool_calls import ParsedToolCall, ToolCallParser
 

@@ -61,8 +61,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]
         # Not a parameter, not in the state dict; moves with .to(device).
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor,
-                             persistent=False)  # [max_position, head_dim]
+        self.register_buffer(
+            "cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor, persistent=False
+        )  # [max_position, head_dim]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]
