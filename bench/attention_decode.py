@@ -10,8 +10,9 @@ Each row times the attention call alone (the KV store is not included) with
     KV bandwidth = bytes of K and V read / time,  bytes = sum(seq_lens) * Hkv * D * 2 (K, V) * elem bytes
 
 and its share of the device-to-device copy ceiling measured at the start of the same run
-(``bench/ceilings.py``; ``--ceiling-tbps`` overrides it, for comparisons only). ``--graphs`` adds the same call captured in a CUDA graph and timed by
-replay (what the engine does; it removes Python/launch overhead, ~100 us a call for FlashAttention-4).
+(``bench/ceilings.py``; ``--ceiling-tbps`` overrides it, for comparisons only). ``--graphs`` adds the same call
+captured in a CUDA graph and timed by replay (what the engine does; it removes Python/launch overhead, ~100 us a
+call for FlashAttention-4).
 The copy ceiling is (read + written) bytes / time of a 2 GiB device-to-device copy, the usual convention
 for copy bandwidth; a copy as large as one layer's KV is reported as a row too. The last line names the
 backend ``--attention-backend auto`` picks on this GPU and whether it is the fastest row here.
@@ -247,9 +248,7 @@ def main() -> None:
                 device,
                 args.seed,
             )
-            us = median_us(
-                lambda: paged_attention_reference(small.q, small.k_cache, small.v_cache, small.batch, small.scale)
-            )
+            us = median_us(lambda w=small: paged_attention_reference(w.q, w.k_cache, w.v_cache, w.batch, w.scale))
             tbps = small.kv_bytes / us / 1e6
             rows.append(
                 Row(

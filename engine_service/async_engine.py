@@ -322,7 +322,8 @@ class _ProcessDriver:
             first = decode_event(self._conn.recv_bytes())
         except EOFError:
             self._process.join(5)
-            raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
+            code = self._process.exitcode
+            raise RuntimeError(f"the engine process exited while loading (exit code {code})") from None
         if isinstance(first, EngineLoadFailed):
             self._process.join(30)
             raise RuntimeError(first.reason)  # the child's error, e.g. "ConfigError: ...: config field ..."

@@ -55,7 +55,7 @@ NUM_PREEMPTIONS = Gauge("qwen3serve_num_preemptions", "Preemptions since start",
 PREFIX_CACHE_HIT_RATE = Gauge("qwen3serve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", _M)
 PROMPT_TOKENS = Counter("qwen3serve_prompt_tokens", "Prompt tokens of finished requests", _M)
 GENERATION_TOKENS = Counter("qwen3serve_generation_tokens", "Tokens generated", _M)
-REQUEST_SUCCESS = Counter("qwen3serve_request_success", "Finished requests by finish reason", _M + ["finish_reason"])
+REQUEST_SUCCESS = Counter("qwen3serve_request_success", "Finished requests by finish reason", [*_M, "finish_reason"])
 
 
 class EngineMetrics:

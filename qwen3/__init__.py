@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_checkpoint": "qwen3.loader",
     "Qwen3ForCausalLM": "qwen3.model",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "ConfigError", "ForwardBatch", "Qwen3Config", "Qwen3ForCausalLM", "load_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Tensor-parallel process group: who am I, how many of us, and the collectives (the layers use two; the engine one more).
+"""Tensor-parallel process group: who am I, how many of us, and the collectives (the layers use two; the engine
+one more).
 
 The default ``torch.distributed`` group is the tensor-parallel group (one process per GPU, or per
 CPU rank with gloo in tests). Without an initialised group everything degrades to world size 1, so

@@ -94,7 +94,7 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
         except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt headers
             raise CheckpointError(f"checkpoint file {path.name} is unreadable (truncated or corrupt?): {exc}") from exc
         with handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open's handle is not iterable)
                 if tied and name == "lm_head.weight":
                     continue  # tied checkpoints may still carry a copy of the embedding
                 param_name, shard_id = _target(name, packed)

@@ -3,6 +3,8 @@ SwiGLU MLP, tensor-parallel throughout. Parameter names match Hugging Face check
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -108,7 +110,7 @@ class Qwen3Model(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     # checkpoint name -> (fused parameter name, shard id): how the loader fills the fused projections
-    packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
