@@ -123,7 +123,7 @@ class Qwen3Config:
         # top-level `rope_theta` + `rope_scaling`. Accept both.
         rope_params = dict(raw.get("rope_parameters") or {})
         rope_scaling_raw = raw.get("rope_scaling") or {}
-        rope_theta = raw.get("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
+        rope_theta: Any = raw.get("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
         scaling_src = rope_scaling_raw or rope_params
         scaling_key = "rope_scaling" if rope_scaling_raw else "rope_parameters"
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) if scaling_src else "default"

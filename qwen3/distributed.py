@@ -9,6 +9,7 @@ the model runs single-process with no setup at all.
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ import torch.distributed as dist
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
     """Join the TP group: NCCL on CUDA, gloo on CPU (so TP is testable without GPUs)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
         backend,
         init_method=init_method,

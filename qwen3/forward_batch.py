@@ -87,8 +87,8 @@ class ForwardBatch:
     @classmethod
     def _on_device(
         cls,
-        int64_parts: tuple,
-        int32_parts: tuple,
+        int64_parts: tuple[np.ndarray | list[int], ...],  # ids, positions, slots, logits rows
+        int32_parts: tuple[np.ndarray | list[int], ...],  # query starts, sequence lengths, flat block tables
         num_seqs: int,
         width: int,
         query_lens: list[int],

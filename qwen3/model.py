@@ -3,7 +3,7 @@ SwiGLU MLP, tensor-parallel throughout. Parameter names match Hugging Face check
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ class Qwen3Attention(nn.Module):
         else:
             q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
         out = self.attn(q, k, v, batch)  # [T, Hq, D]
-        return self.o_proj(out.flatten(1))
+        projected: torch.Tensor = self.o_proj(out.flatten(1))  # [T, hidden]
+        return projected
 
 
 class Qwen3MLP(nn.Module):
@@ -64,7 +65,8 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return out
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -104,8 +106,9 @@ class Qwen3Model(nn.Module):
         hidden, residual = self.embed_tokens(batch.input_ids), None  # [T, hidden]
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        out: torch.Tensor
+        out, _ = self.norm(hidden, residual)
+        return out
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -136,11 +139,13 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states of every new token: [T, hidden]."""
-        return self.model(batch)
+        hidden: torch.Tensor = self.model(batch)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [S, vocab] for only the rows to be sampled (``batch.logits_indices``)."""
-        return self.lm_head(hidden[batch.logits_indices])
+        logits: torch.Tensor = self.lm_head(hidden[batch.logits_indices])
+        return logits
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(Qwen3DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

@@ -66,7 +66,8 @@ assert set(_REGISTRY) == set(BACKEND_NAMES), "qwen3.attention.names lists every 
 
 def _load(name: str) -> type[AttentionBackend]:
     module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)
+    backend: type[AttentionBackend] = getattr(importlib.import_module(module), cls)
+    return backend
 
 
 def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:

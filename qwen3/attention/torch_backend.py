@@ -53,6 +53,15 @@ def paged_attention_reference(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_reference(q, k_cache, v_cache, batch, scale)

@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]  # read by the loader
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

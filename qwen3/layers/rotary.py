@@ -50,6 +50,8 @@ def yarn_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> tuple[tor
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin: torch.Tensor  # [max_position, head_dim]: cos then sin halves, a buffer (register_buffer below)
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim

@@ -148,7 +148,7 @@ def write_checkpoint(
     config = HFQwen3Config(**fields, eos_token_id=eos_ids[-1], bos_token_id=eos_ids[-1])
     torch.manual_seed(seed)
     with torch.device(device):
-        model = HFQwen3ForCausalLM(config).to(dtype)
+        model = HFQwen3ForCausalLM(config).to(dtype)  # type: ignore[arg-type]  # transformers types .to() wrongly
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

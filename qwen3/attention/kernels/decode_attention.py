@@ -185,7 +185,7 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context: int, devi
     splits = min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
     while splits > cap:
         splits //= 2
-    return max(1, splits)
+    return max(1, int(splits))
 
 
 def paged_decode_attention(
@@ -226,7 +226,8 @@ def paged_decode_attention(
     direct = num_splits == 1
     if direct:
         part_o = part_lse = out  # unused by the kernel; any tensor will do
-        po_strides, pl_strides = (0, 0, 0), (0, 0)
+        po_strides: tuple[int, ...] = (0, 0, 0)
+        pl_strides: tuple[int, ...] = (0, 0)
     else:
         part_o = torch.empty(batch_size, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch_size, num_heads, num_splits, dtype=torch.float32, device=q.device)
