@@ -169,7 +169,7 @@ class AsyncEngine:
         if internal_id is None or self.dead_reason:
             return False
         ticket = next(self._tickets)
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._abort_waiters[ticket] = done
         self._send(AbortRequest(internal_id, ticket))
         found = await done

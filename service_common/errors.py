@@ -130,7 +130,7 @@ def to_status(exc: BaseException, request_id: str = "") -> grpc.Status:
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "", method: str = ""
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, request_id: str = "", method: str = ""
 ) -> None:
     """Log ``exc`` as befits its kind and end the RPC with its status. Always raises (AbortError)."""
     status = to_status(exc, request_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -56,10 +56,10 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # client cancel or deadline
         return grpc.StatusCode.CANCELLED.name
-    code = context.code()
+    code: object = context.code()  # typed StatusCode, but see the int case below
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):  # some grpcio versions keep the numeric code after abort
@@ -76,9 +76,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         service, method = _split_method(handler_call_details.method)
         if handler is None or service not in self._services:
@@ -101,7 +101,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(
         behavior: Callable[..., Awaitable[Any]], service: str, method: str
     ) -> Callable[..., Awaitable[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
             exc: BaseException | None = None
             try:
@@ -117,9 +117,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap_stream(
-        behavior: Callable[..., AsyncIterator[Any]], service: str, method: str
+        behavior: Callable[..., AsyncGenerator[Any, None]], service: str, method: str
     ) -> Callable[..., AsyncIterator[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             start = time.perf_counter()
             first = True
             exc: BaseException | None = None

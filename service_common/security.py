@@ -127,16 +127,16 @@ class ChannelSecurity:
 
 
 # ---- server side ---------------------------------------------------------------------------------
-def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler[Any, Any] | None, message: str) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED without parsing the request
     (no deserializer: an unauthenticated body is never parsed)."""
 
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # never reached (abort raises); makes this an async generator, as streaming handlers are
+        yield  # type: ignore[unreachable]  # abort raises; the yield makes this an async generator, as streams are
 
     if handler is None or handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(deny)
@@ -155,9 +155,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
@@ -260,7 +260,8 @@ class _SyncMetadata(
     def _call(self, continuation: Any, details: Any, request_or_iterator: Any) -> Any:
         return continuation(_with_metadata(details, self._metadata, _SyncCallDetails), request_or_iterator)
 
-    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call
+    # One function for the four kinds of call; grpc's stubs type each kind's method apart.
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call  # type: ignore[assignment]
 
 
 def aio_channel(

@@ -24,7 +24,7 @@ The backends are used immutably (no padding/truncation state), so they are safe 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +130,11 @@ class ChatTokenizer:
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:  # Qwen3's template tests `enable_thinking is defined`
             kwargs["enable_thinking"] = enable_thinking
+        # transformers types tools as a list of dicts or functions; lists are invariant, hence the copy's type.
+        tool_list: list[dict[str, Any] | Callable[..., Any]] | None = list(tools) if tools else None
         try:
             prompt = self.hf.apply_chat_template(
-                messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+                messages, tools=tool_list, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except jinja2.TemplateError as exc:
             raise InvalidArgument("messages", f"rejected by the chat template: {exc}") from exc
