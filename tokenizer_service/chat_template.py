@@ -26,13 +26,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from service_common.errors import InvalidArgument
+
+if TYPE_CHECKING:  # transformers imports torch (~2 s): loaded with a tokenizer, not for `--help`
+    from transformers import PreTrainedTokenizerBase
 
 Json = dict[str, Any]
 
@@ -100,6 +102,8 @@ class ChatTokenizer:
         path = Path(model_dir)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path} (is --model a Hugging Face checkpoint dir?)")
+        from transformers import AutoTokenizer
+
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
