@@ -27,7 +27,6 @@ PyTorch reference on a tiny batch (``--ref-seqs`` sequences; it loops in Python,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch
 
+from bench.common import bench_parser
 from qwen3.forward_batch import ForwardBatch
 
 
@@ -185,7 +185,7 @@ def copy_row(kv_bytes: int, ceiling: float, device: torch.device) -> Row:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--num-seqs", type=int, default=256, help="sequences in the decode batch (default 256)")
     parser.add_argument("--min-len", type=int, default=100, help="shortest context length (default 100)")
     parser.add_argument("--max-len", type=int, default=2100, help="longest context length (default 2100)")

@@ -9,7 +9,6 @@ by wrapping the function that does it.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import json
@@ -22,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch
 
+from bench.common import bench_parser
+
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)

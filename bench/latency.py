@@ -11,7 +11,6 @@ prefill, which also yields the first token) is timed apart, so ms/token covers d
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -22,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
 import torch
+
+from bench.common import append_results, bench_parser
 
 
 def _sync() -> None:
@@ -50,7 +51,7 @@ def one_request(llm, prompt: list[int], max_tokens: int, rid: str) -> tuple[floa
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -121,26 +122,21 @@ def main() -> int:
             _sync()
         sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "bench": "latency",
-                        "backend": backend,
-                        "graphs": graphs,
-                        "device": device,
-                        "elementwise": elementwise,
-                        "steps": steps,
-                        "prompt_len": args.prompt_len,
-                        "output_len": args.output_len,
-                        "ms_per_token": ms_per_token,
-                        "prefill_ms": prefill_ms,
-                        "date": time.strftime("%Y-%m-%d"),
-                    }
-                )
-                + "\n"
-            )
+    append_results(
+        args.json,
+        {
+            "bench": "latency",
+            "backend": backend,
+            "graphs": graphs,
+            "device": device,
+            "elementwise": elementwise,
+            "steps": steps,
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "ms_per_token": ms_per_token,
+            "prefill_ms": prefill_ms,
+        },
+    )
     llm.shutdown()
     return 0
 

@@ -12,8 +12,6 @@ needs flash_attn.cute importable (shared/device/README.md: the two-call FA4 stag
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import statistics
@@ -21,6 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from bench.common import append_results, bench_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 _RESULT = re.compile(r"PEER (\S+) .*?= ([0-9.]+) tok/s")
@@ -55,7 +57,7 @@ def run_one(which: str, model: Path, peer_dir: Path, extra: list[str], log, time
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--peer-dir", type=Path, default=ROOT.parent / "shared" / "peer")
     p.add_argument("--pairs", type=int, default=3)
@@ -90,16 +92,13 @@ def main() -> int:
         "median_nanovllm": statistics.median(peer),
         "median_ours": statistics.median(ours),
         "median_ratio": statistics.median(ratios),
-        "date": time.strftime("%Y-%m-%d"),
     }
     print(
         f"median of {len(ratios)} pairs: nano-vLLM {summary['median_nanovllm']:,.0f} tok/s, ours "
         f"{summary['median_ours']:,.0f} tok/s, ratio {summary['median_ratio']:.2f}x "
         f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})"
     )
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+    append_results(args.json, summary)
     return 0
 
 

@@ -15,7 +15,6 @@ FLOPs counted per step (what the hardware must do; no recomputation counted):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -26,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
 import torch
+
+from bench.common import append_results, bench_parser
 
 
 def prefill_flops(cfg: dict, prompt_lens: list[int]) -> tuple[float, float]:
@@ -44,7 +45,7 @@ def prefill_flops(cfg: dict, prompt_lens: list[int]) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -95,26 +96,21 @@ def main() -> int:
         f"{tflops:.0f} TFLOP/s ({linear / 1e12:.0f} linear + {attention / 1e12:.0f} attention TFLOP) = "
         f"{100 * tflops / ceiling:.1f}% of the bf16 matmul ceiling measured now ({ceiling:.0f} TFLOP/s)"
     )
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "bench": "prefill",
-                        "backend": backend,
-                        "model": str(args.model),
-                        "num_prompts": args.num_prompts,
-                        "prompt_len": args.prompt_len,
-                        "seconds": seconds,
-                        "tok_per_s": tokens / seconds,
-                        "tflops": tflops,
-                        "matmul_ceiling_tflops": ceiling,
-                        "utilisation": tflops / ceiling,
-                        "date": time.strftime("%Y-%m-%d"),
-                    }
-                )
-                + "\n"
-            )
+    append_results(
+        args.json,
+        {
+            "bench": "prefill",
+            "backend": backend,
+            "model": str(args.model),
+            "num_prompts": args.num_prompts,
+            "prompt_len": args.prompt_len,
+            "seconds": seconds,
+            "tok_per_s": tokens / seconds,
+            "tflops": tflops,
+            "matmul_ceiling_tflops": ceiling,
+            "utilisation": tflops / ceiling,
+        },
+    )
     llm.shutdown()
     return 0
 

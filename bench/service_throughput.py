@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import workload
 
+from bench.common import bench_parser
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -282,7 +284,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument(

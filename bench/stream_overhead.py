@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_throughput import free_port, pct, run_clients, wait_serving
 
+from bench.common import bench_parser
 from engine_service.protocol import EngineInfo, EngineStats, FinishReason, RequestOutput
 from engine_service.sampling_params import SamplingParams
 
@@ -131,7 +132,7 @@ def measure(args: argparse.Namespace, stream_interval: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=200, help="output tokens per stream")
     p.add_argument("--rate", type=float, default=18_000.0, help="the synthetic engine's tokens/s over all streams")

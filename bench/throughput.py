@@ -12,7 +12,6 @@ once. Output tok/s = generated tokens / wall seconds (weights loaded and warmed 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
 import torch
+
+from bench.common import append_results, bench_parser
 
 
 def workload(
@@ -169,7 +170,7 @@ def _sync(device: str) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, help="checkpoint directory (or use --make-model)")
     p.add_argument(
         "--make-model", metavar="PRESET", help="write a random-weight checkpoint of this preset (bf16) first"
@@ -227,10 +228,7 @@ def main() -> int:
         print(f"{r['engine']:<48} {r['output_tokens']:>14} {r['seconds']:>9.2f} {r['output_tok_s']:>13.1f}")
     if len(results) == 2:
         print(f"ratio: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
-    if args.json:
-        with args.json.open("a") as f:
-            for r in results:
-                f.write(json.dumps({**r, "device": device, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    append_results(args.json, *({**r, "device": device} for r in results))
     return 0
 
 
