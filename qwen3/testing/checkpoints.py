@@ -19,92 +19,33 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 QWEN3_VOCAB = 151936  # embedding rows of every Qwen3 checkpoint (the tokenizer uses 151,669 of them)
 QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
-_REAL = dict(
-    vocab_size=QWEN3_VOCAB,
-    head_dim=128,
-    num_key_value_heads=8,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-)
+# A table: one model a row, not one field a line.
+# fmt: off
+_REAL = dict(vocab_size=QWEN3_VOCAB, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,
+             rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        _REAL,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-1.7b": dict(
-        _REAL,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        _REAL,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-8b": dict(
-        _REAL,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-14b": dict(
-        _REAL,
-        hidden_size=5120,
-        intermediate_size=17408,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-32b": dict(
-        _REAL,
-        hidden_size=5120,
-        intermediate_size=25600,
-        num_hidden_layers=64,
-        num_attention_heads=64,
-        tie_word_embeddings=False,
-    ),
+    "qwen3-0.6b": dict(_REAL, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_REAL, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-4b": dict(_REAL, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-8b": dict(_REAL, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "qwen3-14b": dict(_REAL, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, tie_word_embeddings=False),
+    "qwen3-32b": dict(_REAL, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, tie_word_embeddings=False),
     # Scaled-down Qwen3: same structure (GQA, q/k norm, head_dim != hidden / heads), tiny sizes.
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        rope_theta=10_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+                 rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
     # The demo / service-test model: the full Qwen3 vocabulary so the real tokenizer's ids are valid.
-    "demo": dict(
-        vocab_size=QWEN3_VOCAB,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=4096,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
+    "demo": dict(vocab_size=QWEN3_VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                 rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
+# fmt: on
 
 
 def write_tokenizer(out_dir: str | Path) -> None:
