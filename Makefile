@@ -41,7 +41,8 @@ proto: $(VENV)/.installed proto-gen
 proto-gen:
 	$(PY) -c "import setup; setup.generate_grpc_code()"
 
-test: install
+# Lint first: a style or type error fails CI before the slower tests run.
+test: lint
 	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
 
 # The fuzzer of tests/test_fuzz.py at length (`make test` sends 1,000 requests of seed 0): prints the tally.
@@ -77,9 +78,14 @@ serve-cluster: install
 	exec $(PY) -m engine_service.cluster --model $(or $(MODEL),$(DEMO_DIR)) --replicas $(REPLICAS) \
 	  --http-port $(HTTP_PORT) --prometheus-port $(PROMETHEUS_PORT)
 
-# buf lint on the protos (style guide + a comment on every element); needs npm.
-lint:
-	npx --yes @bufbuild/buf lint
+# ruff (lint + format check), mypy and buf lint on the protos (style guide + a comment on every element; needs
+# npm). Versions pinned in pyproject.toml's test extra and BUF_VERSION; .pre-commit-config.yaml runs the same.
+BUF_VERSION ?= 1.75.0
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	npx --yes @bufbuild/buf@$(BUF_VERSION) lint
 
 bench: install
 	$(PY) bench/throughput.py --help

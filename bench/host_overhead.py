@@ -9,7 +9,6 @@ by wrapping the function that does it.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import json
@@ -20,11 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-import torch  # noqa: E402
+import torch
+
+from bench.common import bench_parser
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
@@ -36,8 +37,14 @@ def main() -> int:
     from qwen3.forward_batch import ForwardBatch
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
-    llm = LLM(args.model, device="cpu", max_model_len=1024, num_kv_blocks=args.num_seqs * 40, kv_block_size=16,
-              max_num_seqs=args.num_seqs)
+    llm = LLM(
+        args.model,
+        device="cpu",
+        max_model_len=1024,
+        num_kv_blocks=args.num_seqs * 40,
+        kv_block_size=16,
+        max_num_seqs=args.num_seqs,
+    )
     engine = llm.engine
     seconds: dict[str, float] = collections.defaultdict(float)
 
@@ -49,6 +56,7 @@ def main() -> int:
                 return fn(*a, **k)
             finally:
                 seconds[key] += time.perf_counter() - start
+
         return wrapper
 
     engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
@@ -65,8 +73,11 @@ def main() -> int:
     engine.runner.execute = stub_execute
     rng = random.Random(0)
     for i in range(args.num_seqs):
-        engine.add_request(f"r{i}", [rng.randrange(min(vocab, 10_000)) for _ in range(rng.randint(50, 200))],
-                           SamplingParams(temperature=args.temperature, max_tokens=args.steps + 400, ignore_eos=True))
+        engine.add_request(
+            f"r{i}",
+            [rng.randrange(min(vocab, 10_000)) for _ in range(rng.randint(50, 200))],
+            SamplingParams(temperature=args.temperature, max_tokens=args.steps + 400, ignore_eos=True),
+        )
     while engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
@@ -76,8 +87,10 @@ def main() -> int:
     for _ in range(args.steps):
         engine.step()
     total = (time.perf_counter() - start) / args.steps
-    print(f"{args.num_seqs} running sequences, model stubbed: {total * 1e3:.3f} ms per step in all "
-          f"(sampling itself runs on the CPU here)")
+    print(
+        f"{args.num_seqs} running sequences, model stubbed: {total * 1e3:.3f} ms per step in all "
+        f"(sampling itself runs on the CPU here)"
+    )
     for key, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"  {key:<22} {value / args.steps * 1e3:.3f} ms")
     llm.shutdown()

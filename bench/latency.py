@@ -11,7 +11,6 @@ prefill, which also yields the first token) is timed apart, so ms/token covers d
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -21,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-import torch  # noqa: E402
+import torch
+
+from bench.common import append_results, bench_parser
 
 
 def _sync() -> None:
@@ -50,7 +51,7 @@ def one_request(llm, prompt: list[int], max_tokens: int, rid: str) -> tuple[floa
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -60,8 +61,13 @@ def main() -> int:
     p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, print a torch-profiler table for this many decode steps")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, print a torch-profiler table for this many decode steps",
+    )
     p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
     args = p.parse_args()
 
@@ -71,9 +77,16 @@ def main() -> int:
     rng = random.Random(0)
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     prompt = [rng.randrange(min(10_000, vocab)) for _ in range(args.prompt_len)]
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager, max_model_len=args.prompt_len + args.output_len + 16,
-              enable_prefix_caching=False, async_scheduling=False if args.no_async_scheduling else None)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        max_model_len=args.prompt_len + args.output_len + 16,
+        enable_prefix_caching=False,
+        async_scheduling=False if args.no_async_scheduling else None,
+    )
     one_request(llm, prompt, 16, "warm-up")
     runs = [one_request(llm, prompt, args.output_len, f"r{i}") for i in range(args.repeats)]
     ms_per_token = statistics.median(d / (n - 1) * 1e3 for _, d, n in runs)
@@ -84,16 +97,21 @@ def main() -> int:
     fused = device != "cpu" and fused_elementwise_enabled()
     elementwise = "fused triton" if fused else "torch"
     steps = "async" if llm.engine.config.overlaps_steps else "sync"
-    print(f"batch 1, prompt {args.prompt_len}, {args.output_len} output tokens, {backend}, {graphs}, "
-          f"{elementwise} element-wise ops, {steps} steps; device: {device}")
-    print(f"prefill + first token: {prefill_ms:.2f} ms   decode: {ms_per_token:.3f} ms/token "
-          f"({1e3 / ms_per_token:.0f} tok/s)   runs: {[round(d / (n - 1) * 1e3, 3) for _, d, n in runs]}")
+    print(
+        f"batch 1, prompt {args.prompt_len}, {args.output_len} output tokens, {backend}, {graphs}, "
+        f"{elementwise} element-wise ops, {steps} steps; device: {device}"
+    )
+    print(
+        f"prefill + first token: {prefill_ms:.2f} ms   decode: {ms_per_token:.3f} ms/token "
+        f"({1e3 / ms_per_token:.0f} tok/s)   runs: {[round(d / (n - 1) * 1e3, 3) for _, d, n in runs]}"
+    )
     if args.profile:
         from engine_service import SamplingParams
 
         engine = llm.engine
-        engine.add_request("profiled", prompt, SamplingParams(temperature=0.0, max_tokens=args.profile + 2,
-                                                              ignore_eos=True))
+        engine.add_request(
+            "profiled", prompt, SamplingParams(temperature=0.0, max_tokens=args.profile + 2, ignore_eos=True)
+        )
         engine.step()  # prefill outside the profile
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -104,13 +122,21 @@ def main() -> int:
             _sync()
         sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps({"bench": "latency", "backend": backend, "graphs": graphs, "device": device,
-                                "elementwise": elementwise, "steps": steps,
-                                "prompt_len": args.prompt_len, "output_len": args.output_len,
-                                "ms_per_token": ms_per_token, "prefill_ms": prefill_ms,
-                                "date": time.strftime("%Y-%m-%d")}) + "\n")
+    append_results(
+        args.json,
+        {
+            "bench": "latency",
+            "backend": backend,
+            "graphs": graphs,
+            "device": device,
+            "elementwise": elementwise,
+            "steps": steps,
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "ms_per_token": ms_per_token,
+            "prefill_ms": prefill_ms,
+        },
+    )
     llm.shutdown()
     return 0
 

@@ -12,8 +12,6 @@ needs flash_attn.cute importable (shared/device/README.md: the two-call FA4 stag
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import statistics
@@ -21,6 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from bench.common import append_results, bench_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 _RESULT = re.compile(r"PEER (\S+) .*?= ([0-9.]+) tok/s")
@@ -39,18 +41,23 @@ def run_one(which: str, model: Path, peer_dir: Path, extra: list[str], log, time
     except subprocess.TimeoutExpired:
         print(f"# {which}: timed out after {timeout:.0f} s", flush=True)
         return None
-    log.write(f"$ {' '.join(cmd)}  (rc {proc.returncode}, {time.perf_counter() - t:.1f} s)\n{proc.stdout}\n{proc.stderr}\n")
+    log.write(
+        f"$ {' '.join(cmd)}  (rc {proc.returncode}, {time.perf_counter() - t:.1f} s)\n{proc.stdout}\n{proc.stderr}\n"
+    )
     log.flush()
     match = _RESULT.search(proc.stdout)
     if proc.returncode or not match:
         print(f"# {which}: rc {proc.returncode}, no result; last stderr: {proc.stderr.strip()[-600:]}", flush=True)
         return None
-    print(f"{which:<9} {float(match.group(2)):>10,.0f} tok/s   ({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+    print(
+        f"{which:<9} {float(match.group(2)):>10,.0f} tok/s   ({time.perf_counter() - t:.0f} s with start-up)",
+        flush=True,
+    )
     return float(match.group(2))
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--peer-dir", type=Path, default=ROOT.parent / "shared" / "peer")
     p.add_argument("--pairs", type=int, default=3)
@@ -74,16 +81,24 @@ def main() -> int:
     if not ratios:
         print("no complete pair: see the log")
         return 1
-    summary = {"bench": "peer", "model": str(args.model), "ours_options": args.ours, "pairs": len(ratios),
-               "nanovllm_tok_s": peer, "ours_tok_s": ours, "ratios": ratios,
-               "median_nanovllm": statistics.median(peer), "median_ours": statistics.median(ours),
-               "median_ratio": statistics.median(ratios), "date": time.strftime("%Y-%m-%d")}
-    print(f"median of {len(ratios)} pairs: nano-vLLM {summary['median_nanovllm']:,.0f} tok/s, ours "
-          f"{summary['median_ours']:,.0f} tok/s, ratio {summary['median_ratio']:.2f}x "
-          f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})")
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+    summary = {
+        "bench": "peer",
+        "model": str(args.model),
+        "ours_options": args.ours,
+        "pairs": len(ratios),
+        "nanovllm_tok_s": peer,
+        "ours_tok_s": ours,
+        "ratios": ratios,
+        "median_nanovllm": statistics.median(peer),
+        "median_ours": statistics.median(ours),
+        "median_ratio": statistics.median(ratios),
+    }
+    print(
+        f"median of {len(ratios)} pairs: nano-vLLM {summary['median_nanovllm']:,.0f} tok/s, ours "
+        f"{summary['median_ours']:,.0f} tok/s, ratio {summary['median_ratio']:.2f}x "
+        f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    append_results(args.json, summary)
     return 0
 
 

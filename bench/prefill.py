@@ -15,7 +15,6 @@ FLOPs counted per step (what the hardware must do; no recomputation counted):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -25,13 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-import torch  # noqa: E402
+import torch
+
+from bench.common import append_results, bench_parser
 
 
 def prefill_flops(cfg: dict, prompt_lens: list[int]) -> tuple[float, float]:
     """(linear FLOPs, attention FLOPs) of prefilling ``prompt_lens`` with a Qwen3 config dict."""
-    h, d, layers = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"], \
-        cfg["num_hidden_layers"]
+    h, d, layers = (
+        cfg["hidden_size"],
+        cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        cfg["num_hidden_layers"],
+    )
     hq, hkv, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
     per_layer = h * (hq + 2 * hkv) * d + hq * d * h + h * 2 * inter + inter * h
     tokens = sum(prompt_lens)
@@ -41,7 +45,7 @@ def prefill_flops(cfg: dict, prompt_lens: list[int]) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -60,8 +64,14 @@ def main() -> int:
     cfg = json.loads((args.model / "config.json").read_text())
     rng = random.Random(0)
     tokens = args.num_prompts * args.prompt_len
-    llm = LLM(args.model, attention_backend=args.attention_backend, max_model_len=args.prompt_len + 16,
-              max_num_batched_tokens=tokens, max_num_seqs=max(args.num_prompts, 1), enable_prefix_caching=False)
+    llm = LLM(
+        args.model,
+        attention_backend=args.attention_backend,
+        max_model_len=args.prompt_len + 16,
+        max_num_batched_tokens=tokens,
+        max_num_seqs=max(args.num_prompts, 1),
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
     def prompts() -> list[list[int]]:  # fresh ids every run: nothing cached, nothing flattered
@@ -80,17 +90,27 @@ def main() -> int:
     linear, attention = prefill_flops(cfg, [args.prompt_len] * args.num_prompts)
     tflops = (linear + attention) / seconds / 1e12
     backend = llm.engine.runner.backend.name
-    print(f"prefill {args.num_prompts} x {args.prompt_len} tokens, {backend}, {torch.cuda.get_device_name()}: "
-          f"{seconds * 1e3:.1f} ms (runs {[round(t * 1e3, 1) for t in times]}), {tokens / seconds:,.0f} tok/s, "
-          f"{tflops:.0f} TFLOP/s ({linear / 1e12:.0f} linear + {attention / 1e12:.0f} attention TFLOP) = "
-          f"{100 * tflops / ceiling:.1f}% of the bf16 matmul ceiling measured now ({ceiling:.0f} TFLOP/s)")
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps({"bench": "prefill", "backend": backend, "model": str(args.model),
-                                "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
-                                "seconds": seconds, "tok_per_s": tokens / seconds, "tflops": tflops,
-                                "matmul_ceiling_tflops": ceiling, "utilisation": tflops / ceiling,
-                                "date": time.strftime("%Y-%m-%d")}) + "\n")
+    print(
+        f"prefill {args.num_prompts} x {args.prompt_len} tokens, {backend}, {torch.cuda.get_device_name()}: "
+        f"{seconds * 1e3:.1f} ms (runs {[round(t * 1e3, 1) for t in times]}), {tokens / seconds:,.0f} tok/s, "
+        f"{tflops:.0f} TFLOP/s ({linear / 1e12:.0f} linear + {attention / 1e12:.0f} attention TFLOP) = "
+        f"{100 * tflops / ceiling:.1f}% of the bf16 matmul ceiling measured now ({ceiling:.0f} TFLOP/s)"
+    )
+    append_results(
+        args.json,
+        {
+            "bench": "prefill",
+            "backend": backend,
+            "model": str(args.model),
+            "num_prompts": args.num_prompts,
+            "prompt_len": args.prompt_len,
+            "seconds": seconds,
+            "tok_per_s": tokens / seconds,
+            "tflops": tflops,
+            "matmul_ceiling_tflops": ceiling,
+            "utilisation": tflops / ceiling,
+        },
+    )
     llm.shutdown()
     return 0
 

@@ -27,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import workload  # noqa: E402
+from throughput import workload
+
+from bench.common import bench_parser
 
 
 def free_port() -> int:
@@ -56,9 +58,13 @@ def offline(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                kv_block_size=args.kv_block_size, max_model_len=args.max_model_len,
-                attention_backend=args.attention_backend)
+    return dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_block_size=args.kv_block_size,
+        max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend,
+    )
 
 
 async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: float, ready, go) -> dict:
@@ -66,8 +72,9 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
 
     from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
-            ("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         await channel.channel_ready()
         ready.put(os.getpid())
@@ -77,8 +84,12 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
         async def one(prompt: list[int], max_tokens: int) -> tuple[int, float, list[float], float]:
             t0 = time.perf_counter()
             last, ttft, gaps, tokens = t0, None, [], 0
-            request = engine_pb2.GenerateRequest(prompt_token_ids=prompt, sampling_params=engine_pb2.SamplingParams(
-                temperature=temperature, max_tokens=max_tokens, ignore_eos=True))
+            request = engine_pb2.GenerateRequest(
+                prompt_token_ids=prompt,
+                sampling_params=engine_pb2.SamplingParams(
+                    temperature=temperature, max_tokens=max_tokens, ignore_eos=True
+                ),
+            )
             async for response in stub.Generate(request):
                 now = time.perf_counter()
                 n = len(response.token_ids)
@@ -92,9 +103,13 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
             return tokens, ttft or 0.0, gaps, time.time()
 
         results = await asyncio.gather(*(one(p, n) for p, n in jobs))
-    return {"tokens": sum(r[0] for r in results), "ttft": [r[1] for r in results],
-            "cpu_s": _own_cpu_seconds() - cpu_start,
-            "itl": [g for r in results for g in r[2]], "end": max(r[3] for r in results)}
+    return {
+        "tokens": sum(r[0] for r in results),
+        "ttft": [r[1] for r in results],
+        "cpu_s": _own_cpu_seconds() - cpu_start,
+        "itl": [g for r in results for g in r[2]],
+        "end": max(r[3] for r in results),
+    }
 
 
 def client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
@@ -123,13 +138,33 @@ def _children(pid: int) -> list[int]:
 
 def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "engine_service", "--model", str(args.model), "--port", str(port),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--kv-block-size", str(args.kv_block_size), "--max-model-len", str(args.max_model_len),
-           "--attention-backend", args.attention_backend, "--stream-interval", str(args.stream_interval),
-           "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine_service",
+        "--model",
+        str(args.model),
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--kv-block-size",
+        str(args.kv_block_size),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--attention-backend",
+        args.attention_backend,
+        "--stream-interval",
+        str(args.stream_interval),
+        "--log-level",
+        "WARNING",
+    ]
     root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
+    server = subprocess.Popen(
+        cmd, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+    )
     try:
         wait_serving(port, server, timeout=600)
         return run_clients(port, list(zip(prompts, out_lens)), args.clients, args.temperature, server.pid)
@@ -138,8 +173,9 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
         server.wait(timeout=60)
 
 
-def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, temperature: float,
-                server_pid: int) -> dict:
+def run_clients(
+    port: int, jobs: list[tuple[list[int], int]], num_clients: int, temperature: float, server_pid: int
+) -> dict:
     """Open every Generate stream at once from ``num_clients`` client processes and wait for them all.
 
     The clock starts when every client has connected. Returns output tokens, seconds, KV blocks, the
@@ -150,8 +186,7 @@ def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, 
     queue = ctx.Queue()
     shares = [jobs[i::num_clients] for i in range(num_clients)]
     ready, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=client_process, args=(port, share, temperature, ready, go, queue))
-             for share in shares]
+    procs = [ctx.Process(target=client_process, args=(port, share, temperature, ready, go, queue)) for share in shares]
     for p in procs:
         p.start()
     # CPU time of the server process and of the engine process it spawned, over the timed run:
@@ -168,10 +203,15 @@ def run_clients(port: int, jobs: list[tuple[list[int], int]], num_clients: int, 
         p.join()
     seconds = max(r["end"] for r in results) - start_at
     cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
-    return {"tokens": sum(r["tokens"] for r in results), "seconds": seconds, "kv_blocks": kv_blocks,
-            "cpu_s": cpu, "mean_running": sum(running) / len(running) if running else float("nan"),
-            "ttft": sorted(t for r in results for t in r["ttft"]),
-            "itl": sorted(g for r in results for g in r["itl"])}
+    return {
+        "tokens": sum(r["tokens"] for r in results),
+        "seconds": seconds,
+        "kv_blocks": kv_blocks,
+        "cpu_s": cpu,
+        "mean_running": sum(running) / len(running) if running else float("nan"),
+        "ttft": sorted(t for r in results for t in r["ttft"]),
+        "itl": sorted(g for r in results for g in r["itl"]),
+    }
 
 
 def _collect(source, procs: list, results, stage: str) -> list:
@@ -228,7 +268,10 @@ def wait_serving(port: int, server: subprocess.Popen, timeout: float) -> None:
             if server.poll() is not None:
                 raise RuntimeError(f"engine server exited with code {server.returncode}")
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -241,11 +284,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--clients", type=int, default=8, help="client processes sharing the streams (Python gRPC clients "
-                   "open 64 streams on one channel slowly: 4 processes doubled the median TTFT on the H100)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=8,
+        help="client processes sharing the streams (Python gRPC clients "
+        "open 64 streams on one channel slowly: 4 processes doubled the median TTFT on the H100)",
+    )
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -269,13 +317,21 @@ def main() -> int:
     if len(rows) == 2:
         ratio = (rows[1][1]["tokens"] / rows[1][1]["seconds"]) / (rows[0][1]["tokens"] / rows[0][1]["seconds"])
         print(f"service / offline: {ratio:.1%}")
-    print("KV blocks: " + ", ".join(f"{name} {r['kv_blocks']}" for name, r in rows)
-          + f"; service mean running requests {s['mean_running']:.0f}")
-    print("CPU seconds during the service run: " + ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_s"].items())
-          + f"; server CPU per streamed token {s['cpu_s']['server'] / s['tokens'] * 1e6:.1f} us"
-          + f" (stream interval {args.stream_interval})")
-    print(f"service TTFT p50 {pct(s['ttft'], .5) * 1e3:.0f} ms, p99 {pct(s['ttft'], .99) * 1e3:.0f} ms; "
-          f"inter-token p50 {pct(s['itl'], .5) * 1e3:.1f} ms, p99 {pct(s['itl'], .99) * 1e3:.1f} ms")
+    print(
+        "KV blocks: "
+        + ", ".join(f"{name} {r['kv_blocks']}" for name, r in rows)
+        + f"; service mean running requests {s['mean_running']:.0f}"
+    )
+    print(
+        "CPU seconds during the service run: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_s"].items())
+        + f"; server CPU per streamed token {s['cpu_s']['server'] / s['tokens'] * 1e6:.1f} us"
+        + f" (stream interval {args.stream_interval})"
+    )
+    print(
+        f"service TTFT p50 {pct(s['ttft'], 0.5) * 1e3:.0f} ms, p99 {pct(s['ttft'], 0.99) * 1e3:.0f} ms; "
+        f"inter-token p50 {pct(s['itl'], 0.5) * 1e3:.1f} ms, p99 {pct(s['itl'], 0.99) * 1e3:.1f} ms"
+    )
     return 0
 
 

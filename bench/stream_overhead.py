@@ -25,10 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_throughput import free_port, pct, run_clients, wait_serving  # noqa: E402
+from service_throughput import free_port, pct, run_clients, wait_serving
 
-from engine_service.protocol import EngineInfo, EngineStats, FinishReason, RequestOutput  # noqa: E402
-from engine_service.sampling_params import SamplingParams  # noqa: E402
+from bench.common import bench_parser
+from engine_service.protocol import EngineInfo, EngineStats, FinishReason, RequestOutput
+from engine_service.sampling_params import SamplingParams
 
 
 class SyntheticEngine:
@@ -36,17 +37,31 @@ class SyntheticEngine:
     emits token 7 for every running request, paced to ``rate`` tokens/s over all requests."""
 
     def __init__(self, rate: float) -> None:
-        self.info = EngineInfo(vocab_size=151_936, max_model_len=1 << 20, eos_token_ids=(0,), dtype="none",
-                               tensor_parallel_size=1, kv_block_size=1, num_kv_blocks=1,
-                               attention_backend="synthetic", max_waiting_requests=1 << 20)
+        self.info = EngineInfo(
+            vocab_size=151_936,
+            max_model_len=1 << 20,
+            eos_token_ids=(0,),
+            dtype="none",
+            tensor_parallel_size=1,
+            kv_block_size=1,
+            num_kv_blocks=1,
+            attention_backend="synthetic",
+            max_waiting_requests=1 << 20,
+        )
         self.rate = rate
         self.dead_reason: str | None = None
-        self._left: dict[str, int] = {}   # request id -> tokens still to produce
-        self._due = time.perf_counter()   # when the next step may run
+        self._left: dict[str, int] = {}  # request id -> tokens still to produce
+        self._due = time.perf_counter()  # when the next step may run
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self._left), num_waiting=0, kv_cache_usage=0.0, num_kv_blocks=1,
-                           num_preemptions_total=0, prefix_cache_hit_rate=0.0)
+        return EngineStats(
+            num_running=len(self._left),
+            num_waiting=0,
+            kv_cache_usage=0.0,
+            num_kv_blocks=1,
+            num_preemptions_total=0,
+            prefix_cache_hit_rate=0.0,
+        )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._left[request_id] = params.max_tokens
@@ -84,8 +99,9 @@ async def serve(port: int, stream_interval: int, rate: float) -> None:
     from engine_service.server import start_engine_server
     from service_common.server import serve_until_signal
 
-    running = await start_engine_server(lambda: SyntheticEngine(rate), "synthetic", port=port,
-                                        stream_interval=stream_interval)
+    running = await start_engine_server(
+        lambda: SyntheticEngine(rate), "synthetic", port=port, stream_interval=stream_interval
+    )
     await serve_until_signal(running.server, running.health, grace_s=1.0)
     await running.stop(0)
 
@@ -94,9 +110,19 @@ def measure(args: argparse.Namespace, stream_interval: int) -> dict:
     port = free_port()
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--rate", str(args.rate), "--stream-intervals",
-         str(stream_interval)], cwd=root,
-        env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            str(port),
+            "--rate",
+            str(args.rate),
+            "--stream-intervals",
+            str(stream_interval),
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"},
+    )
     try:
         wait_serving(port, server, timeout=120)
         return run_clients(port, [([1, 2, 3], args.tokens)] * args.streams, args.clients, 1.0, server.pid)
@@ -106,7 +132,7 @@ def measure(args: argparse.Namespace, stream_interval: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=200, help="output tokens per stream")
     p.add_argument("--rate", type=float, default=18_000.0, help="the synthetic engine's tokens/s over all streams")
@@ -117,16 +143,23 @@ def main() -> int:
     if args.serve is not None:
         asyncio.run(serve(args.serve, args.stream_intervals[0], args.rate))
         return 0
-    print(f"{args.streams} streams x {args.tokens} tokens, synthetic engine at {args.rate:.0f} tok/s, "
-          f"{args.clients} client processes")
-    print(f"{'interval':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'server CPU s':>13} {'us/token':>9} "
-          f"{'% of a core':>12} {'TTFT p50 ms':>12}")
+    print(
+        f"{args.streams} streams x {args.tokens} tokens, synthetic engine at {args.rate:.0f} tok/s, "
+        f"{args.clients} client processes"
+    )
+    print(
+        f"{'interval':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'server CPU s':>13} {'us/token':>9} "
+        f"{'% of a core':>12} {'TTFT p50 ms':>12}"
+    )
     for interval in args.stream_intervals:
         r = measure(args, interval)
         server_cpu = r["cpu_s"]["server"]
-        print(f"{interval:>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>8.0f} "
-              f"{server_cpu:>13.2f} {server_cpu / r['tokens'] * 1e6:>9.1f} {server_cpu / r['seconds']:>12.0%} "
-              f"{pct(r['ttft'], .5) * 1e3:>12.0f}", flush=True)
+        print(
+            f"{interval:>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>8.0f} "
+            f"{server_cpu:>13.2f} {server_cpu / r['tokens'] * 1e6:>9.1f} {server_cpu / r['seconds']:>12.0%} "
+            f"{pct(r['ttft'], 0.5) * 1e3:>12.0f}",
+            flush=True,
+        )
     return 0
 
 

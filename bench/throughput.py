@@ -12,7 +12,6 @@ once. Output tok/s = generated tokens / wall seconds (weights loaded and warmed 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -21,10 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-import torch  # noqa: E402
+import torch
+
+from bench.common import append_results, bench_parser
 
 
-def workload(n: int, seed: int, min_in: int, max_in: int, min_out: int, max_out: int) -> tuple[list[list[int]], list[int]]:
+def workload(
+    n: int, seed: int, min_in: int, max_in: int, min_out: int, max_out: int
+) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     prompts = [[rng.randint(0, 9999) for _ in range(rng.randint(min_in, max_in))] for _ in range(n)]
     outputs = [rng.randint(min_out, max_out) for _ in range(n)]
@@ -34,11 +37,18 @@ def workload(n: int, seed: int, min_in: int, max_in: int, min_out: int, max_out:
 def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
     from engine_service import LLM, SamplingParams
 
-    options = dict(device=args.device, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   kv_block_size=args.kv_block_size, max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                   async_scheduling=False if args.no_async_scheduling else None)
+    options = dict(
+        device=args.device,
+        enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_block_size=args.kv_block_size,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        async_scheduling=False if args.no_async_scheduling else None,
+    )
     if args.num_kv_blocks:
         options["num_kv_blocks"] = args.num_kv_blocks
     llm = LLM(args.model, **options)
@@ -53,10 +63,14 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     if args.profile:
         profile_steps(llm, prompts, params, args.profile)
     overlap = "async" if llm.engine.config.overlaps_steps else "sync"
-    result = {"engine": f"qwen3-serve ({llm.engine.runner.backend.name}, {overlap} steps)", "output_tokens": tokens,
-              "seconds": seconds, "output_tok_s": tokens / seconds,
-              "kv_blocks": llm.engine.block_manager.num_blocks,
-              "preemptions": llm.engine.scheduler.num_preemptions_total}
+    result = {
+        "engine": f"qwen3-serve ({llm.engine.runner.backend.name}, {overlap} steps)",
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "output_tok_s": tokens / seconds,
+        "kv_blocks": llm.engine.block_manager.num_blocks,
+        "preemptions": llm.engine.scheduler.num_preemptions_total,
+    }
     llm.shutdown()
     del llm
     if torch.cuda.is_available():
@@ -93,8 +107,10 @@ def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> N
     wall = (time.perf_counter() - t0) / count
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / count / 1e3 if torch.cuda.is_available() else 0.0
-    print(f"\nprofile: from step {start}, {running} running sequences: wall {plain * 1e3:.2f} ms/step for {count} "
-          f"steps unprofiled, then {wall * 1e3:.2f} ms/step for {count} under the profiler, GPU busy {gpu:.2f} ms/step")
+    print(
+        f"\nprofile: from step {start}, {running} running sequences: wall {plain * 1e3:.2f} ms/step for {count} "
+        f"steps unprofiled, then {wall * 1e3:.2f} ms/step for {count} under the profiler, GPU busy {gpu:.2f} ms/step"
+    )
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=20))
     for i in range(len(prompts)):
@@ -107,12 +123,24 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
 
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     if device == "cpu":  # transformers 5.17 sizes its paged cache from free GPU memory: 0 on a CPU
-        raise SystemExit("--hf/--hf-only need a CUDA device (transformers' continuous batching sizes its KV cache "
-                         "from free GPU memory)")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                                                 attn_implementation="paged|sdpa").to(device).eval()
-    gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=args.temperature > 0,
-                           temperature=args.temperature or None, eos_token_id=-1, pad_token_id=0)
+        raise SystemExit(
+            "--hf/--hf-only need a CUDA device (transformers' continuous batching sizes its KV cache "
+            "from free GPU memory)"
+        )
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, attn_implementation="paged|sdpa"
+        )
+        .to(device)
+        .eval()
+    )
+    gen = GenerationConfig(
+        max_new_tokens=max(out_lens),
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or None,
+        eos_token_id=-1,
+        pad_token_id=0,
+    )
     _sync(args.device)
     start = time.perf_counter()
     tokens = 0
@@ -128,8 +156,12 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
                 raise RuntimeError("transformers' continuous batching stopped before finishing")
     _sync(args.device)
     seconds = time.perf_counter() - start
-    return {"engine": "transformers continuous batching (paged|sdpa)", "output_tokens": tokens,
-            "seconds": seconds, "output_tok_s": tokens / seconds}
+    return {
+        "engine": "transformers continuous batching (paged|sdpa)",
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "output_tok_s": tokens / seconds,
+    }
 
 
 def _sync(device: str) -> None:
@@ -138,9 +170,11 @@ def _sync(device: str) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, help="checkpoint directory (or use --make-model)")
-    p.add_argument("--make-model", metavar="PRESET", help="write a random-weight checkpoint of this preset (bf16) first")
+    p.add_argument(
+        "--make-model", metavar="PRESET", help="write a random-weight checkpoint of this preset (bf16) first"
+    )
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-input", type=int, default=100)
@@ -161,8 +195,11 @@ def main() -> int:
     p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
     p.add_argument("--hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--hf-only", action="store_true", help="only run transformers")
-    p.add_argument("--profile", metavar="START:COUNT",
-                   help="after the timed run, profile COUNT engine steps starting at step START")
+    p.add_argument(
+        "--profile",
+        metavar="START:COUNT",
+        help="after the timed run, profile COUNT engine steps starting at step START",
+    )
     p.add_argument("--json", type=Path, help="append results as JSON lines to this file")
     args = p.parse_args()
     if args.make_model:
@@ -173,25 +210,25 @@ def main() -> int:
             write_checkpoint(args.model, args.make_model, dtype=torch.bfloat16, with_tokenizer=False)
     if args.model is None:
         p.error("--model or --make-model is required")
-    prompts, out_lens = workload(args.num_requests, args.seed, args.min_input, args.max_input,
-                                 args.min_output, args.max_output)
+    prompts, out_lens = workload(
+        args.num_requests, args.seed, args.min_input, args.max_input, args.min_output, args.max_output
+    )
     results = []
     if not args.hf_only:
         results.append(run_engine(args, prompts, out_lens))
     if args.hf or args.hf_only:
         results.append(run_transformers(args, prompts, out_lens))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(f"\nworkload: {args.num_requests} requests, input [{args.min_input}, {args.max_input}], "
-          f"output [{args.min_output}, {args.max_output}], seed {args.seed}; device: {device}")
+    print(
+        f"\nworkload: {args.num_requests} requests, input [{args.min_input}, {args.max_input}], "
+        f"output [{args.min_output}, {args.max_output}], seed {args.seed}; device: {device}"
+    )
     print(f"{'engine':<48} {'output tokens':>14} {'seconds':>9} {'output tok/s':>13}")
     for r in results:
         print(f"{r['engine']:<48} {r['output_tokens']:>14} {r['seconds']:>9.2f} {r['output_tok_s']:>13.1f}")
     if len(results) == 2:
         print(f"ratio: {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
-    if args.json:
-        with args.json.open("a") as f:
-            for r in results:
-                f.write(json.dumps({**r, "device": device, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    append_results(args.json, *({**r, "device": device} for r in results))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "SamplingParams"]
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engine_service.sampling_params import SamplingParams
 
 
-def __getattr__(name: str):  # lazy: `python -m engine_service --help` should not import torch first
+def __getattr__(name: str) -> type:  # lazy: `python -m engine_service --help` should not import torch first
     if name == "LLM":
         from engine_service.core.llm import LLM
 

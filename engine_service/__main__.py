@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "token ids in, streamed token ids out.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--served-model-name", default=None, help="name reported by GetModelInfo (default: directory name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name reported by GetModelInfo (default: %(default)s: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (0 = off)")
@@ -33,22 +34,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPUs to split the model across")
     p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", *DTYPE_NAMES],
                    help="weight/activation dtype (auto: the checkpoint's)")
-    p.add_argument("--device", default=d["device"].default, choices=["auto", "cuda", "cpu"])
-    p.add_argument("--max-model-len", type=int, default=None, help="max prompt+output tokens (default: the model's)")
+    p.add_argument("--device", default=d["device"].default, choices=["auto", "cuda", "cpu"],
+                   help="where the model runs (auto: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="max prompt+output tokens (default: %(default)s: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default, help="max sequences per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default,
                    help="token budget of one step (prefill chunks + decodes)")
     p.add_argument("--kv-block-size", type=int, default=d["kv_block_size"].default, help="tokens per KV block")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="fixed KV pool size (default: sized from memory)")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fixed KV pool size (default: %(default)s: sized from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
                    help="fraction of GPU memory to use, KV cache included")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap each step's host work with the previous step's GPU work "
-                        "(default: on for CUDA)")
+                        "(default: %(default)s: on for CUDA)")
     p.add_argument("--attention-backend", default=d["attention_backend"].default,
-                   choices=BACKEND_CHOICES)
+                   choices=BACKEND_CHOICES, help="attention kernels (auto: the fastest measured for the GPU)")
     p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
                    help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
     p.add_argument("--stream-interval", type=int, default=1,
@@ -69,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the engine loop in a thread of the server process instead of its own process "
                         "(saves a process; costs throughput at high concurrency: one interpreter lock for both)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="least severe log records written")
+    p.add_argument("--log-format", default="kv", choices=["kv", "json"], help="key=value lines or JSON lines")
     add_security_options(p)
     args = p.parse_args(argv)
     args.security = parse_or_exit(p, server_security, args)  # files read now: bad ones exit 2 before loading

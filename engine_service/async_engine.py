@@ -27,10 +27,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
-from engine_service.protocol import (AbortAnswered, AbortRequest, AddRequest, Command, EngineDeadError, EngineInfo,
-                                     EngineLoadFailed, EngineReady, EngineStats, EngineStopped, Event,
-                                     RequestFailed, RequestOutput, StatsUpdate, StepOutputs, StopEngine,
-                                     decode_event)
+from engine_service.protocol import (
+    AbortAnswered,
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineDeadError,
+    EngineInfo,
+    EngineLoadFailed,
+    EngineReady,
+    EngineStats,
+    EngineStopped,
+    Event,
+    RequestFailed,
+    RequestOutput,
+    StatsUpdate,
+    StepOutputs,
+    StopEngine,
+    decode_event,
+)
 from engine_service.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -154,7 +169,7 @@ class AsyncEngine:
         if internal_id is None or self.dead_reason:
             return False
         ticket = next(self._tickets)
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._abort_waiters[ticket] = done
         self._send(AbortRequest(internal_id, ticket))
         found = await done
@@ -307,7 +322,8 @@ class _ProcessDriver:
             first = decode_event(self._conn.recv_bytes())
         except EOFError:
             self._process.join(5)
-            raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
+            code = self._process.exitcode
+            raise RuntimeError(f"the engine process exited while loading (exit code {code})") from None
         if isinstance(first, EngineLoadFailed):
             self._process.join(30)
             raise RuntimeError(first.reason)  # the child's error, e.g. "ConfigError: ...: config field ..."

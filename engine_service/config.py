@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen3.dtypes import DTYPE_NAMES, torch_dtype
 from qwen3.attention.names import BACKEND_CHOICES
+from qwen3.dtypes import DTYPE_NAMES, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -20,18 +20,18 @@ if TYPE_CHECKING:
 class EngineConfig:
     model: str
     tensor_parallel_size: int = 1
-    dtype: str = "auto"                    # "auto" = the checkpoint's torch_dtype (fp32 -> bf16 on CUDA is NOT applied)
-    device: str = "auto"                   # "auto" = cuda if available else cpu
-    max_model_len: int | None = None       # None = the model's max_position_embeddings
-    max_num_seqs: int = 256                # most sequences in one step
-    max_num_batched_tokens: int = 8192     # token budget of one step (prefill chunks + decodes)
+    dtype: str = "auto"  # "auto" = the checkpoint's torch_dtype (fp32 -> bf16 on CUDA is NOT applied)
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    max_num_seqs: int = 256  # most sequences in one step
+    max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
     kv_block_size: int = 16
-    gpu_memory_utilization: float = 0.90   # fraction of GPU memory the engine may use, KV cache included
-    num_kv_blocks: int | None = None       # fixed KV pool size (CPU default: enough for 4 full-length sequences)
+    gpu_memory_utilization: float = 0.90  # fraction of GPU memory the engine may use, KV cache included
+    num_kv_blocks: int | None = None  # fixed KV pool size (CPU default: enough for 4 full-length sequences)
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False            # no CUDA graphs
-    attention_backend: str = "auto"        # auto | flash-attn | triton | torch
-    max_waiting_requests: int = 1024       # backpressure: beyond this, new requests are refused
+    enforce_eager: bool = False  # no CUDA graphs
+    attention_backend: str = "auto"  # auto | flash-attn | triton | torch
+    max_waiting_requests: int = 1024  # backpressure: beyond this, new requests are refused
     seed: int = 0
     # Overlap the host's work for step N+1 (scheduling, input building) with the device's work for step N;
     # sampled ids reach the host one step later (and TP workers by a broadcast). None = on for CUDA.
@@ -53,8 +53,10 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode")
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+            )
         if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
             raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -62,8 +64,9 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.attention_backend not in BACKEND_CHOICES:
-            raise ValueError(f"attention_backend must be one of {', '.join(BACKEND_CHOICES)}; "
-                             f"got {self.attention_backend!r}")
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(BACKEND_CHOICES)}; got {self.attention_backend!r}"
+            )
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
 

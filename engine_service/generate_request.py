@@ -35,7 +35,8 @@ def generate_inputs(request: engine_pb2.GenerateRequest, info: EngineInfo,
                                              msg.max_tokens if msg.HasField("max_tokens") else None,
                                              info.max_model_len)
         params = SamplingParams(
-            stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, logit_bias=dict(msg.logit_bias),
+            stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+            logit_bias=tuple(msg.logit_bias.items()),
             allowed_token_ids=tuple(msg.allowed_token_ids) or None,
             bad_words=tuple(tuple(word.token_ids) for word in msg.bad_words), **kwargs)  # type: ignore[arg-type]
     except FieldError as exc:

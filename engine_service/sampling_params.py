@@ -124,7 +124,7 @@ def _require_sequence(name: str, value: object, what: str) -> None:
 def _token_ids(name: str, value: object) -> tuple[int, ...]:
     """``value`` as a tuple of non-negative int ids; FieldError naming ``name`` otherwise."""
     _require_sequence(name, value, "token ids")
-    ids = tuple(value)  # type: ignore[arg-type]
+    ids: tuple[int, ...] = tuple(value)  # type: ignore[arg-type]  # checked on the next lines
     bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
     if bad is not None:
         raise FieldError(name, f"must hold non-negative ints, got {bad!r}")

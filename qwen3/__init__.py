@@ -15,10 +15,14 @@ if TYPE_CHECKING:
     from qwen3.model import Qwen3ForCausalLM
 
 _EXPORTS = {
-    "ConfigError": "qwen3.config", "Qwen3Config": "qwen3.config", "ForwardBatch": "qwen3.forward_batch",
-    "CheckpointError": "qwen3.loader", "load_checkpoint": "qwen3.loader", "Qwen3ForCausalLM": "qwen3.model",
+    "ConfigError": "qwen3.config",
+    "Qwen3Config": "qwen3.config",
+    "ForwardBatch": "qwen3.forward_batch",
+    "CheckpointError": "qwen3.loader",
+    "load_checkpoint": "qwen3.loader",
+    "Qwen3ForCausalLM": "qwen3.model",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "ConfigError", "ForwardBatch", "Qwen3Config", "Qwen3ForCausalLM", "load_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:

@@ -57,8 +57,16 @@ class Qwen3Config:
     eos_token_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
@@ -81,7 +89,7 @@ class Qwen3Config:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "Qwen3Config":
+    def from_pretrained(cls, model_dir: str | Path) -> Qwen3Config:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in {model_dir}")
@@ -96,7 +104,7 @@ class Qwen3Config:
             raise ConfigError(f"{path}: {exc}") from exc  # say which checkpoint, too
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> "Qwen3Config":
+    def from_dict(cls, raw: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> Qwen3Config:
         archs = raw.get("architectures") or []
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(
@@ -115,7 +123,7 @@ class Qwen3Config:
         # top-level `rope_theta` + `rope_scaling`. Accept both.
         rope_params = dict(raw.get("rope_parameters") or {})
         rope_scaling_raw = raw.get("rope_scaling") or {}
-        rope_theta = raw.get("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
+        rope_theta: Any = raw.get("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
         scaling_src = rope_scaling_raw or rope_params
         scaling_key = "rope_scaling" if rope_scaling_raw else "rope_parameters"
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) if scaling_src else "default"

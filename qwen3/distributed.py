@@ -1,4 +1,5 @@
-"""Tensor-parallel process group: who am I, how many of us, and the collectives (the layers use two; the engine one more).
+"""Tensor-parallel process group: who am I, how many of us, and the collectives (the layers use two; the engine
+one more).
 
 The default ``torch.distributed`` group is the tensor-parallel group (one process per GPU, or per
 CPU rank with gloo in tests). Without an initialised group everything degrades to world size 1, so
@@ -8,6 +9,7 @@ the model runs single-process with no setup at all.
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,10 +18,14 @@ import torch.distributed as dist
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
     """Join the TP group: NCCL on CUDA, gloo on CPU (so TP is testable without GPUs)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(minutes=10), **kwargs,
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=10),
+        **kwargs,
     )
 
 

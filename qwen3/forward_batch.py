@@ -11,7 +11,6 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import torch
 
 #: decode batches up to this size are assembled in plain Python (NumPy's per-call overhead dominates there)
@@ -20,13 +19,13 @@ _SMALL_DECODE = 16
 
 @dataclass
 class ForwardBatch:
-    input_ids: torch.Tensor        # [T] int64 token ids of the new tokens, sequence after sequence
-    positions: torch.Tensor        # [T] int64 absolute position of each new token in its sequence
-    slot_mapping: torch.Tensor     # [T] int64 KV-cache slot (block * block_size + offset) of each token; -1 = skip
+    input_ids: torch.Tensor  # [T] int64 token ids of the new tokens, sequence after sequence
+    positions: torch.Tensor  # [T] int64 absolute position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64 KV-cache slot (block * block_size + offset) of each token; -1 = skip
     query_start_loc: torch.Tensor  # [B + 1] int32 cumulative new-token counts (cu_seqlens_q)
-    seq_lens: torch.Tensor         # [B] int32 context length of each sequence including its new tokens
-    block_tables: torch.Tensor     # [B, max_blocks] int32 KV block ids of each sequence, padded with 0
-    logits_indices: torch.Tensor   # [S] int64 rows of the T tokens whose logits are wanted (usually each last token)
+    seq_lens: torch.Tensor  # [B] int32 context length of each sequence including its new tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32 KV block ids of each sequence, padded with 0
+    logits_indices: torch.Tensor  # [S] int64 rows of the T tokens whose logits are wanted (usually each last token)
     max_query_len: int
     max_seq_len: int
     # Host copies, for backends and bookkeeping that must not synchronise with the device.
@@ -47,9 +46,15 @@ class ForwardBatch:
         return self.max_query_len == 1
 
     @classmethod
-    def _build_small_decode(cls, new_token_ids: list[list[int]], context_lens: list[int],
-                            block_tables: list[list[int]], block_size: int, device: torch.device | str,
-                            logits_for: list[bool] | None) -> "ForwardBatch":
+    def _build_small_decode(
+        cls,
+        new_token_ids: list[list[int]],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+        logits_for: list[bool] | None,
+    ) -> ForwardBatch:
         """``build`` for a few sequences adding one token each, in plain Python: at batch 1 NumPy's per-call
         overhead made the general path cost ~0.08 ms of host time per decode step, this one ~0.03 ms."""
         num_seqs = len(new_token_ids)
@@ -61,24 +66,53 @@ class ForwardBatch:
                 raise _table_too_short(i, pos + 1, len(table) * block_size)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
         return cls._on_device(
-            int64_parts=([t[0] for t in new_token_ids], list(context_lens), slots,
-                         [i for i in range(num_seqs) if logits_for is None or logits_for[i]]),
-            int32_parts=(list(range(num_seqs + 1)), seq_lens,
-                         [x for table in block_tables for x in (*table, *([0] * (width - len(table))))]),
-            num_seqs=num_seqs, width=width, query_lens=[1] * num_seqs, seq_lens=seq_lens, device=device)
+            int64_parts=(
+                [t[0] for t in new_token_ids],
+                list(context_lens),
+                slots,
+                [i for i in range(num_seqs) if logits_for is None or logits_for[i]],
+            ),
+            int32_parts=(
+                list(range(num_seqs + 1)),
+                seq_lens,
+                [x for table in block_tables for x in (*table, *([0] * (width - len(table))))],
+            ),
+            num_seqs=num_seqs,
+            width=width,
+            query_lens=[1] * num_seqs,
+            seq_lens=seq_lens,
+            device=device,
+        )
 
     @classmethod
-    def _on_device(cls, int64_parts: tuple, int32_parts: tuple, num_seqs: int, width: int, query_lens: list[int],
-                   seq_lens: list[int], device: torch.device | str) -> "ForwardBatch":
+    def _on_device(
+        cls,
+        int64_parts: tuple[np.ndarray | list[int], ...],  # ids, positions, slots, logits rows
+        int32_parts: tuple[np.ndarray | list[int], ...],  # query starts, sequence lengths, flat block tables
+        num_seqs: int,
+        width: int,
+        query_lens: list[int],
+        seq_lens: list[int],
+        device: torch.device | str,
+    ) -> ForwardBatch:
         """The batch from its host parts: (ids, positions, slots, logits rows) and (query starts, sequence
         lengths, flat block tables). Two host-to-device copies per step (one per index dtype), not one per
         array: each copy has a fixed cost of several microseconds of host time, paid on every decode step."""
         input_ids, positions, slot_mapping, logits_indices = _packed_to_device(int64_parts, torch.int64, device)
         query_start_loc, seq_lens_t, tables_flat = _packed_to_device(int32_parts, torch.int32, device)
-        return cls(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
-                   query_start_loc=query_start_loc, seq_lens=seq_lens_t, block_tables=tables_flat.view(num_seqs, width),
-                   logits_indices=logits_indices, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-                   query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return cls(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_t,
+            block_tables=tables_flat.view(num_seqs, width),
+            logits_indices=logits_indices,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
 
     @classmethod
     def build(
@@ -89,7 +123,7 @@ class ForwardBatch:
         block_size: int,
         device: torch.device | str = "cpu",
         logits_for: list[bool] | None = None,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Assemble a batch on the host from per-sequence lists.
 
         ``new_token_ids[i]`` are the tokens sequence ``i`` adds; ``context_lens[i]`` how many of its tokens
@@ -124,17 +158,24 @@ class ForwardBatch:
         want = np.ones(num_seqs, dtype=bool) if logits_for is None else np.asarray(logits_for, dtype=bool)
         logits_rows = starts[1:][want] - 1
 
-        return cls._on_device(int64_parts=(ids, positions, slots, logits_rows),
-                              int32_parts=(starts, seq_lens, tables.reshape(-1)), num_seqs=num_seqs, width=width,
-                              query_lens=query_lens.tolist(), seq_lens=seq_lens.tolist(), device=device)
+        return cls._on_device(
+            int64_parts=(ids, positions, slots, logits_rows),
+            int32_parts=(starts, seq_lens, tables.reshape(-1)),
+            num_seqs=num_seqs,
+            width=width,
+            query_lens=query_lens.tolist(),
+            seq_lens=seq_lens.tolist(),
+            device=device,
+        )
 
 
 def _table_too_short(seq: int, needed: int, capacity: int) -> ValueError:
     return ValueError(f"sequence {seq} needs {needed} KV slots but its block table holds {capacity}")
 
 
-def _packed_to_device(parts: tuple[np.ndarray | list[int], ...], dtype: torch.dtype,
-                      device: torch.device | str) -> list[torch.Tensor]:
+def _packed_to_device(
+    parts: tuple[np.ndarray | list[int], ...], dtype: torch.dtype, device: torch.device | str
+) -> list[torch.Tensor]:
     """``parts`` as tensors of ``dtype`` on ``device``, views into one buffer filled by one copy.
 
     On the CPU the buffer is the host array itself. Elsewhere it is copied from pinned memory without
@@ -155,10 +196,10 @@ def _packed_to_device(parts: tuple[np.ndarray | list[int], ...], dtype: torch.dt
     else:
         packed = np.zeros(offsets[-1], dtype=np.int64 if dtype == torch.int64 else np.int32)
         for part, start in zip(parts, offsets):
-            packed[start: start + len(part)] = part
+            packed[start : start + len(part)] = part
         buffer = torch.from_numpy(packed)
     buffer = copy_to_device(buffer, device)
-    return [buffer[start: start + len(part)] for part, start in zip(parts, offsets)]
+    return [buffer[start : start + len(part)] for part, start in zip(parts, offsets)]
 
 
 def copy_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,7 +32,7 @@ class CheckpointError(ValueError):
 class _SafetensorsTensor:
     """A ``CheckpointTensor`` over one tensor of an open safetensors file; reads bytes only on demand."""
 
-    def __init__(self, handle, name: str) -> None:
+    def __init__(self, handle: Any, name: str) -> None:  # handle: an open safetensors file (untyped API)
         self._slice = handle.get_slice(name)
 
     @property
@@ -40,10 +41,12 @@ class _SafetensorsTensor:
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = tuple([slice(None)] * dim + [slice(start, start + length)])
-        return self._slice[index]
+        part: torch.Tensor = self._slice[index]
+        return part
 
     def load(self) -> torch.Tensor:
-        return self._slice[:]
+        whole: torch.Tensor = self._slice[:]
+        return whole
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -56,8 +59,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
             if not f.is_file():
                 held = sorted(t for t, name in weight_map.items() if name == f.name)
                 raise CheckpointError(
-                    f"checkpoint file {f.name} listed in {_INDEX} does not exist "
-                    f"(it should hold {_name_list(held)})"
+                    f"checkpoint file {f.name} listed in {_INDEX} does not exist (it should hold {_name_list(held)})"
                 )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
@@ -91,11 +93,11 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
     started = time.monotonic()
     for number, path in enumerate(files, 1):
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            handle: Any = safe_open(str(path), framework="pt", device="cpu")  # its methods are untyped
         except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt headers
             raise CheckpointError(f"checkpoint file {path.name} is unreadable (truncated or corrupt?): {exc}") from exc
         with handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open's handle is not iterable)
                 if tied and name == "lm_head.weight":
                     continue  # tied checkpoints may still carry a copy of the embedding
                 param_name, shard_id = _target(name, packed)
@@ -107,6 +109,11 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
                     source = _SafetensorsTensor(handle, name)
                     if shard_id is None:
                         (loader or default_weight_loader)(param, source)
+                    elif loader is None:
+                        raise CheckpointError(
+                            f"tensor '{name}' in {path.name}: parameter '{param_name}' is fused "
+                            f"but has no weight_loader to place shard {shard_id!r}"
+                        )
                     else:
                         loader(param, source, shard_id)
                 except CheckpointError:
@@ -120,8 +127,10 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
         weight_map = _index_weight_map(Path(model_dir)) or {}
         searched = ", ".join(p.name for p in files) if len(files) <= 3 else f"any of the {len(files)} files"
         hints = [f"the index puts '{name}' in {weight_map[name]}" for name in missing[:8] if name in weight_map]
-        raise CheckpointError(f"missing tensor(s) {_name_list(missing)}: not found in {searched} of {Path(model_dir)}"
-                              + (f" ({'; '.join(hints)})" if hints else ""))
+        raise CheckpointError(
+            f"missing tensor(s) {_name_list(missing)}: not found in {searched} of {Path(model_dir)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+        )
 
 
 def _target(name: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
@@ -146,10 +155,12 @@ def _name_list(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _expected_loads(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str | int]]) -> set[tuple[str, object]]:
+def _expected_loads(
+    params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str | int]]
+) -> set[tuple[str, object]]:
     shards_of: dict[str, list[str | int]] = {}
-    for fused, shard_id in packed.values():
-        shards_of.setdefault(fused, []).append(shard_id)
+    for fused, packed_shard in packed.values():
+        shards_of.setdefault(fused, []).append(packed_shard)
     expected: set[tuple[str, object]] = set()
     for name in params:
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""

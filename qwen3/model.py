@@ -3,6 +3,8 @@ SwiGLU MLP, tensor-parallel throughout. Parameter names match Hugging Face check
 
 from __future__ import annotations
 
+from typing import ClassVar, cast
+
 import torch
 from torch import nn
 
@@ -23,8 +25,9 @@ class Qwen3Attention(nn.Module):
     def __init__(self, config: Qwen3Config, backend: AttentionBackend, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         d = config.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=config.attention_bias)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, d, config.num_attention_heads, config.num_key_value_heads, bias=config.attention_bias
+        )
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size, bias=config.attention_bias)
         # Qwen3's per-head norms on q and k, applied before rotary.
@@ -38,18 +41,20 @@ class Qwen3Attention(nn.Module):
         # hidden: [T, hidden]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)     # [T, Hq, D]
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if use_triton_kernels(q) and self.fused_qk_norm_rope and self.rotary_emb.cos_sin.dtype == torch.float32:
             from qwen3.kernels.qk_norm_rope import qk_norm_rope  # triton is imported only on this path
 
-            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                self.rotary_emb.cos_sin, positions)
+            q, k = qk_norm_rope(
+                q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin, positions
+            )
         else:
             q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
         out = self.attn(q, k, v, batch)  # [T, Hq, D]
-        return self.o_proj(out.flatten(1))
+        projected: torch.Tensor = self.o_proj(out.flatten(1))  # [T, hidden]
+        return projected
 
 
 class Qwen3MLP(nn.Module):
@@ -60,7 +65,8 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return out
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -71,8 +77,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -87,23 +94,26 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # [max_position, head_dim] fp32: 21 MB for a 40k context, so built once, not once per layer.
-        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                     config.rope_scaling)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, backend, rotary_emb)
-                                    for _ in range(config.num_hidden_layers))
+        rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(config, backend, rotary_emb) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden, residual = self.embed_tokens(batch.input_ids), None  # [T, hidden]
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        out: torch.Tensor
+        out, _ = self.norm(hidden, residual)
+        return out
 
 
 class Qwen3ForCausalLM(nn.Module):
     # checkpoint name -> (fused parameter name, shard id): how the loader fills the fused projections
-    packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -114,9 +124,11 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, config: Qwen3Config, backend: AttentionBackend) -> None:
         super().__init__()
         tp = tp_world_size()
-        for field, value in (("num_attention_heads", config.num_attention_heads),
-                             ("num_key_value_heads", config.num_key_value_heads),
-                             ("intermediate_size", config.intermediate_size)):
+        for field, value in (
+            ("num_attention_heads", config.num_attention_heads),
+            ("num_key_value_heads", config.num_key_value_heads),
+            ("intermediate_size", config.intermediate_size),
+        ):
             if value % tp:
                 raise ValueError(f"config field '{field}' ({value}) is not divisible by tensor_parallel_size ({tp})")
         self.config = config
@@ -127,11 +139,13 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states of every new token: [T, hidden]."""
-        return self.model(batch)
+        hidden: torch.Tensor = self.model(batch)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [S, vocab] for only the rows to be sampled (``batch.logits_indices``)."""
-        return self.lm_head(hidden[batch.logits_indices])
+        logits: torch.Tensor = self.lm_head(hidden[batch.logits_indices])
+        return logits
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(Qwen3DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

@@ -118,24 +118,28 @@ def to_status(exc: BaseException, request_id: str = "") -> grpc.Status:
     st = status_pb2.Status(code=code.value[0], message=message)
     if isinstance(exc, InvalidArgument):
         detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]))
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+                ]
+            )
+        )
         st.details.append(detail)
     return rpc_status.to_status(st)
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "",
-                     method: str = "") -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, request_id: str = "", method: str = ""
+) -> None:
     """Log ``exc`` as befits its kind and end the RPC with its status. Always raises (AbortError)."""
     status = to_status(exc, request_id)
     if status.code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc, extra={"method": method, "request_id": request_id})
     elif status.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        log.warning("%s", status.details, extra={"method": method, "code": status.code.name,
-                                                 "request_id": request_id})
+        log.warning("%s", status.details, extra={"method": method, "code": status.code.name, "request_id": request_id})
     else:
-        log.info("%s", status.details, extra={"method": method, "code": status.code.name,
-                                              "request_id": request_id})
+        log.info("%s", status.details, extra={"method": method, "code": status.code.name, "request_id": request_id})
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
@@ -153,6 +157,7 @@ def handle_errors(handler: F) -> F:
         return current_request_id() or str(getattr(request, "request_id", "") or "")
 
     if inspect.isasyncgenfunction(handler):
+
         @functools.wraps(handler)
         async def stream_wrapper(*args: Any) -> AsyncIterator[Any]:
             request, context = args[-2], args[-1]
@@ -168,9 +173,11 @@ def handle_errors(handler: F) -> F:
                 # Cancellation lands at our `yield`, not inside the handler: close it now so that its
                 # cleanup (e.g. cancelling an upstream call) runs at once, not at garbage collection.
                 await responses.aclose()
+
         return stream_wrapper  # type: ignore[return-value]
 
     if inspect.iscoroutinefunction(handler):
+
         @functools.wraps(handler)
         async def unary_wrapper(*args: Any) -> Any:
             request, context = args[-2], args[-1]
@@ -180,6 +187,7 @@ def handle_errors(handler: F) -> F:
                 raise
             except Exception as exc:  # every other exception becomes a status (INTERNAL if unknown)
                 await abort_with(context, exc, request_id_of(request), handler.__qualname__)
+
         return unary_wrapper  # type: ignore[return-value]
 
     raise TypeError(f"handle_errors needs an async def handler, got {handler!r}")
@@ -216,7 +224,7 @@ def from_rpc_error(err: grpc.RpcError, upstream: str) -> ServiceError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = bad_request_field(err) or ""
         prefix = f"{field}: "
-        return InvalidArgument(field, details[len(prefix):] if details.startswith(prefix) else details)
+        return InvalidArgument(field, details[len(prefix) :] if details.startswith(prefix) else details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(f"{upstream} overloaded: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -231,7 +239,17 @@ def from_rpc_error(err: grpc.RpcError, upstream: str) -> ServiceError:
 
 
 __all__ = [
-    "AlreadyExists", "DeadlineExceeded", "FieldError", "InvalidArgument", "NotFound", "Overloaded",
-    "ServiceError", "Unavailable",
-    "abort_with", "bad_request_field", "from_rpc_error", "handle_errors", "to_status",
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "FieldError",
+    "InvalidArgument",
+    "NotFound",
+    "Overloaded",
+    "ServiceError",
+    "Unavailable",
+    "abort_with",
+    "bad_request_field",
+    "from_rpc_error",
+    "handle_errors",
+    "to_status",
 ]

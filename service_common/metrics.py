@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -18,15 +18,20 @@ import grpc.aio
 import prometheus_client
 
 RPC_REQUESTS = prometheus_client.Counter(
-    "qwen3serve_rpc_requests", "RPCs handled, by final status code", ["service", "method", "code"])
+    "qwen3serve_rpc_requests", "RPCs handled, by final status code", ["service", "method", "code"]
+)
 RPC_DURATION = prometheus_client.Histogram(
-    "qwen3serve_rpc_duration_seconds", "Wall time of an RPC, to the end of its stream",
+    "qwen3serve_rpc_duration_seconds",
+    "Wall time of an RPC, to the end of its stream",
     ["service", "method"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 RPC_FIRST_RESPONSE = prometheus_client.Histogram(
-    "qwen3serve_rpc_first_response_seconds", "Time from a streaming RPC's start to its first message",
+    "qwen3serve_rpc_first_response_seconds",
+    "Time from a streaming RPC's start to its first message",
     ["service", "method"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int | None:
@@ -51,10 +56,10 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # client cancel or deadline
         return grpc.StatusCode.CANCELLED.name
-    code = context.code()
+    code: object = context.code()  # typed StatusCode, but see the int case below
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):  # some grpcio versions keep the numeric code after abort
@@ -70,9 +75,10 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._services = frozenset(services)
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         service, method = _split_method(handler_call_details.method)
         if handler is None or service not in self._services:
@@ -81,18 +87,21 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, service, method),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, service, method),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     @staticmethod
-    def _wrap_unary(behavior: Callable[..., Awaitable[Any]], service: str, method: str
-                    ) -> Callable[..., Awaitable[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _wrap_unary(
+        behavior: Callable[..., Awaitable[Any]], service: str, method: str
+    ) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
             exc: BaseException | None = None
             try:
@@ -103,12 +112,14 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 RPC_DURATION.labels(service, method).observe(time.perf_counter() - start)
                 RPC_REQUESTS.labels(service, method, _final_code(context, exc)).inc()
+
         return wrapped
 
     @staticmethod
-    def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], service: str, method: str
-                     ) -> Callable[..., AsyncIterator[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _wrap_stream(
+        behavior: Callable[..., AsyncGenerator[Any, None]], service: str, method: str
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             start = time.perf_counter()
             first = True
             exc: BaseException | None = None
@@ -126,4 +137,5 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 await responses.aclose()
                 RPC_DURATION.labels(service, method).observe(time.perf_counter() - start)
                 RPC_REQUESTS.labels(service, method, _final_code(context, exc)).inc()
+
         return wrapped

@@ -17,8 +17,16 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from service_common.security import (API_KEY_ENV, ChannelSecurity, ChannelTls, ServerSecurity, ServerTls,
-                                     check_api_key, read_api_key, read_pem)
+from service_common.security import (
+    API_KEY_ENV,
+    ChannelSecurity,
+    ChannelTls,
+    ServerSecurity,
+    ServerTls,
+    check_api_key,
+    read_api_key,
+    read_pem,
+)
 
 ENGINE_API_KEY_ENV = "QWEN3SERVE_ENGINE_API_KEY"
 _CERT, _KEY = "CERTIFICATE", "PRIVATE KEY"
@@ -29,47 +37,84 @@ T = TypeVar("T")
 def add_security_options(parser: argparse.ArgumentParser) -> None:
     """The server's TLS and API-key options, as one argument group."""
     g = parser.add_argument_group(
-        "security", "TLS, mutual TLS and an API key. With a key, every RPC but grpc.health.v1.Health (probes) "
-                    "needs the metadata 'authorization: Bearer KEY'; reflection needs it too.")
-    g.add_argument("--tls-cert", metavar="PEM", default=None,
-                   help="certificate chain of this server; with --tls-key, serve TLS only "
-                        "(default: %(default)s: plaintext)")
-    g.add_argument("--tls-key", metavar="PEM", default=None,
-                   help="private key of --tls-cert (default: %(default)s)")
-    g.add_argument("--tls-client-ca", metavar="PEM", default=None,
-                   help="mutual TLS: accept only clients presenting a certificate signed by this CA; needs "
-                        "--tls-cert (default: %(default)s: no client certificate asked)")
-    g.add_argument("--api-key", metavar="KEY", default=None,
-                   help="require this key (>= 16 printable characters); visible in `ps`, so prefer "
-                        f"--api-key-file or ${API_KEY_ENV} (default: %(default)s: ${API_KEY_ENV} if set, "
-                        "else no key)")
-    g.add_argument("--api-key-file", metavar="PATH", default=None,
-                   help="file holding the key (surrounding whitespace ignored) (default: %(default)s)")
+        "security",
+        "TLS, mutual TLS and an API key. With a key, every RPC but grpc.health.v1.Health (probes) "
+        "needs the metadata 'authorization: Bearer KEY'; reflection needs it too.",
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        default=None,
+        help="certificate chain of this server; with --tls-key, serve TLS only (default: %(default)s: plaintext)",
+    )
+    g.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert (default: %(default)s)")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        default=None,
+        help="mutual TLS: accept only clients presenting a certificate signed by this CA; needs "
+        "--tls-cert (default: %(default)s: no client certificate asked)",
+    )
+    g.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="require this key (>= 16 printable characters); visible in `ps`, so prefer "
+        f"--api-key-file or ${API_KEY_ENV} (default: %(default)s: ${API_KEY_ENV} if set, "
+        "else no key)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        default=None,
+        help="file holding the key (surrounding whitespace ignored) (default: %(default)s)",
+    )
 
 
 def add_engine_channel_options(parser: argparse.ArgumentParser) -> None:
     """How the tokenizer service reaches a secured engine, as one argument group."""
-    g = parser.add_argument_group("engine connection security",
-                                  "TLS and the API key of the channel to --engine (its health probe included).")
-    g.add_argument("--engine-tls", action="store_true", default=False,
-                   help="connect to the engine over TLS, trusting the system's CAs unless --engine-tls-ca; "
-                        "implied by --engine-tls-ca and --engine-tls-cert (default: %(default)s)")
-    g.add_argument("--engine-tls-ca", metavar="PEM", default=None,
-                   help="CA certificate(s) to trust for the engine's certificate (default: %(default)s: "
-                        "the system's)")
-    g.add_argument("--engine-tls-cert", metavar="PEM", default=None,
-                   help="client certificate chain for an engine that requires mutual TLS (default: %(default)s)")
-    g.add_argument("--engine-tls-key", metavar="PEM", default=None,
-                   help="private key of --engine-tls-cert (default: %(default)s)")
-    g.add_argument("--engine-api-key", metavar="KEY", default=None,
-                   help=f"the engine's API key (default: %(default)s: ${ENGINE_API_KEY_ENV}, else ${API_KEY_ENV}, "
-                        "else none)")
-    g.add_argument("--engine-api-key-file", metavar="PATH", default=None,
-                   help="file holding the engine's API key (default: %(default)s)")
+    g = parser.add_argument_group(
+        "engine connection security", "TLS and the API key of the channel to --engine (its health probe included)."
+    )
+    g.add_argument(
+        "--engine-tls",
+        action="store_true",
+        default=False,
+        help="connect to the engine over TLS, trusting the system's CAs unless --engine-tls-ca; "
+        "implied by --engine-tls-ca and --engine-tls-cert (default: %(default)s)",
+    )
+    g.add_argument(
+        "--engine-tls-ca",
+        metavar="PEM",
+        default=None,
+        help="CA certificate(s) to trust for the engine's certificate (default: %(default)s: the system's)",
+    )
+    g.add_argument(
+        "--engine-tls-cert",
+        metavar="PEM",
+        default=None,
+        help="client certificate chain for an engine that requires mutual TLS (default: %(default)s)",
+    )
+    g.add_argument(
+        "--engine-tls-key", metavar="PEM", default=None, help="private key of --engine-tls-cert (default: %(default)s)"
+    )
+    g.add_argument(
+        "--engine-api-key",
+        metavar="KEY",
+        default=None,
+        help=f"the engine's API key (default: %(default)s: ${ENGINE_API_KEY_ENV}, else ${API_KEY_ENV}, else none)",
+    )
+    g.add_argument(
+        "--engine-api-key-file",
+        metavar="PATH",
+        default=None,
+        help="file holding the engine's API key (default: %(default)s)",
+    )
 
 
-def _api_key(value: str | None, path: str | None, option: str, env: Mapping[str, str],
-             env_names: tuple[str, ...]) -> str | None:
+def _api_key(
+    value: str | None, path: str | None, option: str, env: Mapping[str, str], env_names: tuple[str, ...]
+) -> str | None:
     """The key from ``--option``, ``--option-file`` or the first set environment variable (in that order)."""
     if value is not None and path is not None:
         raise ValueError(f"--{option} and --{option}-file: give one of them")
@@ -94,8 +139,11 @@ def server_security(args: argparse.Namespace, env: Mapping[str, str] = os.enviro
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     tls = None
     if args.tls_cert is not None:
-        tls = ServerTls(read_pem(args.tls_cert, "--tls-cert", _CERT), read_pem(args.tls_key, "--tls-key", _KEY),
-                        None if args.tls_client_ca is None else read_pem(args.tls_client_ca, "--tls-client-ca", _CERT))
+        tls = ServerTls(
+            read_pem(args.tls_cert, "--tls-cert", _CERT),
+            read_pem(args.tls_key, "--tls-key", _KEY),
+            None if args.tls_client_ca is None else read_pem(args.tls_client_ca, "--tls-client-ca", _CERT),
+        )
     return ServerSecurity(tls, _api_key(args.api_key, args.api_key_file, "api-key", env, (API_KEY_ENV,)))
 
 
@@ -108,14 +156,17 @@ def engine_channel_security(args: argparse.Namespace, env: Mapping[str, str] = o
         tls = ChannelTls(
             None if args.engine_tls_ca is None else read_pem(args.engine_tls_ca, "--engine-tls-ca", _CERT),
             None if args.engine_tls_cert is None else read_pem(args.engine_tls_cert, "--engine-tls-cert", _CERT),
-            None if args.engine_tls_key is None else read_pem(args.engine_tls_key, "--engine-tls-key", _KEY))
-    key = _api_key(args.engine_api_key, args.engine_api_key_file, "engine-api-key", env,
-                   (ENGINE_API_KEY_ENV, API_KEY_ENV))
+            None if args.engine_tls_key is None else read_pem(args.engine_tls_key, "--engine-tls-key", _KEY),
+        )
+    key = _api_key(
+        args.engine_api_key, args.engine_api_key_file, "engine-api-key", env, (ENGINE_API_KEY_ENV, API_KEY_ENV)
+    )
     return ChannelSecurity(tls, key)
 
 
-def parse_or_exit(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], T],
-                  args: argparse.Namespace) -> T:
+def parse_or_exit(
+    parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], T], args: argparse.Namespace
+) -> T:
     """``build(args)``; a ValueError becomes argparse's usage + one error line, exit status 2."""
     try:
         return build(args)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME   # grpc.reflection.v1alpha.ServerReflection
 _V1_PACKAGE = "grpc.reflection.v1"
@@ -59,7 +59,7 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str], poo
     listed too). ``pool``: the descriptor pool to answer from (it must resolve the default pool's files)."""
     _register_v1_file(descriptor_pool.Default())
     names = [*service_names, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME]
-    reflection.enable_server_reflection(names, server, pool=pool)
+    reflection.enable_server_reflection(names, server, pool=pool)  # type: ignore[arg-type]  # duck-typed pools too
     servicer = reflection_aio.ReflectionServicer(names, pool=pool)
     handler = grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(

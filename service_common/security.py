@@ -55,8 +55,9 @@ def read_api_key(path: str | Path, what: str) -> str:
 def check_api_key(key: str, what: str) -> None:
     """A key must be sendable as a header value and not trivially guessable."""
     if len(key) < _MIN_KEY_CHARS:
-        raise ValueError(f"{what}: must be at least {_MIN_KEY_CHARS} characters, got {len(key)} "
-                         f"(e.g. `openssl rand -hex 32`)")
+        raise ValueError(
+            f"{what}: must be at least {_MIN_KEY_CHARS} characters, got {len(key)} (e.g. `openssl rand -hex 32`)"
+        )
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise ValueError(f"{what}: must be printable ASCII without spaces")
 
@@ -70,9 +71,11 @@ class ServerTls:
     client_ca: bytes | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)],
-                                           root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -124,15 +127,16 @@ class ChannelSecurity:
 
 
 # ---- server side ---------------------------------------------------------------------------------
-def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler[Any, Any] | None, message: str) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED without parsing the request
     (no deserializer: an unauthenticated body is never parsed)."""
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # never reached (abort raises); makes this an async generator, as streaming handlers are
+        yield  # type: ignore[unreachable]  # abort raises; the yield makes this an async generator, as streams are
 
     if handler is None or handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(deny)
@@ -150,9 +154,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._expected = api_key.encode()
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
@@ -182,14 +187,21 @@ def warn_if_exposed(host: str, security: ServerSecurity | None) -> bool:
     """Log one warning when ``host`` is reachable from other machines with neither TLS nor a key."""
     if is_loopback(host) or (security is not None and (security.tls is not None or security.api_key is not None)):
         return False
-    log.warning("listening on a non-loopback address with neither TLS nor an API key: anyone who reaches "
-                "it can use it (see --tls-cert/--tls-key, --api-key-file)", extra={"host": host})
+    log.warning(
+        "listening on a non-loopback address with neither TLS nor an API key: anyone who reaches "
+        "it can use it (see --tls-cert/--tls-key, --api-key-file)",
+        extra={"host": host},
+    )
     return True
 
 
 # ---- channel side --------------------------------------------------------------------------------
-def _with_metadata(details: Any, extra: Sequence[tuple[str, str]], factory: Callable[..., Any],
-                   metadata_type: Callable[[tuple[tuple[str, Any], ...]], Any] = tuple) -> Any:
+def _with_metadata(
+    details: Any,
+    extra: Sequence[tuple[str, str]],
+    factory: Callable[..., Any],
+    metadata_type: Callable[[tuple[tuple[str, Any], ...]], Any] = tuple,
+) -> Any:
     metadata = metadata_type((*tuple(details.metadata or ()), *extra))
     return factory(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
@@ -234,8 +246,12 @@ class _SyncCallDetails(grpc.ClientCallDetails):
     wait_for_ready: bool | None
 
 
-class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _SyncMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds fixed metadata (the API key) to every call of a blocking channel."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
@@ -244,27 +260,35 @@ class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
     def _call(self, continuation: Any, details: Any, request_or_iterator: Any) -> Any:
         return continuation(_with_metadata(details, self._metadata, _SyncCallDetails), request_or_iterator)
 
-    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call
+    # One function for the four kinds of call; grpc's stubs type each kind's method apart.
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call  # type: ignore[assignment]
 
 
-def aio_channel(target: str, options: Sequence[tuple[str, Any]] = (),
-                security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+def aio_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), security: ChannelSecurity | None = None
+) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target``: TLS per ``security.tls`` (else plaintext), the API key on every call."""
     security = security or ChannelSecurity()
-    interceptors = ([kind(security.metadata) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary,
-                                                          _AioStreamStream)] if security.metadata else None)
+    interceptors = (
+        [kind(security.metadata) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
+        if security.metadata
+        else None
+    )
     if security.tls is None:
         return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(target, security.tls.credentials(), options=list(options),
-                                   interceptors=interceptors)
+    return grpc.aio.secure_channel(target, security.tls.credentials(), options=list(options), interceptors=interceptors)
 
 
-def sync_channel(target: str, options: Sequence[tuple[str, Any]] = (),
-                 security: ChannelSecurity | None = None) -> grpc.Channel:
+def sync_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), security: ChannelSecurity | None = None
+) -> grpc.Channel:
     """A blocking channel to ``target``: TLS per ``security.tls`` (else plaintext), the API key on every call."""
     security = security or ChannelSecurity()
-    channel = (grpc.insecure_channel(target, options=list(options)) if security.tls is None
-               else grpc.secure_channel(target, security.tls.credentials(), options=list(options)))
+    channel = (
+        grpc.insecure_channel(target, options=list(options))
+        if security.tls is None
+        else grpc.secure_channel(target, security.tls.credentials(), options=list(options))
+    )
     if security.metadata:
         channel = grpc.intercept_channel(channel, _SyncMetadata(security.metadata))
     return channel

@@ -24,15 +24,17 @@ The backends are used immutably (no padding/truncation state), so they are safe 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from service_common.errors import InvalidArgument
+
+if TYPE_CHECKING:  # transformers imports torch (~2 s): loaded with a tokenizer, not for `--help`
+    from transformers import PreTrainedTokenizerBase
 
 Json = dict[str, Any]
 
@@ -74,8 +76,9 @@ class ChatTokenizer:
     def __init__(self, hf_tokenizer: PreTrainedTokenizerBase) -> None:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if not isinstance(backend, tokenizers.Tokenizer):
-            raise ValueError(f"{type(hf_tokenizer).__name__} has no fast (tokenizers) backend; "
-                             "the checkpoint needs a tokenizer.json")
+            raise ValueError(
+                f"{type(hf_tokenizer).__name__} has no fast (tokenizers) backend; the checkpoint needs a tokenizer.json"
+            )
         if not hf_tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template (tokenizer_config.json: chat_template)")
         self.hf = hf_tokenizer
@@ -89,8 +92,9 @@ class ChatTokenizer:
         self._escape = _SpecialTextEscape(list(self.special_ids))
         longest_first = sorted(self.special_ids, key=len, reverse=True)
         # No special tokens: a pattern that never matches (an empty alternation would match everywhere).
-        self._split_specials = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")" if longest_first
-                                          else r"(\Z.)")
+        self._split_specials = re.compile(
+            "(" + "|".join(map(re.escape, longest_first)) + ")" if longest_first else r"(\Z.)"
+        )
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ChatTokenizer:
@@ -98,45 +102,66 @@ class ChatTokenizer:
         path = Path(model_dir)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path} (is --model a Hugging Face checkpoint dir?)")
+        from transformers import AutoTokenizer
+
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a raw text; special-token strings in it become their special ids."""
         return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
-               field: str = "token_ids") -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False, field: str = "token_ids") -> str:
         """One-shot decode; ids outside the tokenizer's vocabulary are an InvalidArgument."""
         bad = next((i for i, t in enumerate(token_ids) if t >= self.vocab_size), None)
         if bad is not None:
-            raise InvalidArgument(f"{field}[{bad}]", f"token id {token_ids[bad]} is not below the "
-                                                     f"tokenizer's vocabulary size {self.vocab_size}")
+            raise InvalidArgument(
+                f"{field}[{bad}]",
+                f"token id {token_ids[bad]} is not below the tokenizer's vocabulary size {self.vocab_size}",
+            )
         return self.backend.decode_batch([list(token_ids)], skip_special_tokens=skip_special_tokens)[0]
 
-    def render(self, messages: list[Json], tools: list[Json] | None = None, *,
-               add_generation_prompt: bool, enable_thinking: bool | None = None) -> str:
+    def render(
+        self,
+        messages: list[Json],
+        tools: list[Json] | None = None,
+        *,
+        add_generation_prompt: bool,
+        enable_thinking: bool | None = None,
+    ) -> str:
         """The prompt text of a conversation, as the template writes it. Template errors
         (``raise_exception`` in the template, e.g. a role order it does not accept) are InvalidArgument
         on ``messages``."""
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:  # Qwen3's template tests `enable_thinking is defined`
             kwargs["enable_thinking"] = enable_thinking
+        # transformers types tools as a list of dicts or functions; lists are invariant, hence the copy's type.
+        tool_list: list[dict[str, Any] | Callable[..., Any]] | None = list(tools) if tools else None
         try:
-            prompt = self.hf.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt, **kwargs)
+            prompt = self.hf.apply_chat_template(
+                messages, tools=tool_list, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
         except jinja2.TemplateError as exc:
             raise InvalidArgument("messages", f"rejected by the chat template: {exc}") from exc
         if not isinstance(prompt, str):  # tokenize=False on one conversation gives text
             raise TypeError(f"apply_chat_template returned {type(prompt).__name__}, expected str")
         return prompt
 
-    def apply_chat_template(self, messages: list[Json], tools: list[Json] | None = None, *,
-                            add_generation_prompt: bool, enable_thinking: bool | None = None
-                            ) -> tuple[str, list[int]]:
+    def apply_chat_template(
+        self,
+        messages: list[Json],
+        tools: list[Json] | None = None,
+        *,
+        add_generation_prompt: bool,
+        enable_thinking: bool | None = None,
+    ) -> tuple[str, list[int]]:
         """Render and tokenize: (prompt text, prompt ids). The template's special-token strings become
         special ids; the same strings inside the caller's content stay text (module docstring)."""
-        escaped = self.render(self._escape.escape(messages), self._escape.escape(tools or []),
-                              add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        escaped = self.render(
+            self._escape.escape(messages),
+            self._escape.escape(tools or []),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
         # re.split with a capturing group: [text, special, text, special, ..., text]
         parts = self._split_specials.split(escaped)
         texts = [self._escape.unescape(t) for t in parts[0::2]]

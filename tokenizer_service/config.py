@@ -23,12 +23,15 @@ class RequestLimits:
     """
 
     max_text_bytes: int = _limit(
-        1 << 20, "text to tokenize: Tokenize.text, Complete.prompt, each chat message's content and the "
-                 "chat's total (content, reasoning, tool-call arguments, tool definitions)")
+        1 << 20,
+        "text to tokenize: Tokenize.text, Complete.prompt, each chat message's content and the "
+        "chat's total (content, reasoning, tool-call arguments, tool definitions)",
+    )
     max_chat_messages: int = _limit(1024, "messages in one chat")
     max_tools: int = _limit(128, "tools offered in one chat, and tool calls in one message")
     max_tool_json_bytes: int = _limit(
-        64 << 10, "one tool's parameters_json or description, one tool call's arguments_json")
+        64 << 10, "one tool's parameters_json or description, one tool call's arguments_json"
+    )
     max_json_depth: int = _limit(64, "nesting depth of tool JSON (objects and arrays)")
     max_stop_strings: int = _limit(16, "stop strings per request")
     max_stop_bytes: int = _limit(256, "one stop string")
@@ -40,22 +43,24 @@ class RequestLimits:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if self.max_tool_json_bytes > self.max_text_bytes:
-            raise ValueError(f"max_tool_json_bytes ({self.max_tool_json_bytes}) must not exceed "
-                             f"max_text_bytes ({self.max_text_bytes})")
+            raise ValueError(
+                f"max_tool_json_bytes ({self.max_tool_json_bytes}) must not exceed "
+                f"max_text_bytes ({self.max_text_bytes})"
+            )
 
 
 @dataclass(frozen=True)
 class TokenizerServiceConfig:
-    model: Path                          # checkpoint directory (tokenizer.json + tokenizer_config.json)
-    engine: str                          # the engine service's address, host:port
+    model: Path  # checkpoint directory (tokenizer.json + tokenizer_config.json)
+    engine: str  # the engine service's address, host:port
     host: str = "127.0.0.1"
-    port: int = 50052                    # 0: pick a free port
-    metrics_port: int = 0                # Prometheus /metrics port; 0: off
+    port: int = 50052  # 0: pick a free port
+    metrics_port: int = 0  # Prometheus /metrics port; 0: off
     engine_probe_interval_s: float = 2.0  # how often the engine's health is checked
     engine_probe_timeout_s: float = 1.0
-    grace_s: float = 10.0                # on SIGTERM, running streams get this long to finish
+    grace_s: float = 10.0  # on SIGTERM, running streams get this long to finish
     log_level: str = "INFO"
-    log_format: str = "kv"               # "kv" (key=value) or "json"
+    log_format: str = "kv"  # "kv" (key=value) or "json"
     server: ServerConfig = field(default_factory=ServerConfig)  # limits, keepalive, TLS, API key
     limits: RequestLimits = field(default_factory=RequestLimits)
     engine_security: ChannelSecurity = field(default_factory=ChannelSecurity)  # TLS / key to reach the engine

@@ -40,13 +40,17 @@ def parse_json_object(text: str, field: str, limits: RequestLimits) -> dict[str,
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidArgument(field, f"a \\u{ord(exc.object[exc.start]):04x} escape that is not part of a "
-                                         "surrogate pair is not a Unicode character") from exc
+            raise InvalidArgument(
+                field,
+                f"a \\u{ord(exc.object[exc.start]):04x} escape that is not part of a "
+                "surrogate pair is not a Unicode character",
+            ) from exc
     return value
 
 
-def messages_to_dicts(messages: Sequence[tokenizer_pb2.ChatMessage], limits: RequestLimits,
-                      field: str = "messages") -> list[dict[str, Any]]:
+def messages_to_dicts(
+    messages: Sequence[tokenizer_pb2.ChatMessage], limits: RequestLimits, field: str = "messages"
+) -> list[dict[str, Any]]:
     """Proto messages -> chat-template dicts (OpenAI layout); InvalidArgument names the bad field."""
     if not messages:
         raise InvalidArgument(field, "at least one message is required")
@@ -67,10 +71,16 @@ def messages_to_dicts(messages: Sequence[tokenizer_pb2.ChatMessage], limits: Req
             for j, call in enumerate(msg.tool_calls):
                 if not call.name:
                     raise InvalidArgument(f"{where}.tool_calls[{j}].name", "must not be empty")
-                arguments = parse_json_object(call.arguments_json or "{}",
-                                              f"{where}.tool_calls[{j}].arguments_json", limits)
-                calls.append({**({"id": call.id} if call.id else {}), "type": "function",
-                              "function": {"name": call.name, "arguments": arguments}})
+                arguments = parse_json_object(
+                    call.arguments_json or "{}", f"{where}.tool_calls[{j}].arguments_json", limits
+                )
+                calls.append(
+                    {
+                        **({"id": call.id} if call.id else {}),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": arguments},
+                    }
+                )
             entry["tool_calls"] = calls
         if msg.tool_call_id:
             if msg.role != "tool":
@@ -80,8 +90,9 @@ def messages_to_dicts(messages: Sequence[tokenizer_pb2.ChatMessage], limits: Req
     return out
 
 
-def tools_to_dicts(tools: Sequence[tokenizer_pb2.Tool], limits: RequestLimits,
-                   field: str = "tools") -> list[dict[str, Any]]:
+def tools_to_dicts(
+    tools: Sequence[tokenizer_pb2.Tool], limits: RequestLimits, field: str = "tools"
+) -> list[dict[str, Any]]:
     """Proto tools -> OpenAI function-tool dicts; InvalidArgument names the bad field."""
     out = []
     for i, tool in enumerate(tools):
@@ -91,7 +102,6 @@ def tools_to_dicts(tools: Sequence[tokenizer_pb2.Tool], limits: RequestLimits,
         if tool.description:
             function["description"] = tool.description
         if tool.parameters_json:
-            function["parameters"] = parse_json_object(tool.parameters_json, f"{field}[{i}].parameters_json",
-                                                       limits)
+            function["parameters"] = parse_json_object(tool.parameters_json, f"{field}[{i}].parameters_json", limits)
         out.append({"type": "function", "function": function})
     return out

@@ -52,6 +52,8 @@ class IncrementalDetokenizer:
         if len(full) < self._emitted_chars:
             # Cannot happen for byte-level BPE; a tokenizer whose decoder rewrites earlier text (e.g.
             # whitespace clean-up) would break the contract, so fail loudly rather than garble text.
-            raise RuntimeError(f"incremental decode emitted {self._emitted_chars} chars, one-shot decode "
-                               f"of the same {len(self._token_ids)} tokens has {len(full)}")
-        return full[self._emitted_chars:]
+            raise RuntimeError(
+                f"incremental decode emitted {self._emitted_chars} chars, one-shot decode "
+                f"of the same {len(self._token_ids)} tokens has {len(full)}"
+            )
+        return full[self._emitted_chars :]

@@ -39,8 +39,9 @@ def check_bytes(field: str, text: str, limits: RequestLimits, limit: str) -> int
     """``text``'s UTF-8 size, or InvalidArgument if it is over the ``limit`` (a RequestLimits field name)."""
     allowed = getattr(limits, limit)
     if len(text) > allowed:  # never fewer bytes than code points: no need to encode a huge text
-        raise InvalidArgument(field, f"{len(text)} characters, more than the limit of {allowed} bytes "
-                                     f"({option_name(limit)})")
+        raise InvalidArgument(
+            field, f"{len(text)} characters, more than the limit of {allowed} bytes ({option_name(limit)})"
+        )
     size = utf8_len(text)
     if size > allowed:
         raise InvalidArgument(field, f"{size} bytes; the limit is {allowed} ({option_name(limit)})")
@@ -55,8 +56,9 @@ def check_count(field: str, count: int, limits: RequestLimits, limit: str, what:
 
 def _check_total(field: str, total: int, limits: RequestLimits) -> None:
     if total > limits.max_text_bytes:
-        raise InvalidArgument(field, f"{total} bytes in all; the limit is {limits.max_text_bytes} "
-                                     f"({option_name('max_text_bytes')})")
+        raise InvalidArgument(
+            field, f"{total} bytes in all; the limit is {limits.max_text_bytes} ({option_name('max_text_bytes')})"
+        )
 
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:
@@ -77,8 +79,9 @@ def check_text(field: str, text: str, limits: RequestLimits) -> None:
     check_bytes(field, text, limits, "max_text_bytes")
 
 
-def check_conversation(messages: Sequence[tokenizer_pb2.ChatMessage], tools: Sequence[tokenizer_pb2.Tool],
-                       limits: RequestLimits) -> None:
+def check_conversation(
+    messages: Sequence[tokenizer_pb2.ChatMessage], tools: Sequence[tokenizer_pb2.Tool], limits: RequestLimits
+) -> None:
     """Counts and sizes of a chat (Chat, ApplyChatTemplate): messages and tools each at most
     ``max_text_bytes`` in all; tool JSON at most ``max_tool_json_bytes`` per text."""
     check_count("messages", len(messages), limits, "max_chat_messages", "messages")
@@ -92,8 +95,9 @@ def check_conversation(messages: Sequence[tokenizer_pb2.ChatMessage], tools: Seq
         check_count(f"{where}.tool_calls", len(msg.tool_calls), limits, "max_tools", "tool calls")
         for j, call in enumerate(msg.tool_calls):
             for name in ("id", "name", "arguments_json"):
-                total += check_bytes(f"{where}.tool_calls[{j}].{name}", getattr(call, name), limits,
-                                     "max_tool_json_bytes")
+                total += check_bytes(
+                    f"{where}.tool_calls[{j}].{name}", getattr(call, name), limits, "max_tool_json_bytes"
+                )
         _check_total("messages", total, limits)  # inside the loop: stop at the first message past it
     total = 0
     for i, tool in enumerate(tools):
@@ -118,5 +122,7 @@ def json_depth(text: str) -> int:
 def check_json_depth(field: str, text: str, limits: RequestLimits) -> None:
     depth = json_depth(text)
     if depth > limits.max_json_depth:
-        raise InvalidArgument(field, f"JSON nested {depth} levels deep; the limit is {limits.max_json_depth} "
-                                     f"({option_name('max_json_depth')})")
+        raise InvalidArgument(
+            field,
+            f"JSON nested {depth} levels deep; the limit is {limits.max_json_depth} ({option_name('max_json_depth')})",
+        )

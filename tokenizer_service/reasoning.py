@@ -28,9 +28,9 @@ def prompt_opens_thinking(prompt: str) -> bool:
 
 
 class _State(enum.Enum):
-    START = "start"                  # before any output: a <think> may still come (after whitespace)
+    START = "start"  # before any output: a <think> may still come (after whitespace)
     REASONING = "reasoning"
-    ANSWER_START = "answer_start"    # right after </think>: newlines are dropped
+    ANSWER_START = "answer_start"  # right after </think>: newlines are dropped
     ANSWER = "answer"
 
 
@@ -50,7 +50,7 @@ class ReasoningSplitter:
             if self._state is _State.START:
                 body = buf.lstrip()
                 if body.startswith(THINK_START):
-                    self._state, buf = _State.REASONING, body[len(THINK_START):]
+                    self._state, buf = _State.REASONING, body[len(THINK_START) :]
                 elif THINK_START.startswith(body):  # only whitespace, or a partial "<think>" so far
                     self._held, buf = buf, ""
                 else:
@@ -64,7 +64,7 @@ class ReasoningSplitter:
                 end = buf.find(THINK_END)
                 if end >= 0:
                     reasoning.append(buf[:end].rstrip("\n"))
-                    self._state, buf = _State.ANSWER_START, buf[end + len(THINK_END):]
+                    self._state, buf = _State.ANSWER_START, buf[end + len(THINK_END) :]
                     continue
                 # Hold a partial "</think>" and the newlines before it: they are dropped if the tag completes.
                 keep = len(buf) - partial_tag_suffix(buf, THINK_END)

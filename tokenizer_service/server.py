@@ -6,8 +6,8 @@ releases the GIL there, so the event loop keeps serving) -> the prompt's length 
 ``max_model_len`` ->
 ``EngineService.Generate`` with the caller's remaining deadline -> for every engine message:
 incremental detokenization -> stop-string hold-back -> (Chat) reasoning split -> (Chat with tools)
-tool-call parsing -> a response message when there is new text. A matched stop string, a client cancel or a deadline cancels the
-engine call, which makes the engine abort the request and free its KV cache.
+tool-call parsing -> a response message when there is new text. A matched stop string, a client cancel or a deadline
+cancels the engine call, which makes the engine abort the request and free its KV cache.
 
 The service reports NOT_SERVING while the engine's health service does not answer SERVING
 (:class:`EngineHealthProbe`), so load balancers send no traffic to a tokenizer with a dead engine.
@@ -37,8 +37,8 @@ from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
 from tokenizer_service.detokenizer import IncrementalDetokenizer
-from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
+from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
 from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
 from tokenizer_service.tool_calls import ParsedToolCall, ToolCallParser
 

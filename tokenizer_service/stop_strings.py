@@ -23,8 +23,8 @@ def partial_tag_suffix(text: str, tag: str) -> int:
 
 @dataclass(frozen=True)
 class StopMatch:
-    text: str       # the emittable text before the stop string
-    stop: str       # which stop string matched
+    text: str  # the emittable text before the stop string
+    stop: str  # which stop string matched
 
 
 class StopStringMatcher:
@@ -55,10 +55,10 @@ class StopStringMatcher:
         if best is not None:
             self.matched = best[2]
             self._held = ""
-            return StopMatch(buf[:best[1]], best[2])
+            return StopMatch(buf[: best[1]], best[2])
         hold = max(partial_tag_suffix(buf, stop) for stop in self._stops)
-        self._held = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold]
+        self._held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
 
     def finish(self) -> str:
         """End of stream: the held-back text was not a stop string after all."""

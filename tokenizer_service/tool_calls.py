@@ -51,7 +51,7 @@ class ToolCallParser:
     """Feed answer-text deltas; get (answer text delta, tool calls completed by this delta)."""
 
     def __init__(self) -> None:
-        self._held = ""       # a possible partial start tag, or the body of an open block (with its tag)
+        self._held = ""  # a possible partial start tag, or the body of an open block (with its tag)
         self._in_block = False
         self._after_call = False  # newlines right after a parsed call separate calls: dropped
 
@@ -70,8 +70,8 @@ class ToolCallParser:
                 if end < 0:
                     self._held, buf = buf, ""
                     break
-                block, buf = buf[: end + len(TOOL_CALL_END)], buf[end + len(TOOL_CALL_END):]
-                call = parse_tool_call(block[len(TOOL_CALL_START): -len(TOOL_CALL_END)].strip())
+                block, buf = buf[: end + len(TOOL_CALL_END)], buf[end + len(TOOL_CALL_END) :]
+                call = parse_tool_call(block[len(TOOL_CALL_START) : -len(TOOL_CALL_END)].strip())
                 if call is None:
                     out.append(block)  # not a call: the model's own text
                 else:

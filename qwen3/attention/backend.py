@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,14 +31,14 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(
         self,
-        q: torch.Tensor,        # [T, Hq, D]
-        k: torch.Tensor,        # [T, Hkv, D]
-        v: torch.Tensor,        # [T, Hkv, D]
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         batch: ForwardBatch,
         scale: float,
-    ) -> torch.Tensor:          # [T, Hq, D]
+    ) -> torch.Tensor:  # [T, Hq, D]
         """Store ``k``/``v`` into the cache, then attend causally; see the module docstring."""
 
 
@@ -66,7 +66,8 @@ assert set(_REGISTRY) == set(BACKEND_NAMES), "qwen3.attention.names lists every 
 
 def _load(name: str) -> type[AttentionBackend]:
     module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)
+    backend: type[AttentionBackend] = getattr(importlib.import_module(module), cls)
+    return backend
 
 
 def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
@@ -81,8 +82,10 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
     reason = check(device) if check else None
     if reason is None and dtype is not None and dtype not in backend_cls.dtypes:
         supported = ", ".join(str(d).removeprefix("torch.") for d in backend_cls.dtypes)
-        reason = (f"attention backend {name!r} computes in {supported}, not {str(dtype).removeprefix('torch.')} "
-                  "(choose another dtype or attention backend)")
+        reason = (
+            f"attention backend {name!r} computes in {supported}, not {str(dtype).removeprefix('torch.')} "
+            "(choose another dtype or attention backend)"
+        )
     return reason
 
 

@@ -12,8 +12,9 @@ from qwen3.attention.backend import AttentionBackend
 from qwen3.forward_batch import ForwardBatch
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write k/v [T, Hkv, D] into the caches at ``slot_mapping`` [T]; slots < 0 are skipped."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -29,21 +30,22 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
 
 
-def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              batch: ForwardBatch, scale: float) -> torch.Tensor:
+def paged_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context, computed in fp32."""
     out = torch.empty_like(q)
     group = q.shape[1] // k_cache.shape[2]
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu)):
-        qi = q[start:start + q_len].float().transpose(0, 1)  # [Hq, q_len, D]
+        qi = q[start : start + q_len].float().transpose(0, 1)  # [Hq, q_len, D]
         ki = gather_context(k_cache, batch.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
         vi = gather_context(v_cache, batch.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
         # query j sits at absolute position seq_len - q_len + j and sees keys 0..that position
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
         mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask, scale=scale)
-        out[start:start + q_len] = oi.transpose(0, 1).to(q.dtype)
+        out[start : start + q_len] = oi.transpose(0, 1).to(q.dtype)
         start += q_len
     return out
 
@@ -51,6 +53,15 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_reference(q, k_cache, v_cache, batch, scale)

@@ -13,11 +13,17 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr,  # x, residual: [R, N] (row stride given); weight: [N]
-    out_ptr, residual_out_ptr,        # [R, N] contiguous
-    stride_x, stride_r,
-    n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,  # x, residual: [R, N] (row stride given); weight: [N]
+    out_ptr,
+    residual_out_ptr,  # [R, N] contiguous
+    stride_x,
+    stride_r,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -34,8 +40,9 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * n_cols + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``norm(x)`` or, with ``residual``, ``(norm(x + residual), x + residual)``.
 
     x, residual: [..., N] with a contiguous last dimension; weight: [N] in x's dtype. Outputs are new
@@ -58,7 +65,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(rows,)](x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), n, eps,
-                                  HAS_RESIDUAL=residual is not None, BLOCK_N=block,
-                                  num_warps=min(16, max(1, block // 256)))
+        _rms_norm_kernel[(rows,)](
+            x2,
+            r2,
+            weight,
+            out,
+            residual_out,
+            x2.stride(0),
+            r2.stride(0),
+            n,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
     return out if residual is None else (out, residual_out)

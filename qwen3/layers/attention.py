@@ -13,7 +13,9 @@ class PagedAttention(nn.Module):
     """Holds no weights. ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D] are views into the
     engine's KV pool, attached by the model runner after it has sized the pool."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: AttentionBackend) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: AttentionBackend
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.backend = backend

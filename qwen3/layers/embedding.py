@@ -25,7 +25,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp_rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # read by the checkpoint loader
 
     def weight_loader(self, param: nn.Parameter, source: CheckpointTensor, shard_id: object = None) -> None:
         expected = (self.num_embeddings, param.shape[1])

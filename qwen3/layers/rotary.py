@@ -50,6 +50,8 @@ def yarn_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> tuple[tor
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin: torch.Tensor  # [max_position, head_dim]: cos then sin halves, a buffer (register_buffer below)
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -61,8 +63,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]
         # Not a parameter, not in the state dict; moves with .to(device).
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor,
-                             persistent=False)  # [max_position, head_dim]
+        self.register_buffer(
+            "cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor, persistent=False
+        )  # [max_position, head_dim]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]

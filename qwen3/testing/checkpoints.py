@@ -19,6 +19,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 QWEN3_VOCAB = 151936  # embedding rows of every Qwen3 checkpoint (the tokenizer uses 151,669 of them)
 QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
+# A table: one model a row, not one field a line.
+# fmt: off
 _REAL = dict(vocab_size=QWEN3_VOCAB, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,
              rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
+# fmt: on
 
 
 def write_tokenizer(out_dir: str | Path) -> None:
@@ -86,14 +89,24 @@ def write_checkpoint(
     config = HFQwen3Config(**fields, eos_token_id=eos_ids[-1], bos_token_id=eos_ids[-1])
     torch.manual_seed(seed)
     with torch.device(device):
-        model = HFQwen3ForCausalLM(config).to(dtype)
+        model = HFQwen3ForCausalLM(config).to(dtype)  # type: ignore[arg-type]  # transformers types .to() wrongly
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
-    (out_dir / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": eos_ids[-1], "eos_token_id": eos_ids, "do_sample": True,
-         "temperature": 0.6, "top_k": 20, "top_p": 0.95}, indent=2))
+    (out_dir / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": eos_ids[-1],
+                "eos_token_id": eos_ids,
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_k": 20,
+                "top_p": 0.95,
+            },
+            indent=2,
+        )
+    )
     if with_tokenizer:
         write_tokenizer(out_dir)
     return out_dir

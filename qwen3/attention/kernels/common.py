@@ -17,8 +17,10 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, i
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
-        raise ValueError(f"v_cache must match k_cache in shape and strides: {tuple(v_cache.shape)}/{v_cache.stride()} "
-                         f"vs {tuple(k_cache.shape)}/{k_cache.stride()}")
+        raise ValueError(
+            f"v_cache must match k_cache in shape and strides: {tuple(v_cache.shape)}/{v_cache.stride()} "
+            f"vs {tuple(k_cache.shape)}/{k_cache.stride()}"
+        )
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache dtype {v_cache.dtype} differs from k_cache dtype {k_cache.dtype}")
     if k_cache.stride(-1) != 1:
@@ -50,8 +52,9 @@ def cuda_unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def check_tokens(name: str, x: torch.Tensor, num_heads: int | None, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+def check_tokens(
+    name: str, x: torch.Tensor, num_heads: int | None, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> None:
     """``x`` is [T, H, D] with a contiguous head dim, the given dtype and device (H checked if given)."""
     if x.dim() != 3 or x.shape[2] != head_dim or (num_heads is not None and x.shape[1] != num_heads):
         heads = "H" if num_heads is None else str(num_heads)
@@ -64,8 +67,9 @@ def check_tokens(name: str, x: torch.Tensor, num_heads: int | None, head_dim: in
         raise ValueError(f"{name} is on {x.device}, the KV cache on {device}")
 
 
-def check_index(name: str, x: torch.Tensor, dtype: torch.dtype, shape: tuple[int | None, ...],
-                device: torch.device) -> None:
+def check_index(
+    name: str, x: torch.Tensor, dtype: torch.dtype, shape: tuple[int | None, ...], device: torch.device
+) -> None:
     """``x`` is an integer tensor of ``dtype`` and ``shape`` (None = any size), contiguous in its last dim."""
     if x.dtype != dtype:
         raise ValueError(f"{name} must be {dtype}, got {x.dtype}")
@@ -83,8 +87,9 @@ def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     if out.stride(-1) != 1:
         raise ValueError("out must be contiguous in its last dimension (stride(-1) == 1)")
     return out

@@ -35,20 +35,36 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,                          # [B, Hq, D]
-    k_cache_ptr, v_cache_ptr,       # [num_blocks, PAGE_SIZE, Hkv, D]
-    block_tables_ptr,               # [B, max_blocks] int32
-    seq_lens_ptr,                   # [B] int32
-    out_ptr,                        # [B, Hq, D]           (written when DIRECT_OUT)
-    part_o_ptr, part_lse_ptr,       # [B, Hq, S, D], [B, Hq, S] fp32 (written otherwise)
-    scale_log2,                     # softmax scale * log2(e): scores are kept in base 2
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, PAGE_SIZE, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D]           (written when DIRECT_OUT)
+    part_o_ptr,
+    part_lse_ptr,  # [B, Hq, S, D], [B, Hq, S] fp32 (written otherwise)
+    scale_log2,  # softmax scale * log2(e): scores are kept in base 2
     num_splits,
-    stride_qb, stride_qh, stride_ob, stride_oh,
-    stride_cache_block, stride_cache_slot, stride_cache_head,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
     stride_bt,
-    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    stride_pl_b,
+    stride_pl_h,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -62,19 +78,22 @@ def _decode_split_kernel(
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    g_mask = g < GROUP           # BLOCK_G >= 16 for tl.dot; rows past the group are zero queries
+    g_mask = g < GROUP  # BLOCK_G >= 16 for tl.dot; rows past the group are zero queries
     d_mask = d < HEAD_DIM
-    qh = kvh * GROUP + g         # the query heads that share this KV head
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    qh = kvh * GROUP + g  # the query heads that share this KV head
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max (base-2 scores)
-    l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of 2^(s - m_i)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)        # running sum of 2^(s - m_i) * v
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max (base-2 scores)
+    l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running sum of 2^(s - m_i) * v
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     head_offset = kvh * stride_cache_head
     for n0 in range(start, end, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)                  # context positions of this tile
+        tok = n0 + tl.arange(0, BLOCK_N)  # context positions of this tile
         tok_mask = tok < end
         # A tile may span several pages (PAGE_SIZE < BLOCK_N): look up each token's page.
         page = tl.load(table + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
@@ -82,7 +101,7 @@ def _decode_split_kernel(
         kv_mask = tok_mask[:, None] & d_mask[None, :]
         # Masked loads: slots past the sequence may hold anything (even NaN), and 0 * NaN is NaN.
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2                                        # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_G, BLOCK_N]
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         # The tile holds at least one valid token, so m_new is finite from the first tile on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,8 +116,11 @@ def _decode_split_kernel(
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT_OUT:
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
     else:
         base = b.to(tl.int64) * stride_po_b + qh * stride_po_h + split * stride_po_s  # [BLOCK_G]
         tl.store(part_o_ptr + base[:, None] + d[None, :], o, mask=out_mask)
@@ -108,12 +130,20 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    part_o_ptr, part_lse_ptr,       # [B, Hq, S, D], [B, Hq, S] fp32
-    out_ptr,                        # [B, Hq, D]
+    part_o_ptr,
+    part_lse_ptr,  # [B, Hq, S, D], [B, Hq, S] fp32
+    out_ptr,  # [B, Hq, D]
     num_splits,
-    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    stride_pl_b,
+    stride_pl_h,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -124,16 +154,19 @@ def _decode_combine_kernel(
     lse = tl.load(part_lse_ptr + b * stride_pl_b + h * stride_pl_h + s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # only if every split is empty (seq_len 0): weights become 0
-    w = tl.exp2(lse - m)                      # 0 for empty splits
-    o = tl.load(part_o_ptr + b * stride_po_b + h * stride_po_h + s[:, None] * stride_po_s + d[None, :],
-                mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    num = tl.sum(o * w[:, None], 0)           # [BLOCK_D]
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    o = tl.load(
+        part_o_ptr + b * stride_po_b + h * stride_po_h + s[:, None] * stride_po_s + d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    num = tl.sum(o * w[:, None], 0)  # [BLOCK_D]
     den = tl.sum(w, 0)
     out = num / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the Triton interpreter (CPU tensors): a small stand-in so tests still split
@@ -152,15 +185,15 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context: int, devi
     splits = min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
     while splits > cap:
         splits //= 2
-    return max(1, splits)
+    return max(1, int(splits))
 
 
 def paged_decode_attention(
-    q: torch.Tensor,             # [B, Hq, D]: the one new query of each sequence
-    k_cache: torch.Tensor,       # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,       # [num_blocks, block_size, Hkv, D]
+    q: torch.Tensor,  # [B, Hq, D]: the one new query of each sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,      # [B] int32, context length including the new token (>= 1)
+    seq_lens: torch.Tensor,  # [B] int32, context length including the new token (>= 1)
     scale: float,
     *,
     num_splits: int | None = None,
@@ -168,7 +201,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:               # [B, Hq, D]
+) -> torch.Tensor:  # [B, Hq, D]
     """Attention of each sequence's newest token over its whole cached context (new K/V already stored).
 
     Never reads the device from the host, and the launch depends only on shapes, so it can be
@@ -193,28 +226,57 @@ def paged_decode_attention(
     direct = num_splits == 1
     if direct:
         part_o = part_lse = out  # unused by the kernel; any tensor will do
-        po_strides, pl_strides = (0, 0, 0), (0, 0)
+        po_strides: tuple[int, ...] = (0, 0, 0)
+        pl_strides: tuple[int, ...] = (0, 0)
     else:
         part_o = torch.empty(batch_size, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch_size, num_heads, num_splits, dtype=torch.float32, device=q.device)
         po_strides, pl_strides = part_o.stride()[:3], part_lse.stride()[:2]
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_o,
+        part_lse,
+        scale * LOG2E,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        *po_strides, *pl_strides,
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, DIRECT_OUT=direct,
-        num_warps=num_warps, num_stages=num_stages,
+        *po_strides,
+        *pl_strides,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DIRECT_OUT=direct,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not direct:
         _decode_combine_kernel[(batch_size, num_heads)](
-            part_o, part_lse, out, num_splits,
-            *po_strides, *pl_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            part_o,
+            part_lse,
+            out,
+            num_splits,
+            *po_strides,
+            *pl_strides,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
             num_warps=4,
         )
     return out

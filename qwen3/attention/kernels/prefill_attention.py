@@ -27,18 +27,28 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr,                          # [T, Hq, D]
-    k_cache_ptr, v_cache_ptr,       # [num_blocks, PAGE_SIZE, Hkv, D]
-    out_ptr,                        # [T, Hq, D]
-    block_tables_ptr,               # [B, max_blocks] int32
-    seq_lens_ptr,                   # [B] int32
-    query_start_loc_ptr,            # [B + 1] int32
-    scale_log2,                     # softmax scale * log2(e)
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cache_block, stride_cache_slot, stride_cache_head,
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, PAGE_SIZE, Hkv, D]
+    out_ptr,  # [T, Hq, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    query_start_loc_ptr,  # [B + 1] int32
+    scale_log2,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
     stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -53,14 +63,17 @@ def _prefill_kernel(
 
     r = r0 + tl.arange(0, BLOCK_M)
     row_mask = r < q_len * GROUP
-    j = r // GROUP                  # new-token index within the sequence
-    qh = kvh * GROUP + r % GROUP    # query head
-    q_pos = prefix + j              # absolute position of each row's token
+    j = r // GROUP  # new-token index within the sequence
+    qh = kvh * GROUP + r % GROUP  # query head
+    q_pos = prefix + j  # absolute position of each row's token
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     tok_row = (q_start + j).to(tl.int64)
-    q = tl.load(q_ptr + tok_row[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        q_ptr + tok_row[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -78,7 +91,7 @@ def _prefill_kernel(
         page = tl.load(table + tok // PAGE_SIZE).to(tl.int64)
         row = page * stride_cache_block + (tok % PAGE_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2                                               # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -109,8 +122,11 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + tok_row[:, None] * stride_ot + qh[:, None] * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + tok_row[:, None] * stride_ot + qh[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
 
 
 def _default_tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -123,13 +139,13 @@ def _default_tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, 
 
 
 def paged_prefill_attention(
-    q: torch.Tensor,                # [T, Hq, D]: the new tokens of every sequence, sequence after sequence
-    k_cache: torch.Tensor,          # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,          # [num_blocks, block_size, Hkv, D]
-    block_tables: torch.Tensor,     # [B, max_blocks] int32
-    seq_lens: torch.Tensor,         # [B] int32, context length including the new tokens
+    q: torch.Tensor,  # [T, Hq, D]: the new tokens of every sequence, sequence after sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length including the new tokens
     query_start_loc: torch.Tensor,  # [B + 1] int32, cu_seqlens of the new tokens
-    max_query_len: int,             # host bound on the new tokens of any sequence (sizes the grid)
+    max_query_len: int,  # host bound on the new tokens of any sequence (sizes the grid)
     scale: float,
     *,
     block_m: int | None = None,
@@ -137,7 +153,7 @@ def paged_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:                  # [T, Hq, D]
+) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its context (their K/V already stored).
 
     ``max_query_len`` must be >= every sequence's new-token count (rows beyond it would be left
@@ -164,13 +180,29 @@ def paged_prefill_attention(
         return out
     grid = (triton.cdiv(max_query_len * group, block_m), batch_size, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
         scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
     )
     return out

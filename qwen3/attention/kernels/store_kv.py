@@ -16,13 +16,23 @@ from qwen3.attention.kernels.common import check_index, check_kv_cache, check_to
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr,                  # [T, Hkv, D]
-    k_cache_ptr, v_cache_ptr,      # [num_blocks, PAGE_SIZE, Hkv, D], one set of strides for both
-    slot_ptr,                      # [T] int64
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_slot, stride_cache_head,
+    k_ptr,
+    v_ptr,  # [T, Hkv, D]
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, PAGE_SIZE, Hkv, D], one set of strides for both
+    slot_ptr,  # [T] int64
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
     num_kv_heads,
-    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
@@ -37,13 +47,19 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     # int64 addressing: a KV pool can exceed 2**31 elements per layer
-    dst = block.to(tl.int64) * stride_cache_block + offset * stride_cache_slot + h[:, None] * stride_cache_head + d[None, :]
+    dst = (
+        block.to(tl.int64) * stride_cache_block
+        + offset * stride_cache_slot
+        + h[:, None] * stride_cache_head
+        + d[None, :]
+    )
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write ``k``/``v`` [T, Hkv, D] into ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D] at
     ``slot_mapping`` [T] int64; slots < 0 are skipped. One program per token; graph-safe (grid = T).
 
@@ -59,11 +75,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         num_kv_heads,
-        PAGE_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
