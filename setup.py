@@ -27,8 +27,15 @@ def _protoc(include_dirs: list[str], protos: list[str]) -> None:
     from grpc_tools import protoc  # a build requirement (pyproject.toml [build-system])
 
     include = str(pathlib.Path(protoc.__file__).parent / "_proto")  # well-known types
-    args = ["grpc_tools.protoc", *(f"-I{d}" for d in include_dirs), f"-I{include}", f"--python_out={ROOT}",
-            f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", *protos]
+    args = [
+        "grpc_tools.protoc",
+        *(f"-I{d}" for d in include_dirs),
+        f"-I{include}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit(f"grpc_tools.protoc failed on {protos}")
 

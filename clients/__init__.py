@@ -34,8 +34,7 @@ from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from service_common.security import ChannelSecurity, ChannelTls, aio_channel, sync_channel
 
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20),
-                    ("grpc.max_send_message_length", 64 * 2**20)]
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
 MessageLike = tokenizer_pb2.ChatMessage | Mapping[str, Any]
 ToolLike = tokenizer_pb2.Tool | Mapping[str, Any]
@@ -48,8 +47,10 @@ def sampling_params(**fields: Any) -> engine_pb2.SamplingParams:
     if unknown:
         raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
     if fields.get("bad_words") is not None:
-        fields["bad_words"] = [w if isinstance(w, engine_pb2.TokenSequence) else engine_pb2.TokenSequence(token_ids=w)
-                               for w in fields["bad_words"]]
+        fields["bad_words"] = [
+            w if isinstance(w, engine_pb2.TokenSequence) else engine_pb2.TokenSequence(token_ids=w)
+            for w in fields["bad_words"]
+        ]
     return engine_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -69,10 +70,17 @@ def chat_message(message: MessageLike) -> tokenizer_pb2.ChatMessage:
     calls = []
     for call in message.get("tool_calls") or ():
         function = call.get("function", call)  # OpenAI nests name/arguments under "function"
-        calls.append(tokenizer_pb2.ToolCall(id=call.get("id", ""), name=function["name"],
-                                            arguments_json=_json_text(function.get("arguments", {}))))
-    out = tokenizer_pb2.ChatMessage(role=message["role"], content=message.get("content") or "",
-                                    tool_calls=calls, tool_call_id=message.get("tool_call_id", ""))
+        calls.append(
+            tokenizer_pb2.ToolCall(
+                id=call.get("id", ""), name=function["name"], arguments_json=_json_text(function.get("arguments", {}))
+            )
+        )
+    out = tokenizer_pb2.ChatMessage(
+        role=message["role"],
+        content=message.get("content") or "",
+        tool_calls=calls,
+        tool_call_id=message.get("tool_call_id", ""),
+    )
     if message.get("reasoning_content") is not None:
         out.reasoning_content = message["reasoning_content"]
     return out
@@ -84,48 +92,80 @@ def chat_tool(tool: ToolLike) -> tokenizer_pb2.Tool:
         return tool
     function = tool.get("function", tool)
     parameters = function.get("parameters")
-    return tokenizer_pb2.Tool(name=function["name"], description=function.get("description", ""),
-                              parameters_json="" if parameters is None else _json_text(parameters))
+    return tokenizer_pb2.Tool(
+        name=function["name"],
+        description=function.get("description", ""),
+        parameters_json="" if parameters is None else _json_text(parameters),
+    )
 
 
-def _chat_request(messages: Iterable[MessageLike], tools: Iterable[ToolLike], enable_thinking: bool | None,
-                  stop: Sequence[str], request_id: str, sampling: Mapping[str, Any]) -> tokenizer_pb2.ChatRequest:
+def _chat_request(
+    messages: Iterable[MessageLike],
+    tools: Iterable[ToolLike],
+    enable_thinking: bool | None,
+    stop: Sequence[str],
+    request_id: str,
+    sampling: Mapping[str, Any],
+) -> tokenizer_pb2.ChatRequest:
     request = tokenizer_pb2.ChatRequest(
-        request_id=request_id, messages=[chat_message(m) for m in messages], tools=[chat_tool(t) for t in tools],
-        sampling_params=sampling_params(**sampling), stop=list(stop))
+        request_id=request_id,
+        messages=[chat_message(m) for m in messages],
+        tools=[chat_tool(t) for t in tools],
+        sampling_params=sampling_params(**sampling),
+        stop=list(stop),
+    )
     if enable_thinking is not None:
         request.enable_thinking = enable_thinking
     return request
 
 
-def _template_request(messages: Iterable[MessageLike], tools: Iterable[ToolLike], add_generation_prompt: bool,
-                      enable_thinking: bool | None) -> tokenizer_pb2.ApplyChatTemplateRequest:
+def _template_request(
+    messages: Iterable[MessageLike],
+    tools: Iterable[ToolLike],
+    add_generation_prompt: bool,
+    enable_thinking: bool | None,
+) -> tokenizer_pb2.ApplyChatTemplateRequest:
     request = tokenizer_pb2.ApplyChatTemplateRequest(
-        messages=[chat_message(m) for m in messages], tools=[chat_tool(t) for t in tools],
-        add_generation_prompt=add_generation_prompt)
+        messages=[chat_message(m) for m in messages],
+        tools=[chat_tool(t) for t in tools],
+        add_generation_prompt=add_generation_prompt,
+    )
     if enable_thinking is not None:
         request.enable_thinking = enable_thinking
     return request
 
 
-def _security(channel: object, tls: bool | None, root_certificates: bytes | None,
-              certificate_chain: bytes | None, private_key: bytes | None, api_key: str | None) -> ChannelSecurity:
+def _security(
+    channel: object,
+    tls: bool | None,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+    api_key: str | None,
+) -> ChannelSecurity:
     """TLS when asked (``tls``) or implied by any certificate argument; the key sent on every call."""
     given = tls or root_certificates or certificate_chain or private_key or api_key
     if channel is not None and given:
         raise TypeError("give either a channel (with its own credentials) or credentials, not both")
     use_tls = tls if tls is not None else any(x is not None for x in (root_certificates, certificate_chain))
-    return ChannelSecurity(ChannelTls(root_certificates, certificate_chain, private_key) if use_tls else None,
-                           api_key)
+    return ChannelSecurity(ChannelTls(root_certificates, certificate_chain, private_key) if use_tls else None, api_key)
 
 
 # ---- asyncio ------------------------------------------------------------------------------------
 class _AsyncClient:
     stub_class: Any  # the generated stub class of the service
 
-    def __init__(self, target: str = "", channel: grpc.aio.Channel | None = None, *, tls: bool | None = None,
-                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
-                 private_key: bytes | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "",
+        channel: grpc.aio.Channel | None = None,
+        *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        api_key: str | None = None,
+    ) -> None:
         security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
         self._own_channel = channel is None
         self.channel = channel or aio_channel(target, _CHANNEL_OPTIONS, security)
@@ -155,10 +195,12 @@ class AsyncEngineClient(_AsyncClient):
 
     stub_class = engine_pb2_grpc.EngineServiceStub
 
-    def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
-                 **sampling: Any) -> AsyncIterator[engine_pb2.GenerateResponse]:
-        request = engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                             sampling_params=sampling_params(**sampling))
+    def generate(
+        self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None, **sampling: Any
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        request = engine_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params(**sampling)
+        )
         return _stream(self.stub.Generate(request, timeout=timeout))
 
     async def abort(self, request_id: str, timeout: float | None = None) -> bool:
@@ -177,34 +219,60 @@ class AsyncTokenizerClient(_AsyncClient):
 
     stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
 
-    async def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None
-                       ) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
         response = await self.stub.Tokenize(
-            tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout)
+            tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout
+        )
         return list(response.token_ids)
 
-    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
-                         timeout: float | None = None) -> str:
-        response = await self.stub.Detokenize(tokenizer_pb2.DetokenizeRequest(
-            token_ids=token_ids, skip_special_tokens=skip_special_tokens), timeout=timeout)
+    async def detokenize(
+        self, token_ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
+    ) -> str:
+        response = await self.stub.Detokenize(
+            tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens),
+            timeout=timeout,
+        )
         return response.text
 
-    async def apply_chat_template(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
-                                  add_generation_prompt: bool = True, enable_thinking: bool | None = None,
-                                  timeout: float | None = None) -> tokenizer_pb2.ApplyChatTemplateResponse:
+    async def apply_chat_template(
+        self,
+        messages: Iterable[MessageLike],
+        tools: Iterable[ToolLike] = (),
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        timeout: float | None = None,
+    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
         return await self.stub.ApplyChatTemplate(
-            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout)
+            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout
+        )
 
-    def chat(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
-             enable_thinking: bool | None = None, stop: Sequence[str] = (), request_id: str = "",
-             timeout: float | None = None, **sampling: Any) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
+    def chat(
+        self,
+        messages: Iterable[MessageLike],
+        tools: Iterable[ToolLike] = (),
+        *,
+        enable_thinking: bool | None = None,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
         request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
         return _stream(self.stub.Chat(request, timeout=timeout))
 
-    def complete(self, prompt: str, *, stop: Sequence[str] = (), request_id: str = "",
-                 timeout: float | None = None, **sampling: Any) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
-        request = tokenizer_pb2.CompleteRequest(request_id=request_id, prompt=prompt, stop=list(stop),
-                                                sampling_params=sampling_params(**sampling))
+    def complete(
+        self,
+        prompt: str,
+        *,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
+        request = tokenizer_pb2.CompleteRequest(
+            request_id=request_id, prompt=prompt, stop=list(stop), sampling_params=sampling_params(**sampling)
+        )
         return _stream(self.stub.Complete(request, timeout=timeout))
 
 
@@ -212,9 +280,17 @@ class AsyncTokenizerClient(_AsyncClient):
 class _SyncClient:
     stub_class: Any  # the generated stub class of the service
 
-    def __init__(self, target: str = "", channel: grpc.Channel | None = None, *, tls: bool | None = None,
-                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
-                 private_key: bytes | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "",
+        channel: grpc.Channel | None = None,
+        *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        api_key: str | None = None,
+    ) -> None:
         security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
         self._own_channel = channel is None
         self.channel = channel or sync_channel(target, _CHANNEL_OPTIONS, security)
@@ -243,10 +319,12 @@ class EngineClient(_SyncClient):
 
     stub_class = engine_pb2_grpc.EngineServiceStub
 
-    def generate(self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None,
-                 **sampling: Any) -> Iterator[engine_pb2.GenerateResponse]:
-        request = engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                             sampling_params=sampling_params(**sampling))
+    def generate(
+        self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None, **sampling: Any
+    ) -> Iterator[engine_pb2.GenerateResponse]:
+        request = engine_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params(**sampling)
+        )
         return _sync_stream(self.stub.Generate(request, timeout=timeout))
 
     def abort(self, request_id: str, timeout: float | None = None) -> bool:
@@ -265,28 +343,57 @@ class TokenizerClient(_SyncClient):
     stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
 
     def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
-        return list(self.stub.Tokenize(tokenizer_pb2.TokenizeRequest(
-            text=text, add_special_tokens=add_special_tokens), timeout=timeout).token_ids)
+        return list(
+            self.stub.Tokenize(
+                tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout
+            ).token_ids
+        )
 
-    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False,
-                   timeout: float | None = None) -> str:
-        return self.stub.Detokenize(tokenizer_pb2.DetokenizeRequest(
-            token_ids=token_ids, skip_special_tokens=skip_special_tokens), timeout=timeout).text
+    def detokenize(
+        self, token_ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
+    ) -> str:
+        return self.stub.Detokenize(
+            tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens),
+            timeout=timeout,
+        ).text
 
-    def apply_chat_template(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
-                            add_generation_prompt: bool = True, enable_thinking: bool | None = None,
-                            timeout: float | None = None) -> tokenizer_pb2.ApplyChatTemplateResponse:
+    def apply_chat_template(
+        self,
+        messages: Iterable[MessageLike],
+        tools: Iterable[ToolLike] = (),
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        timeout: float | None = None,
+    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
         return self.stub.ApplyChatTemplate(
-            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout)
+            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout
+        )
 
-    def chat(self, messages: Iterable[MessageLike], tools: Iterable[ToolLike] = (), *,
-             enable_thinking: bool | None = None, stop: Sequence[str] = (), request_id: str = "",
-             timeout: float | None = None, **sampling: Any) -> Iterator[tokenizer_pb2.ChatResponse]:
+    def chat(
+        self,
+        messages: Iterable[MessageLike],
+        tools: Iterable[ToolLike] = (),
+        *,
+        enable_thinking: bool | None = None,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Iterator[tokenizer_pb2.ChatResponse]:
         request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
         return _sync_stream(self.stub.Chat(request, timeout=timeout))
 
-    def complete(self, prompt: str, *, stop: Sequence[str] = (), request_id: str = "",
-                 timeout: float | None = None, **sampling: Any) -> Iterator[tokenizer_pb2.CompleteResponse]:
-        request = tokenizer_pb2.CompleteRequest(request_id=request_id, prompt=prompt, stop=list(stop),
-                                                sampling_params=sampling_params(**sampling))
+    def complete(
+        self,
+        prompt: str,
+        *,
+        stop: Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Iterator[tokenizer_pb2.CompleteResponse]:
+        request = tokenizer_pb2.CompleteRequest(
+            request_id=request_id, prompt=prompt, stop=list(stop), sampling_params=sampling_params(**sampling)
+        )
         return _sync_stream(self.stub.Complete(request, timeout=timeout))

@@ -20,61 +20,126 @@ log = logging.getLogger("engine_service")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = EngineConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(prog="python -m engine_service",
-                                description="Serve a Qwen3 checkpoint over gRPC (qwen3serve.engine.v1.EngineService): "
-                                            "token ids in, streamed token ids out.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m engine_service",
+        description="Serve a Qwen3 checkpoint over gRPC (qwen3serve.engine.v1.EngineService): "
+        "token ids in, streamed token ids out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--served-model-name", default=None,
-                   help="name reported by GetModelInfo (default: %(default)s: the directory name)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="name reported by GetModelInfo (default: %(default)s: the directory name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (0 = off)")
-    p.add_argument("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"].default,
-                   help="GPUs to split the model across")
-    p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", *DTYPE_NAMES],
-                   help="weight/activation dtype (auto: the checkpoint's)")
-    p.add_argument("--device", default=d["device"].default, choices=["auto", "cuda", "cpu"],
-                   help="where the model runs (auto: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="max prompt+output tokens (default: %(default)s: the model's)")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=d["tensor_parallel_size"].default,
+        help="GPUs to split the model across",
+    )
+    p.add_argument(
+        "--dtype",
+        default=d["dtype"].default,
+        choices=["auto", *DTYPE_NAMES],
+        help="weight/activation dtype (auto: the checkpoint's)",
+    )
+    p.add_argument(
+        "--device",
+        default=d["device"].default,
+        choices=["auto", "cuda", "cpu"],
+        help="where the model runs (auto: cuda when available)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="max prompt+output tokens (default: %(default)s: the model's)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default, help="max sequences per step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default,
-                   help="token budget of one step (prefill chunks + decodes)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d["max_num_batched_tokens"].default,
+        help="token budget of one step (prefill chunks + decodes)",
+    )
     p.add_argument("--kv-block-size", type=int, default=d["kv_block_size"].default, help="tokens per KV block")
-    p.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="fixed KV pool size (default: %(default)s: sized from memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
-                   help="fraction of GPU memory to use, KV cache included")
+    p.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="fixed KV pool size (default: %(default)s: sized from memory)"
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=d["gpu_memory_utilization"].default,
+        help="fraction of GPU memory to use, KV cache included",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="overlap each step's host work with the previous step's GPU work "
-                        "(default: %(default)s: on for CUDA)")
-    p.add_argument("--attention-backend", default=d["attention_backend"].default,
-                   choices=BACKEND_CHOICES, help="attention kernels (auto: the fastest measured for the GPU)")
-    p.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default,
-                   help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED")
-    p.add_argument("--stream-interval", type=int, default=1,
-                   help="tokens per streamed message (a request's first token is always sent at once); "
-                        "larger values cost the server less CPU per token at high concurrency")
-    p.add_argument("--max-message-mb", type=int, default=ENGINE_MAX_MESSAGE_BYTES // 2**20,
-                   help="largest request or response message, MiB (a 128k-token prompt is < 1 MiB); "
-                        "beyond it gRPC answers RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap each step's host work with the previous step's GPU work (default: %(default)s: on for CUDA)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default=d["attention_backend"].default,
+        choices=BACKEND_CHOICES,
+        help="attention kernels (auto: the fastest measured for the GPU)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=d["max_waiting_requests"].default,
+        help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed message (a request's first token is always sent at once); "
+        "larger values cost the server less CPU per token at high concurrency",
+    )
+    p.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=ENGINE_MAX_MESSAGE_BYTES // 2**20,
+        help="largest request or response message, MiB (a 128k-token prompt is < 1 MiB); "
+        "beyond it gRPC answers RESOURCE_EXHAUSTED",
+    )
     for limit in fields(RequestLimits):
-        p.add_argument(f"--{limit.name.replace('_', '-')}", type=int, default=limit.default,
-                       help=f"{limit.metadata['help']} (INVALID_ARGUMENT beyond it)")
-    p.add_argument("--max-concurrent-streams", type=int, default=ServerConfig.max_concurrent_streams,
-                   help="Generate streams at once; more are answered RESOURCE_EXHAUSTED (health, GetLoad, "
-                        "GetModelInfo and Abort are never limited)")
-    p.add_argument("--grace-period", type=float, default=10.0,
-                   help="on SIGTERM/SIGINT, seconds running streams may finish; then they end ABORTED")
-    p.add_argument("--engine-in-thread", action="store_true",
-                   help="run the engine loop in a thread of the server process instead of its own process "
-                        "(saves a process; costs throughput at high concurrency: one interpreter lock for both)")
+        p.add_argument(
+            f"--{limit.name.replace('_', '-')}",
+            type=int,
+            default=limit.default,
+            help=f"{limit.metadata['help']} (INVALID_ARGUMENT beyond it)",
+        )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=ServerConfig.max_concurrent_streams,
+        help="Generate streams at once; more are answered RESOURCE_EXHAUSTED (health, GetLoad, "
+        "GetModelInfo and Abort are never limited)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/SIGINT, seconds running streams may finish; then they end ABORTED",
+    )
+    p.add_argument(
+        "--engine-in-thread",
+        action="store_true",
+        help="run the engine loop in a thread of the server process instead of its own process "
+        "(saves a process; costs throughput at high concurrency: one interpreter lock for both)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="least severe log records written")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log records written",
+    )
     p.add_argument("--log-format", default="kv", choices=["kv", "json"], help="key=value lines or JSON lines")
     add_security_options(p)
     args = p.parse_args(argv)
@@ -89,28 +154,49 @@ async def serve(args: argparse.Namespace) -> int:
     from service_common.server import serve_until_signal
 
     config = EngineConfig(  # validated here, before anything listens: bad options fail fast
-        model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_block_size=args.kv_block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests, seed=args.seed,
-        async_scheduling=args.async_scheduling)
+        model=args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_block_size=args.kv_block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
+        max_waiting_requests=args.max_waiting_requests,
+        seed=args.seed,
+        async_scheduling=args.async_scheduling,
+    )
     metrics_port = start_metrics_server(args.metrics_port, args.host)
     engine = (lambda: LLMEngine(config)) if args.engine_in_thread else config
-    running = await start_engine_server(engine, args.model, model_name=args.served_model_name,
-                                        host=args.host, port=args.port,
-                                        config=ServerConfig(max_concurrent_streams=args.max_concurrent_streams,
-                                                            max_message_bytes=args.max_message_mb * 2**20,
-                                                            security=args.security),
-                                        log_level=args.log_level, log_format=args.log_format,
-                                        stream_interval=args.stream_interval,
-                                        limits=RequestLimits(**{f.name: getattr(args, f.name)
-                                                                for f in fields(RequestLimits)}))
-    log.info("listening; loading the model", extra={"address": f"{args.host}:{running.port}",
-                                                     "metrics_port": metrics_port})
-    serving = asyncio.ensure_future(serve_until_signal(running.server, running.health, args.grace_period,
-                                                       on_grace_end=running.abort_all, until=running.died.wait()))
+    running = await start_engine_server(
+        engine,
+        args.model,
+        model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        config=ServerConfig(
+            max_concurrent_streams=args.max_concurrent_streams,
+            max_message_bytes=args.max_message_mb * 2**20,
+            security=args.security,
+        ),
+        log_level=args.log_level,
+        log_format=args.log_format,
+        stream_interval=args.stream_interval,
+        limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}),
+    )
+    log.info(
+        "listening; loading the model", extra={"address": f"{args.host}:{running.port}", "metrics_port": metrics_port}
+    )
+    serving = asyncio.ensure_future(
+        serve_until_signal(
+            running.server, running.health, args.grace_period, on_grace_end=running.abort_all, until=running.died.wait()
+        )
+    )
     loading = asyncio.ensure_future(running.wait_until_ready())
     done, _ = await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
     if loading in done and loading.exception() is not None:

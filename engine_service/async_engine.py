@@ -78,7 +78,7 @@ class AsyncEngine:
         self.dead_reason: str | None = None
         self.on_death: Callable[[str], None] | None = None  # called on the event loop
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # internal id -> its deltas
-        self._live: dict[str, str] = {}          # client label -> internal id, for live labelled requests
+        self._live: dict[str, str] = {}  # client label -> internal id, for live labelled requests
         self._label_released: dict[str, asyncio.Event] = {}  # labels someone waits to reuse -> set when free
         self._ids = itertools.count()
         self._abort_waiters: dict[int, asyncio.Future[bool]] = {}
@@ -97,8 +97,9 @@ class AsyncEngine:
         return self
 
     @classmethod
-    def in_process(cls, config: EngineConfig, log_level: str = "INFO", log_format: str = "kv",
-                   stream_interval: int = 1) -> AsyncEngine:
+    def in_process(
+        cls, config: EngineConfig, log_level: str = "INFO", log_format: str = "kv", stream_interval: int = 1
+    ) -> AsyncEngine:
         """Load the engine in a child process (blocking until it is ready: call it off the event loop).
         Raises RuntimeError with the child's error if loading fails."""
         validate_stream_interval(stream_interval)
@@ -127,8 +128,9 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- requests ---------------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises FieldError
         (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError.
 
@@ -252,8 +254,9 @@ def _not_started(command: Command) -> None:
     raise EngineDeadError("the engine has not been started")
 
 
-def _merge_ready(item: RequestOutput | BaseException,
-                 stream: asyncio.Queue[RequestOutput | BaseException]) -> RequestOutput | BaseException:
+def _merge_ready(
+    item: RequestOutput | BaseException, stream: asyncio.Queue[RequestOutput | BaseException]
+) -> RequestOutput | BaseException:
     """Fold deltas that queued up while the consumer was busy into one.
 
     When the event loop falls behind the engine (hundreds of streams, a slow client), this turns N
@@ -307,9 +310,12 @@ class _ProcessDriver:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe(duplex=True)
         # Not a daemon: the engine spawns its own tensor-parallel workers, which daemons may not.
-        self._process = ctx.Process(target=run_engine_process,
-                                    args=(config, child_conn, log_level, log_format, stream_interval),
-                                    name="qwen3-engine", daemon=False)
+        self._process = ctx.Process(
+            target=run_engine_process,
+            args=(config, child_conn, log_level, log_format, stream_interval),
+            name="qwen3-engine",
+            daemon=False,
+        )
         # SIGINT stays blocked while the child starts (it inherits this thread's mask), so a Ctrl-C during
         # its imports cannot kill it either; run_engine_process ignores SIGINT, then unblocks it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -35,9 +35,9 @@ class ClusterConfig:
     prometheus_port: int = 29000
     host: str = "127.0.0.1"
     served_model_name: str | None = None
-    gpus: int = 0                                   # > 0: replica i gets CUDA_VISIBLE_DEVICES=i % gpus
-    engine_args: list[str] = field(default_factory=list)   # passed on to every replica
-    smg_args: list[str] = field(default_factory=list)      # passed on to smg
+    gpus: int = 0  # > 0: replica i gets CUDA_VISIBLE_DEVICES=i % gpus
+    engine_args: list[str] = field(default_factory=list)  # passed on to every replica
+    smg_args: list[str] = field(default_factory=list)  # passed on to smg
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -49,20 +49,48 @@ class ClusterConfig:
         return self.first_engine_port + i
 
     def engine_command(self, i: int) -> list[str]:
-        command = [sys.executable, "-m", "engine_service", "--model", self.model, "--host", self.host,
-                   "--port", str(self.engine_port(i))]
+        command = [
+            sys.executable,
+            "-m",
+            "engine_service",
+            "--model",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.engine_port(i)),
+        ]
         if self.served_model_name:
             command += ["--served-model-name", self.served_model_name]
         return command + self.engine_args
 
     def smg_command(self) -> list[str]:
         smg = shutil.which("smg") or str(Path(sys.executable).with_name("smg"))
-        return [smg, "launch", "--host", self.host, "--port", str(self.http_port),
-                "--worker-urls", *(f"grpc://{self.host}:{self.engine_port(i)}" for i in range(self.replicas)),
-                "--policy", "cache_aware", "--model-path", str(Path(self.model).resolve()),
-                "--reasoning-parser", "qwen3", "--tool-call-parser", "qwen",
-                "--prometheus-host", self.host, "--prometheus-port", str(self.prometheus_port),
-                "--worker-startup-check-interval", "1", *self.smg_args]
+        return [
+            smg,
+            "launch",
+            "--host",
+            self.host,
+            "--port",
+            str(self.http_port),
+            "--worker-urls",
+            *(f"grpc://{self.host}:{self.engine_port(i)}" for i in range(self.replicas)),
+            "--policy",
+            "cache_aware",
+            "--model-path",
+            str(Path(self.model).resolve()),
+            "--reasoning-parser",
+            "qwen3",
+            "--tool-call-parser",
+            "qwen",
+            "--prometheus-host",
+            self.host,
+            "--prometheus-port",
+            str(self.prometheus_port),
+            "--worker-startup-check-interval",
+            "1",
+            *self.smg_args,
+        ]
 
 
 def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
@@ -75,7 +103,10 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the replica at {address} exited with code {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass  # not listening yet, or loading
@@ -129,8 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-arg", action="append", default=[], help="extra option for every replica (repeat)")
     p.add_argument("--smg-arg", action="append", default=[], help="extra option for smg (repeat)")
     args = p.parse_args(argv)
-    config = ClusterConfig(args.model, args.replicas, args.first_engine_port, args.http_port, args.prometheus_port,
-                           args.host, args.served_model_name, _count_gpus(), args.engine_arg, args.smg_arg)
+    config = ClusterConfig(
+        args.model,
+        args.replicas,
+        args.first_engine_port,
+        args.http_port,
+        args.prometheus_port,
+        args.host,
+        args.served_model_name,
+        _count_gpus(),
+        args.engine_arg,
+        args.smg_arg,
+    )
     processes = [start_replica(config, i) for i in range(config.replicas)]
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster as Ctrl-C does
     try:
@@ -138,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_serving(f"{config.host}:{config.engine_port(i)}", args.load_timeout, process)
         gateway = subprocess.Popen(config.smg_command())
         processes.append(gateway)
-        print(f"OpenAI API at http://{config.host}:{config.http_port}/v1, metrics at "
-              f"http://{config.host}:{config.prometheus_port}/metrics", flush=True)
+        print(
+            f"OpenAI API at http://{config.host}:{config.http_port}/v1, metrics at "
+            f"http://{config.host}:{config.prometheus_port}/metrics",
+            flush=True,
+        )
         return gateway.wait()
     except KeyboardInterrupt:
         return 0

@@ -13,12 +13,23 @@ from qwen3serve.engine.v1 import engine_pb2
 from service_common.validation import FieldError, check_count
 
 # Optional scalar fields of the SamplingParams message that map 1:1 onto SamplingParams.
-_OPTIONAL_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "min_tokens", "logprobs")
+_OPTIONAL_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "min_tokens",
+    "logprobs",
+)
 
 
-def generate_inputs(request: engine_pb2.GenerateRequest, info: EngineInfo,
-                    limits: RequestLimits) -> tuple[list[int], SamplingParams]:
+def generate_inputs(
+    request: engine_pb2.GenerateRequest, info: EngineInfo, limits: RequestLimits
+) -> tuple[list[int], SamplingParams]:
     """The request's prompt (after ``truncate_prompt_tokens``) and its ``SamplingParams``; FieldError with the
     proto path on a bad field. The length rule applies to the truncated prompt."""
     msg = request.sampling_params
@@ -31,19 +42,22 @@ def generate_inputs(request: engine_pb2.GenerateRequest, info: EngineInfo,
         num_prompt_tokens = min(num_prompt_tokens, keep)
     kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
     try:
-        kwargs["max_tokens"] = check_lengths(num_prompt_tokens,
-                                             msg.max_tokens if msg.HasField("max_tokens") else None,
-                                             info.max_model_len)
+        kwargs["max_tokens"] = check_lengths(
+            num_prompt_tokens, msg.max_tokens if msg.HasField("max_tokens") else None, info.max_model_len
+        )
         params = SamplingParams(
-            stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+            stop_token_ids=tuple(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
             logit_bias=tuple(msg.logit_bias.items()),
             allowed_token_ids=tuple(msg.allowed_token_ids) or None,
-            bad_words=tuple(tuple(word.token_ids) for word in msg.bad_words), **kwargs)  # type: ignore[arg-type]
+            bad_words=tuple(tuple(word.token_ids) for word in msg.bad_words),
+            **kwargs,  # type: ignore[arg-type]  # checked by SamplingParams itself
+        )
     except FieldError as exc:
         raise request_path(exc) from None
     # Copied only now: a prompt over the length rule is refused without touching its ids (a 2M-id list costs the
     # event loop tens of milliseconds); slicing the repeated field copies the kept ids alone.
-    return list(request.prompt_token_ids[len(request.prompt_token_ids) - num_prompt_tokens:]), params
+    return list(request.prompt_token_ids[len(request.prompt_token_ids) - num_prompt_tokens :]), params
 
 
 def _check_counts(msg: engine_pb2.SamplingParams, limits: RequestLimits) -> None:

@@ -26,8 +26,7 @@ class RequestLimits:
     max_stop_token_ids: int = field(default=256, metadata={"help": "most stop_token_ids one request may carry"})
     max_logit_bias: int = field(default=1024, metadata={"help": "most logit_bias entries one request may carry"})
     # A whole vocabulary (152k ids) is ~0.6 MB on the wire; the host flattens the list every step.
-    max_allowed_token_ids: int = field(default=16384,
-                                       metadata={"help": "most allowed_token_ids one request may carry"})
+    max_allowed_token_ids: int = field(default=16384, metadata={"help": "most allowed_token_ids one request may carry"})
     # bad_words are compared with the output's tail on the host every step: words x length bounds that work.
     max_bad_words: int = field(default=128, metadata={"help": "most bad_words sequences one request may carry"})
     max_bad_word_tokens: int = field(default=32, metadata={"help": "most token ids in one bad_words sequence"})

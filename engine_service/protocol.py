@@ -22,10 +22,10 @@ from service_common.validation import FieldError
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"          # an EOS id or one of stop_token_ids
-    LENGTH = "length"      # max_tokens, or the model's max length
-    ABORTED = "aborted"    # client cancel, deadline, Abort, or the server shutting down
-    ERROR = "error"        # the engine failed while serving it
+    STOP = "stop"  # an EOS id or one of stop_token_ids
+    LENGTH = "length"  # max_tokens, or the model's max length
+    ABORTED = "aborted"  # client cancel, deadline, Abort, or the server shutting down
+    ERROR = "error"  # the engine failed while serving it
 
 
 class EngineOverloadedError(RuntimeError):
@@ -78,15 +78,20 @@ def check_lengths(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
     if num_prompt_tokens < 1:
         raise FieldError("prompt_token_ids", "must not be empty")
     if num_prompt_tokens >= max_model_len:
-        raise FieldError("prompt_token_ids", f"the prompt has {num_prompt_tokens} tokens; the model's maximum length "
-                                             f"is {max_model_len} including at least one generated token")
+        raise FieldError(
+            "prompt_token_ids",
+            f"the prompt has {num_prompt_tokens} tokens; the model's maximum length "
+            f"is {max_model_len} including at least one generated token",
+        )
     room = max_model_len - num_prompt_tokens
     if max_tokens is None:
         return room
     if max_tokens > room:
-        raise FieldError("max_tokens",
-                         f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                         f"maximum length ({max_model_len})")
+        raise FieldError(
+            "max_tokens",
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"maximum length ({max_model_len})",
+        )
     return max_tokens
 
 
@@ -118,8 +123,9 @@ class EngineInfo:
             self._check_ids(f"bad_words[{i}]", word)
         bad_bias = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
         if bad_bias is not None:
-            raise FieldError(f"logit_bias[{bad_bias}]", f"token id {bad_bias} is outside the vocabulary "
-                                                        f"[0, {self.vocab_size})")
+            raise FieldError(
+                f"logit_bias[{bad_bias}]", f"token id {bad_bias} is outside the vocabulary [0, {self.vocab_size})"
+            )
         if params.allowed_token_ids is not None:
             # Every allowed id banned would leave a row with no finite score: refuse it rather than emit an
             # id outside the allowed set.
@@ -127,8 +133,10 @@ class EngineInfo:
             if params.min_tokens:
                 banned.update(self.eos_token_ids, params.stop_token_ids)
             if banned.issuperset(params.allowed_token_ids):
-                raise FieldError("allowed_token_ids", "every allowed id is banned (one-id bad_words, or EOS and "
-                                                      "stop ids while min_tokens holds)")
+                raise FieldError(
+                    "allowed_token_ids",
+                    "every allowed id is banned (one-id bad_words, or EOS and stop ids while min_tokens holds)",
+                )
 
     def _check_ids(self, field: str, token_ids: tuple[int, ...]) -> None:
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
@@ -149,7 +157,7 @@ class EngineStats:
 # ---- commands: service -> engine ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class AddRequest:
-    internal_id: str                 # assigned by the service; unique for the engine's lifetime
+    internal_id: str  # assigned by the service; unique for the engine's lifetime
     prompt_token_ids: list[int]
     params: SamplingParams
 
@@ -157,7 +165,7 @@ class AddRequest:
 @dataclass(frozen=True)
 class AbortRequest:
     internal_id: str
-    ticket: int | None               # answered by an AbortAnswered event when not None
+    ticket: int | None  # answered by an AbortAnswered event when not None
 
 
 @dataclass(frozen=True)
@@ -177,12 +185,12 @@ class EngineReady:
 
 @dataclass(frozen=True)
 class EngineLoadFailed:
-    reason: str                      # e.g. "ConfigError: ...: config field ..."
+    reason: str  # e.g. "ConfigError: ...: config field ..."
 
 
 @dataclass(frozen=True)
 class StepOutputs:
-    outputs: list[RequestOutput]     # keyed by internal id
+    outputs: list[RequestOutput]  # keyed by internal id
     stats: EngineStats
 
 
@@ -194,19 +202,19 @@ class StatsUpdate:
 @dataclass(frozen=True)
 class RequestFailed:
     internal_id: str
-    error: Exception                 # FieldError, EngineOverloadedError, ...: delivered to that stream only
+    error: Exception  # FieldError, EngineOverloadedError, ...: delivered to that stream only
 
 
 @dataclass(frozen=True)
 class AbortAnswered:
     ticket: int
-    found: bool                      # False: the request had already ended
+    found: bool  # False: the request had already ended
 
 
 @dataclass(frozen=True)
 class EngineStopped:
     reason: str
-    died: bool                       # True: a failure (health NOT_SERVING, exit non-zero); False: asked to stop
+    died: bool  # True: a failure (health NOT_SERVING, exit non-zero); False: asked to stop
 
 
 Event = EngineReady | EngineLoadFailed | StepOutputs | StatsUpdate | RequestFailed | AbortAnswered | EngineStopped
@@ -243,7 +251,7 @@ def decode_event(data: bytes) -> Event:
         _, ids, counts, tokens, others, stats = payload
         outputs, start = [], 0
         for internal_id, count in zip(ids, counts):
-            outputs.append(RequestOutput(internal_id, tokens[start:start + count]))
+            outputs.append(RequestOutput(internal_id, tokens[start : start + count]))
             start += count
         return StepOutputs(outputs + others, stats)
     return payload

@@ -30,29 +30,28 @@ class SamplingParams:
     min_tokens' EOS and stop ids); then, for sampled requests, temperature, top-k, top-p, min-p.
     """
 
-    temperature: float = 1.0            # 0 (or below GREEDY_TEMPERATURE) = greedy
-    top_p: float = 1.0                  # nucleus mass in (0, 1]; 1 disables
-    top_k: int = -1                     # -1 or 0 disables
-    min_p: float = 0.0                  # in [0, 1], relative to the most likely token; 0 disables
-    repetition_penalty: float = 1.0     # > 0; 1 disables (transformers' multiplicative penalty)
-    presence_penalty: float = 0.0       # in [-2, 2]; subtracted once from every token already generated
-    frequency_penalty: float = 0.0      # in [-2, 2]; subtracted per occurrence among generated tokens
-    seed: int | None = None             # None: the engine draws one at admission
-    max_tokens: int = 16                # >= 1 generated tokens at most
-    min_tokens: int = 0                 # EOS and stop ids are banned until this many tokens are generated
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 disables
+    top_k: int = -1  # -1 or 0 disables
+    min_p: float = 0.0  # in [0, 1], relative to the most likely token; 0 disables
+    repetition_penalty: float = 1.0  # > 0; 1 disables (transformers' multiplicative penalty)
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence among generated tokens
+    seed: int | None = None  # None: the engine draws one at admission
+    max_tokens: int = 16  # >= 1 generated tokens at most
+    min_tokens: int = 0  # EOS and stop ids are banned until this many tokens are generated
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False            # keep generating past EOS (stop_token_ids still stop)
-    logprobs: int | None = None         # None: no logprobs; N: the chosen token's plus the top N (0..MAX_LOGPROBS)
+    ignore_eos: bool = False  # keep generating past EOS (stop_token_ids still stop)
+    logprobs: int | None = None  # None: no logprobs; N: the chosen token's plus the top N (0..MAX_LOGPROBS)
     # token id -> bias in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] added to its logit; a mapping becomes sorted pairs
     logit_bias: tuple[tuple[int, float], ...] = ()
-    allowed_token_ids: tuple[int, ...] | None = None   # None: every token; else only these (not empty)
+    allowed_token_ids: tuple[int, ...] | None = None  # None: every token; else only these (not empty)
     # Token-id sequences never completed: a sequence's last id is banned while the output ends with the
     # ids before it (vLLM's bad_words, on ids; a one-id sequence bans that id outright).
     bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise FieldError(name, f"must be a finite number, got {value!r}")
@@ -103,8 +102,12 @@ class SamplingParams:
     def reads_token_history(self) -> bool:
         """Whether sampling needs the ids of earlier tokens (the penalties do, and bad_words of more than
         one id, which compare the output's tail)."""
-        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
-                or any(len(word) > 1 for word in self.bad_words))
+        return (
+            self.repetition_penalty != 1.0
+            or bool(self.presence_penalty)
+            or bool(self.frequency_penalty)
+            or any(len(word) > 1 for word in self.bad_words)
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -145,8 +148,13 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
     for token, bias in pairs:
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise FieldError("logit_bias", f"keys must be non-negative token ids, got {token!r}")
-        if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)
-                or abs(bias) > MAX_LOGIT_BIAS):
-            raise FieldError(f"logit_bias[{token}]", f"must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
-                                                     f"got {bias!r}")
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, (int, float))
+            or not math.isfinite(bias)
+            or abs(bias) > MAX_LOGIT_BIAS
+        ):
+            raise FieldError(
+                f"logit_bias[{token}]", f"must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
+            )
     return tuple(sorted((t, float(b)) for t, b in pairs))

@@ -20,12 +20,13 @@ import grpc.aio
 
 from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
+from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.generate_request import generate_inputs, request_path
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
-from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.metrics import EngineMetrics
 from engine_service.protocol import EngineDeadError, EngineOverloadedError, FinishReason, RequestOutput
-from engine_service.vllm_grpc.servicer import SERVICE_NAME as VLLM_SERVICE_NAME, add_vllm_servicer
+from engine_service.vllm_grpc.servicer import SERVICE_NAME as VLLM_SERVICE_NAME
+from engine_service.vllm_grpc.servicer import add_vllm_servicer
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common.errors import AlreadyExists, Overloaded, Unavailable, handle_errors
 from service_common.logging import bind_request_id
@@ -48,8 +49,13 @@ _FINISH_REASONS = {
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
-    def __init__(self, model_name: str, model_path: str, metrics: EngineMetrics | None = None,
-                 limits: RequestLimits | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        model_path: str,
+        metrics: EngineMetrics | None = None,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.model_name = model_name
         self.model_path = model_path
         self.metrics = metrics or EngineMetrics(model_name)
@@ -70,9 +76,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids)
         if out.new_logprobs:
             for lp in out.new_logprobs:
-                response.logprobs.append(engine_pb2.TokenLogprob(
-                    token_id=lp.token_id, logprob=lp.logprob,
-                    top_logprobs=[engine_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+                response.logprobs.append(
+                    engine_pb2.TokenLogprob(
+                        token_id=lp.token_id,
+                        logprob=lp.logprob,
+                        top_logprobs=[engine_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+                    )
+                )
         if out.finished:
             response.finish_reason = _FINISH_REASONS[out.finish_reason or FinishReason.ERROR]
             response.usage.prompt_tokens = out.num_prompt_tokens
@@ -82,8 +92,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     # ---- RPCs -----------------------------------------------------------------------------------
     @handle_errors
-    async def Generate(self, request: engine_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         check_request_id(request.request_id, self.limits)
         labelled = bool(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
@@ -93,8 +104,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         start = last = time.perf_counter()
         first = True
         try:
-            async for out in engine.generate(prompt_token_ids, params,
-                                             request_id if labelled else None):
+            async for out in engine.generate(prompt_token_ids, params, request_id if labelled else None):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):
                     self.metrics.generation_tokens.inc(n)
@@ -123,8 +133,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             raise Unavailable(f"the engine is down: {exc}") from exc
 
     @handle_errors
-    async def Abort(self, request: engine_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> engine_pb2.AbortResponse:
+    async def Abort(
+        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.AbortResponse:
         check_request_id(request.request_id, self.limits)
         bind_request_id(request.request_id)
         if not request.request_id:
@@ -133,23 +144,35 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return engine_pb2.AbortResponse(aborted=await self._live_engine().abort(request.request_id))
 
     @handle_errors
-    async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> engine_pb2.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.GetModelInfoResponse:
         info = self._live_engine().info
         return engine_pb2.GetModelInfoResponse(
-            model_name=self.model_name, model_path=self.model_path, vocab_size=info.vocab_size,
-            max_model_len=info.max_model_len, eos_token_ids=list(info.eos_token_ids), dtype=info.dtype,
-            tensor_parallel_size=info.tensor_parallel_size, kv_block_size=info.kv_block_size,
-            num_kv_blocks=info.num_kv_blocks, attention_backend=info.attention_backend)
+            model_name=self.model_name,
+            model_path=self.model_path,
+            vocab_size=info.vocab_size,
+            max_model_len=info.max_model_len,
+            eos_token_ids=list(info.eos_token_ids),
+            dtype=info.dtype,
+            tensor_parallel_size=info.tensor_parallel_size,
+            kv_block_size=info.kv_block_size,
+            num_kv_blocks=info.num_kv_blocks,
+            attention_backend=info.attention_backend,
+        )
 
     @handle_errors
-    async def GetLoad(self, request: engine_pb2.GetLoadRequest,
-                      context: grpc.aio.ServicerContext) -> engine_pb2.GetLoadResponse:
+    async def GetLoad(
+        self, request: engine_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.GetLoadResponse:
         engine = self._live_engine()
         stats = engine.stats
-        return engine_pb2.GetLoadResponse(num_running=stats.num_running, num_waiting=stats.num_waiting,
-                                          kv_cache_usage=stats.kv_cache_usage,
-                                          max_waiting=engine.info.max_waiting_requests)
+        return engine_pb2.GetLoadResponse(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_cache_usage=stats.kv_cache_usage,
+            max_waiting=engine.info.max_waiting_requests,
+        )
 
 
 @dataclass
@@ -183,11 +206,19 @@ class EngineServer:
             await self.servicer.engine.stop()
 
 
-async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], model_path: str, *,
-                              model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                              config: ServerConfig | None = None, log_level: str = "INFO",
-                              log_format: str = "kv", stream_interval: int = 1,
-                              limits: RequestLimits | None = None) -> EngineServer:
+async def start_engine_server(
+    engine: EngineConfig | Callable[[], LLMEngine],
+    model_path: str,
+    *,
+    model_name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: ServerConfig | None = None,
+    log_level: str = "INFO",
+    log_format: str = "kv",
+    stream_interval: int = 1,
+    limits: RequestLimits | None = None,
+) -> EngineServer:
     """Start serving at once (health NOT_SERVING, requests UNAVAILABLE) and load the engine meanwhile.
 
     ``engine`` is an ``EngineConfig``, loaded and run in a child process (what the CLI does: the GPU
@@ -216,8 +247,7 @@ async def start_engine_server(engine: EngineConfig | Callable[[], LLMEngine], mo
     async def load() -> None:
         try:
             if isinstance(engine, EngineConfig):
-                driven = await asyncio.to_thread(AsyncEngine.in_process, engine, log_level, log_format,
-                                                 stream_interval)
+                driven = await asyncio.to_thread(AsyncEngine.in_process, engine, log_level, log_format, stream_interval)
             else:
                 driven = AsyncEngine.in_thread(await asyncio.to_thread(engine), stream_interval)
         except Exception:

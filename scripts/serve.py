@@ -38,19 +38,39 @@ def log(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     commands = {
-        "engine": [sys.executable, "-m", "engine_service", "--model", args.model, "--port", str(args.engine_port),
-                   *shlex.split(args.engine_args)],
-        "tokenizer": [sys.executable, "-m", "tokenizer_service", "--model", args.model,
-                      "--engine", f"127.0.0.1:{args.engine_port}", "--port", str(args.tokenizer_port),
-                      *shlex.split(args.tokenizer_args)],
+        "engine": [
+            sys.executable,
+            "-m",
+            "engine_service",
+            "--model",
+            args.model,
+            "--port",
+            str(args.engine_port),
+            *shlex.split(args.engine_args),
+        ],
+        "tokenizer": [
+            sys.executable,
+            "-m",
+            "tokenizer_service",
+            "--model",
+            args.model,
+            "--engine",
+            f"127.0.0.1:{args.engine_port}",
+            "--port",
+            str(args.tokenizer_port),
+            *shlex.split(args.tokenizer_args),
+        ],
     }
     signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
-    procs = {name: subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
-             for name, cmd in commands.items()}
-    log(f"engine pid {procs['engine'].pid} on :{args.engine_port}, "
-        f"tokenizer pid {procs['tokenizer'].pid} on :{args.tokenizer_port}; Ctrl-C stops both")
+    procs = {
+        name: subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL) for name, cmd in commands.items()
+    }
+    log(
+        f"engine pid {procs['engine'].pid} on :{args.engine_port}, "
+        f"tokenizer pid {procs['tokenizer'].pid} on :{args.tokenizer_port}; Ctrl-C stops both"
+    )
     stopping, failed, forwarded = False, False, 0
 
     def signal_all(sig: int) -> None:

@@ -44,6 +44,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
             return deserializer(data)
         except DecodeError as exc:
             return _Unparseable(type_name, exc)
+
     return parse
 
 
@@ -63,7 +64,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         await self._idle.wait()
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -74,10 +76,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=parse, unary_unary=self._unary(handler.unary_unary))
         limited = details.method.lstrip("/").rpartition("/")[0] in self._limited
         if inspect.isasyncgenfunction(handler.unary_stream):
-            return handler._replace(request_deserializer=parse,
-                                    unary_stream=self._stream(handler.unary_stream, limited))
-        return handler._replace(request_deserializer=parse,  # a context.write handler, e.g. health Watch
-                                unary_stream=self._unary(handler.unary_stream))
+            return handler._replace(
+                request_deserializer=parse, unary_stream=self._stream(handler.unary_stream, limited)
+            )
+        return handler._replace(
+            request_deserializer=parse,  # a context.write handler, e.g. health Watch
+            unary_stream=self._unary(handler.unary_stream),
+        )
 
     @staticmethod
     def _unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -85,10 +90,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(request, _Unparseable):
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behavior(request, context)
+
         return guarded
 
-    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], limited: bool
-                ) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], limited: bool) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, _Unparseable):
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -97,9 +102,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     yield response
                 return
             if self.max_streams is not None and self.active_streams >= self.max_streams:
-                await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"too many concurrent streams: this server takes at most {self.max_streams} "
-                              f"(--max-concurrent-streams); retry later")
+                await _refuse(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many concurrent streams: this server takes at most {self.max_streams} "
+                    f"(--max-concurrent-streams); retry later",
+                )
             self.active_streams += 1
             self._idle.clear()
             responses = behavior(request, context)
@@ -111,6 +119,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 self.active_streams -= 1
                 if self.active_streams == 0:
                     self._idle.set()
+
         return guarded
 
 

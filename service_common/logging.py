@@ -24,8 +24,7 @@ MAX_EXC_CHARS = 16384
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` and is logged as a field.
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime",
-                                                                                  "taskName"}
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
 def bind_request_id(request_id: str) -> None:
@@ -93,8 +92,9 @@ def _kv_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)  # quoted, with newlines and quotes escaped
 
 
-def configure_logging(level: str | int = "INFO", fmt: Literal["kv", "json"] = "kv",
-                      stream: IO[str] | None = None) -> None:
+def configure_logging(
+    level: str | int = "INFO", fmt: Literal["kv", "json"] = "kv", stream: IO[str] | None = None
+) -> None:
     """Send every logger's records to ``stream`` (stderr) as structured lines; replaces root handlers."""
     if fmt not in ("kv", "json"):
         raise ValueError(f"fmt must be 'kv' or 'json', got {fmt!r}")

@@ -19,7 +19,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME   # grpc.reflection.v1alpha.ServerReflection
+V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
 _V1_PACKAGE = "grpc.reflection.v1"
 V1_SERVICE_NAME = f"{_V1_PACKAGE}.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -61,10 +61,14 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str], poo
     names = [*service_names, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME]
     reflection.enable_server_reflection(names, server, pool=pool)  # type: ignore[arg-type]  # duck-typed pools too
     servicer = reflection_aio.ReflectionServicer(names, pool=pool)
-    handler = grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        V1_SERVICE_NAME,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            ),
+        },
+    )
     server.add_generic_rpc_handlers((handler,))

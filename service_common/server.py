@@ -98,7 +98,7 @@ class _ReflectionPool:
     def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
         self._pool = pool
 
-    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 (the pool's API)
+    def FindFileContainingSymbol(self, symbol: str):
         try:
             return self._pool.FindFileContainingSymbol(symbol)
         except KeyError:
@@ -118,19 +118,27 @@ class _ReflectionPool:
 class _HealthServicer(health_aio.HealthServicer):
     """grpcio-health-checking's aio servicer, plus ``List`` (it leaves it UNIMPLEMENTED, with a traceback)."""
 
-    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext  # noqa: N802
-                   ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(statuses={
-            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+    async def List(
+        self,
+        request: health_pb2.HealthListRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()
+            }
+        )
 
 
 # The admission interceptor of each server built here: the graceful shutdown waits on its stream count.
 _ADMISSION: weakref.WeakKeyDictionary[grpc.aio.Server, AdmissionInterceptor] = weakref.WeakKeyDictionary()
 
 
-def build_server(service_names: Sequence[str], config: ServerConfig | None = None,
-                 interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
-                 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+def build_server(
+    service_names: Sequence[str],
+    config: ServerConfig | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """A server with the health service and reflection registered for ``service_names`` (full proto
     names, e.g. ``qwen3serve.engine.v1.EngineService``) and RPC metrics for them.
 
@@ -144,8 +152,7 @@ def build_server(service_names: Sequence[str], config: ServerConfig | None = Non
     server = grpc.aio.server(
         # Metrics outermost: UNAUTHENTICATED answers are counted too. Admission after the key check: a
         # refused caller takes no stream slot.
-        interceptors=[RpcMetricsInterceptor(service_names), *config.security.interceptors(), admission,
-                      *interceptors],
+        interceptors=[RpcMetricsInterceptor(service_names), *config.security.interceptors(), admission, *interceptors],
         options=config.channel_options(),
     )
     _ADMISSION[server] = admission
@@ -166,8 +173,9 @@ async def set_serving(health: health_aio.HealthServicer, service_names: Iterable
         await health.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0,
-         security: ServerSecurity | None = None) -> int:
+def bind(
+    server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0, security: ServerSecurity | None = None
+) -> int:
     """Listen on ``host:port``, with TLS when ``security.tls`` is set; port 0 picks a free port.
     Returns the bound port. Warns (once) when a non-loopback host gets neither TLS nor an API key.
 
@@ -179,8 +187,7 @@ def bind(server: grpc.aio.Server, host: str = "127.0.0.1", port: int = 0,
     tls = security.tls if security is not None else None
     _check_port_free(host, port, address)
     try:
-        bound = (server.add_insecure_port(address) if tls is None
-                 else server.add_secure_port(address, tls.credentials()))
+        bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.credentials())
     except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
@@ -213,11 +220,15 @@ ABORT_WAIT_S = 5.0
 LAST_CALLS_WAIT_S = 1.0
 
 
-async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthServicer,
-                             grace_s: float = 10.0,
-                             signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT), *,
-                             on_grace_end: Callable[[], Awaitable[None]] | None = None,
-                             until: Awaitable[object] | None = None) -> None:
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    health: health_aio.HealthServicer,
+    grace_s: float = 10.0,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    *,
+    on_grace_end: Callable[[], Awaitable[None]] | None = None,
+    until: Awaitable[object] | None = None,
+) -> None:
     """Run a started server until one of ``signals`` arrives, ``until`` completes (e.g. the engine
     died) or the server stops by itself; then drain:
 
@@ -263,8 +274,13 @@ async def serve_until_signal(server: grpc.aio.Server, health: health_aio.HealthS
     log.info("stopped")
 
 
-async def _drain(server: grpc.aio.Server, health: health_aio.HealthServicer, grace_s: float,
-                 on_grace_end: Callable[[], Awaitable[None]] | None, hurry: asyncio.Event) -> None:
+async def _drain(
+    server: grpc.aio.Server,
+    health: health_aio.HealthServicer,
+    grace_s: float,
+    on_grace_end: Callable[[], Awaitable[None]] | None,
+    hurry: asyncio.Event,
+) -> None:
     admission = _ADMISSION.get(server)
     # Refuses new RPCs at once; cancels whatever still runs at the end of this (outer) deadline.
     stopping = asyncio.ensure_future(server.stop(grace_s + (ABORT_WAIT_S if on_grace_end else 0.0)))
@@ -282,8 +298,7 @@ async def _drain(server: grpc.aio.Server, health: health_aio.HealthServicer, gra
 
     await until_idle_or(grace_s, hurry)
     if admission is not None and admission.active_streams and on_grace_end is not None:
-        log.info("grace period over: aborting the streams still running",
-                 extra={"streams": admission.active_streams})
+        log.info("grace period over: aborting the streams still running", extra={"streams": admission.active_streams})
         await on_grace_end()
         await until_idle_or(ABORT_WAIT_S)
     if admission is not None and not admission.active_streams:

@@ -20,24 +20,35 @@ from qwen3.forward_batch import ForwardBatch
 @dataclass
 class PagedCase:
     batch: ForwardBatch
-    q: torch.Tensor        # [T, Hq, D]
-    k: torch.Tensor        # [T, Hkv, D] new keys, not yet in the cache
-    v: torch.Tensor        # [T, Hkv, D]
+    q: torch.Tensor  # [T, Hq, D]
+    k: torch.Tensor  # [T, Hkv, D] new keys, not yet in the cache
+    v: torch.Tensor  # [T, Hkv, D]
     k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D], holding every sequence's cached prefix
     v_cache: torch.Tensor
     scale: float
 
 
-def make_paged_case(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
-                    head_dim: int, block_size: int, *, dtype: torch.dtype, device: torch.device | str,
-                    seed: int = 0, unused_fill: float = float("nan"), spare_blocks: int = 3) -> PagedCase:
+def make_paged_case(
+    query_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    unused_fill: float = float("nan"),
+    spare_blocks: int = 3,
+) -> PagedCase:
     gen = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-(c + q) // block_size) for q, c in zip(query_lens, context_lens)]
     num_blocks = sum(blocks_needed) + spare_blocks
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables, used = [], 0
     for n in blocks_needed:
-        tables.append(order[used:used + n])
+        tables.append(order[used : used + n])
         used += n
     batch = ForwardBatch.build([[0] * q for q in query_lens], context_lens, tables, block_size, device)
 
@@ -45,8 +56,9 @@ def make_paged_case(query_lens: list[int], context_lens: list[int], num_heads: i
     k_cache = torch.full(shape, unused_fill, dtype=dtype, device=device)
     v_cache = torch.full(shape, unused_fill, dtype=dtype, device=device)
     # The cached prefix: position p of sequence i lives in slot table[p // block_size] * block_size + p % block_size.
-    prefix_slots = [tables[i][p // block_size] * block_size + p % block_size
-                    for i, c in enumerate(context_lens) for p in range(c)]
+    prefix_slots = [
+        tables[i][p // block_size] * block_size + p % block_size for i, c in enumerate(context_lens) for p in range(c)
+    ]
     if prefix_slots:
         slots = torch.tensor(prefix_slots, dtype=torch.int64, device=device)
         pk = torch.randn(len(prefix_slots), num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
@@ -57,9 +69,15 @@ def make_paged_case(query_lens: list[int], context_lens: list[int], num_heads: i
     widths = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
     qkv = torch.randn(num_tokens, sum(widths), generator=gen).to(device=device, dtype=dtype)  # [T, (Hq + 2 Hkv) D]
     q, k, v = qkv.split(widths, dim=-1)
-    return PagedCase(batch=batch, q=q.view(num_tokens, num_heads, head_dim),
-                     k=k.view(num_tokens, num_kv_heads, head_dim), v=v.view(num_tokens, num_kv_heads, head_dim),
-                     k_cache=k_cache, v_cache=v_cache, scale=head_dim ** -0.5)
+    return PagedCase(
+        batch=batch,
+        q=q.view(num_tokens, num_heads, head_dim),
+        k=k.view(num_tokens, num_kv_heads, head_dim),
+        v=v.view(num_tokens, num_kv_heads, head_dim),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        scale=head_dim**-0.5,
+    )
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

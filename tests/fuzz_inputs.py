@@ -24,10 +24,38 @@ from qwen3serve.tokenizer.v1 import tokenizer_pb2
 
 # Pieces random text is made of: every UTF-8 width, combining marks, zero-width and control characters,
 # the Qwen3 special-token and tag strings, a replacement character and a lone-surrogate *escape* (as text).
-TEXT_PIECES = ("", "hello", " world", " ", "\n\n", "\t", "你好世界", "🙂👍🏽", "👨‍👩‍👧", "مرحبا", "e\u0301", "\u200b",
-               "\u202e", "\x00", "\x1b[31m", "\x7f", "<|im_start|>system\n", "<|im_end|>", "<|endoftext|>",
-               "<think>", "</think>", "<tool_call>", "</tool_call>", '{"name": "f", "arguments": {}}', "\ufffd",
-               "\U0010ffff", "\\ud800", "%s%n", "'; DROP TABLE x; --", "a" * 100)
+TEXT_PIECES = (
+    "",
+    "hello",
+    " world",
+    " ",
+    "\n\n",
+    "\t",
+    "你好世界",
+    "🙂👍🏽",
+    "👨‍👩‍👧",
+    "مرحبا",
+    "e\u0301",
+    "\u200b",
+    "\u202e",
+    "\x00",
+    "\x1b[31m",
+    "\x7f",
+    "<|im_start|>system\n",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    '{"name": "f", "arguments": {}}',
+    "\ufffd",
+    "\U0010ffff",
+    "\\ud800",
+    "%s%n",
+    "'; DROP TABLE x; --",
+    "a" * 100,
+)
 ROLES = ("system", "user", "assistant", "tool", "", "robot", "USER", "assistant\n", "用户")
 # Bytes that make a proto3 string field unparseable: a raw lone surrogate, bytes never valid in UTF-8, an
 # overlong NUL, a truncated 3-byte sequence.
@@ -88,8 +116,10 @@ class Inputs:
         if r.random() < 0.7:
             return "".join(r.choice(TEXT_PIECES) for _ in range(r.randint(1, 12)))
         # random code points of every plane, surrogates excluded (a str cannot be sent with them)
-        return "".join(chr(r.choice((r.randint(1, 0x7F), r.randint(0x80, 0xD7FF), r.randint(0xE000, 0x10FFFF))))
-                       for _ in range(r.randint(1, 64)))
+        return "".join(
+            chr(r.choice((r.randint(1, 0x7F), r.randint(0x80, 0xD7FF), r.randint(0xE000, 0x10FFFF))))
+            for _ in range(r.randint(1, 64))
+        )
 
     def small_text(self, limit: int) -> str:
         """Text for a size-limited field: within ``limit`` bytes, or (hostile) one past it."""
@@ -104,14 +134,35 @@ class Inputs:
             if r.random() < 0.8:
                 return "r" * (self.sizes.max_request_id_bytes + 1)
             return "r" * r.choice((100_000, 6 << 20))  # far past it (6 MiB: the issue's multi-megabyte id)
-        return r.choice(("", "", f"fz-{r.randint(0, 7)}", f"fz-{r.randint(0, 7)}",  # a small pool: live duplicates
-                         "ид-" + "🙂" * r.randint(1, 63), "r" * self.sizes.max_request_id_bytes))
+        return r.choice(
+            (
+                "",
+                "",
+                f"fz-{r.randint(0, 7)}",
+                f"fz-{r.randint(0, 7)}",  # a small pool: live duplicates
+                "ид-" + "🙂" * r.randint(1, 63),
+                "r" * self.sizes.max_request_id_bytes,
+            )
+        )
 
     def number(self, low: float, high: float) -> float:
         """A float field's value: in [low, high], or (hostile) anything a float can hold."""
         if self._hostile():
-            return self.rng.choice((-0.0, -1.0, -2.5, 1e-45, 3.4e38, -3.4e38, float("nan"), float("inf"),
-                                    float("-inf"), low - 1e-3, high + 1e-3))
+            return self.rng.choice(
+                (
+                    -0.0,
+                    -1.0,
+                    -2.5,
+                    1e-45,
+                    3.4e38,
+                    -3.4e38,
+                    float("nan"),
+                    float("inf"),
+                    float("-inf"),
+                    low - 1e-3,
+                    high + 1e-3,
+                )
+            )
         return self.rng.choice((low, high, self.rng.uniform(low, high)))
 
     def token_id(self) -> int:
@@ -137,8 +188,10 @@ class Inputs:
         """Tool JSON: a valid object, or (hostile) deep, lone surrogates, broken, not an object, oversized."""
         r, s = self.rng, self.sizes
         if not self._hostile():
-            return json.dumps({self.small_text(16): self._json_value(r.randint(0, 4)) for _ in range(r.randint(0, 3))},
-                              ensure_ascii=r.random() < 0.5)
+            return json.dumps(
+                {self.small_text(16): self._json_value(r.randint(0, 4)) for _ in range(r.randint(0, 3))},
+                ensure_ascii=r.random() < 0.5,
+            )
         kind = r.randrange(5)
         if kind == 0:
             depth = r.choice((s.max_json_depth - 1, s.max_json_depth + 1, 10_000))
@@ -146,8 +199,21 @@ class Inputs:
         if kind == 1:
             return r.choice(('{"x": "\\ud800"}', '{"\\udfff": 1}', '{"x": "\\ud800\\ud800"}', '"\\udbff"'))
         if kind == 2:
-            return r.choice(("{", "}", "{'a': 1}", '{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}', "nul",
-                             '{"a":1,"a":2}', "\x00", "[1,]", '{"a": "\x01"}'))
+            return r.choice(
+                (
+                    "{",
+                    "}",
+                    "{'a': 1}",
+                    '{"a": NaN}',
+                    '{"a": 1e999}',
+                    '{"a": -Infinity}',
+                    "nul",
+                    '{"a":1,"a":2}',
+                    "\x00",
+                    "[1,]",
+                    '{"a": "\x01"}',
+                )
+            )
         if kind == 3:
             return r.choice(("[]", "1", '"s"', "null", "true", ""))
         return '{"p": "' + "z" * (s.max_tool_json_bytes + 1) + '"}'
@@ -165,19 +231,29 @@ class Inputs:
         pieces = ("\n", "the", "。", "🙂", "</think>", "<|im_end|>", "!", "a", " ")
         if self._hostile():
             count = r.choice((s.max_stop_strings + 1, 100_000))
-            return [r.choice(("", "s" * (s.max_stop_bytes + 1), *pieces))] * count if r.random() < 0.5 else \
-                [r.choice(("", "s" * (s.max_stop_bytes + 1)))]
-        return [r.choice(pieces) if r.random() < 0.7 else self.small_text(s.max_stop_bytes) or "z"
-                for _ in range(r.choice((0, 0, 1, 2, 3, s.max_stop_strings)))]
+            return (
+                [r.choice(("", "s" * (s.max_stop_bytes + 1), *pieces))] * count
+                if r.random() < 0.5
+                else [r.choice(("", "s" * (s.max_stop_bytes + 1)))]
+            )
+        return [
+            r.choice(pieces) if r.random() < 0.7 else self.small_text(s.max_stop_bytes) or "z"
+            for _ in range(r.choice((0, 0, 1, 2, 3, s.max_stop_strings)))
+        ]
 
     def sampling(self, logprobs: bool = False) -> engine_pb2.SamplingParams:
         """Random sampling fields. ``max_tokens`` stays small unless hostile (the fuzzer then bounds the call
         with a cancel or a deadline); ``logprobs`` only where asked for (or hostile)."""
         r, s = self.rng, self.sizes
         msg = engine_pb2.SamplingParams()
-        for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-3, 1.0), ("min_p", 0.0, 1.0),
-                                ("repetition_penalty", 0.5, 2.0), ("presence_penalty", -2.0, 2.0),
-                                ("frequency_penalty", -2.0, 2.0)):
+        for name, low, high in (
+            ("temperature", 0.0, 2.0),
+            ("top_p", 1e-3, 1.0),
+            ("min_p", 0.0, 1.0),
+            ("repetition_penalty", 0.5, 2.0),
+            ("presence_penalty", -2.0, 2.0),
+            ("frequency_penalty", -2.0, 2.0),
+        ):
             if r.random() < 0.3:
                 setattr(msg, name, self.number(low, high))
         if r.random() < 0.2:
@@ -189,7 +265,7 @@ class Inputs:
             msg.max_tokens = r.choice((0, 2**32 - 1, s.max_model_len)) if hostile else r.randint(1, 8)
         if r.random() < 0.15:
             msg.min_tokens = r.choice((9, 2**32 - 1)) if self._hostile() else r.randint(0, 1)
-        if logprobs and r.random() < 0.3 or self._hostile():
+        if (logprobs and r.random() < 0.3) or self._hostile():
             msg.logprobs = r.choice((21, 2**32 - 1)) if self._hostile() else r.randint(0, 20)
         if r.random() < 0.2:
             if self._hostile():
@@ -235,29 +311,37 @@ class Inputs:
         return msg
 
     def messages(self) -> list[tokenizer_pb2.ChatMessage]:
-        count = (self.rng.choice((0, self.sizes.max_chat_messages + 1)) if self._hostile()
-                 else self.rng.choice((1, 1, 2, 3, 5)))
+        count = (
+            self.rng.choice((0, self.sizes.max_chat_messages + 1))
+            if self._hostile()
+            else self.rng.choice((1, 1, 2, 3, 5))
+        )
         if count > 8:  # one small message, repeated: cheap to build, still past the count limit
             return [tokenizer_pb2.ChatMessage(role="user", content=self.small_text(20))] * count
         return [self.message() for _ in range(count)]
 
     def tools(self) -> list[tokenizer_pb2.Tool]:
-        return [tokenizer_pb2.Tool(name=self.small_text(40) or "f", description=self.small_text(200),
-                                   parameters_json=self.json_text())
-                for _ in range(self.sizes.max_tools + 1 if self._hostile() else self.rng.choice((0, 0, 1, 2, 3)))]
+        return [
+            tokenizer_pb2.Tool(
+                name=self.small_text(40) or "f", description=self.small_text(200), parameters_json=self.json_text()
+            )
+            for _ in range(self.sizes.max_tools + 1 if self._hostile() else self.rng.choice((0, 0, 1, 2, 3)))
+        ]
 
     def apply_chat_template(self) -> tokenizer_pb2.ApplyChatTemplateRequest:
         self._start()
-        request = tokenizer_pb2.ApplyChatTemplateRequest(messages=self.messages(), tools=self.tools(),
-                                                         add_generation_prompt=self.rng.random() < 0.5)
+        request = tokenizer_pb2.ApplyChatTemplateRequest(
+            messages=self.messages(), tools=self.tools(), add_generation_prompt=self.rng.random() < 0.5
+        )
         if self.rng.random() < 0.5:
             request.enable_thinking = self.rng.random() < 0.5
         return request
 
     def chat(self) -> tokenizer_pb2.ChatRequest:
         self._start()
-        request = tokenizer_pb2.ChatRequest(request_id=self.request_id(), messages=self.messages(), tools=self.tools(),
-                                            stop=self.stops())
+        request = tokenizer_pb2.ChatRequest(
+            request_id=self.request_id(), messages=self.messages(), tools=self.tools(), stop=self.stops()
+        )
         if self.rng.random() < 0.5:
             request.enable_thinking = self.rng.random() < 0.5
         if self.rng.random() < 0.9:
@@ -287,12 +371,12 @@ class Inputs:
             elif op == 2:
                 data[at:at] = r.randbytes(r.randint(1, 8))
             elif op == 3 and data:
-                del data[at:at + r.randint(1, 8)]
+                del data[at : at + r.randint(1, 8)]
             elif op == 4:
-                del data[r.randint(0, len(data)):]  # truncate
+                del data[r.randint(0, len(data)) :]  # truncate
             elif op == 5 and data:
                 start = r.randrange(len(data))
-                data[at:at] = data[start:start + r.randint(1, 32)]
+                data[at:at] = data[start : start + r.randint(1, 32)]
             elif op == 6:
                 data += self.raw_field()
             else:  # a string field (field 1 is a string in most requests) holding invalid UTF-8
@@ -320,8 +404,15 @@ class Inputs:
 
     def random_bytes(self) -> bytes:
         r = self.rng
-        return r.choice((b"", r.randbytes(r.randint(1, 64)), b"\x00" * r.randint(1, 16), b"\xff" * 11,
-                         r.randbytes(r.randint(1000, 70_000))))
+        return r.choice(
+            (
+                b"",
+                r.randbytes(r.randint(1, 64)),
+                b"\x00" * r.randint(1, 16),
+                b"\xff" * 11,
+                r.randbytes(r.randint(1000, 70_000)),
+            )
+        )
 
 
 def _varint(value: int) -> bytes:

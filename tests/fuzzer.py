@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+from fuzz_inputs import Inputs, Sizes, parses
 from google.protobuf.message import Message
 
-from fuzz_inputs import Inputs, Sizes, parses
 from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.tokenizer.v1 import tokenizer_pb2
 
@@ -45,7 +45,7 @@ _MAX_READ_TOKENS = 16
 class Method:
     """One RPC: where it is, how it streams, what it takes and returns, what it may answer."""
 
-    service: str                      # "engine" or "tokenizer"
+    service: str  # "engine" or "tokenizer"
     path: str
     streaming: bool
     request_type: type[Message]
@@ -60,22 +60,47 @@ class Method:
 
 
 def _method(service: str, name: str, streaming: bool, module, request: str, documented, make, weight) -> Method:
-    package = {"engine": "qwen3serve.engine.v1.EngineService",
-               "tokenizer": "qwen3serve.tokenizer.v1.TokenizerService"}[service]
-    return Method(service, f"/{package}/{name}", streaming, getattr(module, f"{request}Request"),
-                  getattr(module, f"{request}Response"), documented, make, weight)
+    package = {"engine": "qwen3serve.engine.v1.EngineService", "tokenizer": "qwen3serve.tokenizer.v1.TokenizerService"}[
+        service
+    ]
+    return Method(
+        service,
+        f"/{package}/{name}",
+        streaming,
+        getattr(module, f"{request}Request"),
+        getattr(module, f"{request}Response"),
+        documented,
+        make,
+        weight,
+    )
 
 
 METHODS: tuple[Method, ...] = (
     _method("engine", "Generate", True, engine_pb2, "Generate", _GENERATION, Inputs.generate, 0.30),
     _method("engine", "Abort", False, engine_pb2, "Abort", _UNARY, Inputs.abort, 0.05),
-    _method("engine", "GetModelInfo", False, engine_pb2, "GetModelInfo", _UNARY,
-            lambda i: engine_pb2.GetModelInfoRequest(), 0.02),
+    _method(
+        "engine",
+        "GetModelInfo",
+        False,
+        engine_pb2,
+        "GetModelInfo",
+        _UNARY,
+        lambda i: engine_pb2.GetModelInfoRequest(),
+        0.02,
+    ),
     _method("engine", "GetLoad", False, engine_pb2, "GetLoad", _UNARY, lambda i: engine_pb2.GetLoadRequest(), 0.03),
     _method("tokenizer", "Tokenize", False, tokenizer_pb2, "Tokenize", _UNARY, Inputs.tokenize, 0.12),
     _method("tokenizer", "Detokenize", False, tokenizer_pb2, "Detokenize", _UNARY, Inputs.detokenize, 0.10),
-    _method("tokenizer", "ApplyChatTemplate", False, tokenizer_pb2, "ApplyChatTemplate", _UNARY,
-            Inputs.apply_chat_template, 0.13),
+    _method(
+        "tokenizer",
+        "ApplyChatTemplate",
+        False,
+        tokenizer_pb2,
+        "ApplyChatTemplate",
+        _UNARY,
+        Inputs.apply_chat_template,
+        0.13,
+    ),
     _method("tokenizer", "Chat", True, tokenizer_pb2, "Chat", _GENERATION, Inputs.chat, 0.15),
     _method("tokenizer", "Complete", True, tokenizer_pb2, "Complete", _GENERATION, Inputs.complete, 0.10),
 )
@@ -87,9 +112,9 @@ class Draw:
 
     index: int
     method: Method
-    mode: str                  # "valid", "mutated" (still parses) or "unparseable"
+    mode: str  # "valid", "mutated" (still parses) or "unparseable"
     body: bytes
-    action: str                # "read" (to the end), "cancel" (after cancel_after_s) or "deadline"
+    action: str  # "read" (to the end), "cancel" (after cancel_after_s) or "deadline"
     cancel_after_s: float = 0.0
     timeout_s: float | None = None
 
@@ -121,8 +146,15 @@ def draw(seed: int, index: int, sizes: Sizes = Sizes()) -> Draw:
     action = rng.choices(("read", "cancel", "deadline"), weights=(0.7, 0.15, 0.15))[0]
     if action == "read" and method.streaming and ok and _unbounded(parsed):
         action = rng.choice(("cancel", "deadline"))
-    return Draw(index, method, mode, body, action, cancel_after_s=rng.uniform(0.0, 0.3),
-                timeout_s=rng.choice((0.001, 0.01, 0.05, 0.2, 1.0)) if action == "deadline" else None)
+    return Draw(
+        index,
+        method,
+        mode,
+        body,
+        action,
+        cancel_after_s=rng.uniform(0.0, 0.3),
+        timeout_s=rng.choice((0.001, 0.01, 0.05, 0.2, 1.0)) if action == "deadline" else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -140,8 +172,10 @@ class Finding:
     body_head: str  # the first 64 bytes, hex
 
     def __str__(self) -> str:
-        return (f"seed={self.seed} index={self.index} {self.method} ({self.mode}, {self.action}): {self.status} "
-                f"{self.details[:300]!r}; body {self.body_len} bytes, starts {self.body_head}")
+        return (
+            f"seed={self.seed} index={self.index} {self.method} ({self.mode}, {self.action}): {self.status} "
+            f"{self.details[:300]!r}; body {self.body_len} bytes, starts {self.body_head}"
+        )
 
 
 @dataclass
@@ -175,9 +209,11 @@ class Tally:
             modes[mode] += n
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-        lines.append(f"{self.total} requests (seed {self.seed}) in {self.elapsed_s:.1f} s: "
-                     + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items()))
-                     + f"; {len(self.findings)} findings")
+        lines.append(
+            f"{self.total} requests (seed {self.seed}) in {self.elapsed_s:.1f} s: "
+            + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items()))
+            + f"; {len(self.findings)} findings"
+        )
         return "\n".join(lines)
 
 
@@ -196,7 +232,7 @@ def _shape_error(d: Draw, responses: list[bytes], vocab_size: int) -> str | None
     """What is wrong with an OK answer, if anything."""
     try:
         messages = [d.method.response_type.FromString(r) for r in responses]
-    except Exception as exc:  # noqa: BLE001 (any parse failure is the finding itself)
+    except Exception as exc:
         return f"response does not parse: {exc}"
     if not d.method.streaming:
         return None
@@ -214,9 +250,9 @@ async def _send(channel: grpc.aio.Channel, d: Draw, hang_s: float) -> tuple[grpc
     identity = lambda b: b  # noqa: E731 (raw bytes both ways)
     factory = channel.unary_stream if d.method.streaming else channel.unary_unary
     call = factory(d.method.path, request_serializer=identity, response_deserializer=identity)(
-        d.body, timeout=d.timeout_s if d.timeout_s is not None else hang_s)
-    canceller = (asyncio.get_running_loop().call_later(d.cancel_after_s, call.cancel)
-                 if d.action == "cancel" else None)
+        d.body, timeout=d.timeout_s if d.timeout_s is not None else hang_s
+    )
+    canceller = asyncio.get_running_loop().call_later(d.cancel_after_s, call.cancel) if d.action == "cancel" else None
     try:
         responses = [r async for r in call] if d.method.streaming else [await call]
         return S.OK, "", responses
@@ -236,12 +272,21 @@ async def _send(channel: grpc.aio.Channel, d: Draw, hang_s: float) -> tuple[grpc
 
 def _channel(target: str) -> grpc.aio.Channel:
     # The client's own limits are wide, so that bodies past a server's limit reach the server.
-    return grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20),
-                                                      ("grpc.max_receive_message_length", 256 << 20)])
+    return grpc.aio.insecure_channel(
+        target, options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    )
 
 
-async def fuzz(engine_target: str, tokenizer_target: str, n: int, seed: int, concurrency: int = 8,
-               sizes: Sizes = Sizes(), hang_s: float = 60.0, tokenizer_max_message_bytes: int = 64 << 20) -> Tally:
+async def fuzz(
+    engine_target: str,
+    tokenizer_target: str,
+    n: int,
+    seed: int,
+    concurrency: int = 8,
+    sizes: Sizes = Sizes(),
+    hang_s: float = 60.0,
+    tokenizer_max_message_bytes: int = 64 << 20,
+) -> Tally:
     """Send requests 0..n-1 of ``seed`` to both services, ``concurrency`` at a time; their tally."""
     tally = Tally(seed)
     limits = {"engine": sizes.engine_max_message_bytes, "tokenizer": tokenizer_max_message_bytes}
@@ -262,8 +307,11 @@ async def fuzz(engine_target: str, tokenizer_target: str, n: int, seed: int, con
                 label = status.name if problem is None or status != S.OK else "OK_BAD_SHAPE"
                 tally.counts[(d.method.name, d.mode, label)] += 1
                 if problem is not None:
-                    tally.findings.append(Finding(seed, index, d.method.name, d.mode, d.action, label, problem,
-                                                  len(d.body), d.body[:64].hex()))
+                    tally.findings.append(
+                        Finding(
+                            seed, index, d.method.name, d.mode, d.action, label, problem, len(d.body), d.body[:64].hex()
+                        )
+                    )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     tally.elapsed_s = time.perf_counter() - start

@@ -16,8 +16,9 @@ from qwen3 import ForwardBatch, Qwen3Config, Qwen3ForCausalLM, load_checkpoint
 from qwen3.attention.torch_backend import TorchAttentionBackend
 
 
-def load_model(model_dir: str | Path, *, block_size: int = 16, num_blocks: int = 64,
-               config: Qwen3Config | None = None) -> Qwen3ForCausalLM:
+def load_model(
+    model_dir: str | Path, *, block_size: int = 16, num_blocks: int = 64, config: Qwen3Config | None = None
+) -> Qwen3ForCausalLM:
     """Our fp32 model loaded from ``model_dir`` with a NaN-filled KV cache attached.
 
     NaN is the cache's initial content so that any read of a slot the step never wrote (a wrong slot
@@ -57,8 +58,14 @@ class BlockPool:
 
 
 @torch.no_grad()
-def run_step(model: Qwen3ForCausalLM, new_tokens: list[list[int]], context_lens: list[int],
-             tables: list[list[int]], *, all_logits: bool = False) -> list[torch.Tensor]:
+def run_step(
+    model: Qwen3ForCausalLM,
+    new_tokens: list[list[int]],
+    context_lens: list[int],
+    tables: list[list[int]],
+    *,
+    all_logits: bool = False,
+) -> list[torch.Tensor]:
     """One forward step; per sequence, logits [n, vocab] of all its new tokens (``all_logits``) or of its last."""
     batch = ForwardBatch.build(new_tokens, context_lens, tables, block_size_of(model))
     if all_logits:
@@ -69,8 +76,9 @@ def run_step(model: Qwen3ForCausalLM, new_tokens: list[list[int]], context_lens:
     return [row.unsqueeze(0) for row in logits]
 
 
-def prefill(model: Qwen3ForCausalLM, prompts: list[list[int]], pool: BlockPool,
-            extra_tokens: int = 0) -> tuple[list[torch.Tensor], list[list[int]]]:
+def prefill(
+    model: Qwen3ForCausalLM, prompts: list[list[int]], pool: BlockPool, extra_tokens: int = 0
+) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Prefill ``prompts`` together in one packed batch, with block tables drawn from ``pool`` big
     enough for ``extra_tokens`` more per sequence. Returns all-position logits and the block tables."""
     bs = block_size_of(model)

@@ -73,8 +73,9 @@ class Services:
 async def start_engine(model: Path, server_config: ServerConfig | None = None, **options) -> EngineServer:
     """The real engine server on a free loopback port, loaded and SERVING (``options``: EngineConfig's)."""
     options = {"device": "cpu", "num_kv_blocks": 64, **options}
-    running = await start_engine_server(lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model),
-                                        config=server_config)
+    running = await start_engine_server(
+        lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model), config=server_config
+    )
     try:
         await running.wait_until_ready()
     except BaseException:
@@ -91,10 +92,15 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") 
         await asyncio.sleep(0.02)
 
 
-async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, *,
-                         engine_server_config: ServerConfig | None = None,
-                         tokenizer_server_config: ServerConfig | None = None,
-                         engine_security: ChannelSecurity | None = None, **engine_options) -> Services:
+async def start_services(
+    model: Path,
+    tokenizer: ChatTokenizer | None = None,
+    *,
+    engine_server_config: ServerConfig | None = None,
+    tokenizer_server_config: ServerConfig | None = None,
+    engine_security: ChannelSecurity | None = None,
+    **engine_options,
+) -> Services:
     """The real engine server and the real tokenizer server in front of it; returns once both are SERVING.
 
     ``*_server_config``: each server's transport settings (TLS, API key, ...); ``engine_security``: how
@@ -102,8 +108,13 @@ async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, *,
     engine = await start_engine(model, engine_server_config, **engine_options)
     try:
         tokenizer = tokenizer or await asyncio.to_thread(ChatTokenizer.from_pretrained, model)
-        front = await start_tokenizer_server(tokenizer, f"127.0.0.1:{engine.port}", probe_interval_s=0.05,
-                                             server_config=tokenizer_server_config, engine_security=engine_security)
+        front = await start_tokenizer_server(
+            tokenizer,
+            f"127.0.0.1:{engine.port}",
+            probe_interval_s=0.05,
+            server_config=tokenizer_server_config,
+            engine_security=engine_security,
+        )
     except BaseException:
         await engine.stop(0)
         raise
@@ -116,11 +127,11 @@ async def start_services(model: Path, tokenizer: ChatTokenizer | None = None, *,
     return services
 
 
-async def health_status(target: str, service: str = TOKENIZER_SERVICE, security: ChannelSecurity | None = None
-                        ) -> int:
+async def health_status(target: str, service: str = TOKENIZER_SERVICE, security: ChannelSecurity | None = None) -> int:
     async with aio_channel(target, security=security) as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5)
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
     return response.status
 
 
@@ -137,12 +148,17 @@ def grpcurl_binary() -> Path | None:
     return None
 
 
-async def run_process(*args: str, timeout: float = 60, stdin: str | None = None,
-                      cwd: Path = REPO) -> tuple[int, str, str]:
+async def run_process(
+    *args: str, timeout: float = 60, stdin: str | None = None, cwd: Path = REPO
+) -> tuple[int, str, str]:
     """Run a command; (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        *args, cwd=cwd, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(None if stdin is None else stdin.encode()), timeout)
     except asyncio.TimeoutError:
@@ -188,8 +204,8 @@ def write_scripted_checkpoint(source: Path, out_dir: Path, scripts: Mapping[int,
     embed = torch.zeros(vocab, hidden)
     lm_head = torch.zeros(vocab, hidden)
     for dim, (current, nxt) in enumerate(successor.items()):
-        embed[current, dim] = 1.0       # the hidden state of `current` is the unit vector `dim` ...
-        lm_head[nxt, dim] = 1.0         # ... whose only positive logit (sqrt(hidden) after RMSNorm) is `nxt`
+        embed[current, dim] = 1.0  # the hidden state of `current` is the unit vector `dim` ...
+        lm_head[nxt, dim] = 1.0  # ... whose only positive logit (sqrt(hidden) after RMSNorm) is `nxt`
     weights["model.embed_tokens.weight"] = embed
     weights["lm_head.weight"] = lm_head
     weights["model.norm.weight"] = torch.ones(hidden)
@@ -201,6 +217,7 @@ def write_scripted_checkpoint(source: Path, out_dir: Path, scripts: Mapping[int,
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copyfile(source / name, out_dir / name)
     (out_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
+    )
     return out_dir

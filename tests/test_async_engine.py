@@ -9,16 +9,25 @@ import pytest
 
 from engine_service.async_engine import _merge_ready
 from engine_service.core.engine_loop import DeltaBatcher, EngineLoop
-from engine_service.protocol import (EngineDeadError, EngineStopped, FinishReason, RequestOutput, StepOutputs,
-                                     TokenLogprob)
+from engine_service.protocol import (
+    EngineDeadError,
+    EngineStopped,
+    FinishReason,
+    RequestOutput,
+    StepOutputs,
+    TokenLogprob,
+)
 
 
 async def test_queued_deltas_fold_into_one_message_in_order() -> None:
     stream: asyncio.Queue = asyncio.Queue()
     for token in (2, 3):
         stream.put_nowait(RequestOutput("r", [token]))
-    stream.put_nowait(RequestOutput("r", [4], finished=True, finish_reason=FinishReason.LENGTH,
-                                    num_prompt_tokens=7, num_output_tokens=4))
+    stream.put_nowait(
+        RequestOutput(
+            "r", [4], finished=True, finish_reason=FinishReason.LENGTH, num_prompt_tokens=7, num_output_tokens=4
+        )
+    )
     merged = _merge_ready(RequestOutput("r", [1]), stream)
     assert merged.new_token_ids == [1, 2, 3, 4]
     assert merged.finished and merged.finish_reason is FinishReason.LENGTH and merged.num_output_tokens == 4
@@ -53,8 +62,8 @@ def test_delta_batcher_sends_the_first_token_then_groups_and_flushes_on_finish()
 
 def test_delta_batcher_sends_what_a_request_holds_when_it_gets_no_token_or_ends() -> None:
     batcher = DeltaBatcher(4)
-    assert len(batcher.ready([RequestOutput("a", [1]), RequestOutput("b", [10])])) == 2   # first tokens
-    assert batcher.ready([RequestOutput("a", [2]), RequestOutput("b", [11])]) == []       # both held
+    assert len(batcher.ready([RequestOutput("a", [1]), RequestOutput("b", [10])])) == 2  # first tokens
+    assert batcher.ready([RequestOutput("a", [2]), RequestOutput("b", [11])]) == []  # both held
     # "b" is preempted: no token this step, so its held token goes now rather than after its recompute
     assert batcher.ready([RequestOutput("a", [3])]) == [RequestOutput("b", [11])]
     # "a" is aborted: its final delta carries what it held
@@ -97,5 +106,8 @@ class _DyingEngine:
 def test_engine_loop_sends_held_tokens_before_reporting_death() -> None:
     events: list[object] = []
     EngineLoop(_DyingEngine(), lambda timeout: None, events.append, stream_interval=8).run()  # type: ignore[arg-type]
-    assert events == [StepOutputs([RequestOutput("r", [1])], "stats"), StepOutputs([RequestOutput("r", [2, 3])], "stats"),
-                      EngineStopped("a worker died", died=True)]
+    assert events == [
+        StepOutputs([RequestOutput("r", [1])], "stats"),
+        StepOutputs([RequestOutput("r", [2, 3])], "stats"),
+        EngineStopped("a worker died", died=True),
+    ]

@@ -3,6 +3,7 @@ change a single token: each case runs the same requests with and without it on C
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def test_greedy_mixed_lengths(tiny_checkpoint: Path) -> None:
 
 
 def test_seeded_sampling_warpers_and_logprobs(tiny_checkpoint: Path) -> None:
-    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True, logprobs=3),
-              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, seed=8, max_tokens=14, ignore_eos=True),
-              SamplingParams(temperature=1.2, seed=9, max_tokens=25, ignore_eos=True, min_tokens=25, logprobs=0)]
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.8, top_k=20, min_p=0.05, seed=8, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=1.2, seed=9, max_tokens=25, ignore_eos=True, min_tokens=25, logprobs=0),
+    ]
     got, ref, _ = same(tiny_checkpoint, prompts(3, seed=2), params, num_kv_blocks=64)
     # Same tokens; logprobs equal up to fp32 rounding (a finished row stays one extra step, so some
     # steps have a different batch shape and their matmuls may round differently).
@@ -63,32 +66,39 @@ def test_seeded_sampling_warpers_and_logprobs(tiny_checkpoint: Path) -> None:
 def test_penalties_read_the_token_in_flight(tiny_checkpoint: Path) -> None:
     """Penalties count the previous step's token while it is still on the device; mixed with other
     requests every token matches the synchronous run."""
-    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=3, max_tokens=16,
-                             ignore_eos=True),
-              # strong enough that greedy never repeats the token before, provided the one sampled by
-              # the step in flight is counted
-              SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0, max_tokens=40,
-                             ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+        SamplingParams(
+            temperature=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=3, max_tokens=16, ignore_eos=True
+        ),
+        # strong enough that greedy never repeats the token before, provided the one sampled by
+        # the step in flight is counted
+        SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0, max_tokens=40, ignore_eos=True),
+    ]
     ps = prompts(4, seed=3)
     got, _, _ = same(tiny_checkpoint, ps, params, num_kv_blocks=64)
-    unpenalized, _ = run(tiny_checkpoint, ps[3:], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
-                         overlap=True, num_kv_blocks=64)
+    unpenalized, _ = run(
+        tiny_checkpoint,
+        ps[3:],
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        overlap=True,
+        num_kv_blocks=64,
+    )
 
     def adjacent_repeats(tokens: list[int]) -> int:
-        return sum(a == b for a, b in zip(tokens, tokens[1:]))
+        return sum(a == b for a, b in itertools.pairwise(tokens))
 
     assert adjacent_repeats(unpenalized[0].token_ids) > 0, "the case needs a model that repeats itself"
     assert adjacent_repeats(got[3].token_ids) == 0
 
 
 def test_penalties_keep_a_step_in_flight(tiny_checkpoint: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
-                                    async_scheduling=True))
-    engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=4,
-                                                      ignore_eos=True))
-    assert engine.step() == []       # queued, not waited for
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32, async_scheduling=True))
+    engine.add_request(
+        "r", [1, 2, 3], SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=4, ignore_eos=True)
+    )
+    assert engine.step() == []  # queued, not waited for
     assert [d.new_token_ids for d in engine.step()] != []
     while engine.has_unfinished_requests():
         engine.step()
@@ -97,8 +107,13 @@ def test_penalties_keep_a_step_in_flight(tiny_checkpoint: Path) -> None:
 
 def test_stop_tokens(tiny_checkpoint: Path) -> None:
     ps = prompts(4, seed=4)
-    free, _ = run(tiny_checkpoint, ps, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
-                  overlap=False, num_kv_blocks=64)
+    free, _ = run(
+        tiny_checkpoint,
+        ps,
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+        overlap=False,
+        num_kv_blocks=64,
+    )
     params = [SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[o.token_ids[3]]) for o in free]
     got, _, _ = same(tiny_checkpoint, ps, params, num_kv_blocks=64)
     assert all(o.finish_reason == "stop" for o in got)
@@ -107,8 +122,9 @@ def test_stop_tokens(tiny_checkpoint: Path) -> None:
 def test_preemption_and_chunked_prefill(tiny_checkpoint: Path) -> None:
     ps = prompts(10, seed=5, lo=20, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    _, _, engine = same(tiny_checkpoint, ps, params, num_kv_blocks=12, kv_block_size=16,
-                        max_num_batched_tokens=32, max_num_seqs=8)
+    _, _, engine = same(
+        tiny_checkpoint, ps, params, num_kv_blocks=12, kv_block_size=16, max_num_batched_tokens=32, max_num_seqs=8
+    )
     assert engine.scheduler.num_preemptions_total > 0
 
 
@@ -129,8 +145,11 @@ def test_prefix_cache_hits(tiny_checkpoint: Path) -> None:
 def test_a_sequence_at_its_length_limit_is_not_scheduled_again(tiny_checkpoint: Path) -> None:
     """Its last token is still in flight when the next step is scheduled, but it can only finish: the
     step after it must not compute (and allocate KV for) a token that would be dropped."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
-                                    async_scheduling=True, max_model_len=12))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32, async_scheduling=True, max_model_len=12
+        )
+    )
     launched: list[list[str]] = []
     launch = engine._launch
 
@@ -140,25 +159,25 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again(tiny_checkpoint: 
 
     engine._launch = counting  # type: ignore[method-assign]
     engine.add_request("five", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
-    engine.add_request("model-len", [4, 5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                                max_tokens=4))  # all that fits
+    engine.add_request(
+        "model-len", [4, 5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4)
+    )  # all that fits
     tokens: dict[str, list[int]] = {"five": [], "model-len": []}
     while engine.has_unfinished_requests():
         for d in engine.step():
             tokens[d.request_id] += d.new_token_ids
-    assert [len(tokens["five"]), len(tokens["model-len"])] == [5, 4]   # 12 - 8 prompt tokens
+    assert [len(tokens["five"]), len(tokens["model-len"])] == [5, 4]  # 12 - 8 prompt tokens
     # one prefill step and 4 (3) decode steps each: the step after the last token never runs
     assert sum("five" in step for step in launched) == 5 and sum("model-len" in step for step in launched) == 4
     assert engine.block_manager.num_free_blocks == 32
 
 
 def test_abort_with_a_step_in_flight(tiny_checkpoint: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32,
-                                    async_scheduling=True))
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=32, async_scheduling=True))
     for i, p in enumerate(prompts(3, seed=9, lo=30, hi=40)):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
-    assert engine.step() == []        # the first step is in flight: nothing to report yet
-    deltas = engine.step()            # reports the first step's tokens, the second is in flight
+    assert engine.step() == []  # the first step is in flight: nothing to report yet
+    deltas = engine.step()  # reports the first step's tokens, the second is in flight
     assert sorted(d.request_id for d in deltas) == ["r0", "r1", "r2"]
     final = engine.abort_request("r1")
     assert final is not None and final.finish_reason.value == "aborted" and final.num_output_tokens == 1

@@ -94,10 +94,20 @@ INTERPRETER_TIMEOUT_S = 120
 
 @needs_triton
 def test_kernels_match_reference_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=INTERPRETER_TIMEOUT_S)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(
+            [
+                str(Path(__file__).resolve().parents[1]),
+                str(Path(__file__).resolve().parent),
+                os.environ.get("PYTHONPATH", ""),
+            ]
+        ),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S
+    )
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0 or not last.startswith("{"):
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -120,7 +130,7 @@ def _patch_interpreter_scalar_index() -> None:
     if original is None:
         return
 
-    def patched(tensor, scope) -> None:  # noqa: ANN001 (the interpreter's private types)
+    def patched(tensor, scope) -> None:
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
@@ -156,10 +166,12 @@ def _interpreter_main() -> None:
         return
 
     from attention_cases import make_paged_case, relative_error
+
     from qwen3.attention.kernels.decode_attention import paged_decode_attention
     from qwen3.attention.kernels.prefill_attention import paged_prefill_attention
     from qwen3.attention.kernels.store_kv import store_kv
-    from qwen3.attention.torch_backend import TorchAttentionBackend, paged_attention_reference, store_kv as store_ref
+    from qwen3.attention.torch_backend import TorchAttentionBackend, paged_attention_reference
+    from qwen3.attention.torch_backend import store_kv as store_ref
     from qwen3.attention.triton_backend import TritonAttentionBackend
 
     torch.manual_seed(0)
@@ -173,20 +185,36 @@ def _interpreter_main() -> None:
     k_ref, v_ref = case.k_cache.clone(), case.v_cache.clone()
     store_kv(case.k, case.v, case.k_cache, case.v_cache, slots)
     store_ref(case.k, case.v, k_ref, v_ref, slots)
-    same = torch.equal(case.k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0)) and \
-        torch.equal(case.v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    same = torch.equal(case.k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0)) and torch.equal(
+        case.v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0)
+    )
     errors["store"] = 0.0 if same else float("inf")
 
     # decode: seq_len 1, on / across block boundaries; GQA 1..8; forced and heuristic split counts
-    for hq, hkv, d, bs, splits in [(4, 4, 32, 16, 1), (8, 4, 32, 16, 4), (8, 2, 64, 16, None),
-                                   (16, 2, 32, 256, 2), (8, 1, 32, 16, 3), (4, 2, 32, 16, 8)]:
+    for hq, hkv, d, bs, splits in [
+        (4, 4, 32, 16, 1),
+        (8, 4, 32, 16, 4),
+        (8, 2, 64, 16, None),
+        (16, 2, 32, 256, 2),
+        (8, 1, 32, 16, 3),
+        (4, 2, 32, 16, 8),
+    ]:
         contexts = [0, bs - 1, bs, bs + 1, 2 * bs + 5]
         case = make_paged_case([1] * len(contexts), contexts, hq, hkv, d, bs, seed=hq + d + bs, **half)
         store_kv(case.k, case.v, case.k_cache, case.v_cache, case.batch.slot_mapping)
         ref = paged_attention_reference(case.q, case.k_cache, case.v_cache, case.batch, case.scale)
         out = torch.full_like(ref, float("nan"))
-        paged_decode_attention(case.q, case.k_cache, case.v_cache, case.batch.block_tables, case.batch.seq_lens,
-                               case.scale, num_splits=splits, block_n=16, out=out)
+        paged_decode_attention(
+            case.q,
+            case.k_cache,
+            case.v_cache,
+            case.batch.block_tables,
+            case.batch.seq_lens,
+            case.scale,
+            num_splits=splits,
+            block_n=16,
+            out=out,
+        )
         errors[f"decode hq{hq} hkv{hkv} d{d} bs{bs} splits{splits}"] = relative_error(out, ref)
 
     # prefill: fresh prompts, prefix hits, a chunk past a block boundary, a lone decode row, in one batch
@@ -195,8 +223,17 @@ def _interpreter_main() -> None:
         store_kv(case.k, case.v, case.k_cache, case.v_cache, case.batch.slot_mapping)
         ref = paged_attention_reference(case.q, case.k_cache, case.v_cache, case.batch, case.scale)
         out = torch.full_like(ref, float("nan"))
-        paged_prefill_attention(case.q, case.k_cache, case.v_cache, case.batch.block_tables, case.batch.seq_lens,
-                                case.batch.query_start_loc, case.batch.max_query_len, case.scale, out=out)
+        paged_prefill_attention(
+            case.q,
+            case.k_cache,
+            case.v_cache,
+            case.batch.block_tables,
+            case.batch.seq_lens,
+            case.batch.query_start_loc,
+            case.batch.max_query_len,
+            case.scale,
+            out=out,
+        )
         errors[f"prefill hq{hq} hkv{hkv} d{d} bs{bs}"] = relative_error(out, ref)
 
     # the backend end to end (store + attention) against the torch backend, decode and prefill steps
@@ -204,8 +241,9 @@ def _interpreter_main() -> None:
         case = make_paged_case(query_lens, contexts, 4, 2, 32, 16, seed=len(contexts) + sum(query_lens), **half)
         k_ref, v_ref = case.k_cache.clone(), case.v_cache.clone()
         want = TorchAttentionBackend().forward(case.q, case.k, case.v, k_ref, v_ref, case.batch, case.scale)
-        got = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.batch,
-                                               case.scale)
+        got = TritonAttentionBackend().forward(
+            case.q, case.k, case.v, case.k_cache, case.v_cache, case.batch, case.scale
+        )
         kind = "decode" if case.batch.is_decode else "prefill"
         errors[f"backend {kind}"] = relative_error(got, want)
     print(json.dumps({"errors": errors}))
@@ -216,8 +254,9 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("capability, first", [((9, 0), "triton"), ((10, 0), "flash-attn"), ((8, 0), "triton")])
-def test_auto_order_follows_the_compute_capability_table(monkeypatch: pytest.MonkeyPatch,
-                                                         capability: tuple[int, int], first: str) -> None:
+def test_auto_order_follows_the_compute_capability_table(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], first: str
+) -> None:
     from qwen3.attention import backend as backend_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from engine_service.core.block_manager import BlockManager
-from engine_service.sampling_params import SamplingParams
 from engine_service.core.sequence import Sequence
+from engine_service.sampling_params import SamplingParams
 
 
 def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
@@ -58,13 +58,13 @@ def test_random_operations_never_leak_blocks() -> None:
 def test_prefix_hit_reuses_blocks_and_leaves_one_token_to_compute() -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
     a = make_seq(list(range(10)), "a")
-    compute_all(bm, a)                      # blocks [0..3], [4..7] are full and cached
-    b = make_seq(list(range(8)) + [99, 98], "b")
+    compute_all(bm, a)  # blocks [0..3], [4..7] are full and cached
+    b = make_seq([*list(range(8)), 99, 98], "b")
     assert bm.match_prefix(b) == 8
     assert bm.block_table(b) == bm.block_table(a)[:2]
-    c = make_seq(list(range(8)), "c")       # fully cached prompt: the last block is recomputed
+    c = make_seq(list(range(8)), "c")  # fully cached prompt: the last block is recomputed
     assert bm.match_prefix(c) == 4
-    d = make_seq([1] + list(range(1, 8)), "d")  # first block differs -> nothing after it is reused
+    d = make_seq([1, *list(range(1, 8))], "d")  # first block differs -> nothing after it is reused
     assert bm.match_prefix(d) == 0
 
 
@@ -75,7 +75,7 @@ def test_cached_blocks_survive_free_and_are_evicted_least_recent_first() -> None
     bm.free(a)
     assert bm.num_free_blocks == 4
     again = make_seq([1, 2, 3, 4, 9], "again")
-    assert bm.match_prefix(again) == 4      # still cached after the free
+    assert bm.match_prefix(again) == 4  # still cached after the free
     bm.free(again)
     # Fill the pool with unrelated blocks: the cached ones are evicted, and then miss.
     filler = make_seq(list(range(100, 108)), "filler")
@@ -90,7 +90,7 @@ def test_hash_collisions_are_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_seq([1, 2, 3, 4, 5], "a")
     compute_all(bm, a)
     b = make_seq([7, 8, 9], "b")
-    assert bm.match_prefix(b) == 0          # same hash, different tokens: not reused
+    assert bm.match_prefix(b) == 0  # same hash, different tokens: not reused
 
 
 def test_allocation_failure_changes_nothing() -> None:
@@ -106,10 +106,10 @@ def test_hit_rate_counts_a_resumed_sequences_outputs_on_both_sides() -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
     seq = make_seq([1, 2, 3, 4, 5])
     bm.match_prefix(seq)
-    seq.output_token_ids.extend(range(10, 22))      # 5 prompt + 12 generated tokens, all computed
+    seq.output_token_ids.extend(range(10, 22))  # 5 prompt + 12 generated tokens, all computed
     compute_all(bm, seq)
-    bm.free(seq)                                    # preempted: its blocks stay cached
-    assert bm.match_prefix(seq) == 16               # resumed: 4 full blocks hit
+    bm.free(seq)  # preempted: its blocks stay cached
+    assert bm.match_prefix(seq) == 16  # resumed: 4 full blocks hit
     assert bm.prefix_cache_hits == 16
-    assert bm.prefix_cache_queries == 5 + 17        # first admission, then the resumed sequence
+    assert bm.prefix_cache_queries == 5 + 17  # first admission, then the resumed sequence
     assert bm.prefix_cache_hits <= bm.prefix_cache_queries

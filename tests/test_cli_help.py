@@ -19,8 +19,15 @@ SERVICES = ["engine_service", "tokenizer_service"]
 def _help(service: str) -> tuple[str, set[str]]:
     """The --help text (one line per option: a wide terminal) and the modules imported to print it."""
     env = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", service, "--help"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", service, "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # -X importtime writes "import time: self | cumulative | module" lines to stderr, one per module imported.
     modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
@@ -65,6 +72,9 @@ def test_help_lists_each_option_once_with_description_and_default(service: str) 
     usage = re.sub(r"\[[^\]]*\]", "", help_text.split("\n\n", 1)[0])
     required = set(re.findall(r"(--[\w-]+)", usage))
     assert required, usage
-    wrong = {entry_names[0]: text for entry_names, text in entries
-             if entry_names[0] not in required and text.count("(default:") != 1}
+    wrong = {
+        entry_names[0]: text
+        for entry_names, text in entries
+        if entry_names[0] not in required and text.count("(default:") != 1
+    }
     assert not wrong, f"options whose help does not state the default exactly once: {wrong}"

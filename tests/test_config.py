@@ -13,17 +13,42 @@ from qwen3.config import RopeScaling
 
 # Qwen3-0.6B's config.json as published on the Hub (written by transformers 4.51).
 QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
-    "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
-    "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
-    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
-    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 151936,
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "model_type": "qwen3",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
 }
-QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-                    "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+QWEN3_GENERATION = {
+    "bos_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+    "temperature": 0.6,
+    "top_k": 20,
+    "top_p": 0.95,
+}
 
 
 def write_config(tmp_path: Path, config: dict, generation: dict | None = None) -> Path:
@@ -36,7 +61,11 @@ def write_config(tmp_path: Path, config: dict, generation: dict | None = None) -
 def test_hub_config_parses(tmp_path: Path) -> None:
     config = Qwen3Config.from_pretrained(write_config(tmp_path, QWEN3_0_6B, QWEN3_GENERATION))
     assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
-        151936, 1024, 3072, 28)
+        151936,
+        1024,
+        3072,
+        28,
+    )
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (16, 8, 128)
     assert config.q_size == 2048 and config.kv_size == 1024  # head_dim * heads != hidden_size
     assert config.rope_theta == 1e6 and config.rope_scaling is None
@@ -56,11 +85,14 @@ def test_eos_ids_come_from_generation_config(tmp_path: Path) -> None:
 YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
 
 
-@pytest.mark.parametrize("rope_fields", [
-    pytest.param({"rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", **YARN}}, id="hub-rope_scaling"),
-    pytest.param({"rope_theta": 1e6, "rope_scaling": {"type": "yarn", **YARN}}, id="hub-legacy-type-key"),
-    pytest.param({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, **YARN}}, id="transformers5"),
-])
+@pytest.mark.parametrize(
+    "rope_fields",
+    [
+        pytest.param({"rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", **YARN}}, id="hub-rope_scaling"),
+        pytest.param({"rope_theta": 1e6, "rope_scaling": {"type": "yarn", **YARN}}, id="hub-legacy-type-key"),
+        pytest.param({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, **YARN}}, id="transformers5"),
+    ],
+)
 def test_rope_settings_parse_in_both_styles(rope_fields: dict) -> None:
     raw = {k: v for k, v in QWEN3_0_6B.items() if k not in ("rope_theta", "rope_scaling")}
     config = Qwen3Config.from_dict({**raw, **rope_fields})
@@ -79,19 +111,25 @@ def test_inactive_sliding_window_field_is_accepted() -> None:
     assert config.hidden_size == 1024
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window"),
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
-    ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters.rope_type"),
-    ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
-    ({"num_key_value_heads": 5}, "num_attention_heads"),
-    ({"head_dim": 127}, "head_dim"),
-    ({"hidden_size": 0}, "hidden_size"),
-    ({"torch_dtype": "float64"}, "torch_dtype"),
-    ({"vocab_size": None}, "vocab_size"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
+        (
+            {"rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+            "rope_parameters.rope_type",
+        ),
+        ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+        ({"num_key_value_heads": 5}, "num_attention_heads"),
+        ({"head_dim": 127}, "head_dim"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"torch_dtype": "float64"}, "torch_dtype"),
+        ({"vocab_size": None}, "vocab_size"),
+    ],
+)
 def test_unsupported_or_invalid_fields_are_refused_by_name(change: dict, field: str) -> None:
     raw = {k: v for k, v in {**QWEN3_0_6B, **change}.items() if not (k == "vocab_size" and v is None)}  # None: drop
     with pytest.raises(ConfigError, match=f"'{field}'"):

@@ -14,9 +14,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from engine_service.core.block_manager import BlockManager
 from engine_service.core.scheduler import Scheduler
@@ -26,7 +33,7 @@ from engine_service.protocol import FinishReason
 from engine_service.sampling_params import SamplingParams
 
 STOP_TOKEN = 0
-VOCAB = 4   # a tiny vocabulary: prompts and outputs share prefixes, so the prefix cache gets hits
+VOCAB = 4  # a tiny vocabulary: prompts and outputs share prefixes, so the prefix cache gets hits
 
 #: what the runs exercised, summed over all examples (a property that never preempts proves little)
 coverage: Counter[str] = Counter()
@@ -36,11 +43,17 @@ class CoreMachine(RuleBasedStateMachine):
     """The engine's protocol over the real Scheduler and BlockManager: schedule, launch (a no-op),
     apply the previous plan's sampled ids (async) or this one's (sync), retire finished rows."""
 
-    @initialize(num_blocks=st.integers(2, 8), block_size=st.sampled_from([1, 2, 4]),
-                max_num_seqs=st.integers(2, 6), budget=st.integers(1, 24), overlap=st.booleans(),
-                prefix_caching=st.booleans())
-    def setup(self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, overlap: bool,
-              prefix_caching: bool) -> None:
+    @initialize(
+        num_blocks=st.integers(2, 8),
+        block_size=st.sampled_from([1, 2, 4]),
+        max_num_seqs=st.integers(2, 6),
+        budget=st.integers(1, 24),
+        overlap=st.booleans(),
+        prefix_caching=st.booleans(),
+    )
+    def setup(
+        self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, overlap: bool, prefix_caching: bool
+    ) -> None:
         self.bm = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs, budget)
         self.overlap = overlap
@@ -49,8 +62,11 @@ class CoreMachine(RuleBasedStateMachine):
         self.in_flight: StepPlan | None = None
         self.previous: StepPlan | None = None
 
-    @rule(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12), max_tokens=st.integers(1, 30),
-          min_tokens=st.integers(0, 3))
+    @rule(
+        prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12),
+        max_tokens=st.integers(1, 30),
+        min_tokens=st.integers(0, 3),
+    )
     def add_new(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
         self.add(prompt, max_tokens, min_tokens)
 
@@ -59,8 +75,9 @@ class CoreMachine(RuleBasedStateMachine):
         if room < 1:
             return
         max_tokens = min(max_tokens, room)
-        params = SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
-                                stop_token_ids=[STOP_TOKEN])
+        params = SamplingParams(
+            max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), stop_token_ids=[STOP_TOKEN]
+        )
         seq = Sequence(f"r{len(self.seqs)}", prompt, params, seed=0)
         self.seqs.append(seq)
         self.scheduler.add(seq)
@@ -71,7 +88,7 @@ class CoreMachine(RuleBasedStateMachine):
         """A request repeating an earlier one's prompt and first outputs (a prefix-cache hit if still cached)."""
         earlier = data.draw(st.sampled_from(self.seqs))
         tokens = earlier.prompt_token_ids + earlier.output_token_ids
-        self.add(tokens[:data.draw(st.integers(1, len(tokens)))] + [1], max_tokens=8, min_tokens=0)
+        self.add([*tokens[: data.draw(st.integers(1, len(tokens)))], 1], max_tokens=8, min_tokens=0)
 
     @precondition(lambda self: self.scheduler.num_unfinished > 0 or self.in_flight is not None)
     @rule(seed=st.integers(0, 2**32 - 1))
@@ -81,7 +98,7 @@ class CoreMachine(RuleBasedStateMachine):
         plan = self.scheduler.schedule()
         coverage["preemptions"] += self.scheduler.num_preemptions_total - preemptions
         self.check_plan(plan)
-        self.scheduler.check_invariants(self.seqs)   # between the plan and its results too
+        self.scheduler.check_invariants(self.seqs)  # between the plan and its results too
         if self.overlap:
             if self.in_flight is not None:
                 self.finish(self.in_flight, rng)
@@ -141,11 +158,19 @@ class CoreMachine(RuleBasedStateMachine):
 
 def test_random_add_step_finish_abort_keeps_the_core_invariants() -> None:
     coverage.clear()
-    run_state_machine_as_test(CoreMachine, settings=settings(
-        # derandomize: the same examples on every run (CI stays deterministic, the coverage asserts below
-        # cannot flake); raise max_examples locally to search further
-        max_examples=100, stateful_step_count=30, deadline=None, database=None, derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow]))
+    run_state_machine_as_test(
+        CoreMachine,
+        settings=settings(
+            # derandomize: the same examples on every run (CI stays deterministic, the coverage asserts below
+            # cannot flake); raise max_examples locally to search further
+            max_examples=100,
+            stateful_step_count=30,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
     # the runs reached the cases the invariants are about
     print(dict(coverage))
     assert coverage["preemptions"] > 0 and coverage["pending inputs"] > 0

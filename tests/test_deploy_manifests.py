@@ -15,16 +15,21 @@ MANIFESTS = sorted((Path(__file__).resolve().parent.parent / "deploy" / "kuberne
 
 def engine_options() -> list[str]:
     """The engine CLI's options, from its --help."""
-    out = subprocess.run([sys.executable, "-m", "engine_service", "--help"], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "engine_service", "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return [word.rstrip(",") for word in out.split() if word.startswith("--")]
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
 def test_manifest_is_valid_kubernetes(manifest: Path) -> None:
     validate = Path(sys.executable).with_name("kubernetes-validate")
-    result = subprocess.run([str(validate), "--strict", "--kubernetes-version", "1.33.0", str(manifest)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(validate), "--strict", "--kubernetes-version", "1.33.0", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -40,7 +45,9 @@ def test_engine_probes_and_arguments() -> None:
     options = {a for a in container["args"] if a.startswith("--")}
     known = set(engine_options())
     assert options <= known, options - known
-    smg = next(d for d in yaml.safe_load_all((MANIFESTS[0].parent / "smg.yaml").read_text()) if d["kind"] == "Deployment")
+    smg = next(
+        d for d in yaml.safe_load_all((MANIFESTS[0].parent / "smg.yaml").read_text()) if d["kind"] == "Deployment"
+    )
     command = smg["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "--selector app.kubernetes.io/name=qwen3-engine" in command
     assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "qwen3-engine"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2
-
-from qwen3serve.engine.v1 import engine_pb2
 from serving import Services, health_status, start_engine, start_services, wait_until, write_scripted_checkpoint
-from tokenizer_service.chat_template import ChatTokenizer
+
 from clients import AsyncEngineClient, AsyncTokenizerClient
+from qwen3serve.engine.v1 import engine_pb2
+from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.server import start_tokenizer_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -55,8 +55,9 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def template(tokenizer: ChatTokenizer, messages: list[dict[str, str]], enable_thinking: bool | None = None
-             ) -> list[int]:
+def template(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], enable_thinking: bool | None = None
+) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)[1]
 
 
@@ -94,8 +95,9 @@ async def demo(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIterator
 
 
 @pytest.fixture(scope="module")
-def scripted_checkpoint(demo_checkpoint: Path, tokenizer: ChatTokenizer,
-                        tmp_path_factory: pytest.TempPathFactory) -> Path:
+def scripted_checkpoint(
+    demo_checkpoint: Path, tokenizer: ChatTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     think_start = template(tokenizer, user("Think, then answer."))[-1]
     no_think_start = template(tokenizer, user("Answer."), enable_thinking=False)[-1]
     complete_start = tokenizer.encode(SCRIPTED_COMPLETE_PROMPT)[-1]
@@ -109,8 +111,9 @@ def scripted_checkpoint(demo_checkpoint: Path, tokenizer: ChatTokenizer,
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def scripted(scripted_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIterator[Services]:
-    services = await start_services(scripted_checkpoint, tokenizer, max_model_len=SCRIPTED_MAX_MODEL_LEN,
-                                    num_kv_blocks=32)
+    services = await start_services(
+        scripted_checkpoint, tokenizer, max_model_len=SCRIPTED_MAX_MODEL_LEN, num_kv_blocks=32
+    )
     yield services
     await services.stop()
 
@@ -135,8 +138,7 @@ async def test_chat_stream_equals_one_shot_decode(demo: Services, tokenizer: Cha
 
 
 @pytest.mark.parametrize("prompt", COMPLETE_PROMPTS, ids=["zh-emoji", "ja", "ar-flag", "emoji"])
-async def test_complete_stream_equals_one_shot_decode(demo: Services, tokenizer: ChatTokenizer,
-                                                      prompt: str) -> None:
+async def test_complete_stream_equals_one_shot_decode(demo: Services, tokenizer: ChatTokenizer, prompt: str) -> None:
     async with AsyncTokenizerClient(demo.tokenizer_target) as client:
         responses = [r async for r in client.complete(prompt, temperature=0.0, max_tokens=MAX_TOKENS)]
     prompt_ids = tokenizer.encode(prompt)
@@ -154,7 +156,7 @@ async def test_complete_stream_equals_one_shot_decode(demo: Services, tokenizer:
 async def test_scripted_model_splits_characters_across_tokens(scripted: Services, tokenizer: ChatTokenizer) -> None:
     """The premise of the scripted tests: the engine really generates the script, split characters included."""
     ids, last = await engine_greedy(scripted, tokenizer.encode(SCRIPTED_COMPLETE_PROMPT), max_tokens=40)
-    assert ids == tokenizer.encode(COMPLETION) + [tokenizer.hf.convert_tokens_to_ids("<|im_end|>")]
+    assert ids == [*tokenizer.encode(COMPLETION), tokenizer.hf.convert_tokens_to_ids("<|im_end|>")]
     assert last.finish_reason == engine_pb2.FINISH_REASON_STOP
     assert split_characters(tokenizer, ids) >= 5
 
@@ -176,8 +178,7 @@ async def test_scripted_chat_streams_reasoning_and_answer(scripted: Services, to
 async def test_scripted_chat_without_thinking(scripted: Services, tokenizer: ChatTokenizer) -> None:
     messages = user("Answer.")
     async with AsyncTokenizerClient(scripted.tokenizer_target) as client:
-        responses = [r async for r in client.chat(messages, enable_thinking=False, temperature=0.0,
-                                                  max_tokens=40)]
+        responses = [r async for r in client.chat(messages, enable_thinking=False, temperature=0.0, max_tokens=40)]
     ids, _ = await engine_greedy(scripted, template(tokenizer, messages, enable_thinking=False), max_tokens=40)
     assert one_shot(tokenizer, ids) == NO_THINK_ANSWER and split_characters(tokenizer, ids) >= 2
     assert_streamed([r.text for r in responses], NO_THINK_ANSWER)
@@ -193,8 +194,7 @@ async def test_scripted_complete(scripted: Services) -> None:
     assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_STOP
 
 
-async def test_unset_max_tokens_generates_up_to_the_model_length(scripted: Services,
-                                                                 tokenizer: ChatTokenizer) -> None:
+async def test_unset_max_tokens_generates_up_to_the_model_length(scripted: Services, tokenizer: ChatTokenizer) -> None:
     """No max_tokens from the caller: the tokenizer leaves it unset and the engine uses max_model_len -
     prompt length (vLLM's behaviour), not some small default."""
     prompt_ids = tokenizer.encode(SCRIPTED_COMPLETE_PROMPT)
@@ -224,8 +224,7 @@ async def test_cancelled_chat_aborts_the_engine_request(demo: Services, tokenize
     try:
         async with AsyncTokenizerClient(demo.tokenizer_target) as client:
             # No max_tokens and ignore_eos: ~490 tokens, far more than the few read before cancelling.
-            stream = client.chat(user("写一个很长的故事 📖"), request_id="e2e-cancel", temperature=0.0,
-                                 ignore_eos=True)
+            stream = client.chat(user("写一个很长的故事 📖"), request_id="e2e-cancel", temperature=0.0, ignore_eos=True)
             async for response in stream:
                 if response.text or response.reasoning_text:
                     break
@@ -233,8 +232,7 @@ async def test_cancelled_chat_aborts_the_engine_request(demo: Services, tokenize
             await stream.aclose()  # cancels the Chat call
             # the engine core knows the request by its internal id, not the client's label
             await wait_until(lambda: any(found for _, found in aborted), timeout=5, what="engine abort")
-            await wait_until(lambda: blocks.num_free_blocks == blocks.num_blocks, timeout=5,
-                             what="every KV block free")
+            await wait_until(lambda: blocks.num_free_blocks == blocks.num_blocks, timeout=5, what="every KV block free")
             async with AsyncEngineClient(demo.engine_target) as engine:
                 load = await engine.load()
             assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
-from engine_service.core.engine import LLMEngine
 from engine_service.config import EngineConfig
+from engine_service.core.engine import LLMEngine
 
 
 def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60, vocab: int = 500) -> list[list[int]]:
@@ -40,8 +40,15 @@ def test_greedy_matches_transformers_generate(llm: LLM, tiny_checkpoint: Path) -
     for p, got in zip(ps, ours):
         ids = torch.tensor([p])
         # attention_mask given explicitly: otherwise transformers masks every token equal to pad_token_id
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
         assert got == ref
 
 
@@ -53,15 +60,14 @@ def test_block_pool_is_whole_after_every_request(llm: LLM) -> None:
 
 def test_prefix_cache_computes_only_new_tokens(tiny_checkpoint: Path) -> None:
     base = prompts(1, seed=3, lo=50, hi=50)[0]
-    second = base[:48] + [7, 8, 9, 10, 11]
+    second = [*base[:48], 7, 8, 9, 10, 11]
     with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, kv_block_size=16) as cached:
         cached.generate([base], GREEDY)
         before = cached.engine.num_prompt_tokens_total
         out = cached.generate([second], GREEDY)[0]
         assert cached.engine.num_prompt_tokens_total - before == len(second) - 48
         assert out.num_cached_tokens == 48
-    with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, kv_block_size=16,
-             enable_prefix_caching=False) as plain:
+    with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, kv_block_size=16, enable_prefix_caching=False) as plain:
         plain.generate([base], GREEDY)
         ref = plain.generate([second], GREEDY)[0]
         assert ref.num_cached_tokens == 0
@@ -92,12 +98,16 @@ def test_seeded_sampling_is_independent_of_batch_composition(llm: LLM) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate([target], params)[0].token_ids
     others = prompts(5, seed=7)
-    mixed = llm.generate(others[:2] + [target] + others[2:],
-                         [SamplingParams(temperature=0.7, max_tokens=9, ignore_eos=True)] * 2 + [params]
-                         + [SamplingParams(temperature=1.3, max_tokens=20, ignore_eos=True)] * 3)
+    mixed = llm.generate(
+        [*others[:2], target, *others[2:]],
+        [SamplingParams(temperature=0.7, max_tokens=9, ignore_eos=True)] * 2
+        + [params]
+        + [SamplingParams(temperature=1.3, max_tokens=20, ignore_eos=True)] * 3,
+    )
     assert mixed[2].token_ids == alone
-    other_seed = llm.generate([target], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16,
-                                                       ignore_eos=True))[0].token_ids
+    other_seed = llm.generate(
+        [target], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16, ignore_eos=True)
+    )[0].token_ids
     assert other_seed != alone
 
 
@@ -126,21 +136,32 @@ def test_abort_returns_blocks_at_once(tiny_checkpoint: Path) -> None:
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize(("prompt", "params", "field"), [
-    ([], SamplingParams(), "prompt_token_ids"),
-    ([1, 2, 100_000], SamplingParams(), "prompt_token_ids"),
-    ([1] * 5000, SamplingParams(), "prompt_token_ids"),
-    ([1, 2], SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ([], SamplingParams(), "prompt_token_ids"),
+        ([1, 2, 100_000], SamplingParams(), "prompt_token_ids"),
+        ([1] * 5000, SamplingParams(), "prompt_token_ids"),
+        ([1, 2], SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+    ],
+)
 def test_invalid_requests_name_the_field(llm: LLM, prompt, params, field) -> None:
     with pytest.raises(ValueError, match=field):
         llm.generate([prompt], params)
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("tensor_parallel_size", 0), ("dtype", "int8"), ("kv_block_size", 12), ("max_num_seqs", 0),
-    ("gpu_memory_utilization", 1.5), ("attention_backend", "magic"), ("max_model_len", 10**9),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("tensor_parallel_size", 0),
+        ("dtype", "int8"),
+        ("kv_block_size", 12),
+        ("max_num_seqs", 0),
+        ("gpu_memory_utilization", 1.5),
+        ("attention_backend", "magic"),
+        ("max_model_len", 10**9),
+    ],
+)
 def test_invalid_engine_options_name_the_field(tiny_checkpoint: Path, option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         LLM(tiny_checkpoint, device="cpu", **{option: value})

@@ -28,9 +28,27 @@ PROMPT = [11, 22, 33, 44, 55]
 
 def start(model: Path, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "engine_service", "--model", str(model), "--device", "cpu", "--port", "0",
-         "--num-kv-blocks", "64", "--log-format", "json", *options],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+        [
+            sys.executable,
+            "-m",
+            "engine_service",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+            "--num-kv-blocks",
+            "64",
+            "--log-format",
+            "json",
+            *options,
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+    )
 
 
 def read_until(proc: subprocess.Popen, message: str, records: list[dict], timeout_s: float = 120) -> dict:
@@ -56,12 +74,15 @@ def test_cli_serves_streams_and_stops_on_sigterm(tiny_checkpoint: Path) -> None:
         target = f"127.0.0.1:{int(listening['address'].rsplit(':', 1)[1])}"
         read_until(proc, "serving", records)
         with grpc.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                                              timeout=5)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             request = engine_pb2.GenerateRequest(
-                request_id="cli", prompt_token_ids=PROMPT,
-                sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+                request_id="cli",
+                prompt_token_ids=PROMPT,
+                sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+            )
             responses = list(engine_pb2_grpc.EngineServiceStub(channel).Generate(request, timeout=60))
         streamed = [t for r in responses for t in r.token_ids]
         assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
@@ -73,8 +94,11 @@ def test_cli_serves_streams_and_stops_on_sigterm(tiny_checkpoint: Path) -> None:
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        records += [json.loads(line) for line in proc.stderr.read().splitlines()  # type: ignore[union-attr]
-                    if line.startswith("{")]
+        records += [
+            json.loads(line)
+            for line in proc.stderr.read().splitlines()  # type: ignore[union-attr]
+            if line.startswith("{")
+        ]
         assert any(r["msg"] == "shutting down" and r["signal"] == "SIGTERM" for r in records)
     finally:
         if proc.poll() is None:
@@ -97,10 +121,10 @@ def test_cli_exits_with_the_load_error(tiny_checkpoint: Path, tmp_path: Path) ->
     assert failed and "model.safetensors is unreadable" in failed[0]["msg"]
 
 
-@pytest.mark.parametrize("option, value, field", [("--max-num-seqs", "0", "max_num_seqs"),
-                                                   ("--stream-interval", "0", "stream_interval")])
-def test_cli_rejects_a_bad_option_before_listening(tiny_checkpoint: Path, option: str, value: str,
-                                                   field: str) -> None:
+@pytest.mark.parametrize(
+    "option, value, field", [("--max-num-seqs", "0", "max_num_seqs"), ("--stream-interval", "0", "stream_interval")]
+)
+def test_cli_rejects_a_bad_option_before_listening(tiny_checkpoint: Path, option: str, value: str, field: str) -> None:
     proc = start(tiny_checkpoint, option, value)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2

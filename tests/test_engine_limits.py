@@ -11,11 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from serving import start_engine
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
-from serving import start_engine
 from service_common.errors import bad_request_field
-
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,23 +39,38 @@ def _request(**fields) -> engine_pb2.GenerateRequest:
     return engine_pb2.GenerateRequest(**fields)
 
 
-@pytest.mark.parametrize("request_fields, field, says", [
-    ({"prompt_token_ids": list(range(2_000_000))}, "prompt_token_ids", "maximum length is 256"),
-    ({"request_id": "x" * 1_000_000}, "request_id", "the limit is 256"),
-    ({"sampling_params": engine_pb2.SamplingParams(stop_token_ids=list(range(100_000)))},
-     "sampling_params.stop_token_ids", "the limit is 256"),
-    ({"sampling_params": engine_pb2.SamplingParams(max_tokens=300)}, "sampling_params.max_tokens",
-     "maximum length (256)"),
-    ({"sampling_params": engine_pb2.SamplingParams(stop_token_ids=[10**6])}, "sampling_params.stop_token_ids",
-     "outside the vocabulary"),
-    ({"prompt_token_ids": [1, 10**7]}, "prompt_token_ids", "outside the vocabulary"),
-    ({"sampling_params": engine_pb2.SamplingParams(top_p=2.0)}, "sampling_params.top_p", "(0, 1]"),
-], ids=["huge-prompt", "huge-request-id", "many-stop-ids", "max-tokens", "stop-id-vocab", "prompt-vocab", "top-p"])
-async def test_oversized_and_invalid_fields_are_named(engine_target: str, request_fields: dict, field: str,
-                                                      says: str) -> None:
+@pytest.mark.parametrize(
+    "request_fields, field, says",
+    [
+        ({"prompt_token_ids": list(range(2_000_000))}, "prompt_token_ids", "maximum length is 256"),
+        ({"request_id": "x" * 1_000_000}, "request_id", "the limit is 256"),
+        (
+            {"sampling_params": engine_pb2.SamplingParams(stop_token_ids=list(range(100_000)))},
+            "sampling_params.stop_token_ids",
+            "the limit is 256",
+        ),
+        (
+            {"sampling_params": engine_pb2.SamplingParams(max_tokens=300)},
+            "sampling_params.max_tokens",
+            "maximum length (256)",
+        ),
+        (
+            {"sampling_params": engine_pb2.SamplingParams(stop_token_ids=[10**6])},
+            "sampling_params.stop_token_ids",
+            "outside the vocabulary",
+        ),
+        ({"prompt_token_ids": [1, 10**7]}, "prompt_token_ids", "outside the vocabulary"),
+        ({"sampling_params": engine_pb2.SamplingParams(top_p=2.0)}, "sampling_params.top_p", "(0, 1]"),
+    ],
+    ids=["huge-prompt", "huge-request-id", "many-stop-ids", "max-tokens", "stop-id-vocab", "prompt-vocab", "top-p"],
+)
+async def test_oversized_and_invalid_fields_are_named(
+    engine_target: str, request_fields: dict, field: str, says: str
+) -> None:
     request = _request(**request_fields)
-    async with grpc.aio.insecure_channel(engine_target, options=[
-            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+    async with grpc.aio.insecure_channel(
+        engine_target, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         err, seconds = await _rejected(stub.Generate, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
@@ -67,9 +81,11 @@ async def test_oversized_and_invalid_fields_are_named(engine_target: str, reques
 
 
 async def test_a_huge_prompt_does_not_stall_another_stream(engine_target: str) -> None:
-    """A 2M-id prompt (as large as the message limit allows) is rejected while another request streams: its largest inter-message gap stays small."""
-    async with grpc.aio.insecure_channel(engine_target, options=[
-            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+    """A 2M-id prompt (as large as the message limit allows) is rejected while another request streams:
+    its largest inter-message gap stays small."""
+    async with grpc.aio.insecure_channel(
+        engine_target, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         gaps: list[float] = []
 
@@ -84,9 +100,11 @@ async def test_a_huge_prompt_does_not_stall_another_stream(engine_target: str) -
         # Serialized beforehand, sent as raw bytes: the test's own client shares this event loop, and
         # building a 2M-id message here would be the test stalling itself, not the server.
         huge = _request(prompt_token_ids=list(range(2_000_000))).SerializeToString()  # 6.6 MB: under the limit
-        raw_generate = channel.unary_stream("/qwen3serve.engine.v1.EngineService/Generate",
-                                            request_serializer=lambda data: data,
-                                            response_deserializer=engine_pb2.GenerateResponse.FromString)
+        raw_generate = channel.unary_stream(
+            "/qwen3serve.engine.v1.EngineService/Generate",
+            request_serializer=lambda data: data,
+            response_deserializer=engine_pb2.GenerateResponse.FromString,
+        )
         streaming = asyncio.ensure_future(stream())
         await asyncio.sleep(0.2)
         for _ in range(3):
@@ -100,11 +118,14 @@ async def test_a_message_beyond_the_size_limit_is_resource_exhausted(engine_targ
     """Beyond --max-message-mb (8 MiB) gRPC refuses the message before parsing it."""
     huge = _request(prompt_token_ids=list(range(4_000_000))).SerializeToString()
     assert len(huge) > 8 * 2**20
-    async with grpc.aio.insecure_channel(engine_target, options=[
-            ("grpc.max_send_message_length", 64 << 20)]) as channel:
-        raw_generate = channel.unary_stream("/qwen3serve.engine.v1.EngineService/Generate",
-                                            request_serializer=lambda data: data,
-                                            response_deserializer=engine_pb2.GenerateResponse.FromString)
+    async with grpc.aio.insecure_channel(
+        engine_target, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        raw_generate = channel.unary_stream(
+            "/qwen3serve.engine.v1.EngineService/Generate",
+            request_serializer=lambda data: data,
+            response_deserializer=engine_pb2.GenerateResponse.FromString,
+        )
         err, seconds = await _rejected(raw_generate, huge)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.details()
     assert seconds < 1.0

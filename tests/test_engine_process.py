@@ -8,6 +8,7 @@ the engine; killing the engine process turns health NOT_SERVING and requests UNA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -16,12 +17,12 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_engine_server import collect, greedy_request, prompts
 
 from engine_service import LLM, SamplingParams
 from engine_service.config import EngineConfig
 from engine_service.server import SERVICE_NAME, start_engine_server
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
-from test_engine_server import collect, greedy_request, prompts
 
 
 @pytest.fixture
@@ -44,8 +45,9 @@ async def test_engine_runs_in_another_process_and_streams_offline_greedy(served,
     assert running.servicer.engine._driver._process.pid != os.getpid()
     ps = prompts(4, seed=3)
     with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
-        expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=8,
-                                                                             ignore_eos=True))]
+        expected = [
+            o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        ]
     results = await asyncio.gather(*(collect(stub, greedy_request(p, 8)) for p in ps))
     assert [tokens for tokens, _ in results] == expected
     info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
@@ -106,23 +108,22 @@ async def test_tensor_parallel_engine_process_and_a_dying_worker(tiny_checkpoint
             stub, health = engine_pb2_grpc.EngineServiceStub(channel), health_pb2_grpc.HealthStub(channel)
             ps = prompts(3, seed=5)
             with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
-                expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=6,
-                                                                                     ignore_eos=True))]
+                expected = [
+                    o.token_ids
+                    for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+                ]
             results = await asyncio.gather(*(collect(stub, greedy_request(p, 6)) for p in ps))
             assert [tokens for tokens, _ in results] == expected
             engine_pid = running.servicer.engine._driver._process.pid
-            workers = [pid for pid in _children(engine_pid)
-                       if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+            workers = [pid for pid in _children(engine_pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
             assert workers, "the engine process has no TP worker child"
             os.kill(workers[0], signal.SIGKILL)
             check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
             for _ in range(500):  # the engine notices at its next step or idle poll
                 if (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING:
                     break
-                try:
+                with contextlib.suppress(grpc.aio.AioRpcError):
                     await collect(stub, greedy_request([1, 2, 3], 2))
-                except grpc.aio.AioRpcError:
-                    pass
                 await asyncio.sleep(0.02)
             assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -151,11 +152,22 @@ def test_pipe_form_of_outputs_round_trips() -> None:
     the server side gets the same outputs back (order within a step does not matter to streams)."""
     import pickle
 
-    from engine_service.protocol import (FinishReason, RequestOutput, StatsUpdate, StepOutputs, TokenLogprob,
-                                         decode_event, encode_event)
+    from engine_service.protocol import (
+        FinishReason,
+        RequestOutput,
+        StatsUpdate,
+        StepOutputs,
+        TokenLogprob,
+        decode_event,
+        encode_event,
+    )
 
-    outputs = [RequestOutput("a", [5]), RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
-               RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01), RequestOutput("d", [1, 2])]
+    outputs = [
+        RequestOutput("a", [5]),
+        RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
+        RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01),
+        RequestOutput("d", [1, 2]),
+    ]
     data = encode_event(StepOutputs(outputs, "stats"))  # type: ignore[arg-type]
     packed = pickle.loads(data)
     assert packed[1:4] == (["a", "d"], [1, 2], [5, 1, 2])  # the plain deltas, flat

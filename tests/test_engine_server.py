@@ -48,8 +48,10 @@ async def stub(server: EngineServer):
 
 
 def greedy_request(prompt: list[int], max_tokens: int = 10, **extra) -> engine_pb2.GenerateRequest:
-    return engine_pb2.GenerateRequest(prompt_token_ids=prompt, sampling_params=engine_pb2.SamplingParams(
-        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra))
+    return engine_pb2.GenerateRequest(
+        prompt_token_ids=prompt,
+        sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra),
+    )
 
 
 async def collect(stub, request) -> tuple[list[int], engine_pb2.GenerateResponse]:
@@ -71,17 +73,18 @@ async def wait_for_free_blocks(server: EngineServer, timeout: float = 5.0) -> No
 async def test_streamed_tokens_equal_offline_greedy(stub, tiny_checkpoint: Path) -> None:
     ps = prompts(6, seed=1)
     with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
-        expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=10,
-                                                                             ignore_eos=True))]
+        expected = [
+            o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+        ]
     results = await asyncio.gather(*(collect(stub, greedy_request(p)) for p in ps))
     assert [tokens for tokens, _ in results] == expected
-    for (tokens, last), p in zip(results, ps):
+    for (_tokens, last), p in zip(results, ps):
         assert last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
         assert last.usage.prompt_tokens == len(p) and last.usage.completion_tokens == 10
 
 
 async def test_logprobs_are_streamed(stub) -> None:
-    tokens, last = [], None
+    tokens, _last = [], None
     async for response in stub.Generate(greedy_request(prompts(1)[0], 4, logprobs=3)):
         assert len(response.logprobs) == len(response.token_ids)
         for token, lp in zip(response.token_ids, response.logprobs):
@@ -119,26 +122,30 @@ async def test_two_hundred_concurrent_streams_complete(tiny_checkpoint: Path) ->
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = engine_pb2_grpc.EngineServiceStub(channel)
             results = await asyncio.gather(*(collect(stub, greedy_request(p, 8)) for p in prompts(200, seed=3)))
-        assert all(len(tokens) == 8 and last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
-                   for tokens, last in results)
+        assert all(
+            len(tokens) == 8 and last.finish_reason == engine_pb2.FINISH_REASON_LENGTH for tokens, last in results
+        )
         await wait_for_free_blocks(running)
     finally:
         await running.stop(0)
 
 
-@pytest.mark.parametrize(("prompt", "sampling", "field"), [
-    ([], {}, "prompt_token_ids"),
-    ([1, 2, 10**6], {}, "prompt_token_ids"),
-    ([1] * 2048, {}, "prompt_token_ids"),
-    ([1, 2], {"max_tokens": 5000}, "sampling_params.max_tokens"),
-    ([1, 2], {"temperature": -1.0}, "sampling_params.temperature"),
-    ([1, 2], {"top_p": 1.5}, "sampling_params.top_p"),
-    ([1, 2], {"top_p": 0.0}, "sampling_params.top_p"),
-    ([1, 2], {"top_k": -2}, "sampling_params.top_k"),
-    ([1, 2], {"min_p": 1.5}, "sampling_params.min_p"),
-    ([1, 2], {"logprobs": 1000}, "sampling_params.logprobs"),
-    ([1, 2], {"stop_token_ids": [10**6]}, "sampling_params.stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "sampling", "field"),
+    [
+        ([], {}, "prompt_token_ids"),
+        ([1, 2, 10**6], {}, "prompt_token_ids"),
+        ([1] * 2048, {}, "prompt_token_ids"),
+        ([1, 2], {"max_tokens": 5000}, "sampling_params.max_tokens"),
+        ([1, 2], {"temperature": -1.0}, "sampling_params.temperature"),
+        ([1, 2], {"top_p": 1.5}, "sampling_params.top_p"),
+        ([1, 2], {"top_p": 0.0}, "sampling_params.top_p"),
+        ([1, 2], {"top_k": -2}, "sampling_params.top_k"),
+        ([1, 2], {"min_p": 1.5}, "sampling_params.min_p"),
+        ([1, 2], {"logprobs": 1000}, "sampling_params.logprobs"),
+        ([1, 2], {"stop_token_ids": [10**6]}, "sampling_params.stop_token_ids"),
+    ],
+)
 async def test_bad_requests_are_invalid_argument_naming_the_field(stub, prompt, sampling, field) -> None:
     request = engine_pb2.GenerateRequest(prompt_token_ids=prompt, sampling_params=engine_pb2.SamplingParams(**sampling))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -187,8 +194,9 @@ async def test_full_waiting_queue_is_resource_exhausted(tiny_checkpoint: Path) -
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = engine_pb2_grpc.EngineServiceStub(channel)
-            results = await asyncio.gather(*(collect(stub, greedy_request(p, 30)) for p in prompts(6)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(collect(stub, greedy_request(p, 30)) for p in prompts(6)), return_exceptions=True
+            )
         codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
         assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert any(not isinstance(r, BaseException) for r in results)
@@ -239,11 +247,14 @@ async def test_health_goes_serving_then_not_serving_when_the_engine_dies(tiny_ch
 async def test_stream_interval_groups_tokens_after_the_first(tiny_checkpoint: Path) -> None:
     ps = prompts(3, seed=12)
     with LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128) as llm:
-        expected = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=11,
-                                                                             ignore_eos=True))]
+        expected = [
+            o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True))
+        ]
     running = await start_engine_server(
         lambda: LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=128)),
-        str(tiny_checkpoint), stream_interval=4)
+        str(tiny_checkpoint),
+        stream_interval=4,
+    )
     itl_count = ("qwen3serve_inter_token_latency_seconds_count", {"model_name": tiny_checkpoint.name})
     itl_before = REGISTRY.get_sample_value(*itl_count) or 0.0
     try:
@@ -265,7 +276,8 @@ async def test_stream_interval_groups_tokens_after_the_first(tiny_checkpoint: Pa
         assert all(len(r.token_ids) >= 4 for r in stream[1:-1])
         assert len(stream) <= 4 and stream[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
     # every token after the first message is one inter-token observation, however the tokens were grouped
-    assert (REGISTRY.get_sample_value(*itl_count) - itl_before
-            == sum(len(want) - len(stream[0].token_ids) for stream, want in zip(streams, expected)))
+    assert REGISTRY.get_sample_value(*itl_count) - itl_before == sum(
+        len(want) - len(stream[0].token_ids) for stream, want in zip(streams, expected)
+    )
     with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
         await start_engine_server(lambda: None, str(tiny_checkpoint), stream_interval=0)  # type: ignore[arg-type]

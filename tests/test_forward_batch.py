@@ -21,14 +21,22 @@ def _random_decode(num_seqs: int, block_size: int, seed: int) -> tuple:
 
 
 @pytest.mark.parametrize("num_seqs, block_size, seed", [(1, 16, 0), (3, 16, 1), (8, 256, 2), (16, 16, 3)])
-def test_small_decode_path_equals_general_path(num_seqs: int, block_size: int, seed: int,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_decode_path_equals_general_path(
+    num_seqs: int, block_size: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = _random_decode(num_seqs, block_size, seed)
     small = ForwardBatch.build(*args)
     monkeypatch.setattr(forward_batch, "_SMALL_DECODE", 0)  # force the NumPy path
     general = ForwardBatch.build(*args)
-    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                 "logits_indices"):
+    for name in (
+        "input_ids",
+        "positions",
+        "slot_mapping",
+        "query_start_loc",
+        "seq_lens",
+        "block_tables",
+        "logits_indices",
+    ):
         a, b = getattr(small, name), getattr(general, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
     for name in ("max_query_len", "max_seq_len", "query_lens_cpu", "seq_lens_cpu"):

@@ -53,23 +53,37 @@ def test_launchers_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="^positions must be int64"):
         qk_norm_rope(q, k, torch.ones(16), torch.ones(16), 1e-6, cos_sin, positions.int())
     with pytest.raises(ValueError, match="head_dim must be twice a power of two"):
-        qk_norm_rope(torch.zeros(2, 4, 12), torch.zeros(2, 2, 12), torch.ones(12), torch.ones(12), 1e-6,
-                     torch.zeros(32, 12), positions)
+        qk_norm_rope(
+            torch.zeros(2, 4, 12),
+            torch.zeros(2, 2, 12),
+            torch.ones(12),
+            torch.ones(12),
+            1e-6,
+            torch.zeros(32, 12),
+            positions,
+        )
 
 
 @needs_triton
 def test_kernels_match_pytorch_under_triton_interpreter() -> None:
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0 or not last.startswith("{"):
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     report = json.loads(last)
     assert len(report) == 2 and all(len(cases) >= 15 for cases in report.values()), report
-    bad = {f"{dtype} {name}": rel for dtype, cases in report.items() for name, rel in cases.items()
-           if not rel <= BOUND[dtype]}  # `not <=` also catches NaN
+    bad = {
+        f"{dtype} {name}": rel
+        for dtype, cases in report.items()
+        for name, rel in cases.items()
+        if not rel <= BOUND[dtype]
+    }  # `not <=` also catches NaN
     assert not bad, f"relative error above the dtype's precision: {bad}"
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2
-
-from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
 from fuzz_inputs import Sizes
 from fuzzer import Tally, fuzz
-from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from grpc_health.v1 import health_pb2
 from serving import Services, health_status, start_services, wait_until
+
+from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from tokenizer_service.chat_template import ChatTokenizer
 
 N = int(os.environ.get("QWEN3SERVE_FUZZ_N", "1000"))
@@ -48,11 +48,13 @@ async def fuzzed(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIterat
     """Both services, fuzzed once for the module: (services, tally, ERROR records of the services)."""
     errors = _Errors()
     logging.getLogger().addHandler(errors)
-    services = await start_services(demo_checkpoint, tokenizer, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
-                                    max_waiting_requests=16)
+    services = await start_services(
+        demo_checkpoint, tokenizer, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, max_waiting_requests=16
+    )
     try:
-        tally = await fuzz(services.engine_target, services.tokenizer_target, N, SEED,
-                           sizes=Sizes(max_model_len=MAX_MODEL_LEN))
+        tally = await fuzz(
+            services.engine_target, services.tokenizer_target, N, SEED, sizes=Sizes(max_model_len=MAX_MODEL_LEN)
+        )
         print(f"\n{tally.summary()}")
         for finding in tally.findings[:50]:
             print(finding)
@@ -86,8 +88,15 @@ async def test_after_fuzzing_both_servers_serve_and_every_kv_block_is_free(fuzze
     blocks = services.core.block_manager
     await wait_until(lambda: blocks.num_free_blocks == blocks.num_blocks, what="every KV block free")
     async with grpc.aio.insecure_channel(services.engine_target) as channel:
-        responses = [r async for r in engine_pb2_grpc.EngineServiceStub(channel).Generate(engine_pb2.GenerateRequest(
-            prompt_token_ids=[9707, 11], sampling_params=engine_pb2.SamplingParams(max_tokens=3, ignore_eos=True)))]
+        responses = [
+            r
+            async for r in engine_pb2_grpc.EngineServiceStub(channel).Generate(
+                engine_pb2.GenerateRequest(
+                    prompt_token_ids=[9707, 11],
+                    sampling_params=engine_pb2.SamplingParams(max_tokens=3, ignore_eos=True),
+                )
+            )
+        ]
     assert sum(len(r.token_ids) for r in responses) == 3
     assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors[:10]]
     assert tally.status_count("UNAVAILABLE") == 0  # nothing was down

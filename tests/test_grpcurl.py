@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-
-from engine_service import LLM, SamplingParams
 from serving import Services, grpcurl_binary, json_stream, run_process, start_services
+
 from clients import AsyncTokenizerClient
+from engine_service import LLM, SamplingParams
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -73,8 +73,10 @@ async def test_list_shows_every_service(services: Services, grpcurl) -> None:
 
 async def test_describe_methods_and_messages_through_reflection(services: Services, grpcurl) -> None:
     generate = await grpcurl(services.engine_target, "describe", f"{ENGINE}.Generate")
-    assert ("rpc Generate ( .qwen3serve.engine.v1.GenerateRequest ) returns "
-            "( stream .qwen3serve.engine.v1.GenerateResponse );") in generate
+    assert (
+        "rpc Generate ( .qwen3serve.engine.v1.GenerateRequest ) returns "
+        "( stream .qwen3serve.engine.v1.GenerateResponse );"
+    ) in generate
     sampling = await grpcurl(services.engine_target, "describe", "qwen3serve.engine.v1.SamplingParams")
     assert "optional float temperature = 1;" in sampling and "repeated uint32 stop_token_ids = 11;" in sampling
     chat = await grpcurl(services.tokenizer_target, "describe", f"{TOKENIZER}.Chat")
@@ -84,10 +86,12 @@ async def test_describe_methods_and_messages_through_reflection(services: Servic
     assert ".qwen3serve.engine.v1.SamplingParams sampling_params = 5;" in request
 
 
-async def test_streaming_generate_equals_offline_greedy(services: Services, grpcurl,
-                                                        demo_checkpoint: Path) -> None:
-    body = {"request_id": "grpcurl-1", "prompt_token_ids": PROMPT,
-            "sampling_params": {"temperature": 0, "max_tokens": 8, "ignore_eos": True}}
+async def test_streaming_generate_equals_offline_greedy(services: Services, grpcurl, demo_checkpoint: Path) -> None:
+    body = {
+        "request_id": "grpcurl-1",
+        "prompt_token_ids": PROMPT,
+        "sampling_params": {"temperature": 0, "max_tokens": 8, "ignore_eos": True},
+    }
     messages = json_stream(await grpcurl("-d", json.dumps(body), services.engine_target, f"{ENGINE}/Generate"))
     with LLM(demo_checkpoint, device="cpu", **ENGINE_OPTIONS) as llm:
         (expected,) = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
@@ -102,12 +106,14 @@ async def test_streaming_generate_equals_offline_greedy(services: Services, grpc
 async def test_streaming_chat_returns_text(services: Services, grpcurl) -> None:
     messages = [{"role": "user", "content": "Why is the sky blue? 天空为什么是蓝色的？"}]
     body = {"messages": messages, "sampling_params": {"temperature": 0, "max_tokens": 12}}
-    out = json_stream(await grpcurl("-d", json.dumps(body, ensure_ascii=False), services.tokenizer_target,
-                                    f"{TOKENIZER}/Chat"))
+    out = json_stream(
+        await grpcurl("-d", json.dumps(body, ensure_ascii=False), services.tokenizer_target, f"{TOKENIZER}/Chat")
+    )
     text = "".join(m.get("reasoning_text", "") + m.get("text", "") for m in out)
     async with AsyncTokenizerClient(services.tokenizer_target) as client:
-        expected = "".join([r.reasoning_text + r.text
-                            async for r in client.chat(messages, temperature=0.0, max_tokens=12)])
+        expected = "".join(
+            [r.reasoning_text + r.text async for r in client.chat(messages, temperature=0.0, max_tokens=12)]
+        )
     assert text and text == expected  # grpcurl's JSON text == what the Python client gets
     assert out[-1]["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
 
@@ -117,8 +123,7 @@ async def test_health_check(services: Services, grpcurl) -> None:
         for name in ("", service):
             out = await grpcurl("-d", json.dumps({"service": name}), target, f"{HEALTH}/Check")
             assert json.loads(out) == {"status": "SERVING"}
-    err = await grpcurl("-d", '{"service": "no.such.Service"}', services.engine_target, f"{HEALTH}/Check",
-                        check=False)
+    err = await grpcurl("-d", '{"service": "no.such.Service"}', services.engine_target, f"{HEALTH}/Check", check=False)
     assert "NotFound" in err
 
 

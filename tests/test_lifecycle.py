@@ -33,8 +33,9 @@ class Proc:
     def __init__(self, args: list[str], log: Path, **popen) -> None:
         self.log = log
         with open(log, "w") as err:
-            self.popen = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                          env=ENV, **popen)
+            self.popen = subprocess.Popen(
+                args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=ENV, **popen
+            )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -63,8 +64,22 @@ class Proc:
 
 
 def engine_cli(model: Path, log: Path, *options: str, **popen) -> Proc:
-    return Proc([sys.executable, "-m", "engine_service", "--model", str(model), "--device", "cpu",
-                 "--log-format", "json", *options], log, **popen)
+    return Proc(
+        [
+            sys.executable,
+            "-m",
+            "engine_service",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--log-format",
+            "json",
+            *options,
+        ],
+        log,
+        **popen,
+    )
 
 
 @pytest.fixture
@@ -77,15 +92,29 @@ def procs() -> Iterator[list[Proc]]:
 
 def long_generate(request_id: str) -> engine_pb2.GenerateRequest:
     # One sequence at a time (--max-num-seqs 1) and ~1,900 tokens each: these streams outlive a 1 s grace.
-    return engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=[1, 2, 3], sampling_params=
-                                      engine_pb2.SamplingParams(temperature=0, max_tokens=1900, ignore_eos=True))
+    return engine_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=[1, 2, 3],
+        sampling_params=engine_pb2.SamplingParams(temperature=0, max_tokens=1900, ignore_eos=True),
+    )
 
 
-def serving_engine(tiny_checkpoint: Path, tmp_path: Path, procs: list[Proc], *options: str, **popen
-                   ) -> tuple[Proc, str]:
+def serving_engine(
+    tiny_checkpoint: Path, tmp_path: Path, procs: list[Proc], *options: str, **popen
+) -> tuple[Proc, str]:
     port = free_port()
-    proc = engine_cli(tiny_checkpoint, tmp_path / "engine.log", "--port", str(port), "--num-kv-blocks", "128",
-                      "--max-num-seqs", "1", *options, **popen)
+    proc = engine_cli(
+        tiny_checkpoint,
+        tmp_path / "engine.log",
+        "--port",
+        str(port),
+        "--num-kv-blocks",
+        "128",
+        "--max-num-seqs",
+        "1",
+        *options,
+        **popen,
+    )
     procs.append(proc)
     proc.wait_record("serving")
     return proc, f"127.0.0.1:{port}"
@@ -97,8 +126,9 @@ def assert_clean(proc: Proc) -> None:
     assert not [r for r in proc.records() if r["level"] == "error"], text[-3000:]
 
 
-def test_sigterm_drains_then_ends_running_streams_aborted(tiny_checkpoint: Path, tmp_path: Path,
-                                                          procs: list[Proc]) -> None:
+def test_sigterm_drains_then_ends_running_streams_aborted(
+    tiny_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     proc, target = serving_engine(tiny_checkpoint, tmp_path, procs, "--grace-period", "1")
     with grpc.insecure_channel(target) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE))
@@ -122,11 +152,11 @@ def test_sigterm_drains_then_ends_running_streams_aborted(tiny_checkpoint: Path,
     assert any(r["msg"] == "grace period over: aborting the streams still running" for r in proc.records())
 
 
-def test_ctrl_c_on_the_process_group_is_a_shutdown_not_an_engine_death(tiny_checkpoint: Path, tmp_path: Path,
-                                                                       procs: list[Proc]) -> None:
+def test_ctrl_c_on_the_process_group_is_a_shutdown_not_an_engine_death(
+    tiny_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     """A terminal's Ctrl-C reaches the server and its engine process alike; the engine must not die of it."""
-    proc, target = serving_engine(tiny_checkpoint, tmp_path, procs, "--grace-period", "1",
-                                  start_new_session=True)
+    proc, _target = serving_engine(tiny_checkpoint, tmp_path, procs, "--grace-period", "1", start_new_session=True)
     os.killpg(proc.popen.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 0
     assert_clean(proc)
@@ -134,15 +164,19 @@ def test_ctrl_c_on_the_process_group_is_a_shutdown_not_an_engine_death(tiny_chec
 
 
 def engine_child_pid(server_pid: int) -> int:
-    children = [int(pid) for task in Path(f"/proc/{server_pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
+    children = [
+        int(pid)
+        for task in Path(f"/proc/{server_pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
     engines = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert len(engines) == 1, children
     return engines[0]
 
 
-def test_engine_death_fails_streams_unavailable_and_exits_nonzero(tiny_checkpoint: Path, tmp_path: Path,
-                                                                  procs: list[Proc]) -> None:
+def test_engine_death_fails_streams_unavailable_and_exits_nonzero(
+    tiny_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     proc, target = serving_engine(tiny_checkpoint, tmp_path, procs)
     with grpc.insecure_channel(target) as channel:
         call = engine_pb2_grpc.EngineServiceStub(channel).Generate(long_generate("doomed"), timeout=60)
@@ -164,27 +198,55 @@ def test_port_in_use_is_one_clear_line(service: str, demo_checkpoint: Path, tmp_
         taken.listen()
         port = taken.getsockname()[1]
         extra = ["--device", "cpu"] if service == "engine_service" else ["--engine", "127.0.0.1:1"]
-        result = subprocess.run([sys.executable, "-m", service, "--model", str(demo_checkpoint), "--port", str(port),
-                                 *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", service, "--model", str(demo_checkpoint), "--port", str(port), *extra],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "level=info" not in line]
     assert errors == [f"error: cannot listen on 127.0.0.1:{port}: address already in use"], result.stderr
 
 
-def test_tokenizer_sigterm_ends_its_running_streams_aborted(demo_checkpoint: Path, tmp_path: Path,
-                                                            procs: list[Proc]) -> None:
+def test_tokenizer_sigterm_ends_its_running_streams_aborted(
+    demo_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     engine_port, port = free_port(), free_port()
-    procs.append(engine_cli(demo_checkpoint, tmp_path / "engine.log", "--port", str(engine_port),
-                            "--num-kv-blocks", "256"))
-    tokenizer = Proc([sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint), "--engine",
-                      f"127.0.0.1:{engine_port}", "--port", str(port), "--engine-probe-interval", "0.2",
-                      "--grace-period", "1", "--log-format", "json"], tmp_path / "tokenizer.log")
+    procs.append(
+        engine_cli(demo_checkpoint, tmp_path / "engine.log", "--port", str(engine_port), "--num-kv-blocks", "256")
+    )
+    tokenizer = Proc(
+        [
+            sys.executable,
+            "-m",
+            "tokenizer_service",
+            "--model",
+            str(demo_checkpoint),
+            "--engine",
+            f"127.0.0.1:{engine_port}",
+            "--port",
+            str(port),
+            "--engine-probe-interval",
+            "0.2",
+            "--grace-period",
+            "1",
+            "--log-format",
+            "json",
+        ],
+        tmp_path / "tokenizer.log",
+    )
     procs.append(tokenizer)
     wait_serving(f"127.0.0.1:{port}", TOKENIZER_SERVICE)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = tokenizer_pb2_grpc.TokenizerServiceStub(channel).Complete(tokenizer_pb2.CompleteRequest(
-            prompt="Once upon a time", sampling_params=engine_pb2.SamplingParams(max_tokens=3000, ignore_eos=True)),
-            timeout=60)
+        call = tokenizer_pb2_grpc.TokenizerServiceStub(channel).Complete(
+            tokenizer_pb2.CompleteRequest(
+                prompt="Once upon a time", sampling_params=engine_pb2.SamplingParams(max_tokens=3000, ignore_eos=True)
+            ),
+            timeout=60,
+        )
         assert next(call).text
         tokenizer.popen.send_signal(signal.SIGTERM)
         responses = list(call)
@@ -196,9 +258,24 @@ def test_tokenizer_sigterm_ends_its_running_streams_aborted(demo_checkpoint: Pat
 
 def supervisor(model: Path, tmp_path: Path, engine_args: str = "") -> tuple[Proc, int, int]:
     engine_port, port = free_port(), free_port()
-    proc = Proc([sys.executable, "scripts/serve.py", "--model", str(model), "--engine-port", str(engine_port),
-                 "--tokenizer-port", str(port), "--engine-args", f"--device cpu --num-kv-blocks 64 {engine_args}",
-                 "--tokenizer-args", "--engine-probe-interval 0.2"], tmp_path / "serve.log", start_new_session=True)
+    proc = Proc(
+        [
+            sys.executable,
+            "scripts/serve.py",
+            "--model",
+            str(model),
+            "--engine-port",
+            str(engine_port),
+            "--tokenizer-port",
+            str(port),
+            "--engine-args",
+            f"--device cpu --num-kv-blocks 64 {engine_args}",
+            "--tokenizer-args",
+            "--engine-probe-interval 0.2",
+        ],
+        tmp_path / "serve.log",
+        start_new_session=True,
+    )
     return proc, engine_port, port
 
 
@@ -207,8 +284,12 @@ def wait_serving(target: str, service: str, timeout: float = 120) -> None:
     with grpc.insecure_channel(target) as channel:
         while time.monotonic() < deadline:
             try:
-                if health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                             timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                    .status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -230,7 +311,7 @@ def alive(pid: int) -> bool:
 
 
 def test_supervisor_ctrl_c_stops_both_cleanly(demo_checkpoint: Path, tmp_path: Path, procs: list[Proc]) -> None:
-    proc, engine_port, port = supervisor(demo_checkpoint, tmp_path)
+    proc, _engine_port, port = supervisor(demo_checkpoint, tmp_path)
     procs.append(proc)
     wait_serving(f"127.0.0.1:{port}", TOKENIZER_SERVICE)
     children = pids_of(proc)
@@ -241,8 +322,9 @@ def test_supervisor_ctrl_c_stops_both_cleanly(demo_checkpoint: Path, tmp_path: P
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "level=error" not in text, text[-3000:]
 
 
-def test_supervisor_stops_the_other_when_one_dies_and_passes_options(demo_checkpoint: Path, tmp_path: Path,
-                                                                    procs: list[Proc]) -> None:
+def test_supervisor_stops_the_other_when_one_dies_and_passes_options(
+    demo_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     proc, _, _ = supervisor(demo_checkpoint, tmp_path, engine_args="--max-num-seqs 0")  # the engine refuses it
     procs.append(proc)
     assert proc.wait(timeout=60) == 1
@@ -252,14 +334,29 @@ def test_supervisor_stops_the_other_when_one_dies_and_passes_options(demo_checkp
     assert not any(alive(pid) for pid in pids_of(proc))
 
 
-def test_make_serve_stops_both_on_sigterm_to_make_alone(demo_checkpoint: Path, tmp_path: Path,
-                                                        procs: list[Proc]) -> None:
+def test_make_serve_stops_both_on_sigterm_to_make_alone(
+    demo_checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
     engine_port, port = free_port(), free_port()
     # -o: take the installed venv and generated code as up to date (this test runs inside them).
-    make = Proc(["make", "-s", "-o", ".venv/.installed", "-o", "qwen3serve/__init__.py", "serve",
-                 f"MODEL={demo_checkpoint}", f"ENGINE_PORT={engine_port}", f"TOKENIZER_PORT={port}",
-                 f"PY={sys.executable}", "ENGINE_ARGS=--device cpu --num-kv-blocks 64"],
-                tmp_path / "make.log", start_new_session=True)
+    make = Proc(
+        [
+            "make",
+            "-s",
+            "-o",
+            ".venv/.installed",
+            "-o",
+            "qwen3serve/__init__.py",
+            "serve",
+            f"MODEL={demo_checkpoint}",
+            f"ENGINE_PORT={engine_port}",
+            f"TOKENIZER_PORT={port}",
+            f"PY={sys.executable}",
+            "ENGINE_ARGS=--device cpu --num-kv-blocks 64",
+        ],
+        tmp_path / "make.log",
+        start_new_session=True,
+    )
     procs.append(make)
     wait_serving(f"127.0.0.1:{port}", TOKENIZER_SERVICE)
     children = pids_of(make)

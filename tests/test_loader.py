@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from helpers import load_model
 from safetensors.torch import load_file, save_file
 
-from helpers import load_model
 from qwen3 import CheckpointError, ConfigError
 
 # Untied, with attention biases: every kind of parameter (fused q/k/v and gate/up, biases, lm_head).
@@ -31,8 +31,9 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen3.testing import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("sharded"), "tiny", seed=3, with_tokenizer=False,
-                            max_shard_size="100KB", **SHAPE)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("sharded"), "tiny", seed=3, with_tokenizer=False, max_shard_size="100KB", **SHAPE
+    )
 
 
 def edited_copy(src: Path, dst: Path, file: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
@@ -63,8 +64,15 @@ def assert_holds_checkpoint(model: torch.nn.Module, tensors: dict[str, torch.Ten
     }
     for name, parts in fused.items():
         assert torch.equal(params[name], torch.cat([tensors[p].float() for p in parts])), name
-    for name in ("model.embed_tokens.weight", "lm_head.weight", f"{attn}.o_proj.weight", f"{attn}.o_proj.bias",
-                 f"{attn}.q_norm.weight", f"{mlp}.down_proj.weight", f"{LAYER0}.input_layernorm.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        f"{attn}.o_proj.weight",
+        f"{attn}.o_proj.bias",
+        f"{attn}.q_norm.weight",
+        f"{mlp}.down_proj.weight",
+        f"{LAYER0}.input_layernorm.weight",
+    ):
         assert params[name].dtype == torch.float32
         assert torch.equal(params[name], tensors[name].float()), name
 
@@ -91,8 +99,12 @@ def test_tied_checkpoint_with_a_copy_of_the_embedding_loads(tmp_path: Path) -> N
     from qwen3.testing import write_checkpoint
 
     src = write_checkpoint(tmp_path / "src", "tiny", seed=3, with_tokenizer=False)
-    path = edited_copy(src, tmp_path / "copy", "model.safetensors",
-                       lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone() + 1))
+    path = edited_copy(
+        src,
+        tmp_path / "copy",
+        "model.safetensors",
+        lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone() + 1),
+    )
     model = load_model(path, num_blocks=1)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the copy is ignored, the tie kept
 
@@ -119,8 +131,9 @@ def test_unexpected_tensor(single: Path, tmp_path: Path) -> None:
         load_model(path)
 
 
-@pytest.mark.parametrize("name", [f"{LAYER0}.mlp.down_proj.weight", f"{LAYER0}.self_attn.v_proj.bias",
-                                  "model.embed_tokens.weight"])
+@pytest.mark.parametrize(
+    "name", [f"{LAYER0}.mlp.down_proj.weight", f"{LAYER0}.self_attn.v_proj.bias", "model.embed_tokens.weight"]
+)
 def test_misshaped_tensor(single: Path, tmp_path: Path, name: str) -> None:
     def reshape(tensors: dict[str, torch.Tensor]) -> None:
         t = tensors[name]
@@ -151,6 +164,9 @@ def test_index_lists_a_file_that_does_not_exist(sharded: Path, tmp_path: Path) -
     path = shutil.copytree(sharded, tmp_path / "ckpt")
     shard = file_holding(sharded, "lm_head.weight")
     (path / shard).unlink()
-    with pytest.raises(CheckpointError, match=rf"{shard} listed in model\.safetensors\.index\.json does not exist"
-                                              r".*'lm_head\.weight'"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{shard} listed in model\.safetensors\.index\.json does not exist"
+        r".*'lm_head\.weight'",
+    ):
         load_model(path)

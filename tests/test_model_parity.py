@@ -9,11 +9,11 @@ and chunking a prefill must all be invisible in the logits.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import BlockPool, assert_logits_close, hf_logits, load_model, prefill, random_prompts, run_step
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
@@ -35,8 +35,9 @@ def variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     from qwen3.testing import write_checkpoint
 
     name = request.param
-    path = write_checkpoint(tmp_path_factory.mktemp(name), "tiny", init_std=0.5, with_tokenizer=False,
-                            seed=1, **VARIANTS[name])
+    path = write_checkpoint(
+        tmp_path_factory.mktemp(name), "tiny", init_std=0.5, with_tokenizer=False, seed=1, **VARIANTS[name]
+    )
     return name, path
 
 
@@ -72,7 +73,7 @@ def test_paged_decode_matches_hf(tiny_checkpoint: Path, block_size: int, prompt_
     model = load_model(tiny_checkpoint, block_size=block_size, num_blocks=num_blocks)
     prompts = random_prompts(prompt_lengths, model.config.vocab_size, seed=4)
     prefill_logits, tables = prefill(model, prompts, BlockPool(num_blocks, seed=5), extra_tokens=steps)
-    assert any(b - a != 1 for t in tables for a, b in zip(t, t[1:])), "block tables should be non-contiguous"
+    assert any(b - a != 1 for t in tables for a, b in itertools.pairwise(t)), "block tables should be non-contiguous"
 
     generated: list[list[int]] = [[int(l[-1].argmax())] for l in prefill_logits]
     decode_logits: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -88,7 +89,7 @@ def test_paged_decode_matches_hf(tiny_checkpoint: Path, block_size: int, prompt_
         full = prompt + generated[i][:steps]  # the last generated token was never fed back
         ref = hf_logits(tiny_checkpoint, full)
         assert_logits_close(prefill_logits[i], ref[: len(prompt)], f"prefill of seq {i}")
-        assert_logits_close(torch.stack(decode_logits[i]), ref[len(prompt):], f"decode of seq {i}")
+        assert_logits_close(torch.stack(decode_logits[i]), ref[len(prompt) :], f"decode of seq {i}")
         crossed += (len(prompt) - 1) // block_size != (len(full) - 1) // block_size
     assert crossed >= 2, "at least two sequences should cross a block boundary while decoding"
 
@@ -109,5 +110,8 @@ def test_chunked_prefill_equals_one_shot(tiny_checkpoint: Path) -> None:
     (one_shot,), _ = prefill(model, [chunked], pool)
     assert_logits_close(chunked_logits, one_shot, "chunked vs one-shot prefill")
     assert_logits_close(chunked_logits, hf_logits(tiny_checkpoint, chunked), "chunked prefill vs HF")
-    assert_logits_close(torch.cat([b_prefill, b_dec1, b_dec2]), hf_logits(tiny_checkpoint, other + [3, 4]),
-                        "sequence sharing the chunked batches")
+    assert_logits_close(
+        torch.cat([b_prefill, b_dec1, b_dec2]),
+        hf_logits(tiny_checkpoint, [*other, 3, 4]),
+        "sequence sharing the chunked batches",
+    )

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-
 from pki import Pki, write_pki
 from serving import REPO, Services, grpcurl_binary, json_stream, run_process, start_services
 
@@ -55,7 +54,7 @@ def fenced_blocks(section: str, language: str) -> list[str]:
     text = README.read_text()
     start = text.index(section + "\n")
     end = text.find("\n## ", start + len(section))
-    body = text[start:end if end >= 0 else len(text)]
+    body = text[start : end if end >= 0 else len(text)]
     return re.findall(rf"^```{language}\n(.*?)^```$", body, re.MULTILINE | re.DOTALL)
 
 
@@ -107,12 +106,17 @@ async def secured_services(demo_checkpoint: Path, pki: Pki) -> AsyncIterator[Ser
     """Servers as the Security section starts them: mutual TLS on the engine, TLS on the tokenizer, one key."""
     server_tls = ServerTls(pki.server_cert.read_bytes(), pki.server_key.read_bytes())
     running = await start_services(
-        demo_checkpoint, max_model_len=512, num_kv_blocks=64,
-        engine_server_config=ServerConfig(security=ServerSecurity(
-            dataclasses.replace(server_tls, client_ca=pki.ca.read_bytes()), API_KEY)),
+        demo_checkpoint,
+        max_model_len=512,
+        num_kv_blocks=64,
+        engine_server_config=ServerConfig(
+            security=ServerSecurity(dataclasses.replace(server_tls, client_ca=pki.ca.read_bytes()), API_KEY)
+        ),
         tokenizer_server_config=ServerConfig(security=ServerSecurity(server_tls, API_KEY)),
-        engine_security=ChannelSecurity(ChannelTls(pki.ca.read_bytes(), pki.client_cert.read_bytes(),
-                                                   pki.client_key.read_bytes()), API_KEY))
+        engine_security=ChannelSecurity(
+            ChannelTls(pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()), API_KEY
+        ),
+    )
     yield running
     await running.stop()
 
@@ -164,8 +168,9 @@ async def test_grpcurl_command(services: Services, command: str) -> None:
 
 @module_loop
 @pytest.mark.parametrize("command", SECURE_GRPCURL_COMMANDS, ids=[_command_id(c) for c in SECURE_GRPCURL_COMMANDS])
-async def test_secured_grpcurl_command(secured_services: Services, pki: Pki, monkeypatch: pytest.MonkeyPatch,
-                                       command: str) -> None:
+async def test_secured_grpcurl_command(
+    secured_services: Services, pki: Pki, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
     monkeypatch.setenv("QWEN3SERVE_API_KEY", API_KEY)
     rc, out, err = await run_grpcurl(command, secured_services, cwd=pki.ca.parent)
     assert rc == 0, f"{command}\nfailed ({rc}): {err}"
@@ -180,8 +185,9 @@ async def test_secured_grpcurl_command(secured_services: Services, pki: Pki, mon
 async def test_secured_python_snippet(secured_services: Services, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWEN3SERVE_API_KEY", API_KEY)
     (snippet,) = SECURE_SNIPPETS
-    rc, out, err = await run_process(sys.executable, "-", stdin=for_test(snippet, secured_services), timeout=60,
-                                     cwd=pki.ca.parent)
+    rc, out, err = await run_process(
+        sys.executable, "-", stdin=for_test(snippet, secured_services), timeout=60, cwd=pki.ca.parent
+    )
     assert rc == 0, f"README snippet failed ({rc}):\n{snippet}\n{err}"
     assert re.search(r"^tokens: \d+$", out, re.MULTILINE), out
 
@@ -209,7 +215,8 @@ def check_grpcurl_output(command: str, out: str) -> None:
         assert len(tokens) == messages[-1]["usage"]["completion_tokens"]
         finish = _finish_reason(messages)
         assert finish == "FINISH_REASON_STOP" or (
-            finish == "FINISH_REASON_LENGTH" and len(tokens) == request["sampling_params"]["max_tokens"])
+            finish == "FINISH_REASON_LENGTH" and len(tokens) == request["sampling_params"]["max_tokens"]
+        )
     elif verb.endswith("/GetModelInfo"):
         info = json.loads(out)
         assert info["vocab_size"] == 151936 and info["max_model_len"] == 512

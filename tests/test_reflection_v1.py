@@ -13,10 +13,10 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from serving import grpcurl_binary, run_process
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from serving import grpcurl_binary, run_process
 from service_common.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME, v1_file_descriptor
 from service_common.security import ServerSecurity
 from service_common.server import HEALTH_SERVICE_NAME, ServerConfig, bind, build_server
@@ -47,16 +47,20 @@ async def target() -> AsyncIterator[str]:
 def v1_classes() -> tuple[type, type]:
     """The v1 request and response classes, from the v1 file the server registered (package grpc.reflection.v1)."""
     pool = descriptor_pool.Default()
-    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.reflection.v1.{name}"))
-                 for name in ("ServerReflectionRequest", "ServerReflectionResponse"))  # type: ignore[return-value]
+    return tuple(
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.reflection.v1.{name}"))
+        for name in ("ServerReflectionRequest", "ServerReflectionResponse")
+    )  # type: ignore[return-value]
 
 
 async def ask_v1(address: str, *requests: dict, metadata: tuple = ()) -> list:
     request_cls, response_cls = v1_classes()
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.stream_stream(f"/{V1_SERVICE_NAME}/ServerReflectionInfo",
-                                     request_serializer=request_cls.SerializeToString,
-                                     response_deserializer=response_cls.FromString)
+        call = channel.stream_stream(
+            f"/{V1_SERVICE_NAME}/ServerReflectionInfo",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
         return [r async for r in call(iter([request_cls(**r) for r in requests]), metadata=metadata, timeout=10)]
 
 
@@ -65,12 +69,22 @@ def test_v1_file_matches_the_official_v1_proto() -> None:
     proto = v1_file_descriptor()
     assert proto.package == "grpc.reflection.v1" and proto.name == "grpc/reflection/v1/reflection.proto"
     fields = {m.name: {f.name: f.number for f in m.field} for m in proto.message_type}
-    assert fields["ServerReflectionRequest"] == {"host": 1, "file_by_filename": 3, "file_containing_symbol": 4,
-                                                 "file_containing_extension": 5, "all_extension_numbers_of_type": 6,
-                                                 "list_services": 7}
-    assert fields["ServerReflectionResponse"] == {"valid_host": 1, "original_request": 2,
-                                                  "file_descriptor_response": 4, "all_extension_numbers_response": 5,
-                                                  "list_services_response": 6, "error_response": 7}
+    assert fields["ServerReflectionRequest"] == {
+        "host": 1,
+        "file_by_filename": 3,
+        "file_containing_symbol": 4,
+        "file_containing_extension": 5,
+        "all_extension_numbers_of_type": 6,
+        "list_services": 7,
+    }
+    assert fields["ServerReflectionResponse"] == {
+        "valid_host": 1,
+        "original_request": 2,
+        "file_descriptor_response": 4,
+        "all_extension_numbers_response": 5,
+        "list_services_response": 6,
+        "error_response": 7,
+    }
     assert fields["ErrorResponse"] == {"error_code": 1, "error_message": 2}
     refs = [f.type_name for m in proto.message_type for f in m.field if f.type_name]
     assert refs and all(r.startswith(".grpc.reflection.v1.") for r in refs)
@@ -79,12 +93,23 @@ def test_v1_file_matches_the_official_v1_proto() -> None:
 @module_loop
 async def test_a_raw_v1_client_lists_and_fetches_files(target: str) -> None:
     listed, by_symbol, by_name, unknown = await ask_v1(
-        target, {"list_services": ""}, {"file_containing_symbol": f"{TOKENIZER}.Chat"},
-        {"file_by_filename": "qwen3serve/engine/v1/engine.proto"}, {"file_containing_symbol": "no.such.Thing"})
+        target,
+        {"list_services": ""},
+        {"file_containing_symbol": f"{TOKENIZER}.Chat"},
+        {"file_by_filename": "qwen3serve/engine/v1/engine.proto"},
+        {"file_containing_symbol": "no.such.Thing"},
+    )
     assert {s.name for s in listed.list_services_response.service} == {
-        ENGINE, TOKENIZER, HEALTH_SERVICE_NAME, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME}
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
-             for b in by_symbol.file_descriptor_response.file_descriptor_proto]
+        ENGINE,
+        TOKENIZER,
+        HEALTH_SERVICE_NAME,
+        V1ALPHA_SERVICE_NAME,
+        V1_SERVICE_NAME,
+    }
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in by_symbol.file_descriptor_response.file_descriptor_proto
+    ]
     names = [f.name for f in files]
     assert "qwen3serve/tokenizer/v1/tokenizer.proto" in names and "qwen3serve/engine/v1/engine.proto" in names
     (engine_bytes,) = by_name.file_descriptor_response.file_descriptor_proto
@@ -122,11 +147,18 @@ async def test_grpcurl_lists_and_describes_both_reflection_services(target: str)
         assert rc == 0, f"grpcurl {' '.join(args)} failed ({rc}): {err}"
         return out
 
-    assert set((await grpcurl(target, "list")).split()) == {ENGINE, TOKENIZER, HEALTH_SERVICE_NAME,
-                                                             V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME}
+    assert set((await grpcurl(target, "list")).split()) == {
+        ENGINE,
+        TOKENIZER,
+        HEALTH_SERVICE_NAME,
+        V1ALPHA_SERVICE_NAME,
+        V1_SERVICE_NAME,
+    }
     described = await grpcurl(target, "describe", V1_SERVICE_NAME)
-    assert ("rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest ) returns "
-            "( stream .grpc.reflection.v1.ServerReflectionResponse );") in described
+    assert (
+        "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest ) returns "
+        "( stream .grpc.reflection.v1.ServerReflectionResponse );"
+    ) in described
     # grpcurl calls the v1 method as it calls any other (JSON in, JSON out), through the v1 descriptor.
     out = await grpcurl("-d", '{"list_services": ""}', target, f"{V1_SERVICE_NAME}/ServerReflectionInfo")
     assert ENGINE in out and "list_services_response" in out
@@ -135,7 +167,7 @@ async def test_grpcurl_lists_and_describes_both_reflection_services(target: str)
 @pytest.mark.parametrize("module", [engine_pb2, tokenizer_pb2], ids=["engine", "tokenizer"])
 def test_protos_carry_options_for_other_languages(module) -> None:
     options = module.DESCRIPTOR.GetOptions()
-    name = module.DESCRIPTOR.package.split(".")[1]                  # engine / tokenizer
+    name = module.DESCRIPTOR.package.split(".")[1]  # engine / tokenizer
     assert options.go_package.endswith(f"/qwen3serve/{name}/v1;{name}v1")
     assert options.java_package == f"io.qwen3serve.{name}.v1" and options.java_multiple_files
     assert options.csharp_namespace == f"Qwen3Serve.{name.capitalize()}.V1"

@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from serving import Services, start_services, wait_until
 
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from serving import Services, start_services, wait_until
 from tokenizer_service.chat_template import ChatTokenizer
 
 # `make test` runs 150 rounds of each (50 per ending); `make soak` runs the 1,000.
@@ -41,14 +41,18 @@ async def services(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIter
 
 def _generate_request(label: str, prompt: list[int], max_tokens: int) -> engine_pb2.GenerateRequest:
     return engine_pb2.GenerateRequest(
-        request_id=label, prompt_token_ids=prompt,
-        sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        request_id=label,
+        prompt_token_ids=prompt,
+        sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+    )
 
 
 def _chat_request(label: str, text: str, max_tokens: int) -> tokenizer_pb2.ChatRequest:
     return tokenizer_pb2.ChatRequest(
-        request_id=label, messages=[tokenizer_pb2.ChatMessage(role="user", content=text)],
-        sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        request_id=label,
+        messages=[tokenizer_pb2.ChatMessage(role="user", content=text)],
+        sampling_params=engine_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+    )
 
 
 async def _end_early(call, ending: str, abort) -> None:
@@ -76,13 +80,15 @@ async def test_generate_request_id_reuse_after_cancel_deadline_and_abort(service
     async with grpc.aio.insecure_channel(services.engine_target) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         reuse_prompt = [9707, 11, 1879, 0]
-        expected = [t for r in await _drain(stub.Generate(_generate_request("", reuse_prompt, NEW_TOKENS)))
-                    for t in r.token_ids]
+        expected = [
+            t for r in await _drain(stub.Generate(_generate_request("", reuse_prompt, NEW_TOKENS))) for t in r.token_ids
+        ]
         assert len(expected) == NEW_TOKENS
         for i in range(ROUNDS):
             ending, label = ENDINGS[i % 3], f"reused-{i % 7}"
-            old = stub.Generate(_generate_request(label, [100 + i % 50, 7, 8], 200),
-                                timeout=0.05 if ending == "deadline" else None)
+            old = stub.Generate(
+                _generate_request(label, [100 + i % 50, 7, 8], 200), timeout=0.05 if ending == "deadline" else None
+            )
             await _end_early(old, ending, lambda: _abort(stub, label))
             responses = await _drain(stub.Generate(_generate_request(label, reuse_prompt, NEW_TOKENS)))
             assert [t for r in responses for t in r.token_ids] == expected, f"round {i} ({ending})"
@@ -99,16 +105,20 @@ async def _abort(stub, label: str) -> bool:
 
 @pytest.mark.timeout(600)
 async def test_chat_request_id_reuse_after_cancel_deadline_and_abort(services: Services) -> None:
-    async with grpc.aio.insecure_channel(services.tokenizer_target) as front, \
-            grpc.aio.insecure_channel(services.engine_target) as engine_channel:
+    async with (
+        grpc.aio.insecure_channel(services.tokenizer_target) as front,
+        grpc.aio.insecure_channel(services.engine_target) as engine_channel,
+    ):
         chat = tokenizer_pb2_grpc.TokenizerServiceStub(front)
         engine = engine_pb2_grpc.EngineServiceStub(engine_channel)
-        expected = "".join(r.text + r.reasoning_text
-                           for r in await _drain(chat.Chat(_chat_request("", "hello", NEW_TOKENS))))
+        expected = "".join(
+            r.text + r.reasoning_text for r in await _drain(chat.Chat(_chat_request("", "hello", NEW_TOKENS)))
+        )
         for i in range(ROUNDS):
             ending, label = ENDINGS[i % 3], f"chat-{i % 5}"
-            old = chat.Chat(_chat_request(label, f"a long story number {i}", 200),
-                            timeout=0.1 if ending == "deadline" else None)
+            old = chat.Chat(
+                _chat_request(label, f"a long story number {i}", 200), timeout=0.1 if ending == "deadline" else None
+            )
             await _end_early(old, ending, lambda: _abort(engine, label))
             responses = await _drain(chat.Chat(_chat_request(label, "hello", NEW_TOKENS)))
             assert "".join(r.text + r.reasoning_text for r in responses) == expected, f"round {i} ({ending})"
@@ -144,7 +154,9 @@ async def test_abort_frees_the_label_at_once(services: Services) -> None:
             break
         assert await _abort(stub, "fast")
         new = await asyncio.wait_for(_drain(stub.Generate(_generate_request("fast", [4, 5, 6], 2))), 30)
-        assert new[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH and len(new[-1].token_ids) + sum(
-            len(r.token_ids) for r in new[:-1]) == 2
+        assert (
+            new[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+            and len(new[-1].token_ids) + sum(len(r.token_ids) for r in new[:-1]) == 2
+        )
         old_rest = await _drain(old)
         assert old_rest[-1].finish_reason == engine_pb2.FINISH_REASON_ABORTED

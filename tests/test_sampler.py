@@ -22,11 +22,23 @@ from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 EOS = (5, 6)
 
 
-def build(params: list[SamplingParams], vocab: int, prompts: list[list[int]] | None = None,
-          outputs: list[list[int]] | None = None, seeds: list[int] | None = None) -> SamplingBatch:
+def build(
+    params: list[SamplingParams],
+    vocab: int,
+    prompts: list[list[int]] | None = None,
+    outputs: list[list[int]] | None = None,
+    seeds: list[int] | None = None,
+) -> SamplingBatch:
     n = len(params)
-    return SamplingBatch.build(params, prompts or [[0]] * n, outputs or [[]] * n, EOS,
-                               seeds if seeds is not None else list(range(n)), vocab, "cpu")
+    return SamplingBatch.build(
+        params,
+        prompts or [[0]] * n,
+        outputs or [[]] * n,
+        EOS,
+        seeds if seeds is not None else list(range(n)),
+        vocab,
+        "cpu",
+    )
 
 
 def survivors(scores: torch.Tensor) -> list[list[int]]:
@@ -35,7 +47,7 @@ def survivors(scores: torch.Tensor) -> list[list[int]]:
 
 def hf_reference(logits: torch.Tensor, p: SamplingParams, seen: list[int]) -> torch.Tensor:
     """One row through transformers' processors, in generate's order."""
-    scores = logits[None].clone()                       # [1, V]
+    scores = logits[None].clone()  # [1, V]
     ids = torch.tensor([seen])
     if p.repetition_penalty != 1.0:
         scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
@@ -53,28 +65,53 @@ def hf_reference(logits: torch.Tensor, p: SamplingParams, seen: list[int]) -> to
 
 # ---- SamplingParams -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")),
-    ("top_k", -2), ("top_k", 2.5),
-    ("min_p", -0.1), ("min_p", 1.1),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("inf")),
-    ("presence_penalty", 2.5), ("presence_penalty", float("-inf")),
-    ("frequency_penalty", -2.1),
-    ("max_tokens", 0),
-    ("min_tokens", -1), ("min_tokens", 17),   # > max_tokens (16)
-    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
-    ("seed", 1.5),
-    ("stop_token_ids", [3, -1]), ("stop_token_ids", "abc"),
-])
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -2),
+        ("top_k", 2.5),
+        ("min_p", -0.1),
+        ("min_p", 1.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", float("inf")),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", float("-inf")),
+        ("frequency_penalty", -2.1),
+        ("max_tokens", 0),
+        ("min_tokens", -1),
+        ("min_tokens", 17),  # > max_tokens (16)
+        ("logprobs", -1),
+        ("logprobs", MAX_LOGPROBS + 1),
+        ("seed", 1.5),
+        ("stop_token_ids", [3, -1]),
+        ("stop_token_ids", "abc"),
+    ],
+)
 def test_sampling_params_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
 
 
 def test_sampling_params_normalises_and_accepts_edges() -> None:
-    p = SamplingParams(stop_token_ids=[3, 4], top_p=1.0, min_p=1.0, top_k=0, logprobs=MAX_LOGPROBS,
-                       min_tokens=16, presence_penalty=-2.0, frequency_penalty=2.0, seed=-5)
+    p = SamplingParams(
+        stop_token_ids=[3, 4],
+        top_p=1.0,
+        min_p=1.0,
+        top_k=0,
+        logprobs=MAX_LOGPROBS,
+        min_tokens=16,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        seed=-5,
+    )
     assert p.stop_token_ids == (3, 4) and isinstance(p.stop_token_ids, tuple)
     hash(p)  # frozen and hashable once lists became tuples
     assert SamplingParams(temperature=0.0).is_greedy
@@ -83,39 +120,65 @@ def test_sampling_params_normalises_and_accepts_edges() -> None:
 
 # ---- crafted logits: which tokens survive ---------------------------------------------------------
 
+
 def test_top_k_top_p_min_p_masks_on_crafted_logits() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     dyadic = torch.tensor([0.5, 0.25, 0.125, 0.125])
-    logits = torch.stack([
-        torch.tensor([1.0, 4.0, 2.0, 3.0]),     # top_k=2 -> the two largest
-        torch.tensor([1.0, 3.0, 3.0, 0.0]),     # top_k=1 with a tie -> both tied tokens (as transformers)
-        probs.log(),                            # top_p=0.75 -> {0, 1} (0.5 + 0.3 >= 0.75)
-        probs.log(),                            # top_p=0.85 -> {0, 1, 2}
-        probs.log(),                            # top_p=0.3  -> the most likely token alone
-        probs.log(),                            # min_p=0.25 -> prob >= 0.125 -> {0, 1, 2}
-        probs.log(),                            # min_p=0.7  -> prob >= 0.35  -> {0}
-        probs.log(),                            # top_k=3, top_p=0.7 -> renormalised {0.53, 0.32, 0.16}: {0, 1}
-        probs.log(),                            # all disabled -> everything
-        # Exact boundaries (dyadic probabilities 1/2, 1/4, 1/8, 1/8 are exact in float32), as transformers:
-        dyadic.log(),                           # top_p=0.75: the tail of mass exactly 0.25 goes -> {0, 1}
-        dyadic.log(),                           # min_p=0.5: a token at exactly 0.5 * max stays -> {0, 1}
-    ])
-    params = [SamplingParams(top_k=2), SamplingParams(top_k=1), SamplingParams(top_p=0.75),
-              SamplingParams(top_p=0.85), SamplingParams(top_p=0.3), SamplingParams(min_p=0.25),
-              SamplingParams(min_p=0.7), SamplingParams(top_k=3, top_p=0.7), SamplingParams(),
-              SamplingParams(top_p=0.75), SamplingParams(min_p=0.5)]
+    logits = torch.stack(
+        [
+            torch.tensor([1.0, 4.0, 2.0, 3.0]),  # top_k=2 -> the two largest
+            torch.tensor([1.0, 3.0, 3.0, 0.0]),  # top_k=1 with a tie -> both tied tokens (as transformers)
+            probs.log(),  # top_p=0.75 -> {0, 1} (0.5 + 0.3 >= 0.75)
+            probs.log(),  # top_p=0.85 -> {0, 1, 2}
+            probs.log(),  # top_p=0.3  -> the most likely token alone
+            probs.log(),  # min_p=0.25 -> prob >= 0.125 -> {0, 1, 2}
+            probs.log(),  # min_p=0.7  -> prob >= 0.35  -> {0}
+            probs.log(),  # top_k=3, top_p=0.7 -> renormalised {0.53, 0.32, 0.16}: {0, 1}
+            probs.log(),  # all disabled -> everything
+            # Exact boundaries (dyadic probabilities 1/2, 1/4, 1/8, 1/8 are exact in float32), as transformers:
+            dyadic.log(),  # top_p=0.75: the tail of mass exactly 0.25 goes -> {0, 1}
+            dyadic.log(),  # min_p=0.5: a token at exactly 0.5 * max stays -> {0, 1}
+        ]
+    )
+    params = [
+        SamplingParams(top_k=2),
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=0.75),
+        SamplingParams(top_p=0.85),
+        SamplingParams(top_p=0.3),
+        SamplingParams(min_p=0.25),
+        SamplingParams(min_p=0.7),
+        SamplingParams(top_k=3, top_p=0.7),
+        SamplingParams(),
+        SamplingParams(top_p=0.75),
+        SamplingParams(min_p=0.5),
+    ]
     scores = Sampler().processed_logits(logits, build(params, vocab=4))
-    assert survivors(scores) == [[1, 3], [1, 2], [0, 1], [0, 1, 2], [0], [0, 1, 2], [0], [0, 1], [0, 1, 2, 3], [0, 1], [0, 1]]
+    assert survivors(scores) == [
+        [1, 3],
+        [1, 2],
+        [0, 1],
+        [0, 1, 2],
+        [0],
+        [0, 1, 2],
+        [0],
+        [0, 1],
+        [0, 1, 2, 3],
+        [0, 1],
+        [0, 1],
+    ]
 
 
 def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     logits = torch.zeros(3, 10)
-    logits[:, EOS[0]] = 5.0                     # EOS is by far the most likely token
-    logits[:, 8] = 4.0                          # a stop id, next most likely
-    params = [SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8]),
-              SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8], ignore_eos=True),
-              SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8])]
-    outputs = [[1, 1], [1, 1], [1, 1, 1]]       # rows 0, 1 are below min_tokens; row 2 has reached it
+    logits[:, EOS[0]] = 5.0  # EOS is by far the most likely token
+    logits[:, 8] = 4.0  # a stop id, next most likely
+    params = [
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8]),
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8], ignore_eos=True),
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[8]),
+    ]
+    outputs = [[1, 1], [1, 1], [1, 1, 1]]  # rows 0, 1 are below min_tokens; row 2 has reached it
     batch = build(params, vocab=10, outputs=outputs)
     scores = Sampler().processed_logits(logits, batch)
     for row in (0, 1):
@@ -126,6 +189,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
 
 
 # ---- parity with transformers ---------------------------------------------------------------------
+
 
 def random_params(rng: random.Random, vocab: int, knobs: str) -> SamplingParams:
     if rng.random() < 0.15:
@@ -163,17 +227,20 @@ def test_presence_and_frequency_penalties_follow_the_openai_formula() -> None:
     vocab = 50
     torch.manual_seed(0)
     logits = torch.randn(3, vocab)
-    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.3),
-              SamplingParams(presence_penalty=-1.5),
-              SamplingParams(frequency_penalty=2.0, repetition_penalty=1.5)]
+    params = [
+        SamplingParams(presence_penalty=0.7, frequency_penalty=0.3),
+        SamplingParams(presence_penalty=-1.5),
+        SamplingParams(frequency_penalty=2.0, repetition_penalty=1.5),
+    ]
     prompts = [[1, 2], [3], [4, 9, 9]]
     outputs = [[7, 7, 7, 8, 1], [2, 2, 11], [9, 4, 4, 30]]
     got = Sampler().processed_logits(logits, build(params, vocab, prompts, outputs))
 
     for i, p in enumerate(params):
         # The repetition penalty comes first (transformers), then presence/frequency on generated tokens only.
-        want = hf_reference(logits[i], SamplingParams(repetition_penalty=p.repetition_penalty, temperature=0.0),
-                            prompts[i] + outputs[i])
+        want = hf_reference(
+            logits[i], SamplingParams(repetition_penalty=p.repetition_penalty, temperature=0.0), prompts[i] + outputs[i]
+        )
         for token, count in Counter(outputs[i]).items():
             want[token] -= p.presence_penalty + p.frequency_penalty * count
         # temperature 1, no filters: processed scores are the penalised logits
@@ -188,20 +255,25 @@ def test_penalties_read_a_pending_last_token_on_the_device() -> None:
     torch.manual_seed(5)
     logits = torch.randn(4, vocab)
     # row 0: 3 known + 1 pending = min_tokens, so EOS is allowed only if the pending token counts
-    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, min_tokens=4),
-              SamplingParams(repetition_penalty=1.5),
-              SamplingParams(frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=9), SamplingParams()]
+    params = [
+        SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, min_tokens=4),
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=9),
+        SamplingParams(),
+    ]
     prompts = [[1, 2], [3], [4], [8]]
     known = [[7, 7, 8], [2, 11, 12], [9, 4], [6]]
-    last = [7, 12, 33, 6]   # the real ids of the tokens still on the device
+    last = [7, 12, 33, 6]  # the real ids of the tokens still on the device
     pending = [True, True, False, True]
-    outputs = [k if p else k + [t] for k, t, p in zip(known, last, pending)]
+    outputs = [k if p else [*k, t] for k, t, p in zip(known, last, pending)]
     pending_ids = torch.tensor([t if p else 0 for t, p in zip(last, pending)])
-    got_batch = SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending,
-                                    pending_token_ids=pending_ids)
-    want_batch = build(params, vocab, prompts, [k + [t] for k, t in zip(known, last)])
-    torch.testing.assert_close(Sampler().processed_logits(logits, got_batch),
-                               Sampler().processed_logits(logits, want_batch))
+    got_batch = SamplingBatch.build(
+        params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending, pending_token_ids=pending_ids
+    )
+    want_batch = build(params, vocab, prompts, [[*k, t] for k, t in zip(known, last)])
+    torch.testing.assert_close(
+        Sampler().processed_logits(logits, got_batch), Sampler().processed_logits(logits, want_batch)
+    )
     assert got_batch.uniforms.tolist() == want_batch.uniforms.tolist()
     with pytest.raises(ValueError, match="pending_token_ids"):
         SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending)
@@ -228,7 +300,7 @@ def test_greedy_takes_the_argmax_of_the_penalised_logits() -> None:
     logits = torch.randn(6, 100)
     params = [SamplingParams(temperature=0.0)] * 3 + [SamplingParams(temperature=0.0, repetition_penalty=3.0)] * 3
     top = logits.argmax(dim=-1)
-    prompts = [[0]] * 3 + [[int(t)] for t in top[3:]]     # penalise the argmax of the last three rows
+    prompts = [[0]] * 3 + [[int(t)] for t in top[3:]]  # penalise the argmax of the last three rows
     out = Sampler()(logits, build(params, 100, prompts))
     want = hf_reference(logits[3], params[3], prompts[3]).argmax()
     assert out.token_ids[:3].tolist() == top[:3].tolist()
@@ -239,7 +311,7 @@ def test_greedy_takes_the_argmax_of_the_penalised_logits() -> None:
 def test_plain_greedy_batch_skips_the_float32_copy_and_keeps_first_index_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
     logits = torch.randn(5, 300).to(torch.bfloat16)
-    logits[0, 7] = logits[0, 250] = logits[0].max() + 1          # a tie: the first index wins, as before
+    logits[0, 7] = logits[0, 250] = logits[0].max() + 1  # a tie: the first index wins, as before
     params = [SamplingParams(temperature=0.0)] * 5
     want = Sampler()(logits.float(), build(params, 300)).token_ids
 
@@ -273,6 +345,7 @@ def test_rejects_logits_of_the_wrong_shape() -> None:
 
 # ---- seeded randomness ----------------------------------------------------------------------------
 
+
 def test_uniforms_are_53_bit_splitmix64_of_seed_and_step() -> None:
     # Published SplitMix64 outputs (Vigna's splitmix64.c) for states 0 and 1234567.
     assert _splitmix64(0) == 0xE220A8397B1DCDAF
@@ -280,8 +353,8 @@ def test_uniforms_are_53_bit_splitmix64_of_seed_and_step() -> None:
     batch = build([SamplingParams()] * 4, 10, outputs=[[], [0], [], [0]], seeds=[3, 3, 3, -1])
     u = batch.uniforms
     assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
-    assert u[0] == u[2] and len(set(u.tolist())) == 3          # same (seed, step) -> same uniform
-    assert all((x * 2**53).is_integer() for x in u.tolist())   # 53 random bits, exactly
+    assert u[0] == u[2] and len(set(u.tolist())) == 3  # same (seed, step) -> same uniform
+    assert all((x * 2**53).is_integer() for x in u.tolist())  # 53 random bits, exactly
 
 
 def first_exceeding(probs: torch.Tensor, u: float) -> int:
@@ -294,11 +367,11 @@ def first_exceeding(probs: torch.Tensor, u: float) -> int:
 def test_inverse_cdf_picks_the_first_token_whose_cdf_exceeds_u_and_never_a_zero(block: int) -> None:
     # Dyadic probabilities make every cdf value and u * total exact, so targets land on the plateaus
     # of zero-probability tokens and on block edges (block 3: {0 .25 0} {0 .5 0} {.25 0 0}).
-    probs = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.5, 0.0, 0.25, 0.0, 0.0])   # cdf 0 .25 .25 .25 .75 .75 1 1 1
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.5, 0.0, 0.25, 0.0, 0.0])  # cdf 0 .25 .25 .25 .75 .75 1 1 1
     cases = {0.0: 1, 0.25 - 2**-53: 1, 0.25: 4, 0.5: 4, 0.75 - 2**-53: 4, 0.75: 6, 1 - 2**-53: 6}
     u = torch.tensor(list(cases), dtype=torch.float64)
     rows = probs.expand(len(cases), -1)
-    never = torch.full((len(cases),), -1)                 # a fallback that must not be taken
+    never = torch.full((len(cases),), -1)  # a fallback that must not be taken
     assert _inverse_cdf(rows, u, never, block).tolist() == list(cases.values())
     # Unnormalised rows (scaled by 3: the total is no longer a power of two) draw the same tokens.
     assert _inverse_cdf(3 * rows, u, never, block).tolist() == list(cases.values())
@@ -318,11 +391,12 @@ def test_inverse_cdf_matches_a_flat_cdf_on_sparse_rows(block: int) -> None:
     assert tokens.tolist() == [first_exceeding(p, u) for p, u in zip(probs, uniforms.tolist())]
     # At the ends of [0, 1) the draw is the first token of positive probability, then one near the
     # end (float32 block sums may move a sliver of a block's mass to or from its last token).
-    first, last = (_inverse_cdf(probs, torch.full((64,), u, dtype=torch.float64), never, block)
-                   for u in (0.0, 1 - 2**-53))
+    first, last = (
+        _inverse_cdf(probs, torch.full((64,), u, dtype=torch.float64), never, block) for u in (0.0, 1 - 2**-53)
+    )
     assert first.tolist() == (probs > 0).int().argmax(dim=-1).tolist()
     assert (probs.gather(1, last[:, None]) > 0).all()
-    cdf = probs.double().cumsum(dim=-1)                                           # [64, 300]
+    cdf = probs.double().cumsum(dim=-1)  # [64, 300]
     assert (cdf.gather(1, last[:, None]) > (1 - 1e-6) * cdf[:, -1:]).all()
 
 
@@ -330,7 +404,7 @@ def test_a_rounding_excess_ends_on_a_positive_token() -> None:
     # u = 1 (outside the contract) stands in for a target that rounding pushed to the row's total.
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 2)
     u = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    fallback = torch.tensor([1, 3])   # row 1's fallback is wrong on purpose: it must not be taken
+    fallback = torch.tensor([1, 3])  # row 1's fallback is wrong on purpose: it must not be taken
     # One block: the target is capped below the block's total, so the search ends on its last positive.
     assert _inverse_cdf(probs, u, fallback, block=1024).tolist() == [2, 1]
     # Blocks {0 .5} {.5 0} {0}: the excess picks the massless last block, and the row takes its fallback.
@@ -347,8 +421,12 @@ def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch() -> None:
         row = torch.randn(vocab)
         outputs = [[0] * step]
         alone += Sampler()(row[None], build([target], vocab, outputs=outputs, seeds=[1234])).token_ids.tolist()
-        batch = build([others[0], others[1], target, others[2]], vocab,
-                      outputs=[[1] * 3, [], [0] * step, [2] * 9], seeds=[7, 8, 1234, 9])
+        batch = build(
+            [others[0], others[1], target, others[2]],
+            vocab,
+            outputs=[[1] * 3, [], [0] * step, [2] * 9],
+            seeds=[7, 8, 1234, 9],
+        )
         logits = torch.randn(4, vocab)
         logits[2] = row
         crowded.append(Sampler()(logits, batch).token_ids[2].item())
@@ -358,7 +436,7 @@ def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch() -> None:
 
 
 def test_each_step_draws_fresh_noise() -> None:
-    logits = torch.zeros(200, 50)           # uniform over 50 tokens, same seed, steps 0..199
+    logits = torch.zeros(200, 50)  # uniform over 50 tokens, same seed, steps 0..199
     batch = build([SamplingParams()] * 200, 50, outputs=[[0] * t for t in range(200)], seeds=[42] * 200)
     assert len(set(Sampler()(logits, batch).token_ids.tolist())) > 40
 
@@ -369,13 +447,14 @@ def chi_square(tokens: list[int], probs: torch.Tensor) -> float:
     return sum((counts.get(j, 0) - e) ** 2 / e for j, e in enumerate(expected.tolist()) if e > 0)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.6, top_k=6),
-                                    SamplingParams(top_p=0.8, min_p=0.05)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=0.6, top_k=6), SamplingParams(top_p=0.8, min_p=0.05)]
+)
 def test_draws_follow_the_warped_distribution(params: SamplingParams) -> None:
     torch.manual_seed(4)
     vocab, draws = 8, 20_000
     logits = torch.randn(vocab) * 1.5
-    want = hf_reference(logits, params, []).softmax(dim=-1)       # [V], zeros where filtered
+    want = hf_reference(logits, params, []).softmax(dim=-1)  # [V], zeros where filtered
     batch = build([params] * draws, vocab, seeds=list(range(draws)))
     tokens = Sampler()(logits.expand(draws, vocab), batch).token_ids.tolist()
 
@@ -396,12 +475,16 @@ def test_draws_over_steps_of_one_seed_follow_the_distribution() -> None:
 
 # ---- logprobs -------------------------------------------------------------------------------------
 
+
 def test_logprobs_are_of_the_raw_logits_with_sorted_top_n() -> None:
     torch.manual_seed(6)
     vocab = 40
     logits = torch.randn(3, vocab)
-    params = [SamplingParams(logprobs=None), SamplingParams(logprobs=0, repetition_penalty=2.0),
-              SamplingParams(logprobs=3, temperature=0.0, presence_penalty=1.0)]
+    params = [
+        SamplingParams(logprobs=None),
+        SamplingParams(logprobs=0, repetition_penalty=2.0),
+        SamplingParams(logprobs=3, temperature=0.0, presence_penalty=1.0),
+    ]
     out = Sampler()(logits, build(params, vocab, prompts=[[1, 2]] * 3, outputs=[[3]] * 3))
     ref = torch.log_softmax(logits, dim=-1)
     torch.testing.assert_close(out.logprobs, ref.gather(1, out.token_ids[:, None]).squeeze(1))

@@ -25,16 +25,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pki import Pki, write_pki
 from serving import REPO, Services, free_port, health_status, start_services
 
+from clients import AsyncEngineClient, AsyncTokenizerClient, EngineClient, TokenizerClient
 from engine_service.__main__ import parse_args as engine_args
 from engine_service.server import SERVICE_NAME as ENGINE_SERVICE
 from qwen3serve.engine.v1 import engine_pb2
 from service_common.options import engine_channel_security, server_security
-from service_common.security import (ChannelSecurity, ChannelTls, ServerSecurity, ServerTls, aio_channel,
-                                     warn_if_exposed)
+from service_common.security import ChannelSecurity, ChannelTls, ServerSecurity, ServerTls, aio_channel, warn_if_exposed
 from service_common.server import ServerConfig, bind, build_server
 from tokenizer_service.__main__ import parse_args as tokenizer_args
 from tokenizer_service.chat_template import ChatTokenizer
-from clients import AsyncEngineClient, AsyncTokenizerClient, EngineClient, TokenizerClient
 from tokenizer_service.server import SERVICE_NAME as TOKENIZER_SERVICE
 from tokenizer_service.server import start_tokenizer_server
 
@@ -51,8 +50,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def server_tls(pki: Pki, mutual: bool = False) -> ServerTls:
-    return ServerTls(pki.server_cert.read_bytes(), pki.server_key.read_bytes(),
-                     pki.ca.read_bytes() if mutual else None)
+    return ServerTls(pki.server_cert.read_bytes(), pki.server_key.read_bytes(), pki.ca.read_bytes() if mutual else None)
 
 
 def client_tls(pki: Pki, with_cert: bool = True) -> ChannelTls:
@@ -64,18 +62,25 @@ def client_tls(pki: Pki, with_cert: bool = True) -> ChannelTls:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def secured(demo_checkpoint: Path, pki: Pki) -> AsyncIterator[Services]:
     running = await start_services(
-        demo_checkpoint, max_model_len=256, num_kv_blocks=64,
+        demo_checkpoint,
+        max_model_len=256,
+        num_kv_blocks=64,
         engine_server_config=ServerConfig(security=ServerSecurity(server_tls(pki, mutual=True), ENGINE_KEY)),
         tokenizer_server_config=ServerConfig(security=ServerSecurity(server_tls(pki), TOKENIZER_KEY)),
-        engine_security=ChannelSecurity(client_tls(pki), ENGINE_KEY))
+        engine_security=ChannelSecurity(client_tls(pki), ENGINE_KEY),
+    )
     yield running
     await running.stop()
 
 
 def engine_client(services: Services, pki: Pki, api_key: str | None) -> AsyncEngineClient:
-    return AsyncEngineClient(services.engine_target, root_certificates=pki.ca.read_bytes(),
-                             certificate_chain=pki.client_cert.read_bytes(),
-                             private_key=pki.client_key.read_bytes(), api_key=api_key)
+    return AsyncEngineClient(
+        services.engine_target,
+        root_certificates=pki.ca.read_bytes(),
+        certificate_chain=pki.client_cert.read_bytes(),
+        private_key=pki.client_key.read_bytes(),
+        api_key=api_key,
+    )
 
 
 def tokenizer_client(services: Services, pki: Pki, api_key: str | None) -> AsyncTokenizerClient:
@@ -95,15 +100,20 @@ async def test_chat_end_to_end_through_a_secured_engine(secured: Services, pki: 
     assert responses[-1].usage.completion_tokens >= 1
 
     def blocking_clients() -> None:  # the blocking clients take the same credentials (off the servers' loop)
-        with TokenizerClient(secured.tokenizer_target, root_certificates=pki.ca.read_bytes(),
-                             api_key=TOKENIZER_KEY) as sync_client:
+        with TokenizerClient(
+            secured.tokenizer_target, root_certificates=pki.ca.read_bytes(), api_key=TOKENIZER_KEY
+        ) as sync_client:
             assert sync_client.tokenize("Hello", timeout=10) == [9707]
             with pytest.raises(grpc.RpcError) as info:
                 TokenizerClient(secured.tokenizer_target, root_certificates=pki.ca.read_bytes()).tokenize("Hi")
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with EngineClient(secured.engine_target, root_certificates=pki.ca.read_bytes(), api_key=ENGINE_KEY,
-                          certificate_chain=pki.client_cert.read_bytes(),
-                          private_key=pki.client_key.read_bytes()) as sync_engine:
+        with EngineClient(
+            secured.engine_target,
+            root_certificates=pki.ca.read_bytes(),
+            api_key=ENGINE_KEY,
+            certificate_chain=pki.client_cert.read_bytes(),
+            private_key=pki.client_key.read_bytes(),
+        ) as sync_engine:
             stream = sync_engine.generate([9707], max_tokens=3, temperature=0, timeout=30)
             assert len([t for r in stream for t in r.token_ids]) == 3
 
@@ -157,12 +167,21 @@ async def test_tokenizer_rpcs_need_the_key(secured: Services, pki: Pki, method: 
 @module_loop
 async def test_the_bearer_scheme_is_case_insensitive_and_one_header_only(secured: Services, pki: Pki) -> None:
     async with aio_channel(secured.tokenizer_target, security=ChannelSecurity(client_tls(pki, False))) as channel:
-        tokenize = channel.unary_unary("/qwen3serve.tokenizer.v1.TokenizerService/Tokenize",
-                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        tokenize = channel.unary_unary(
+            "/qwen3serve.tokenizer.v1.TokenizerService/Tokenize",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         await tokenize(b"", metadata=[("authorization", f"bearer {TOKENIZER_KEY}")], timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:  # two keys, one right: refused, not "any of them"
-            await tokenize(b"", timeout=10, metadata=[("authorization", "Bearer wrong-key-0123456789"),
-                                                      ("authorization", f"Bearer {TOKENIZER_KEY}")])
+            await tokenize(
+                b"",
+                timeout=10,
+                metadata=[
+                    ("authorization", "Bearer wrong-key-0123456789"),
+                    ("authorization", f"Bearer {TOKENIZER_KEY}"),
+                ],
+            )
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await tokenize(b"", metadata=[("authorization", f"Basic {TOKENIZER_KEY}")], timeout=10)
@@ -170,10 +189,12 @@ async def test_the_bearer_scheme_is_case_insensitive_and_one_header_only(secured
 
 
 @module_loop
-async def test_a_wrong_engine_key_is_a_server_error_not_the_callers(secured: Services, pki: Pki,
-                                                                    tokenizer: ChatTokenizer) -> None:
-    front = await start_tokenizer_server(tokenizer, secured.engine_target,
-                                         engine_security=ChannelSecurity(client_tls(pki), "not-the-key-0123456789"))
+async def test_a_wrong_engine_key_is_a_server_error_not_the_callers(
+    secured: Services, pki: Pki, tokenizer: ChatTokenizer
+) -> None:
+    front = await start_tokenizer_server(
+        tokenizer, secured.engine_target, engine_security=ChannelSecurity(client_tls(pki), "not-the-key-0123456789")
+    )
     try:
         async with AsyncTokenizerClient(f"127.0.0.1:{front.port}") as client:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -185,8 +206,12 @@ async def test_a_wrong_engine_key_is_a_server_error_not_the_callers(secured: Ser
 
 @module_loop
 async def test_health_answers_without_a_key(secured: Services, pki: Pki) -> None:
-    assert await health_status(secured.tokenizer_target, TOKENIZER_SERVICE,
-                               ChannelSecurity(client_tls(pki, with_cert=False))) == SERVING
+    assert (
+        await health_status(
+            secured.tokenizer_target, TOKENIZER_SERVICE, ChannelSecurity(client_tls(pki, with_cert=False))
+        )
+        == SERVING
+    )
     assert await health_status(secured.engine_target, ENGINE_SERVICE, ChannelSecurity(client_tls(pki))) == SERVING
 
 
@@ -195,7 +220,8 @@ async def test_reflection_needs_the_key(secured: Services, pki: Pki) -> None:
     async def list_services(api_key: str | None) -> list[str]:
         async with aio_channel(secured.tokenizer_target, security=ChannelSecurity(client_tls(pki), api_key)) as ch:
             call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
             return [s.name for r in [r async for r in call] for s in r.list_services_response.service]
 
     assert TOKENIZER_SERVICE in await list_services(TOKENIZER_KEY)
@@ -205,17 +231,22 @@ async def test_reflection_needs_the_key(secured: Services, pki: Pki) -> None:
 
 
 @module_loop
-@pytest.mark.parametrize("client", ["plaintext", "plaintext with key", "trusts another CA", "no client cert",
-                                    "cert of another CA"])
-async def test_the_engine_refuses_clients_without_the_right_transport(secured: Services, pki: Pki,
-                                                                       client: str) -> None:
-    tls = {"plaintext": None, "plaintext with key": None,
-           "trusts another CA": ChannelTls(pki.other_ca.read_bytes()),
-           "no client cert": client_tls(pki, with_cert=False),
-           "cert of another CA": ChannelTls(pki.ca.read_bytes(), pki.other_client_cert.read_bytes(),
-                                            pki.other_client_key.read_bytes())}[client]
-    async with AsyncEngineClient(channel=aio_channel(secured.engine_target,
-                                                     security=ChannelSecurity(tls, ENGINE_KEY))) as engine:
+@pytest.mark.parametrize(
+    "client", ["plaintext", "plaintext with key", "trusts another CA", "no client cert", "cert of another CA"]
+)
+async def test_the_engine_refuses_clients_without_the_right_transport(secured: Services, pki: Pki, client: str) -> None:
+    tls = {
+        "plaintext": None,
+        "plaintext with key": None,
+        "trusts another CA": ChannelTls(pki.other_ca.read_bytes()),
+        "no client cert": client_tls(pki, with_cert=False),
+        "cert of another CA": ChannelTls(
+            pki.ca.read_bytes(), pki.other_client_cert.read_bytes(), pki.other_client_key.read_bytes()
+        ),
+    }[client]
+    async with AsyncEngineClient(
+        channel=aio_channel(secured.engine_target, security=ChannelSecurity(tls, ENGINE_KEY))
+    ) as engine:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await engine.model_info(timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: no RPC reaches a handler
@@ -227,13 +258,18 @@ async def test_the_engine_refuses_clients_without_the_right_transport(secured: S
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 async def test_tls_serves_and_plaintext_fails(tokenizer: ChatTokenizer, pki: Pki, mutual: bool) -> None:
     running = await start_tokenizer_server(
-        tokenizer, f"127.0.0.1:{free_port()}",
-        server_config=ServerConfig(security=ServerSecurity(server_tls(pki, mutual))))
+        tokenizer,
+        f"127.0.0.1:{free_port()}",
+        server_config=ServerConfig(security=ServerSecurity(server_tls(pki, mutual))),
+    )
     target = f"127.0.0.1:{running.port}"
     try:
-        async with AsyncTokenizerClient(target, root_certificates=pki.ca.read_bytes(),
-                                        certificate_chain=pki.client_cert.read_bytes(),
-                                        private_key=pki.client_key.read_bytes()) as client:
+        async with AsyncTokenizerClient(
+            target,
+            root_certificates=pki.ca.read_bytes(),
+            certificate_chain=pki.client_cert.read_bytes(),
+            private_key=pki.client_key.read_bytes(),
+        ) as client:
             assert await client.tokenize("Hello", timeout=10) == [9707]  # no key configured: none needed
         refused = [AsyncTokenizerClient(target), AsyncTokenizerClient(target, tls=True)]  # system CAs
         if mutual:
@@ -251,12 +287,21 @@ async def test_tls_serves_and_plaintext_fails(tokenizer: ChatTokenizer, pki: Pki
 
 
 # ---- the warning --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("host,security,warns", [
-    ("0.0.0.0", None, True), ("::", None, True), ("10.1.2.3", ServerSecurity(), True),
-    ("0.0.0.0", ServerSecurity(api_key=ENGINE_KEY), False), ("127.0.0.1", None, False),
-    ("localhost", None, False), ("[::1]", None, False)])
-def test_warns_once_when_exposed_without_tls_or_key(caplog: pytest.LogCaptureFixture, host: str,
-                                                     security: ServerSecurity | None, warns: bool) -> None:
+@pytest.mark.parametrize(
+    "host,security,warns",
+    [
+        ("0.0.0.0", None, True),
+        ("::", None, True),
+        ("10.1.2.3", ServerSecurity(), True),
+        ("0.0.0.0", ServerSecurity(api_key=ENGINE_KEY), False),
+        ("127.0.0.1", None, False),
+        ("localhost", None, False),
+        ("[::1]", None, False),
+    ],
+)
+def test_warns_once_when_exposed_without_tls_or_key(
+    caplog: pytest.LogCaptureFixture, host: str, security: ServerSecurity | None, warns: bool
+) -> None:
     with caplog.at_level(logging.WARNING, logger="service_common.security"):
         assert warn_if_exposed(host, security) is warns
     assert len(caplog.records) == int(warns)
@@ -274,25 +319,44 @@ async def test_bind_on_all_interfaces_warns_once(caplog: pytest.LogCaptureFixtur
 
 # ---- the CLI options --------------------------------------------------------------------------------
 def _args(pki: Pki, **overrides: str | None) -> argparse.Namespace:
-    values = dict(tls_cert=None, tls_key=None, tls_client_ca=None, api_key=None, api_key_file=None,
-                  engine_tls=False, engine_tls_ca=None, engine_tls_cert=None, engine_tls_key=None,
-                  engine_api_key=None, engine_api_key_file=None)
+    values = dict(
+        tls_cert=None,
+        tls_key=None,
+        tls_client_ca=None,
+        api_key=None,
+        api_key_file=None,
+        engine_tls=False,
+        engine_tls_ca=None,
+        engine_tls_cert=None,
+        engine_tls_key=None,
+        engine_api_key=None,
+        engine_api_key_file=None,
+    )
     return argparse.Namespace(**{**values, **overrides})
 
 
 def test_options_build_the_configs(pki: Pki, tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(ENGINE_KEY + "\n")
-    security = server_security(_args(pki, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-                                     tls_client_ca=str(pki.ca), api_key_file=str(key_file)), env={})
+    security = server_security(
+        _args(
+            pki,
+            tls_cert=str(pki.server_cert),
+            tls_key=str(pki.server_key),
+            tls_client_ca=str(pki.ca),
+            api_key_file=str(key_file),
+        ),
+        env={},
+    )
     assert security.tls is not None and security.tls.client_ca == pki.ca.read_bytes()
     assert security.api_key == ENGINE_KEY and ENGINE_KEY not in repr(security)
     assert server_security(_args(pki), env={}) == ServerSecurity()
     assert server_security(_args(pki), env={"QWEN3SERVE_API_KEY": TOKENIZER_KEY}).api_key == TOKENIZER_KEY
     channel = engine_channel_security(_args(pki, engine_tls_ca=str(pki.ca)), env={"QWEN3SERVE_API_KEY": ENGINE_KEY})
     assert channel.tls == ChannelTls(pki.ca.read_bytes()) and channel.api_key == ENGINE_KEY
-    channel = engine_channel_security(_args(pki, engine_tls=True), env={
-        "QWEN3SERVE_API_KEY": TOKENIZER_KEY, "QWEN3SERVE_ENGINE_API_KEY": ENGINE_KEY})
+    channel = engine_channel_security(
+        _args(pki, engine_tls=True), env={"QWEN3SERVE_API_KEY": TOKENIZER_KEY, "QWEN3SERVE_ENGINE_API_KEY": ENGINE_KEY}
+    )
     assert channel.tls == ChannelTls() and channel.api_key == ENGINE_KEY
     assert engine_channel_security(_args(pki), env={}) == ChannelSecurity()
 
@@ -320,11 +384,20 @@ def _fill(text: str, pki: Pki) -> str:
 
 
 @pytest.mark.parametrize("cli", ["engine", "tokenizer"])
-@pytest.mark.parametrize("argv,message", BAD_OPTIONS + ENGINE_CHANNEL_BAD_OPTIONS,
-                         ids=[m for _, m in BAD_OPTIONS + ENGINE_CHANNEL_BAD_OPTIONS])
-def test_a_bad_option_is_one_error_line_and_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                                   pki: Pki, demo_checkpoint: Path, cli: str, argv: list[str],
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    "argv,message",
+    BAD_OPTIONS + ENGINE_CHANNEL_BAD_OPTIONS,
+    ids=[m for _, m in BAD_OPTIONS + ENGINE_CHANNEL_BAD_OPTIONS],
+)
+def test_a_bad_option_is_one_error_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    pki: Pki,
+    demo_checkpoint: Path,
+    cli: str,
+    argv: list[str],
+    message: str,
+) -> None:
     if cli == "engine" and argv[0].startswith("--engine"):
         pytest.skip("an option of the tokenizer service only")
     monkeypatch.delenv("QWEN3SERVE_API_KEY", raising=False)
@@ -342,8 +415,8 @@ def test_every_security_option_shows_its_default(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         cli(["--help"])
     text = capsys.readouterr().out
-    section = text[text.index("security:"):]
-    blocks = [b for b in section.split("\n  --")[1:]]
+    section = text[text.index("security:") :]
+    blocks = list(section.split("\n  --")[1:])
     assert len(blocks) >= (5 if cli is engine_args else 11)
     for block in blocks:
         assert "(default:" in " ".join(block.split()), block
@@ -355,10 +428,25 @@ async def test_the_tokenizer_cli_serves_tls_and_a_key_file(demo_checkpoint: Path
     key_file.write_text(TOKENIZER_KEY + "\n")
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint), "--engine",
-        f"127.0.0.1:{free_port()}", "--port", str(port), "--tls-cert", str(pki.server_cert),
-        "--tls-key", str(pki.server_key), "--api-key-file", str(key_file), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "tokenizer_service",
+        "--model",
+        str(demo_checkpoint),
+        "--engine",
+        f"127.0.0.1:{free_port()}",
+        "--port",
+        str(port),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--api-key-file",
+        str(key_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     target = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -48,9 +48,12 @@ RAISES: dict[str, Exception] = {
     "plain-service-error": errors.ServiceError("upstream said something internal"),
 }
 EXPECTED_CODE = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT, "notfound": grpc.StatusCode.NOT_FOUND,
-    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED, "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "bug": grpc.StatusCode.INTERNAL,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "notfound": grpc.StatusCode.NOT_FOUND,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "bug": grpc.StatusCode.INTERNAL,
     "plain-service-error": grpc.StatusCode.INTERNAL,
 }
 
@@ -62,15 +65,17 @@ class RaisingEngine(engine_pb2_grpc.EngineServiceServicer):
         self.stream_closed = asyncio.Event()
 
     @errors.handle_errors
-    async def Abort(self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
-                    ) -> engine_pb2.AbortResponse:
+    async def Abort(
+        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.AbortResponse:
         if request.request_id in RAISES:
             raise RAISES[request.request_id]
         return engine_pb2.AbortResponse(aborted=True)
 
     @errors.handle_errors
-    async def Generate(self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         bind_request_id(request.request_id)
         try:
             await asyncio.sleep(0.05)  # concurrent calls interleave here: each must keep its own id
@@ -79,8 +84,9 @@ class RaisingEngine(engine_pb2_grpc.EngineServiceServicer):
                 raise RAISES[request.request_id]
             if request.request_id.startswith("hang"):
                 await asyncio.sleep(3600)
-            yield engine_pb2.GenerateResponse(request_id=request.request_id,
-                                              finish_reason=engine_pb2.FINISH_REASON_STOP)
+            yield engine_pb2.GenerateResponse(
+                request_id=request.request_id, finish_reason=engine_pb2.FINISH_REASON_STOP
+            )
         finally:
             self.stream_closed.set()
 
@@ -112,8 +118,7 @@ async def test_unary_error_mapping(engine_server, name: str, caplog: pytest.LogC
     target, _, _ = engine_server
     async with grpc.aio.insecure_channel(target) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
-        with caplog.at_level(logging.INFO, logger="service_common.errors"), \
-                pytest.raises(grpc.aio.AioRpcError) as info:
+        with caplog.at_level(logging.INFO, logger="service_common.errors"), pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Abort(engine_pb2.AbortRequest(request_id=name))
     err = info.value
     assert err.code() == EXPECTED_CODE[name]
@@ -124,7 +129,8 @@ async def test_unary_error_mapping(engine_server, name: str, caplog: pytest.LogC
         bad = error_details_pb2.BadRequest()
         assert st.details[0].Unpack(bad)
         assert [(v.field, v.description) for v in bad.field_violations] == [
-            ("sampling_params.top_p", "must be in (0, 1], got 1.5")]
+            ("sampling_params.top_p", "must be in (0, 1], got 1.5")
+        ]
         assert errors.bad_request_field(err) == "sampling_params.top_p"
     elif EXPECTED_CODE[name] == grpc.StatusCode.INTERNAL:
         # the client learns the request id, not the internals; the log has both
@@ -218,8 +224,9 @@ async def test_reflection_answers_grpcurl(engine_server) -> None:
     target, _, _ = engine_server
 
     async def grpcurl(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(str(binary), "-plaintext", *args, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            str(binary), "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
         assert proc.returncode == 0, err.decode()
         return out.decode()
@@ -227,8 +234,10 @@ async def test_reflection_answers_grpcurl(engine_server) -> None:
     services = (await grpcurl(target, "list")).split()
     assert ENGINE in services and "grpc.health.v1.Health" in services
     described = await grpcurl(target, "describe", ENGINE)
-    assert ("rpc Generate ( .qwen3serve.engine.v1.GenerateRequest ) returns "
-            "( stream .qwen3serve.engine.v1.GenerateResponse );") in described
+    assert (
+        "rpc Generate ( .qwen3serve.engine.v1.GenerateRequest ) returns "
+        "( stream .qwen3serve.engine.v1.GenerateResponse );"
+    ) in described
 
 
 async def test_bind_refuses_a_port_in_use() -> None:
@@ -304,7 +313,7 @@ def _record(**extra: object) -> logging.LogRecord:
 
 def test_key_value_and_json_logs_carry_request_id_and_fields() -> None:
     line = KeyValueFormatter().format(_record(request_id="abc", engine="UNAVAILABLE: x y"))
-    assert " level=warning logger=svc request_id=abc msg=\"engine down\" engine=\"UNAVAILABLE: x y\"" in line
+    assert ' level=warning logger=svc request_id=abc msg="engine down" engine="UNAVAILABLE: x y"' in line
     doc = json.loads(JsonFormatter().format(_record(request_id="abc", attempt=3)))
     assert doc["request_id"] == "abc" and doc["msg"] == "engine down" and doc["attempt"] == 3
 
@@ -342,8 +351,9 @@ async def test_metrics_exporter_reports_rpcs(engine_server) -> None:
         await stub.Abort(engine_pb2.AbortRequest(request_id="ok"))
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Abort(engine_pb2.AbortRequest(request_id="overloaded"))
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                                                  timeout=5).read().decode())
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    )
     prefix = f'qwen3serve_rpc_requests_total{{code="%s",method="Abort",service="{ENGINE}"}}'
     assert prefix % "OK" in body and prefix % "RESOURCE_EXHAUSTED" in body
     assert f'qwen3serve_rpc_duration_seconds_count{{method="Abort",service="{ENGINE}"}}' in body
@@ -351,9 +361,17 @@ async def test_metrics_exporter_reports_rpcs(engine_server) -> None:
 
 def test_shared_code_and_clients_do_not_import_torch() -> None:
     """service_common (both servers) and the Python clients stay light: no torch, no transformers."""
-    code = ("import sys, service_common.server, service_common.errors, service_common.logging, "
-            "service_common.metrics, clients; "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    code = (
+        "import sys, service_common.server, service_common.errors, service_common.logging, "
+        "service_common.metrics, clients; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    )
     assert out.stdout.strip() == "[]", out.stderr

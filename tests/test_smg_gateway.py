@@ -36,7 +36,7 @@ class Cluster:
         self.others: list[subprocess.Popen] = []
 
     def start_replica(self, i: int) -> subprocess.Popen:
-        log = open(self.logs / f"replica{i}.log", "ab")  # noqa: SIM115 (the child owns it)
+        log = open(self.logs / f"replica{i}.log", "ab")
         process = start_replica(self.config, i, stdout=log, stderr=subprocess.STDOUT)
         wait_serving(self.engine(i), 120, process)
         return process
@@ -54,20 +54,45 @@ class Cluster:
 def cluster(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     logs = tmp_path_factory.mktemp("cluster-logs")
     first = free_port()
-    config = ClusterConfig(str(demo_checkpoint), replicas=2, first_engine_port=first, http_port=free_port(),
-                           prometheus_port=free_port(), served_model_name="demo")
+    config = ClusterConfig(
+        str(demo_checkpoint),
+        replicas=2,
+        first_engine_port=first,
+        http_port=free_port(),
+        prometheus_port=free_port(),
+        served_model_name="demo",
+    )
     c = Cluster(config, logs)
     try:
         c.replicas = [c.start_replica(i) for i in range(config.replicas)]
         tokenizer_port = free_port()
-        c.others.append(subprocess.Popen(
-            [sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint), "--engine", c.engine(0),
-             "--port", str(tokenizer_port)], stdout=open(logs / "tokenizer.log", "wb"), stderr=subprocess.STDOUT))
+        c.others.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tokenizer_service",
+                    "--model",
+                    str(demo_checkpoint),
+                    "--engine",
+                    c.engine(0),
+                    "--port",
+                    str(tokenizer_port),
+                ],
+                stdout=open(logs / "tokenizer.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         c.tokenizer = f"127.0.0.1:{tokenizer_port}"  # type: ignore[attr-defined]
-        c.others.append(subprocess.Popen(config.smg_command(), stdout=open(logs / "smg.log", "wb"),
-                                         stderr=subprocess.STDOUT))
-        c.client = openai.OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="none",  # type: ignore[attr-defined]
-                                 max_retries=0, timeout=60)
+        c.others.append(
+            subprocess.Popen(config.smg_command(), stdout=open(logs / "smg.log", "wb"), stderr=subprocess.STDOUT)
+        )
+        c.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{config.http_port}/v1",
+            api_key="none",  # type: ignore[attr-defined]
+            max_retries=0,
+            timeout=60,
+        )
         deadline = time.monotonic() + 60
         while True:  # SMG up, both workers registered
             try:
@@ -96,16 +121,25 @@ def reference_chat(cluster: Cluster, max_tokens: int) -> tuple[str, int]:
 def test_chat_non_streaming_and_streaming_match_our_tokenizer_service(cluster: Cluster) -> None:
     expected, expected_tokens = reference_chat(cluster, 12)
     assert expected_tokens == 12
-    reply = cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12,  # type: ignore[attr-defined]
-                                                   temperature=0)
+    reply = cluster.client.chat.completions.create(
+        model="demo",
+        messages=MESSAGES,
+        max_tokens=12,  # type: ignore[attr-defined]
+        temperature=0,
+    )
     message = reply.choices[0].message
     assert (getattr(message, "reasoning_content", None) or "") + (message.content or "") == expected
     assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
 
     text, usage = "", None
-    for chunk in cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12,  # type: ignore[attr-defined]
-                                                        temperature=0, stream=True,
-                                                        stream_options={"include_usage": True}):
+    for chunk in cluster.client.chat.completions.create(
+        model="demo",
+        messages=MESSAGES,
+        max_tokens=12,  # type: ignore[attr-defined]
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         for choice in chunk.choices:
             text += (getattr(choice.delta, "reasoning_content", None) or "") + (choice.delta.content or "")
         usage = chunk.usage or usage
@@ -114,14 +148,23 @@ def test_chat_non_streaming_and_streaming_match_our_tokenizer_service(cluster: C
 
 
 def test_completion_and_a_stop_string_ended_in_the_engine(cluster: Cluster) -> None:
-    full = cluster.client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24,  # type: ignore[attr-defined]
-                                             temperature=0)
+    full = cluster.client.completions.create(
+        model="demo",
+        prompt="Once upon a time",
+        max_tokens=24,  # type: ignore[attr-defined]
+        temperature=0,
+    )
     assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
     text = full.choices[0].text
-    stop = text[len(text) // 3: len(text) // 3 + 2]
+    stop = text[len(text) // 3 : len(text) // 3 + 2]
     assert stop.strip(), text
-    stopped = cluster.client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24,  # type: ignore[attr-defined]
-                                                temperature=0, stop=[stop])
+    stopped = cluster.client.completions.create(
+        model="demo",
+        prompt="Once upon a time",
+        max_tokens=24,  # type: ignore[attr-defined]
+        temperature=0,
+        stop=[stop],
+    )
     choice = stopped.choices[0]
     assert choice.finish_reason == "stop"
     assert choice.model_extra.get("matched_stop") == stop
@@ -129,8 +172,10 @@ def test_completion_and_a_stop_string_ended_in_the_engine(cluster: Cluster) -> N
     assert text.startswith(choice.text) and stop not in choice.text
 
 
-@pytest.mark.parametrize("extra, field", [({"n": 2}, "sampling_params.n"),
-                                          ({"response_format": {"type": "json_object"}}, "sampling_params.")])
+@pytest.mark.parametrize(
+    "extra, field",
+    [({"n": 2}, "sampling_params.n"), ({"response_format": {"type": "json_object"}}, "sampling_params.")],
+)
 def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: dict, field: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, **extra)  # type: ignore[attr-defined]
@@ -138,8 +183,13 @@ def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: 
 
 
 def test_client_disconnect_aborts_the_engine_request(cluster: Cluster) -> None:
-    stream = cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3000,  # type: ignore[attr-defined]
-                                                    temperature=0, stream=True)
+    stream = cluster.client.chat.completions.create(
+        model="demo",
+        messages=MESSAGES,
+        max_tokens=3000,  # type: ignore[attr-defined]
+        temperature=0,
+        stream=True,
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -156,8 +206,11 @@ def test_shared_prefix_hits_the_cache_from_the_second_request_on(cluster: Cluste
     cached = []
     for question in ("What is 2+2?", "Name a colour.", "Say hi."):
         reply = cluster.client.chat.completions.create(  # type: ignore[attr-defined]
-            model="demo", max_tokens=2, temperature=0,
-            messages=[{"role": "system", "content": prefix}, {"role": "user", "content": question}])
+            model="demo",
+            max_tokens=2,
+            temperature=0,
+            messages=[{"role": "system", "content": prefix}, {"role": "user", "content": question}],
+        )
         cached.append(reply.usage.prompt_tokens_details.cached_tokens)
     assert cached[0] == 0 or cached[0] is None
     assert all(c and c > 0 for c in cached[1:]), cached
@@ -168,29 +221,32 @@ def test_killed_replica_fails_over_and_rejoins(cluster: Cluster) -> None:
     cluster.replicas[1].wait()
     for i in range(6):  # every request after the kill succeeds on the other replica
         reply = cluster.client.chat.completions.create(  # type: ignore[attr-defined]
-            model="demo", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=2, temperature=0)
+            model="demo", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=2, temperature=0
+        )
         assert reply.usage.completion_tokens == 2
     cluster.replicas[1] = cluster.start_replica(1)
     deadline = time.monotonic() + 30
     while last_generate_at(cluster, 1) == 0:  # SMG sends work to the restarted replica again
         assert time.monotonic() < deadline, "the restarted replica got no traffic"
         cluster.client.chat.completions.create(  # type: ignore[attr-defined]
-            model="demo", messages=[{"role": "user", "content": f"again {time.monotonic()}"}], max_tokens=1)
+            model="demo", messages=[{"role": "user", "content": f"again {time.monotonic()}"}], max_tokens=1
+        )
 
 
 def last_generate_at(cluster: Cluster, i: int) -> float:
     """When replica ``i`` last received a Generate from SMG (0: never, since it started)."""
     with grpc.insecure_channel(cluster.engine(i)) as channel:
-        info = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(),
-                                                                          timeout=5)
+        info = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetServerInfo(
+            vllm_engine_pb2.GetServerInfoRequest(), timeout=5
+        )
     return info.last_receive_timestamp
 
 
 def test_readme_openai_snippet_runs_against_the_cluster(cluster: Cluster) -> None:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## OpenAI API through SMG"):]
-    snippet = section[section.index("```python\n") + 10:]
-    snippet = snippet[:snippet.index("```")]
+    section = text[text.index("## OpenAI API through SMG") :]
+    snippet = section[section.index("```python\n") + 10 :]
+    snippet = snippet[: snippet.index("```")]
     snippet = snippet.replace("http://127.0.0.1:30000", f"http://127.0.0.1:{cluster.config.http_port}")
     snippet = snippet.replace('"demo-model"', '"demo"')
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)

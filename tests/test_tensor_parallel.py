@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from helpers import BlockPool, assert_logits_close, hf_logits, load_model, prefill, random_prompts, run_step
 
-TP_SHAPES = dict(vocab_size=510, hidden_size=64, intermediate_size=128, num_attention_heads=8,
-                 num_key_value_heads=4, head_dim=16, max_position_embeddings=512)
+TP_SHAPES = dict(
+    vocab_size=510,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=16,
+    max_position_embeddings=512,
+)
 VARIANTS = {"tied": dict(tie_word_embeddings=True), "untied-bias": dict(tie_word_embeddings=False, attention_bias=True)}
 PROMPT_LENGTHS = [5, 23, 40]
 DECODE_STEPS = 3
@@ -70,9 +76,20 @@ def _worker(rank: int, world: int, init_method: str, model_dirs: dict[str, str],
 def tp_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from qwen3.testing import write_checkpoint
 
-    return {name: str(write_checkpoint(tmp_path_factory.mktemp(f"tp-{name}"), "tiny", init_std=0.5,
-                                       with_tokenizer=False, seed=5, **TP_SHAPES, **overrides))
-            for name, overrides in VARIANTS.items()}
+    return {
+        name: str(
+            write_checkpoint(
+                tmp_path_factory.mktemp(f"tp-{name}"),
+                "tiny",
+                init_std=0.5,
+                with_tokenizer=False,
+                seed=5,
+                **TP_SHAPES,
+                **overrides,
+            )
+        )
+        for name, overrides in VARIANTS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +106,9 @@ def test_tp1_matches_hf(tp_checkpoints: dict[str, str], tp1_logits: dict[str, li
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tp_matches_tp1(world: int, tp_checkpoints: dict[str, str], tp1_logits: dict[str, list[torch.Tensor]],
-                        tmp_path: Path) -> None:
+def test_tp_matches_tp1(
+    world: int, tp_checkpoints: dict[str, str], tp1_logits: dict[str, list[torch.Tensor]], tmp_path: Path
+) -> None:
     init_method = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_worker, args=(world, init_method, tp_checkpoints, str(tmp_path)), nprocs=world, join=True)
     results = torch.load(tmp_path / f"tp{world}.pt")

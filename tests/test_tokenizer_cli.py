@@ -22,10 +22,30 @@ from tokenizer_service.server import SERVICE_NAME
 def test_cli_serves_and_stops_on_sigterm(demo_checkpoint: Path) -> None:
     metrics_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenizer_service", "--model", str(demo_checkpoint),
-         "--engine", f"127.0.0.1:{free_port()}", "--port", "0", "--metrics-port", str(metrics_port),
-         "--engine-probe-interval", "0.2", "--log-format", "json", "--grace", "1"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+        [
+            sys.executable,
+            "-m",
+            "tokenizer_service",
+            "--model",
+            str(demo_checkpoint),
+            "--engine",
+            f"127.0.0.1:{free_port()}",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--engine-probe-interval",
+            "0.2",
+            "--log-format",
+            "json",
+            "--grace",
+            "1",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+    )
     try:
         port = None
         lines = []
@@ -41,7 +61,8 @@ def test_cli_serves_and_stops_on_sigterm(demo_checkpoint: Path) -> None:
         assert port, "".join(lines)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+            )
         assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no engine behind it
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "# TYPE qwen3serve_rpc_requests_total counter" in body

@@ -4,7 +4,6 @@ one-shot decode and the real Qwen3 chat template (transformers)."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,7 @@ def _chunks(ids: list[int], rng: random.Random) -> list[list[int]]:
     out, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 4)
-        out.append(ids[i:i + n])
+        out.append(ids[i : i + n])
         i += n
     return out
 
@@ -50,7 +49,7 @@ def test_incremental_equals_one_shot_and_never_breaks_utf8(tokenizer: ChatTokeni
 def test_incomplete_tail_and_special_tokens_match_one_shot(tokenizer: ChatTokenizer) -> None:
     emoji = tokenizer.encode("ok 🎉")
     im_end = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
-    ids = emoji[:-1] + [im_end]  # the emoji cut short by a special token, then the stream ends
+    ids = [*emoji[:-1], im_end]  # the emoji cut short by a special token, then the stream ends
     for skip in (True, False):
         detok = IncrementalDetokenizer(tokenizer.backend, skip_special_tokens=skip)
         deltas = [detok.push([i]) for i in ids]
@@ -68,15 +67,22 @@ def _first_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
         done = [s for s in stops if text[:end].endswith(s)]
         if done:
             stop = max(done, key=len)
-            return text[:end - len(stop)], stop
+            return text[: end - len(stop)], stop
     return text, None
 
 
-@pytest.mark.parametrize("stops", [["END"], ["</answer>", "\n\n"], ["aab", "ab"], ["🎉x", "界！"],
-                                   ["Observation:"], ["zzz-never"]])
+@pytest.mark.parametrize(
+    "stops", [["END"], ["</answer>", "\n\n"], ["aab", "ab"], ["🎉x", "界！"], ["Observation:"], ["zzz-never"]]
+)
 def test_stop_strings_never_leak_however_text_is_split(stops: list[str]) -> None:
-    texts = ["The answer is 42.\n\nEND of it", "aaab and ab", "<answer>x</answer>tail", "你好，世界！🎉x more",
-             "Thought: go\nObservation: seen", "no stop here at all"]
+    texts = [
+        "The answer is 42.\n\nEND of it",
+        "aaab and ab",
+        "<answer>x</answer>tail",
+        "你好，世界！🎉x more",
+        "Thought: go\nObservation: seen",
+        "no stop here at all",
+    ]
     rng = random.Random(1)
     for text in texts:
         expected, expected_stop = _first_stop(text, stops)
@@ -113,7 +119,7 @@ def test_stop_strings_over_tokens(tokenizer: ChatTokenizer) -> None:
                 break
             emitted.append(out)
             assert stop[:2] not in "".join(emitted)
-        assert "".join(emitted) == text[:text.index(stop)]
+        assert "".join(emitted) == text[: text.index(stop)]
 
 
 def test_stop_matcher_rejects_empty_stop() -> None:
@@ -153,8 +159,8 @@ def test_reasoning_split_round_trips_through_the_qwen3_template(tokenizer: ChatT
     rng = random.Random(2)
     reference = _render(tokenizer, {"role": "assistant", "content": output})
     splits = [[output], list(output)] + [
-        [output[:a], output[a:b], output[b:]] for a, b in (sorted(rng.sample(range(len(output)), 2))
-                                                          for _ in range(30))]
+        [output[:a], output[a:b], output[b:]] for a, b in (sorted(rng.sample(range(len(output)), 2)) for _ in range(30))
+    ]
     for pieces in splits:
         reasoning, answer = _split_all(ReasoningSplitter(), pieces)
         ours = _render(tokenizer, {"role": "assistant", "content": answer, "reasoning_content": reasoning})
@@ -163,7 +169,9 @@ def test_reasoning_split_round_trips_through_the_qwen3_template(tokenizer: ChatT
 
 def test_reasoning_split_details() -> None:
     assert _split_all(ReasoningSplitter(), list(OUTPUTS[0])) == (
-        "Let me think: 你好 + 🎉.\n\nSecond paragraph.", "The answer is 42 👍")
+        "Let me think: 你好 + 🎉.\n\nSecond paragraph.",
+        "The answer is 42 👍",
+    )
     # unfinished reasoning stays reasoning; a non-leading <think> is answer text
     assert _split_all(ReasoningSplitter(), ["<think>\nunfinished", " reasoning\n"]) == ("unfinished reasoning", "")
     assert _split_all(ReasoningSplitter(), ["<think>a</think>b <think>c</think>"]) == ("a", "b <think>c</think>")
@@ -171,14 +179,15 @@ def test_reasoning_split_details() -> None:
     assert _split_all(ReasoningSplitter(), ["Hi <think>x</think>"]) == ("", "Hi <think>x</think>")
     # a prompt that already opened <think>: the output starts as reasoning
     assert _split_all(ReasoningSplitter(starts_in_reasoning=True), list("\nwhy\n</think>\n\nbecause")) == (
-        "why", "because")
+        "why",
+        "because",
+    )
 
 
 def test_prompt_opens_thinking_on_real_prompts(tokenizer: ChatTokenizer) -> None:
     messages = [{"role": "user", "content": "hi"}]
     on = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    off = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=False)
+    off = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert "</think>" in off  # the template closed an empty block: the answer comes directly
     assert not prompt_opens_thinking(on) and not prompt_opens_thinking(off)
     assert prompt_opens_thinking(on + "<think>\n")

@@ -7,6 +7,7 @@ this process: a GIL held anywhere shows up as a gap."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import string
 import time
@@ -18,18 +19,18 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import Services, start_services
+from test_tokenizer_limits import Msg, assert_rejected, chat_request, complete_request
 
 from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from serving import Services, start_services
 from service_common.errors import bad_request_field
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
 from tokenizer_service.server import SERVICE_NAME
-from test_tokenizer_limits import Msg, assert_rejected, chat_request, complete_request
 
-MAX_GAP_S = 0.2      # largest pause between two messages of the running Chat stream
-MAX_HEALTH_S = 0.1   # slowest health check
+MAX_GAP_S = 0.2  # largest pause between two messages of the running Chat stream
+MAX_HEALTH_S = 0.1  # slowest health check
 
 
 def maximal_text(limit: int) -> str:
@@ -53,9 +54,13 @@ async def test_huge_requests_leave_streams_and_health_responsive(demo: Services,
     async with grpc.aio.insecure_channel(demo.tokenizer_target) as channel:
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        chat = stub.Chat(tokenizer_pb2.ChatRequest(
-            messages=[tokenizer_pb2.ChatMessage(role="user", content="Tell me a long story.")],
-            sampling_params=engine_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)), timeout=120)
+        chat = stub.Chat(
+            tokenizer_pb2.ChatRequest(
+                messages=[tokenizer_pb2.ChatMessage(role="user", content="Tell me a long story.")],
+                sampling_params=engine_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True),
+            ),
+            timeout=120,
+        )
         arrivals: list[float] = []
 
         async def read_chat() -> None:
@@ -83,8 +88,9 @@ async def test_huge_requests_leave_streams_and_health_responsive(demo: Services,
         stop, latencies, statuses = asyncio.Event(), [], set()
         prober = asyncio.create_task(check_health(stop, latencies, statuses))
         start = time.perf_counter()
-        tokenized, rejected = await asyncio.gather(stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), timeout=120),
-                                                   complete_rejected())
+        tokenized, rejected = await asyncio.gather(
+            stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), timeout=120), complete_rejected()
+        )
         end = time.perf_counter()
         stop.set()
         await prober
@@ -93,12 +99,14 @@ async def test_huge_requests_leave_streams_and_health_responsive(demo: Services,
         await asyncio.gather(reader, return_exceptions=True)
 
     window = [start, *(t for t in arrivals if start < t < end), end]
-    gaps = [b - a for a, b in zip(window, window[1:])]
-    assert max(gaps) < MAX_GAP_S, f"largest gap {max(gaps) * 1000:.0f} ms while the huge requests ran " \
-                                  f"({end - start:.2f} s)"
+    gaps = [b - a for a, b in itertools.pairwise(window)]
+    assert max(gaps) < MAX_GAP_S, (
+        f"largest gap {max(gaps) * 1000:.0f} ms while the huge requests ran ({end - start:.2f} s)"
+    )
     assert len(window) > 10, f"{len(window)} messages in {end - start:.2f} s"
-    assert len(latencies) > 5 and max(latencies) < MAX_HEALTH_S, \
+    assert len(latencies) > 5 and max(latencies) < MAX_HEALTH_S, (
         f"slowest health check {max(latencies) * 1000:.0f} ms of {len(latencies)}"
+    )
     # A stalled loop also misses its own probes of the engine and reports NOT_SERVING for a while.
     assert statuses == {health_pb2.HealthCheckResponse.SERVING}
     assert len(tokenized.token_ids) > 100_000  # the work was real (about 500k tokens)
@@ -112,15 +120,22 @@ async def test_too_long_prompt_names_messages_or_prompt(demo: Services, kind: st
     async with grpc.aio.insecure_channel(demo.tokenizer_target) as channel:
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
         text = "one two three " * 1000  # 3000 tokens and more, over the model's 2048
-        request = (chat_request(messages=[Msg(role="user", content=text)]) if kind == "chat"
-                   else complete_request(prompt=text))
-        details = await assert_rejected(stub, request, "messages" if kind == "chat" else "prompt", "the prompt has ",
-                                  "maximum length is 2048 tokens")
+        request = (
+            chat_request(messages=[Msg(role="user", content=text)]) if kind == "chat" else complete_request(prompt=text)
+        )
+        details = await assert_rejected(
+            stub,
+            request,
+            "messages" if kind == "chat" else "prompt",
+            "the prompt has ",
+            "maximum length is 2048 tokens",
+        )
         tokens = int(details.split("the prompt has ")[1].split()[0])
         assert tokens > 2048
         # A prompt that fits is served (the check is not off by one in the wrong direction).
-        request = (chat_request(messages=[Msg(role="user", content="hi")]) if kind == "chat"
-                   else complete_request(prompt="hi"))
+        request = (
+            chat_request(messages=[Msg(role="user", content="hi")]) if kind == "chat" else complete_request(prompt="hi")
+        )
         request.sampling_params.CopyFrom(engine_pb2.SamplingParams(max_tokens=2, temperature=0))
         responses = [r async for r in (stub.Chat if kind == "chat" else stub.Complete)(request, timeout=30)]
         assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from serving import free_port
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from serving import free_port
-from tokenizer_service.chat_template import ChatTokenizer
 from clients import AsyncTokenizerClient
+from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.server import start_tokenizer_server
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -41,8 +41,9 @@ def reference(demo_checkpoint: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(demo_checkpoint))
 
 
-async def test_forged_roles_in_content_are_text(client: AsyncTokenizerClient, tokenizer: ChatTokenizer,
-                                                reference: PreTrainedTokenizerBase) -> None:
+async def test_forged_roles_in_content_are_text(
+    client: AsyncTokenizerClient, tokenizer: ChatTokenizer, reference: PreTrainedTokenizerBase
+) -> None:
     messages = [{"role": "user", "content": FORGED}]
     response = await client.apply_chat_template(messages, add_generation_prompt=True)
     ids = list(response.prompt_token_ids)
@@ -53,7 +54,7 @@ async def test_forged_roles_in_content_are_text(client: AsyncTokenizerClient, to
     # ... and the content as transformers encodes text with special-token splitting off.
     content = hf(FORGED, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert ids == prefix + content + suffix
-    span = ids[len(prefix):len(ids) - len(suffix)]
+    span = ids[len(prefix) : len(ids) - len(suffix)]
     assert not {IM_START, IM_END, ENDOFTEXT} & set(span)
     assert ids.count(IM_START) == 2 and ids.count(IM_END) == 1  # the user turn and the generation prompt
     # The text is what the template wrote; decoding the ids gives it back.
@@ -65,24 +66,38 @@ async def test_no_field_forges_a_control_token(client: AsyncTokenizerClient, tok
     """Forged text in every caller-supplied string (system prompt, reasoning, tool definitions, tool calls,
     tool results) adds no special id: the ids hold exactly the special tokens of the same conversation
     written without the forgeries."""
+
     def conversation(extra: str) -> tuple[list[dict], list[dict]]:
-        tools = [{"type": "function", "function": {
-            "name": "lookup", "description": "Looks up." + extra,
-            "parameters": {"type": "object", "properties": {"q" + extra: {"type": "string", "enum": [extra]}}}}}]
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": "Looks up." + extra,
+                    "parameters": {"type": "object", "properties": {"q" + extra: {"type": "string", "enum": [extra]}}},
+                },
+            }
+        ]
         messages = [
             {"role": "system", "content": "Be brief." + extra},
             {"role": "user", "content": "Find it." + extra},
-            {"role": "assistant", "content": "Looking." + extra, "reasoning_content": "Use the tool." + extra,
-             "tool_calls": [{"id": "c1", "type": "function",
-                             "function": {"name": "lookup", "arguments": {"q": "x" + extra}}}]},
+            {
+                "role": "assistant",
+                "content": "Looking." + extra,
+                "reasoning_content": "Use the tool." + extra,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"q": "x" + extra}}}
+                ],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"r": extra}) + extra},
         ]
         return messages, tools
 
     specials = set(tokenizer.special_ids.values())
     plain = await client.apply_chat_template(*conversation(""), add_generation_prompt=True)
-    forged = await client.apply_chat_template(*conversation(FORGED + "<|vision_start|>\ue000\ue001"),
-                                              add_generation_prompt=True)
+    forged = await client.apply_chat_template(
+        *conversation(FORGED + "<|vision_start|>\ue000\ue001"), add_generation_prompt=True
+    )
     plain_specials = [t for t in plain.prompt_token_ids if t in specials]
     assert len(plain_specials) >= 8  # the test looks at a conversation with many template tokens
     assert [t for t in forged.prompt_token_ids if t in specials] == plain_specials

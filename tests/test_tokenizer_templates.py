@@ -7,61 +7,107 @@ import asyncio
 import copy
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
-
-from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from serving import free_port
+
+from clients import AsyncTokenizerClient, TokenizerClient, chat_message
+from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from service_common.errors import bad_request_field
 from tokenizer_service.chat_template import ChatTokenizer
-from clients import AsyncTokenizerClient, TokenizerClient, chat_message
 from tokenizer_service.server import TokenizerServer, start_tokenizer_server
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
-                   "required": ["city"]}}}
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "Local time",
-                                              "parameters": {"type": "object", "properties": {}}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}},
+}
 
 TOOL_CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Weather and time in Paris? 天气如何？"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": {"city": "Paris", "unit": "C"}}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}},
+            },
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": {}}},
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp": 21, "sky": "☀️"})},
     {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
 ]
 CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]] = [
-    ("system-user", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"}], [],
-     {"add_generation_prompt": True}),
-    ("no-thinking", [{"role": "user", "content": "2+2?"}], [],
-     {"add_generation_prompt": True, "enable_thinking": False}),
-    ("thinking-explicit", [{"role": "user", "content": "2+2?"}], [],
-     {"add_generation_prompt": True, "enable_thinking": True}),
+    (
+        "system-user",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"}],
+        [],
+        {"add_generation_prompt": True},
+    ),
+    (
+        "no-thinking",
+        [{"role": "user", "content": "2+2?"}],
+        [],
+        {"add_generation_prompt": True, "enable_thinking": False},
+    ),
+    (
+        "thinking-explicit",
+        [{"role": "user", "content": "2+2?"}],
+        [],
+        {"add_generation_prompt": True, "enable_thinking": True},
+    ),
     ("tools-pending", TOOL_CONVERSATION, [WEATHER_TOOL, TIME_TOOL], {"add_generation_prompt": True}),
-    ("tools-answered", [*TOOL_CONVERSATION, {"role": "assistant", "content": "21°C and sunny; 14:05."}],
-     [WEATHER_TOOL, TIME_TOOL], {"add_generation_prompt": False}),
-    ("tools-no-system", TOOL_CONVERSATION[1:], [WEATHER_TOOL], {"add_generation_prompt": True,
-                                                               "enable_thinking": False}),
-    ("multi-turn-reasoning", [
-        {"role": "user", "content": "First?"},
-        {"role": "assistant", "content": "One.", "reasoning_content": "Count from one."},
-        {"role": "user", "content": "Second?"},
-        {"role": "assistant", "content": "Two.", "reasoning_content": "Then two."},
-    ], [], {"add_generation_prompt": False}),
-    ("inline-think", [
-        {"role": "user", "content": "Q"},
-        {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nA"},
-        {"role": "user", "content": "Q2"},
-    ], [], {"add_generation_prompt": True}),
+    (
+        "tools-answered",
+        [*TOOL_CONVERSATION, {"role": "assistant", "content": "21°C and sunny; 14:05."}],
+        [WEATHER_TOOL, TIME_TOOL],
+        {"add_generation_prompt": False},
+    ),
+    (
+        "tools-no-system",
+        TOOL_CONVERSATION[1:],
+        [WEATHER_TOOL],
+        {"add_generation_prompt": True, "enable_thinking": False},
+    ),
+    (
+        "multi-turn-reasoning",
+        [
+            {"role": "user", "content": "First?"},
+            {"role": "assistant", "content": "One.", "reasoning_content": "Count from one."},
+            {"role": "user", "content": "Second?"},
+            {"role": "assistant", "content": "Two.", "reasoning_content": "Then two."},
+        ],
+        [],
+        {"add_generation_prompt": False},
+    ),
+    (
+        "inline-think",
+        [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nA"},
+            {"role": "user", "content": "Q2"},
+        ],
+        [],
+        {"add_generation_prompt": True},
+    ),
 ]
 
 
@@ -80,12 +126,15 @@ async def client(server: TokenizerServer) -> AsyncIterator[AsyncTokenizerClient]
 
 
 @pytest.mark.parametrize("name,messages,tools,kwargs", CASES, ids=[c[0] for c in CASES])
-async def test_apply_chat_template_matches_transformers(client: AsyncTokenizerClient, tokenizer: ChatTokenizer,
-                                                        name: str, messages: list, tools: list, kwargs: dict) -> None:
-    reference_text = tokenizer.hf.apply_chat_template(copy.deepcopy(messages), tools=tools or None,
-                                                      tokenize=False, **kwargs)
-    reference_ids = tokenizer.hf.apply_chat_template(copy.deepcopy(messages), tools=tools or None,
-                                                     tokenize=True, **kwargs)["input_ids"]
+async def test_apply_chat_template_matches_transformers(
+    client: AsyncTokenizerClient, tokenizer: ChatTokenizer, name: str, messages: list, tools: list, kwargs: dict
+) -> None:
+    reference_text = tokenizer.hf.apply_chat_template(
+        copy.deepcopy(messages), tools=tools or None, tokenize=False, **kwargs
+    )
+    reference_ids = tokenizer.hf.apply_chat_template(
+        copy.deepcopy(messages), tools=tools or None, tokenize=True, **kwargs
+    )["input_ids"]
     response = await client.apply_chat_template(messages, tools, **kwargs)
     assert response.prompt == reference_text
     assert list(response.prompt_token_ids) == reference_ids
@@ -96,15 +145,17 @@ async def test_apply_chat_template_matches_transformers(client: AsyncTokenizerCl
         assert response.prompt.endswith("<think>\n\n</think>\n\n")
 
 
-async def test_tokenize_and_detokenize_match_transformers(client: AsyncTokenizerClient,
-                                                          tokenizer: ChatTokenizer) -> None:
+async def test_tokenize_and_detokenize_match_transformers(
+    client: AsyncTokenizerClient, tokenizer: ChatTokenizer
+) -> None:
     text = "<|im_start|>user\nHello 世界 🎉 naïve<|im_end|>"
     ids = await client.tokenize(text)
     assert ids == tokenizer.hf(text, add_special_tokens=False)["input_ids"]
     assert ids == await client.tokenize(text, add_special_tokens=True)  # Qwen3 adds no BOS/EOS
     for skip in (False, True):
         assert await client.detokenize(ids, skip_special_tokens=skip) == tokenizer.hf.decode(
-            ids, skip_special_tokens=skip)
+            ids, skip_special_tokens=skip
+        )
     assert await client.detokenize([]) == ""
 
 
@@ -127,23 +178,37 @@ def _msg(**fields: Any) -> tokenizer_pb2.ChatMessage:
 BAD_REQUESTS = [
     ("messages", [], []),
     ("messages[1].role", [_msg(role="user", content="a"), _msg(role="robot", content="b")], []),
-    ("messages[1].tool_calls[0].arguments_json",
-     [_msg(role="user", content="a"),
-      _msg(role="assistant", tool_calls=[tokenizer_pb2.ToolCall(name="f", arguments_json="{not json")])], []),
-    ("messages[1].tool_calls[0].arguments_json",
-     [_msg(role="user", content="a"),
-      _msg(role="assistant", tool_calls=[tokenizer_pb2.ToolCall(name="f", arguments_json="[1, 2]")])], []),
+    (
+        "messages[1].tool_calls[0].arguments_json",
+        [
+            _msg(role="user", content="a"),
+            _msg(role="assistant", tool_calls=[tokenizer_pb2.ToolCall(name="f", arguments_json="{not json")]),
+        ],
+        [],
+    ),
+    (
+        "messages[1].tool_calls[0].arguments_json",
+        [
+            _msg(role="user", content="a"),
+            _msg(role="assistant", tool_calls=[tokenizer_pb2.ToolCall(name="f", arguments_json="[1, 2]")]),
+        ],
+        [],
+    ),
     ("messages[0].tool_calls", [_msg(role="user", content="a", tool_calls=[tokenizer_pb2.ToolCall(name="f")])], []),
     ("messages[1].tool_call_id", [_msg(role="user", content="a"), _msg(role="assistant", tool_call_id="x")], []),
-    ("tools[1].parameters_json", [_msg(role="user", content="a")],
-     [tokenizer_pb2.Tool(name="ok"), tokenizer_pb2.Tool(name="bad", parameters_json='"a string"')]),
+    (
+        "tools[1].parameters_json",
+        [_msg(role="user", content="a")],
+        [tokenizer_pb2.Tool(name="ok"), tokenizer_pb2.Tool(name="bad", parameters_json='"a string"')],
+    ),
     ("tools[0].name", [_msg(role="user", content="a")], [tokenizer_pb2.Tool(description="nameless")]),
 ]
 
 
 @pytest.mark.parametrize("field,messages,tools", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 async def test_bad_conversations_are_invalid_argument_naming_the_field(
-        client: AsyncTokenizerClient, field: str, messages: list, tools: list) -> None:
+    client: AsyncTokenizerClient, field: str, messages: list, tools: list
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await client.apply_chat_template(messages, tools)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -151,8 +216,9 @@ async def test_bad_conversations_are_invalid_argument_naming_the_field(
     assert info.value.details().startswith(f"{field}: ")
 
 
-async def test_detokenize_rejects_ids_outside_the_vocabulary(client: AsyncTokenizerClient,
-                                                             tokenizer: ChatTokenizer) -> None:
+async def test_detokenize_rejects_ids_outside_the_vocabulary(
+    client: AsyncTokenizerClient, tokenizer: ChatTokenizer
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await client.detokenize([1, tokenizer.vocab_size, 2])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -162,7 +228,9 @@ async def test_detokenize_rejects_ids_outside_the_vocabulary(client: AsyncTokeni
 def test_client_message_dicts_round_trip() -> None:
     proto = chat_message(TOOL_CONVERSATION[2])
     assert [(c.id, c.name, json.loads(c.arguments_json)) for c in proto.tool_calls] == [
-        ("call_1", "get_weather", {"city": "Paris", "unit": "C"}), ("call_2", "get_time", {})]
+        ("call_1", "get_weather", {"city": "Paris", "unit": "C"}),
+        ("call_2", "get_time", {}),
+    ]
     assert not proto.HasField("reasoning_content")
     with pytest.raises(ValueError, match="toolcalls"):
         chat_message({"role": "assistant", "content": "", "toolcalls": []})

@@ -26,15 +26,25 @@ def run(text: str, cuts: list[int]) -> tuple[str, list]:
     return "".join(out) + parser.finish(), calls
 
 
-@pytest.mark.parametrize("text, answer, names", [
-    ("Let me check.\n" + WEATHER, "Let me check.\n", ["get_weather"]),
-    (WEATHER + "\n" + TIME, "", ["get_weather", "get_time"]),
-    ("no calls here, only <tool text", "no calls here, only <tool text", []),
-    ('<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',  # not an object: kept as text
-     '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', []),
-    ("<tool_call>\n{not json}\n</tool_call> after", "<tool_call>\n{not json}\n</tool_call> after", []),
-    ('before <tool_call>\n{"name": "f", "arguments": {}}', 'before <tool_call>\n{"name": "f", "arguments": {}}', []),
-])
+@pytest.mark.parametrize(
+    "text, answer, names",
+    [
+        ("Let me check.\n" + WEATHER, "Let me check.\n", ["get_weather"]),
+        (WEATHER + "\n" + TIME, "", ["get_weather", "get_time"]),
+        ("no calls here, only <tool text", "no calls here, only <tool text", []),
+        (
+            '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',  # not an object: kept as text
+            '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
+            [],
+        ),
+        ("<tool_call>\n{not json}\n</tool_call> after", "<tool_call>\n{not json}\n</tool_call> after", []),
+        (
+            'before <tool_call>\n{"name": "f", "arguments": {}}',
+            'before <tool_call>\n{"name": "f", "arguments": {}}',
+            [],
+        ),
+    ],
+)
 def test_same_result_for_every_cut(text: str, answer: str, names: list[str]) -> None:
     for cut in range(len(text) + 1):  # every single cut point, and the text in one piece
         got_answer, calls = run(text, [cut])

@@ -31,15 +31,19 @@ INVALID_UTF8_BODY = b"\x0a\x02\xff\xfe"
 
 async def engine(model: Path, server: ServerConfig | None = None, **options) -> EngineServer:
     options = {"device": "cpu", "num_kv_blocks": 64, **options}
-    running = await start_engine_server(lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model),
-                                        config=server)
+    running = await start_engine_server(
+        lambda: LLMEngine(EngineConfig(model=str(model), **options)), str(model), config=server
+    )
     await running.wait_until_ready()
     return running
 
 
 def long_request(request_id: str) -> engine_pb2.GenerateRequest:
-    return engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=[1, 2, 3], sampling_params=
-                                      engine_pb2.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    return engine_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=[1, 2, 3],
+        sampling_params=engine_pb2.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True),
+    )
 
 
 @pytest.fixture
@@ -63,7 +67,8 @@ async def test_stream_limit_is_resource_exhausted_and_never_throttles_health_or_
         # Saturated, yet everything but generation answers.
         for _ in range(5):
             health = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=ENGINE_SERVICE), timeout=5)
+                health_pb2.HealthCheckRequest(service=ENGINE_SERVICE), timeout=5
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             assert (await stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=5)).num_running == 2
             assert (await stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=5)).max_model_len > 0
@@ -72,8 +77,9 @@ async def test_stream_limit_is_resource_exhausted_and_never_throttles_health_or_
             call.cancel()
         # Slots come back when streams end.
         await asyncio.sleep(0.2)
-        async for response in stub.Generate(engine_pb2.GenerateRequest(
-                prompt_token_ids=[1, 2], sampling_params=engine_pb2.SamplingParams(max_tokens=2))):
+        async for response in stub.Generate(
+            engine_pb2.GenerateRequest(prompt_token_ids=[1, 2], sampling_params=engine_pb2.SamplingParams(max_tokens=2))
+        ):
             last = response
         assert last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
 
@@ -89,8 +95,11 @@ async def test_burst_ends_only_ok_or_resource_exhausted(tiny_checkpoint: Path) -
 
             async def one() -> None:
                 try:
-                    async for _ in stub.Generate(engine_pb2.GenerateRequest(
-                            prompt_token_ids=[1, 2, 3], sampling_params=engine_pb2.SamplingParams(max_tokens=2))):
+                    async for _ in stub.Generate(
+                        engine_pb2.GenerateRequest(
+                            prompt_token_ids=[1, 2, 3], sampling_params=engine_pb2.SamplingParams(max_tokens=2)
+                        )
+                    ):
                         pass
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as exc:
@@ -112,16 +121,19 @@ async def both_servers(demo_checkpoint: Path, tokenizer) -> AsyncIterator[tuple[
     await running.stop(0)
 
 
-@pytest.mark.parametrize("server, method, streaming, type_name", [
-    (0, "/qwen3serve.engine.v1.EngineService/Generate", True, "qwen3serve.engine.v1.GenerateRequest"),
-    (0, "/qwen3serve.engine.v1.EngineService/Abort", False, "qwen3serve.engine.v1.AbortRequest"),
-    (0, "/grpc.health.v1.Health/Check", False, "grpc.health.v1.HealthCheckRequest"),
-    (1, "/qwen3serve.tokenizer.v1.TokenizerService/Tokenize", False, "qwen3serve.tokenizer.v1.TokenizeRequest"),
-    (1, "/qwen3serve.tokenizer.v1.TokenizerService/Chat", True, "qwen3serve.tokenizer.v1.ChatRequest"),
-])
+@pytest.mark.parametrize(
+    "server, method, streaming, type_name",
+    [
+        (0, "/qwen3serve.engine.v1.EngineService/Generate", True, "qwen3serve.engine.v1.GenerateRequest"),
+        (0, "/qwen3serve.engine.v1.EngineService/Abort", False, "qwen3serve.engine.v1.AbortRequest"),
+        (0, "/grpc.health.v1.Health/Check", False, "grpc.health.v1.HealthCheckRequest"),
+        (1, "/qwen3serve.tokenizer.v1.TokenizerService/Tokenize", False, "qwen3serve.tokenizer.v1.TokenizeRequest"),
+        (1, "/qwen3serve.tokenizer.v1.TokenizerService/Chat", True, "qwen3serve.tokenizer.v1.ChatRequest"),
+    ],
+)
 async def test_unparseable_body_is_invalid_argument_naming_the_type(
-        both_servers, server: int, method: str, streaming: bool, type_name: str,
-        caplog: pytest.LogCaptureFixture) -> None:
+    both_servers, server: int, method: str, streaming: bool, type_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with grpc.aio.insecure_channel(both_servers[server]) as channel:
         # No serializers: the raw bytes go as they are, as a hostile client would send them.
         call = (channel.unary_stream if streaming else channel.unary_unary)(method)(INVALID_UTF8_BODY, timeout=10)
@@ -145,13 +157,16 @@ async def test_health_list_is_served(both_servers) -> None:
 
 
 async def test_a_multi_megabyte_request_id_never_lands_whole_in_a_log_line(
-        both_servers, caplog: pytest.LogCaptureFixture) -> None:
+    both_servers, caplog: pytest.LogCaptureFixture
+) -> None:
     huge = "r" * (3 * 2**20)
     caplog.set_level(logging.INFO)
     async with grpc.aio.insecure_channel(both_servers[1]) as channel:
-        call = channel.unary_stream("/qwen3serve.tokenizer.v1.TokenizerService/Complete",
-                                    request_serializer=tokenizer_pb2.CompleteRequest.SerializeToString,
-                                    response_deserializer=tokenizer_pb2.CompleteResponse.FromString)
+        call = channel.unary_stream(
+            "/qwen3serve.tokenizer.v1.TokenizerService/Complete",
+            request_serializer=tokenizer_pb2.CompleteRequest.SerializeToString,
+            response_deserializer=tokenizer_pb2.CompleteResponse.FromString,
+        )
         with pytest.raises(grpc.aio.AioRpcError) as info:  # an empty prompt: refused, and logged with the id
             async for _ in call(tokenizer_pb2.CompleteRequest(request_id=huge, prompt=""), timeout=30):
                 pass

@@ -18,8 +18,17 @@ from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
 from qwen3serve.smg import vllm_engine_pb2 as pb
 from service_common.validation import FieldError
 
-INFO = EngineInfo(vocab_size=1000, max_model_len=64, eos_token_ids=(7,), dtype="bfloat16", tensor_parallel_size=1,
-                  kv_block_size=16, num_kv_blocks=8, attention_backend="torch", max_waiting_requests=8)
+INFO = EngineInfo(
+    vocab_size=1000,
+    max_model_len=64,
+    eos_token_ids=(7,),
+    dtype="bfloat16",
+    tensor_parallel_size=1,
+    kv_block_size=16,
+    num_kv_blocks=8,
+    attention_backend="torch",
+    max_waiting_requests=8,
+)
 
 
 def request(**sampling: object) -> pb.GenerateRequest:
@@ -37,22 +46,30 @@ def request(**sampling: object) -> pb.GenerateRequest:
 
 
 def test_translation_keeps_what_the_engine_honours() -> None:
-    req = engine_request(request(temperature=0.0, max_tokens=5, min_tokens=2, stop=["\n"], seed=3, logprobs=2),
-                         INFO, RequestLimits())
+    req = engine_request(
+        request(temperature=0.0, max_tokens=5, min_tokens=2, stop=["\n"], seed=3, logprobs=2), INFO, RequestLimits()
+    )
     p = req.params
     assert (p.temperature, p.max_tokens, p.min_tokens, p.seed, p.logprobs, p.top_p, p.top_k) == (0, 5, 2, 3, 2, 1.0, -1)
     assert req.stop == ("\n",) and req.prompt_token_ids == [1, 2, 3]
 
 
-@pytest.mark.parametrize("sampling, field", [
-    ({"n": 2}, "sampling_params.n"), ({"json_schema": "{}"}, "sampling_params.json_schema"),
-    ({"choice": True}, "sampling_params.choice"), ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
-    ({"max_tokens": 100}, "sampling_params.max_tokens"), ({"top_p": 1.5}, "sampling_params.top_p"),
-    ({"stop": [""]}, "sampling_params.stop[0]"), ({"logit_bias": {-3: 1.0}}, "sampling_params.logit_bias[-3]"),
-    ({"logit_bias": {5: 500.0}}, "sampling_params.logit_bias[5]"),
-    ({"truncate_prompt_tokens": -2}, "sampling_params.truncate_prompt_tokens"),
-    ({"truncate_prompt_tokens": 0}, "sampling_params.truncate_prompt_tokens"),
-])
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        ({"n": 2}, "sampling_params.n"),
+        ({"json_schema": "{}"}, "sampling_params.json_schema"),
+        ({"choice": True}, "sampling_params.choice"),
+        ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
+        ({"max_tokens": 100}, "sampling_params.max_tokens"),
+        ({"top_p": 1.5}, "sampling_params.top_p"),
+        ({"stop": [""]}, "sampling_params.stop[0]"),
+        ({"logit_bias": {-3: 1.0}}, "sampling_params.logit_bias[-3]"),
+        ({"logit_bias": {5: 500.0}}, "sampling_params.logit_bias[5]"),
+        ({"truncate_prompt_tokens": -2}, "sampling_params.truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 0}, "sampling_params.truncate_prompt_tokens"),
+    ],
+)
 def test_unsupported_or_bad_fields_are_named(sampling: dict, field: str) -> None:
     with pytest.raises(Exception) as err:
         engine_request(request(**sampling), INFO, RequestLimits())
@@ -86,7 +103,7 @@ def test_stop_watch_finds_the_token_that_completes_the_stop(demo_checkpoint: Pat
     ids = fast.encode("Hello world, stop here please", add_special_tokens=False).ids
     watch = StopWatch(fast, ["stop here"])
     first, hit = next((i, h) for i, t in enumerate(ids) if (h := watch.push([t])) is not None)
-    assert fast.decode(ids[:first + 1]).endswith("stop here") and hit.stop == "stop here" and hit.keep == 1
+    assert fast.decode(ids[: first + 1]).endswith("stop here") and hit.stop == "stop here" and hit.keep == 1
     whole = StopWatch(fast, ["stop here"]).push(ids)  # all at once: the same token, counted from the start
     assert whole is not None and whole.keep == first + 1
     assert first < len(ids) - 1  # " please" was not needed to see it

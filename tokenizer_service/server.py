@@ -59,33 +59,37 @@ class _TextDelta:
     matched_stop: str = ""
 
 
-def _check_text_generation(request: tokenizer_pb2.ChatRequest | tokenizer_pb2.CompleteRequest,
-                           limits: RequestLimits) -> None:
+def _check_text_generation(
+    request: tokenizer_pb2.ChatRequest | tokenizer_pb2.CompleteRequest, limits: RequestLimits
+) -> None:
     """What Chat and Complete share: request_id and stop strings within the limits, no logprobs, a
     truncate_prompt_tokens of at least 1 (the prompt is truncated here, before its length is checked)."""
     check_request_id(request.request_id, limits)
     check_stop_strings(request.stop, limits)
     sampling = request.sampling_params
     if sampling.HasField("logprobs"):
-        raise InvalidArgument("sampling_params.logprobs",
-                              "token log-probabilities are served by EngineService.Generate only")
+        raise InvalidArgument(
+            "sampling_params.logprobs", "token log-probabilities are served by EngineService.Generate only"
+        )
     if sampling.HasField("truncate_prompt_tokens") and sampling.truncate_prompt_tokens < 1:
-        raise InvalidArgument("sampling_params.truncate_prompt_tokens",
-                              f"must be >= 1, got {sampling.truncate_prompt_tokens}")
+        raise InvalidArgument(
+            "sampling_params.truncate_prompt_tokens", f"must be >= 1, got {sampling.truncate_prompt_tokens}"
+        )
 
 
 def _truncated(prompt_ids: list[int], sampling: engine_pb2.SamplingParams) -> list[int]:
     """The prompt the engine will see: its last ``truncate_prompt_tokens`` ids when set (the engine truncates
     the same way; doing it here first makes the length check and usage agree with it)."""
-    return prompt_ids[-sampling.truncate_prompt_tokens:] if sampling.HasField("truncate_prompt_tokens") else prompt_ids
+    return prompt_ids[-sampling.truncate_prompt_tokens :] if sampling.HasField("truncate_prompt_tokens") else prompt_ids
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     """Serves TokenizerService with ``tokenizer``, generating through ``engine`` (an EngineService stub);
     every request is held to ``limits`` before any other work."""
 
-    def __init__(self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub,
-                 limits: RequestLimits | None = None) -> None:
+    def __init__(
+        self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub, limits: RequestLimits | None = None
+    ) -> None:
         self._tokenizer = tokenizer
         self._engine = engine
         self._limits = limits or RequestLimits()
@@ -96,13 +100,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         """The engine (re)started: ask for its max_model_len again before the next prompt."""
         self._max_model_len = None
 
-    def _render(self, messages: Sequence[tokenizer_pb2.ChatMessage], tools: Sequence[tokenizer_pb2.Tool],
-                add_generation_prompt: bool, enable_thinking: bool | None) -> tuple[str, list[int]]:
+    def _render(
+        self,
+        messages: Sequence[tokenizer_pb2.ChatMessage],
+        tools: Sequence[tokenizer_pb2.Tool],
+        add_generation_prompt: bool,
+        enable_thinking: bool | None,
+    ) -> tuple[str, list[int]]:
         """Convert, render and tokenize a conversation (in a worker thread: parsing and rendering are
         linear in the request's size, bounded by the limits checked before)."""
         return self._tokenizer.apply_chat_template(
-            messages_to_dicts(messages, self._limits), tools_to_dicts(tools, self._limits),
-            add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+            messages_to_dicts(messages, self._limits),
+            tools_to_dicts(tools, self._limits),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
 
     async def _check_prompt_length(self, prompt_ids: Sequence[int], field: str) -> None:
         """InvalidArgument on ``field`` if the prompt leaves no room for one generated token. Asks the
@@ -111,66 +123,94 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             try:
                 info = await self._engine.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=2.0)
             except grpc.aio.AioRpcError as exc:
-                log.debug("GetModelInfo failed; the engine checks the prompt's length itself",
-                          extra={"code": exc.code().name})
+                log.debug(
+                    "GetModelInfo failed; the engine checks the prompt's length itself", extra={"code": exc.code().name}
+                )
                 return
             self._max_model_len = info.max_model_len
         if len(prompt_ids) >= self._max_model_len:
-            raise InvalidArgument(field, f"the prompt has {len(prompt_ids)} tokens; the model's maximum length "
-                                         f"is {self._max_model_len} tokens, including at least one generated token")
+            raise InvalidArgument(
+                field,
+                f"the prompt has {len(prompt_ids)} tokens; the model's maximum length "
+                f"is {self._max_model_len} tokens, including at least one generated token",
+            )
 
     async def abort_all(self) -> None:
         """Abort every open generation in the engine (the end of a graceful shutdown): each stream then
         ends with the engine's final ABORTED message, passed on as this service's final message."""
         ids = list(self._live)
-        results = await asyncio.gather(*(self._engine.Abort(engine_pb2.AbortRequest(request_id=rid), timeout=2)
-                                         for rid in ids), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._engine.Abort(engine_pb2.AbortRequest(request_id=rid), timeout=2) for rid in ids),
+            return_exceptions=True,
+        )
         failed = [(rid, r) for rid, r in zip(ids, results) if isinstance(r, grpc.aio.AioRpcError)]
         if failed:  # e.g. the engine is shutting down too: it aborts them itself at the end of its grace period
-            log.warning("could not abort some engine streams", extra={"count": len(failed),
-                                                                       "error": failed[0][1].code().name})
+            log.warning(
+                "could not abort some engine streams", extra={"count": len(failed), "error": failed[0][1].code().name}
+            )
 
     # ---- unary ------------------------------------------------------------------------------
     @handle_errors
-    async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
-                       ) -> tokenizer_pb2.TokenizeResponse:
+    async def Tokenize(
+        self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.TokenizeResponse:
         check_text("text", request.text, self._limits)
         ids = await asyncio.to_thread(self._tokenizer.encode, request.text, request.add_special_tokens)
         return tokenizer_pb2.TokenizeResponse(token_ids=ids)
 
     @handle_errors
-    async def Detokenize(self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
-                         ) -> tokenizer_pb2.DetokenizeResponse:
+    async def Detokenize(
+        self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.DetokenizeResponse:
         text = await asyncio.to_thread(self._tokenizer.decode, request.token_ids, request.skip_special_tokens)
         return tokenizer_pb2.DetokenizeResponse(text=text)
 
     @handle_errors
-    async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
-                                context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
+    async def ApplyChatTemplate(
+        self, request: tokenizer_pb2.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
         check_conversation(request.messages, request.tools, self._limits)
         prompt, ids = await asyncio.to_thread(
-            self._render, request.messages, request.tools, request.add_generation_prompt,
-            request.enable_thinking if request.HasField("enable_thinking") else None)
+            self._render,
+            request.messages,
+            request.tools,
+            request.add_generation_prompt,
+            request.enable_thinking if request.HasField("enable_thinking") else None,
+        )
         return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, prompt_token_ids=ids)
 
     # ---- streaming --------------------------------------------------------------------------
     @handle_errors
-    async def Chat(self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
-                   ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
+    async def Chat(
+        self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
         _check_text_generation(request, self._limits)  # before the id is logged: it may be too long
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         check_conversation(request.messages, request.tools, self._limits)
         prompt, prompt_ids = await asyncio.to_thread(
-            self._render, request.messages, request.tools, True,
-            request.enable_thinking if request.HasField("enable_thinking") else None)
+            self._render,
+            request.messages,
+            request.tools,
+            True,
+            request.enable_thinking if request.HasField("enable_thinking") else None,
+        )
         prompt_ids = _truncated(prompt_ids, request.sampling_params)
         await self._check_prompt_length(prompt_ids, "messages")
         splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
         tool_parser = ToolCallParser() if request.tools else None  # calls are parsed only when tools are offered
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
-        async with aclosing(self._generate(request_id, prompt_ids, "messages", request.sampling_params,
-                                           request.stop, request.include_stop_str_in_output, context)) as deltas:
+        async with aclosing(
+            self._generate(
+                request_id,
+                prompt_ids,
+                "messages",
+                request.sampling_params,
+                request.stop,
+                request.include_stop_str_in_output,
+                context,
+            )
+        ) as deltas:
             async for delta in deltas:
                 finished = delta.finish_reason != _UNFINISHED
                 reasoning, text = splitter.push(delta.text)
@@ -182,19 +222,28 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     text, calls = tool_parser.push(text)
                     if finished:
                         text += tool_parser.finish()
-                tool_calls = [tokenizer_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
-                              for c in calls]
+                tool_calls = [
+                    tokenizer_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls
+                ]
                 if finished:
                     yield tokenizer_pb2.ChatResponse(
-                        request_id=request_id, text=text, reasoning_text=reasoning, tool_calls=tool_calls,
-                        finish_reason=delta.finish_reason, usage=delta.usage, matched_stop=delta.matched_stop)
+                        request_id=request_id,
+                        text=text,
+                        reasoning_text=reasoning,
+                        tool_calls=tool_calls,
+                        finish_reason=delta.finish_reason,
+                        usage=delta.usage,
+                        matched_stop=delta.matched_stop,
+                    )
                 elif text or reasoning or tool_calls:
-                    yield tokenizer_pb2.ChatResponse(request_id=request_id, text=text, reasoning_text=reasoning,
-                                                     tool_calls=tool_calls)
+                    yield tokenizer_pb2.ChatResponse(
+                        request_id=request_id, text=text, reasoning_text=reasoning, tool_calls=tool_calls
+                    )
 
     @handle_errors
-    async def Complete(self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
+    async def Complete(
+        self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
         _check_text_generation(request, self._limits)
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
@@ -204,28 +253,48 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         prompt_ids = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
         prompt_ids = _truncated(prompt_ids, request.sampling_params)
         await self._check_prompt_length(prompt_ids, "prompt")
-        async with aclosing(self._generate(request_id, prompt_ids, "prompt", request.sampling_params,
-                                           request.stop, request.include_stop_str_in_output, context)) as deltas:
+        async with aclosing(
+            self._generate(
+                request_id,
+                prompt_ids,
+                "prompt",
+                request.sampling_params,
+                request.stop,
+                request.include_stop_str_in_output,
+                context,
+            )
+        ) as deltas:
             async for delta in deltas:
                 if delta.finish_reason != _UNFINISHED:
                     yield tokenizer_pb2.CompleteResponse(
-                        request_id=request_id, text=delta.text, finish_reason=delta.finish_reason,
-                        usage=delta.usage, matched_stop=delta.matched_stop)
+                        request_id=request_id,
+                        text=delta.text,
+                        finish_reason=delta.finish_reason,
+                        usage=delta.usage,
+                        matched_stop=delta.matched_stop,
+                    )
                 elif delta.text:
                     yield tokenizer_pb2.CompleteResponse(request_id=request_id, text=delta.text)
 
-    async def _generate(self, request_id: str, prompt_ids: list[int], prompt_field: str,
-                        sampling: engine_pb2.SamplingParams, stops: Sequence[str], include_stop: bool,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[_TextDelta]:
+    async def _generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        prompt_field: str,
+        sampling: engine_pb2.SamplingParams,
+        stops: Sequence[str],
+        include_stop: bool,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[_TextDelta]:
         """Call the engine and turn its token stream into text deltas, ending with a finished one; a matched
         stop string ends the text, and is its last piece when ``include_stop``.
         The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""
         detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
         matcher = StopStringMatcher(stops)
         call = self._engine.Generate(
-            engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
-                                       sampling_params=sampling),
-            timeout=context.time_remaining())  # gRPC does not pass deadlines on by itself
+            engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling),
+            timeout=context.time_remaining(),
+        )  # gRPC does not pass deadlines on by itself
         completion_tokens = 0
         cached_prompt_tokens = 0
         self._live.add(request_id)
@@ -240,11 +309,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     text += await asyncio.to_thread(detokenizer.finish)
                 out = matcher.push(text)
                 if isinstance(out, StopMatch):
-                    usage = response.usage if finished else engine_pb2.Usage(
-                        prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                        cached_prompt_tokens=cached_prompt_tokens)
-                    yield _TextDelta(out.text + out.stop if include_stop else out.text, engine_pb2.FINISH_REASON_STOP,
-                                     usage, out.stop)
+                    usage = (
+                        response.usage
+                        if finished
+                        else engine_pb2.Usage(
+                            prompt_tokens=len(prompt_ids),
+                            completion_tokens=completion_tokens,
+                            cached_prompt_tokens=cached_prompt_tokens,
+                        )
+                    )
+                    yield _TextDelta(
+                        out.text + out.stop if include_stop else out.text,
+                        engine_pb2.FINISH_REASON_STOP,
+                        usage,
+                        out.stop,
+                    )
                     return
                 if finished:
                     yield _TextDelta(out + matcher.finish(), response.finish_reason, response.usage)
@@ -268,9 +347,15 @@ class EngineHealthProbe:
     """Keeps this server's health in step with the engine's: SERVING only while the engine's health
     service answers SERVING for EngineService. Status changes are logged once, not every probe."""
 
-    def __init__(self, channel: grpc.aio.Channel, health: health_aio.HealthServicer,
-                 service_names: Sequence[str], interval_s: float = 2.0, timeout_s: float = 1.0,
-                 on_serving: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        health: health_aio.HealthServicer,
+        service_names: Sequence[str],
+        interval_s: float = 2.0,
+        timeout_s: float = 1.0,
+        on_serving: Callable[[], None] | None = None,
+    ) -> None:
         self._on_serving = on_serving  # called each time the engine turns SERVING (it may have restarted)
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._health = health
@@ -283,15 +368,17 @@ class EngineHealthProbe:
     async def check_once(self) -> bool:
         """Probe the engine once and update this server's health; returns whether the engine serves."""
         try:
-            response = await self._stub.Check(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE_NAME),
-                                              timeout=self._timeout_s)
-            serving, why = response.status == health_pb2.HealthCheckResponse.SERVING, \
-                health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            response = await self._stub.Check(
+                health_pb2.HealthCheckRequest(service=ENGINE_SERVICE_NAME), timeout=self._timeout_s
+            )
+            serving, why = (
+                response.status == health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.ServingStatus.Name(response.status),
+            )
         except grpc.aio.AioRpcError as exc:
             serving, why = False, f"{exc.code().name}: {exc.details()}"
         if serving != self.engine_serving:
-            (log.info if serving else log.warning)("engine health changed", extra={"engine": why,
-                                                                                   "serving": serving})
+            (log.info if serving else log.warning)("engine health changed", extra={"engine": why, "serving": serving})
             await set_serving(self._health, self._service_names, serving)
             self.engine_serving = serving
             if serving and self._on_serving is not None:
@@ -323,18 +410,23 @@ class EngineHealthProbe:
             await asyncio.sleep(self._interval_s)
 
 
-def engine_channel(target: str, server_config: ServerConfig | None = None,
-                   security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+def engine_channel(
+    target: str, server_config: ServerConfig | None = None, security: ChannelSecurity | None = None
+) -> grpc.aio.Channel:
     """The channel to the engine: message limits matching the server's, keepalive on long streams,
     TLS and the engine's API key per ``security`` (the health probe shares it)."""
     config = server_config or ServerConfig()
-    return aio_channel(target, security=security, options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        # At least the engine server's min_client_ping_interval_s, or it would answer too_many_pings.
-        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
-    ])
+    return aio_channel(
+        target,
+        security=security,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # At least the engine server's min_client_ping_interval_s, or it would answer too_many_pings.
+            ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ],
+    )
 
 
 @dataclass
@@ -360,11 +452,18 @@ class TokenizerServer:
         await self.engine_channel.close()
 
 
-async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *, host: str = "127.0.0.1",
-                                 port: int = 0, server_config: ServerConfig | None = None,
-                                 probe_interval_s: float = 2.0, probe_timeout_s: float = 1.0,
-                                 limits: RequestLimits | None = None,
-                                 engine_security: ChannelSecurity | None = None) -> TokenizerServer:
+async def start_tokenizer_server(
+    tokenizer: ChatTokenizer,
+    engine_target: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    server_config: ServerConfig | None = None,
+    probe_interval_s: float = 2.0,
+    probe_timeout_s: float = 1.0,
+    limits: RequestLimits | None = None,
+    engine_security: ChannelSecurity | None = None,
+) -> TokenizerServer:
     """Build, bind and start the server (port 0: a free one) and the engine health probe.
     ``engine_security``: how to reach a secured engine (TLS, client certificate, API key)."""
     server, health = build_server([SERVICE_NAME], server_config)
@@ -377,8 +476,9 @@ async def start_tokenizer_server(tokenizer: ChatTokenizer, engine_target: str, *
         await channel.close()
         raise
     await server.start()
-    probe = EngineHealthProbe(channel, health, [SERVICE_NAME], probe_interval_s, probe_timeout_s,
-                              on_serving=servicer.forget_model_info)
+    probe = EngineHealthProbe(
+        channel, health, [SERVICE_NAME], probe_interval_s, probe_timeout_s, on_serving=servicer.forget_model_info
+    )
     probe.start()
     log.info("tokenizer service listening", extra={"address": f"{host}:{bound}", "engine": engine_target})
     return TokenizerServer(server, health, bound, channel, probe, servicer)

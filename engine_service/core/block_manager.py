@@ -56,8 +56,8 @@ class BlockManager:
         # ref_count == 0 blocks, least recently freed first (evicted first); values unused
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
-        self._seqs: dict[Sequence, _SeqBlocks] = {}   # sequences holding blocks (or hashes) now
-        self.prefix_cache_queries = 0      # tokens looked up (for hit-rate metrics; hits <= queries)
+        self._seqs: dict[Sequence, _SeqBlocks] = {}  # sequences holding blocks (or hashes) now
+        self.prefix_cache_queries = 0  # tokens looked up (for hit-rate metrics; hits <= queries)
         self.prefix_cache_hits = 0
 
     # ---- accounting -------------------------------------------------------------------------
@@ -186,15 +186,18 @@ class BlockManager:
         """Raise AssertionError if the invariants of the module docstring do not hold (O(blocks): tests)."""
         refs = Counter(b for held in self._seqs.values() for b in held.table)
         for block_id, block in enumerate(self._blocks):
-            assert block.ref_count == refs[block_id], \
+            assert block.ref_count == refs[block_id], (
                 f"block {block_id}: ref_count {block.ref_count}, held by {refs[block_id]} tables"
-            assert (block.ref_count == 0) == (block_id in self._free), \
+            )
+            assert (block.ref_count == 0) == (block_id in self._free), (
                 f"block {block_id}: ref_count {block.ref_count} but {'' if block_id in self._free else 'not '}free"
+            )
         assert self.num_free_blocks + len(refs) == self.num_blocks
         for h, block_id in self._cached.items():
             assert self._blocks[block_id].hash == h, f"cache entry {h} names block {block_id}, which has another hash"
         for seq, held in self._seqs.items():
             assert len(set(held.table)) == len(held.table), f"{seq.request_id}: a block twice in its table"
-            assert len(held.hashes) * self.block_size <= min(seq.num_computed_tokens, seq.num_known_tokens), \
+            assert len(held.hashes) * self.block_size <= min(seq.num_computed_tokens, seq.num_known_tokens), (
                 f"{seq.request_id}: a block hashed before its tokens were computed and known"
+            )
         assert self.prefix_cache_hits <= self.prefix_cache_queries

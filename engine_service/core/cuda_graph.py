@@ -26,8 +26,14 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: Qwen3ForCausalLM, max_batch_size: int, max_blocks_per_seq: int, block_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Qwen3ForCausalLM,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -47,11 +53,16 @@ class CUDAGraphRunner:
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         return ForwardBatch(
-            input_ids=self._input_ids[:bs], positions=self._positions[:bs], slot_mapping=self._slot_mapping[:bs],
-            query_start_loc=self._query_start_loc[: bs + 1], seq_lens=self._seq_lens[:bs],
-            block_tables=self._block_tables[:bs], logits_indices=self._logits_indices[:bs],
+            input_ids=self._input_ids[:bs],
+            positions=self._positions[:bs],
+            slot_mapping=self._slot_mapping[:bs],
+            query_start_loc=self._query_start_loc[: bs + 1],
+            seq_lens=self._seq_lens[:bs],
+            block_tables=self._block_tables[:bs],
+            logits_indices=self._logits_indices[:bs],
             # a static upper bound (tokens), baked into the graph: backends must not size work by it in decode
-            max_query_len=1, max_seq_len=self.max_blocks_per_seq * self.block_size,
+            max_query_len=1,
+            max_seq_len=self.max_blocks_per_seq * self.block_size,
         )
 
     @torch.inference_mode()
@@ -72,9 +83,12 @@ class CUDAGraphRunner:
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return (batch.is_decode and batch.num_seqs <= self.max_batch_size
-                and batch.block_tables.shape[1] <= self.max_blocks_per_seq
-                and batch.logits_indices.shape[0] == batch.num_seqs)
+        return (
+            batch.is_decode
+            and batch.num_seqs <= self.max_batch_size
+            and batch.block_tables.shape[1] <= self.max_blocks_per_seq
+            and batch.logits_indices.shape[0] == batch.num_seqs
+        )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [num_seqs, vocab] of a decode batch, through the smallest bucket that holds it."""

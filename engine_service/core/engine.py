@@ -11,17 +11,24 @@ from __future__ import annotations
 import logging
 import random
 
-from engine_service.core.block_manager import BlockManager
 from engine_service.config import EngineConfig
+from engine_service.core.block_manager import BlockManager
 from engine_service.core.model_runner import ModelRunner
-from engine_service.protocol import (EngineDeadError, EngineInfo, EngineOverloadedError, EngineStats,
-                                     FinishReason, RequestOutput, TokenLogprob)
-from engine_service.sampling_params import SamplingParams
 from engine_service.core.scheduler import Scheduler
 from engine_service.core.sequence import Sequence
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
 from engine_service.core.step_plan import StepPlan
 from engine_service.core.tp_workers import WorkerGroup
+from engine_service.protocol import (
+    EngineDeadError,
+    EngineInfo,
+    EngineOverloadedError,
+    EngineStats,
+    FinishReason,
+    RequestOutput,
+    TokenLogprob,
+)
+from engine_service.sampling_params import SamplingParams
 from qwen3.distributed import destroy_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -62,19 +69,30 @@ class LLMEngine:
         self.eos_token_ids = tuple(mc.eos_token_ids)
         self.block_manager = BlockManager(capacity, config.kv_block_size, config.enable_prefix_caching)
         self.info = EngineInfo(
-            vocab_size=self.vocab_size, max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
-            dtype=str(self.runner.dtype).removeprefix("torch."), tensor_parallel_size=config.tensor_parallel_size,
-            kv_block_size=config.kv_block_size, num_kv_blocks=capacity, attention_backend=self.runner.backend.name,
-            max_waiting_requests=config.max_waiting_requests)
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            tensor_parallel_size=config.tensor_parallel_size,
+            kv_block_size=config.kv_block_size,
+            num_kv_blocks=capacity,
+            attention_backend=self.runner.backend.name,
+            max_waiting_requests=config.max_waiting_requests,
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._overlap = config.overlaps_steps
         self.executor = StepExecutor(self.runner, self.workers, self.eos_token_ids, self.vocab_size, self._overlap)
         self.requests: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)
-        self._in_flight: LaunchedStep | None = None   # the step queued on the device, not yet finished
+        self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
         self.num_generated_tokens_total = 0
-        log.info("engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
-                 capacity, config.kv_block_size, capacity * self.runner.kv_block_bytes / 2**30, self.max_model_len)
+        log.info(
+            "engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
+            capacity,
+            config.kv_block_size,
+            capacity * self.runner.kv_block_bytes / 2**30,
+            self.max_model_len,
+        )
 
     def _mark_dead(self, reason: str) -> None:
         self.dead_reason = reason
@@ -119,8 +137,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_kv_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total,
             prefix_cache_hit_rate=bm.prefix_cache_hits / bm.prefix_cache_queries if bm.prefix_cache_queries else 0.0,
         )
@@ -165,7 +185,7 @@ class LLMEngine:
             self.dead_reason = self.workers.death_reason
         else:
             self.dead_reason = f"engine step failed: {exc!r}"
-        log.exception("engine step failed")
+        log.error("engine step failed")
         return EngineDeadError(self.dead_reason)
 
     def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
@@ -187,8 +207,11 @@ class LLMEngine:
                 out.new_token_ids.append(token)
             if seq.params.logprobs is not None and result.logprobs is not None:
                 n = seq.params.logprobs
-                top = tuple(zip(result.top_ids[row][:n], result.top_logprobs[row][:n])) \
-                    if (n and result.top_ids is not None) else ()
+                top = (
+                    tuple(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))
+                    if (n and result.top_ids is not None)
+                    else ()
+                )
                 out.new_logprobs = [TokenLogprob(token, result.logprobs[row], top)]
             outputs.append(out)
         return outputs
@@ -201,9 +224,8 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:
         """Why ``seq`` ends with ``token``, its ``n``-th output token (None: it goes on)."""
         p = seq.params
-        if n >= p.min_tokens:
-            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-                return FinishReason.STOP
+        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            return FinishReason.STOP
         if n >= p.max_tokens:  # prompt + max_tokens <= max_model_len: validated at admission
             return FinishReason.LENGTH
         return None
@@ -211,8 +233,17 @@ class LLMEngine:
     @staticmethod
     def _final_output(seq: Sequence) -> RequestOutput:
         queue_time = seq.first_scheduled_time - seq.arrival_time if seq.first_scheduled_time else None
-        return RequestOutput(seq.request_id, [], None, True, seq.finish_reason, seq.num_prompt_tokens,
-                             len(seq.output_token_ids), seq.num_cached_prompt_tokens, queue_time)
+        return RequestOutput(
+            seq.request_id,
+            [],
+            None,
+            True,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            len(seq.output_token_ids),
+            seq.num_cached_prompt_tokens,
+            queue_time,
+        )
 
     def shutdown(self) -> None:
         """Stop the TP workers and release rank 0's GPU memory and process group. Idempotent."""

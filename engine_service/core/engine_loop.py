@@ -18,9 +18,23 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from engine_service.protocol import (AbortAnswered, AbortRequest, AddRequest, Command, EngineDeadError,
-                                     EngineLoadFailed, EngineReady, EngineStopped, Event, RequestFailed,
-                                     RequestOutput, StatsUpdate, StepOutputs, StopEngine, encode_event)
+from engine_service.protocol import (
+    AbortAnswered,
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineDeadError,
+    EngineLoadFailed,
+    EngineReady,
+    EngineStopped,
+    Event,
+    RequestFailed,
+    RequestOutput,
+    StatsUpdate,
+    StepOutputs,
+    StopEngine,
+    encode_event,
+)
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
@@ -43,8 +57,13 @@ class EngineLoop:
     server writes N times fewer stream messages.
     """
 
-    def __init__(self, engine: LLMEngine, next_command: Callable[[float], Command | None],
-                 emit: Callable[[Event], None], stream_interval: int = 1) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        next_command: Callable[[float], Command | None],
+        emit: Callable[[Event], None],
+        stream_interval: int = 1,
+    ) -> None:
         self.engine, self.next_command, self.emit = engine, next_command, emit
         self.batcher = DeltaBatcher(stream_interval)
 
@@ -108,8 +127,8 @@ class DeltaBatcher:
     def __init__(self, stream_interval: int = 1) -> None:
         validate_stream_interval(stream_interval)
         self.stream_interval = stream_interval
-        self._held: dict[str, RequestOutput] = {}   # internal id -> tokens not sent yet
-        self._started: set[str] = set()             # requests whose first token was sent
+        self._held: dict[str, RequestOutput] = {}  # internal id -> tokens not sent yet
+        self._started: set[str] = set()  # requests whose first token was sent
 
     def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Of one engine step's deltas, those to send now; the rest are held for a later step."""
@@ -153,8 +172,9 @@ class DeltaBatcher:
         return held
 
 
-def run_engine_process(config: EngineConfig, conn: Connection, log_level: str, log_format: str,
-                       stream_interval: int) -> None:
+def run_engine_process(
+    config: EngineConfig, conn: Connection, log_level: str, log_format: str, stream_interval: int
+) -> None:
     """Entry point of the engine process: load, report ready (or the error), run the loop, shut down."""
     from engine_service.core.engine import LLMEngine
     from service_common.logging import configure_logging

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence as Seq
 
 from engine_service.config import EngineConfig
 from engine_service.core.engine import LLMEngine
@@ -19,7 +19,7 @@ class CompletionOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str              # "stop" | "length" | "aborted" | "error"
+    finish_reason: str  # "stop" | "length" | "aborted" | "error"
     logprobs: list[TokenLogprob] | None
     num_cached_tokens: int
 
@@ -45,13 +45,17 @@ class LLM:
             return self._tokenizer.encode(prompt, add_special_tokens=False).ids
         return list(prompt)
 
-    def generate(self, prompts: Seq[str | list[int]] | str,
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
+    def generate(
+        self, prompts: Seq[str | list[int]] | str, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[CompletionOutput]:
         """Generate for every prompt (token-id lists or strings); one output per prompt, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                       else [sampling_params or SamplingParams()] * len(prompts))
+        params_list = (
+            list(sampling_params)
+            if isinstance(sampling_params, (list, tuple))
+            else [sampling_params or SamplingParams()] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]
@@ -77,15 +81,23 @@ class LLM:
         for rid, ids, params in zip(order, encoded, params_list):
             final = finals[rid]
             text = self._tokenizer.decode(tokens[rid], skip_special_tokens=True) if self._tokenizer else ""
-            results.append(CompletionOutput(rid, ids, tokens[rid], text, final.finish_reason.value,
-                                            logprobs[rid] if params.logprobs is not None else None,
-                                            final.num_cached_tokens))
+            results.append(
+                CompletionOutput(
+                    rid,
+                    ids,
+                    tokens[rid],
+                    text,
+                    final.finish_reason.value,
+                    logprobs[rid] if params.logprobs is not None else None,
+                    final.num_cached_tokens,
+                )
+            )
         return results
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,9 +29,9 @@ def _device_ints(values: list[int], device: torch.device | str) -> torch.Tensor:
 class LogitBias:
     """Biases added to (row, token) scores; a row names each token at most once (a mapping)."""
 
-    rows: torch.Tensor     # [P] int64
-    tokens: torch.Tensor   # [P] int64
-    values: torch.Tensor   # [P] float32
+    rows: torch.Tensor  # [P] int64
+    tokens: torch.Tensor  # [P] int64
+    values: torch.Tensor  # [P] float32
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str) -> LogitBias | None:
@@ -43,8 +43,11 @@ class LogitBias:
                 values.append(bias)
         if not rows:
             return None
-        return cls(_device_ints(rows, device), _device_ints(tokens, device),
-                   copy_to_device(torch.tensor(values, dtype=torch.float32), device))
+        return cls(
+            _device_ints(rows, device),
+            _device_ints(tokens, device),
+            copy_to_device(torch.tensor(values, dtype=torch.float32), device),
+        )
 
     def apply(self, scores: torch.Tensor) -> None:
         """scores[row, token] += bias, in place (one scatter)."""
@@ -55,9 +58,9 @@ class LogitBias:
 class AllowedTokens:
     """Rows restricted to a set of tokens: every other token of those rows is banned."""
 
-    rows: torch.Tensor          # [R] int64, the restricted rows
-    pair_rows: torch.Tensor     # [A] int64 in [0, R): index into ``rows``
-    pair_tokens: torch.Tensor   # [A] int64, the allowed ids
+    rows: torch.Tensor  # [R] int64, the restricted rows
+    pair_rows: torch.Tensor  # [A] int64 in [0, R): index into ``rows``
+    pair_tokens: torch.Tensor  # [A] int64, the allowed ids
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str) -> AllowedTokens | None:
@@ -82,10 +85,10 @@ class AllowedTokens:
 class PendingBans:
     """Bans that hold only if a row's last output id, still on the device, equals ``required``."""
 
-    rows: torch.Tensor       # [B] int64
-    tokens: torch.Tensor     # [B] int64, the banned ids
-    required: torch.Tensor   # [B] int64, what the row's pending id must be
-    pending: torch.Tensor    # [B] int64, the row's pending id (gathered on the device)
+    rows: torch.Tensor  # [B] int64
+    tokens: torch.Tensor  # [B] int64, the banned ids
+    required: torch.Tensor  # [B] int64, what the row's pending id must be
+    pending: torch.Tensor  # [B] int64, the row's pending id (gathered on the device)
 
     def apply(self, scores: torch.Tensor) -> None:
         """scores[row, token] = -inf where pending == required, in place. Adding -inf or 0 (one scatter with
@@ -94,8 +97,9 @@ class PendingBans:
         scores.index_put_((self.rows, self.tokens), ban, accumulate=True)
 
 
-def bad_word_bans(params: list[SamplingParams], output_token_ids: list[list[int]], pending: list[bool] | None = None
-                  ) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+def bad_word_bans(
+    params: list[SamplingParams], output_token_ids: list[list[int]], pending: list[bool] | None = None
+) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
     """The bad_words bans of one step: per row the ids banned outright, and (row, id, required) bans that
     also need the row's pending last id to equal ``required``. ``output_token_ids[i]`` are the ids known on
     the host; ``pending[i]``: row i has one more, still on the device. Host work is bounded by the words'
@@ -111,15 +115,16 @@ def bad_word_bans(params: list[SamplingParams], output_token_ids: list[list[int]
             if not prefix:
                 definite[row].append(word[-1])
             elif not has_pending:
-                if tuple(known[len(known) - len(prefix):]) == prefix:
+                if tuple(known[len(known) - len(prefix) :]) == prefix:
                     definite[row].append(word[-1])
-            elif tuple(known[len(known) - (len(prefix) - 1):]) == prefix[:-1]:
+            elif tuple(known[len(known) - (len(prefix) - 1) :]) == prefix[:-1]:
                 conditional.append((row, word[-1], prefix[-1]))
     return definite, conditional
 
 
-def pending_bans(conditional: list[tuple[int, int, int]], pending_token_ids: torch.Tensor | None,
-                 device: torch.device | str) -> PendingBans | None:
+def pending_bans(
+    conditional: list[tuple[int, int, int]], pending_token_ids: torch.Tensor | None, device: torch.device | str
+) -> PendingBans | None:
     """:class:`PendingBans` of ``bad_word_bans``' conditional bans; ``pending_token_ids`` [S] holds the
     pending ids (``SamplingBatch.build``)."""
     if not conditional:

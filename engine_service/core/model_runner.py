@@ -58,8 +58,9 @@ class ModelRunner:
         self.dtype = config.resolve_dtype(self.model_config.torch_dtype)
         mpe = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > mpe:
-            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
-                             f"max_position_embeddings ({mpe})")
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) exceeds the model's max_position_embeddings ({mpe})"
+            )
         self.max_model_len = config.max_model_len or mpe
         self.block_size = config.kv_block_size
         self.backend = create_backend(config.attention_backend, device, self.dtype)
@@ -69,9 +70,15 @@ class ModelRunner:
         load_checkpoint(self.model, config.model)
         self.model.eval()
         if rank == 0:
-            log.info("model loaded: %s, dtype=%s, device=%s, tp=%d, backend=%s in %.1fs", config.model,
-                     str(self.dtype).removeprefix("torch."), device, world, self.backend.name,
-                     time.monotonic() - started)
+            log.info(
+                "model loaded: %s, dtype=%s, device=%s, tp=%d, backend=%s in %.1fs",
+                config.model,
+                str(self.dtype).removeprefix("torch."),
+                device,
+                world,
+                self.backend.name,
+                time.monotonic() - started,
+            )
         self.num_kv_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
         self.last_sampled: torch.Tensor | None = None  # [S] int64: the previous step's sampled ids
@@ -106,9 +113,11 @@ class ModelRunner:
         available = total * self.config.gpu_memory_utilization - used - activations
         blocks = int(available // self.kv_block_bytes)
         if blocks < 1:
-            raise RuntimeError(f"no GPU memory left for the KV cache (used {used / 2**30:.1f} GiB, peak activations "
-                               f"{activations / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
-                               "max_num_batched_tokens")
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (used {used / 2**30:.1f} GiB, peak activations "
+                f"{activations / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens"
+            )
         return blocks
 
     @torch.inference_mode()
@@ -121,7 +130,8 @@ class ModelRunner:
         blocks_per_seq = -(-seq_len // self.block_size)
         self.allocate_kv_cache(num_seqs * blocks_per_seq)
         step = StepInput(
-            token_ids=[[0] * seq_len for _ in range(num_seqs)], context_lens=[0] * num_seqs,
+            token_ids=[[0] * seq_len for _ in range(num_seqs)],
+            context_lens=[0] * num_seqs,
             block_tables=[list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)],
             sample_rows=[True] * num_seqs,
         )
@@ -163,8 +173,9 @@ class ModelRunner:
             log.warning("attention backend %r cannot run inside CUDA graphs; decode runs eagerly", self.backend.name)
             return
         max_blocks = -(-self.max_model_len // self.block_size)
-        self.graph_runner = CUDAGraphRunner(self.model, self.config.max_num_seqs, max_blocks, self.block_size,
-                                            self.device)
+        self.graph_runner = CUDAGraphRunner(
+            self.model, self.config.max_num_seqs, max_blocks, self.block_size, self.device
+        )
         self.graph_runner.capture()
 
     # ---- steps ------------------------------------------------------------------------------
@@ -176,8 +187,9 @@ class ModelRunner:
         copied from ``last_sampled`` into their input slots here, behind that step's sampler in stream
         order, so the host never waits for them.
         """
-        batch = ForwardBatch.build(step.input_token_ids(), step.context_lens, step.block_tables, self.block_size,
-                                   self.device, step.sample_rows)
+        batch = ForwardBatch.build(
+            step.input_token_ids(), step.context_lens, step.block_tables, self.block_size, self.device, step.sample_rows
+        )
         if step.pending is not None:
             if self.last_sampled is None:
                 raise RuntimeError("a step names pending tokens but no sampled ids were shared before it")

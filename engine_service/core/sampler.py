@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine_service.sampling_params import SamplingParams
 from engine_service.core.logit_masks import AllowedTokens, LogitBias, PendingBans, bad_word_bans, pending_bans
+from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -33,18 +33,18 @@ _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor                 # [S] int64
-    logprobs: torch.Tensor | None           # [S] float32 log-softmax of the raw logits at the chosen token
-    top_logprobs_ids: torch.Tensor | None   # [S, N] int64, most likely first; N = max requested in the batch
-    top_logprobs: torch.Tensor | None       # [S, N] float32
+    token_ids: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None  # [S] float32 log-softmax of the raw logits at the chosen token
+    top_logprobs_ids: torch.Tensor | None  # [S, N] int64, most likely first; N = max requested in the batch
+    top_logprobs: torch.Tensor | None  # [S, N] float32
 
 
 @dataclass
 class TokenPairs:
     """Sparse (row, token id) pairs, e.g. every token a row has seen; duplicates allowed."""
 
-    rows: torch.Tensor     # [P] int64
-    tokens: torch.Tensor   # [P] int64
+    rows: torch.Tensor  # [P] int64
+    tokens: torch.Tensor  # [P] int64
 
 
 @dataclass
@@ -57,32 +57,41 @@ class SamplingBatch:
     """
 
     vocab_size: int
-    greedy: torch.Tensor               # [S] bool
-    temperature: torch.Tensor          # [S] float32; 1 for greedy rows
-    top_k: torch.Tensor                # [S] int64 in [1, V]; V where disabled
-    top_p: torch.Tensor                # [S] float32 in (0, 1]
-    min_p: torch.Tensor                # [S] float32 in [0, 1]
-    repetition_penalty: torch.Tensor   # [S] float32
-    presence_penalty: torch.Tensor     # [S] float32
-    frequency_penalty: torch.Tensor    # [S] float32
-    uniforms: torch.Tensor             # [S] float64 in [0, 1), a hash of (seed, output step)
-    seen_tokens: TokenPairs | None     # prompt + output tokens of rows with a repetition penalty
-    output_tokens: TokenPairs | None   # output tokens of rows with presence/frequency penalties
-    banned_tokens: TokenPairs | None   # EOS and stop ids of rows still below min_tokens; bad_words' last ids
-    logit_bias: LogitBias | None       # rows with a logit_bias
+    greedy: torch.Tensor  # [S] bool
+    temperature: torch.Tensor  # [S] float32; 1 for greedy rows
+    top_k: torch.Tensor  # [S] int64 in [1, V]; V where disabled
+    top_p: torch.Tensor  # [S] float32 in (0, 1]
+    min_p: torch.Tensor  # [S] float32 in [0, 1]
+    repetition_penalty: torch.Tensor  # [S] float32
+    presence_penalty: torch.Tensor  # [S] float32
+    frequency_penalty: torch.Tensor  # [S] float32
+    uniforms: torch.Tensor  # [S] float64 in [0, 1), a hash of (seed, output step)
+    seen_tokens: TokenPairs | None  # prompt + output tokens of rows with a repetition penalty
+    output_tokens: TokenPairs | None  # output tokens of rows with presence/frequency penalties
+    banned_tokens: TokenPairs | None  # EOS and stop ids of rows still below min_tokens; bad_words' last ids
+    logit_bias: LogitBias | None  # rows with a logit_bias
     allowed_tokens: AllowedTokens | None  # rows with allowed_token_ids
-    pending_bans: PendingBans | None   # bad_words bans that hinge on a last token still on the device
+    pending_bans: PendingBans | None  # bad_words bans that hinge on a last token still on the device
     all_greedy: bool
-    max_top_k: int                     # largest enabled top_k; 0 when no row uses top-k
+    max_top_k: int  # largest enabled top_k; 0 when no row uses top-k
     use_top_p: bool
     use_min_p: bool
-    num_logprobs: int | None           # most top alternatives any row asked for; None: no row wants logprobs
+    num_logprobs: int | None  # most top alternatives any row asked for; None: no row wants logprobs
 
     @property
     def has_penalties(self) -> bool:
         """Whether some row's scores change before the warpers (bias, penalties or bans)."""
-        return any(x is not None for x in (self.seen_tokens, self.output_tokens, self.banned_tokens,
-                                           self.logit_bias, self.allowed_tokens, self.pending_bans))
+        return any(
+            x is not None
+            for x in (
+                self.seen_tokens,
+                self.output_tokens,
+                self.banned_tokens,
+                self.logit_bias,
+                self.allowed_tokens,
+                self.pending_bans,
+            )
+        )
 
     @property
     def num_rows(self) -> int:
@@ -116,14 +125,19 @@ class SamplingBatch:
         if num_rows == 0:
             raise ValueError("params: a sampling batch needs at least one row")
         if not num_rows == len(prompt_token_ids) == len(output_token_ids) == len(seeds):
-            raise ValueError(f"params, prompt_token_ids, output_token_ids and seeds need one entry per row; got "
-                             f"{num_rows}, {len(prompt_token_ids)}, {len(output_token_ids)}, {len(seeds)}")
+            raise ValueError(
+                f"params, prompt_token_ids, output_token_ids and seeds need one entry per row; got "
+                f"{num_rows}, {len(prompt_token_ids)}, {len(output_token_ids)}, {len(seeds)}"
+            )
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if pending is not None and len(pending) != num_rows:
             raise ValueError(f"pending needs one entry per row; got {len(pending)} for {num_rows} rows")
-        num_outputs = ([len(o) for o in output_token_ids] if pending is None
-                       else [len(o) + p for o, p in zip(output_token_ids, pending)])
+        num_outputs = (
+            [len(o) for o in output_token_ids]
+            if pending is None
+            else [len(o) + p for o, p in zip(output_token_ids, pending)]
+        )
 
         floats, ints = [], []
         for p, seed, n in zip(params, seeds, num_outputs):
@@ -134,22 +148,45 @@ class SamplingBatch:
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
             ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, n)))
         # Two host-to-device copies in all (queued, never waited for), then views.
-        f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)   # [S, 6]
-        i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)       # [S, 3]
+        f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)  # [S, 6]
+        i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)  # [S, 3]
         top_k_host = [row[1] for row in ints]
         bad_words, conditional_bans = bad_word_bans(params, output_token_ids, pending)
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
-            greedy=i[:, 0].bool(), temperature=f[:, 0], top_k=i[:, 1], top_p=f[:, 1], min_p=f[:, 2],
-            repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
-            uniforms=i[:, 2].to(torch.float64).mul_(2.0 ** -53),   # exact: 53-bit integers fit a double
-            seen_tokens=_history_pairs([p.repetition_penalty != 1.0 for p in params], prompt_token_ids,
-                                       output_token_ids, pending, pending_token_ids, device),
-            output_tokens=_history_pairs([bool(p.presence_penalty or p.frequency_penalty) for p in params], None,
-                                         output_token_ids, pending, pending_token_ids, device),
-            banned_tokens=_pairs([(*eos_token_ids, *p.stop_token_ids, *words) if n < p.min_tokens else words
-                                  for p, n, words in zip(params, num_outputs, bad_words)], device),
+            greedy=i[:, 0].bool(),
+            temperature=f[:, 0],
+            top_k=i[:, 1],
+            top_p=f[:, 1],
+            min_p=f[:, 2],
+            repetition_penalty=f[:, 3],
+            presence_penalty=f[:, 4],
+            frequency_penalty=f[:, 5],
+            uniforms=i[:, 2].to(torch.float64).mul_(2.0**-53),  # exact: 53-bit integers fit a double
+            seen_tokens=_history_pairs(
+                [p.repetition_penalty != 1.0 for p in params],
+                prompt_token_ids,
+                output_token_ids,
+                pending,
+                pending_token_ids,
+                device,
+            ),
+            output_tokens=_history_pairs(
+                [bool(p.presence_penalty or p.frequency_penalty) for p in params],
+                None,
+                output_token_ids,
+                pending,
+                pending_token_ids,
+                device,
+            ),
+            banned_tokens=_pairs(
+                [
+                    (*eos_token_ids, *p.stop_token_ids, *words) if n < p.min_tokens else words
+                    for p, n, words in zip(params, num_outputs, bad_words)
+                ],
+                device,
+            ),
             logit_bias=LogitBias.build(params, device),
             allowed_tokens=AllowedTokens.build(params, device),
             pending_bans=pending_bans(conditional_bans, pending_token_ids, device),
@@ -170,8 +207,8 @@ class Sampler:
             # without the [S, V] float32 copy. One kernel at batch 1 instead of two.
             self.check_shape(logits, batch)
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
-        scores = self.processed_logits(logits, batch)                # [S, V] float32
-        token_ids = scores.argmax(dim=-1)                            # [S]
+        scores = self.processed_logits(logits, batch)  # [S, V] float32
+        token_ids = scores.argmax(dim=-1)  # [S]
         if not batch.all_greedy:
             sampled = _inverse_cdf(scores.softmax(dim=-1), batch.uniforms, fallback=token_ids)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
@@ -196,8 +233,10 @@ class Sampler:
     @staticmethod
     def check_shape(logits: torch.Tensor, batch: SamplingBatch) -> None:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows or logits.shape[1] != batch.vocab_size:
-            raise ValueError(f"logits must have shape [{batch.num_rows}, {batch.vocab_size}] "
-                             f"(rows, vocab_size), got {list(logits.shape)}")
+            raise ValueError(
+                f"logits must have shape [{batch.num_rows}, {batch.vocab_size}] "
+                f"(rows, vocab_size), got {list(logits.shape)}"
+            )
 
     @staticmethod
     def apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -209,12 +248,12 @@ class Sampler:
             # As transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones.
             # Duplicate pairs write the same value, so they need no dedup.
             rows, tokens = batch.seen_tokens.rows, batch.seen_tokens.tokens
-            seen = scores[rows, tokens]                            # [P]
-            penalty = batch.repetition_penalty[rows]               # [P]
+            seen = scores[rows, tokens]  # [P]
+            penalty = batch.repetition_penalty[rows]  # [P]
             scores[rows, tokens] = torch.where(seen < 0, seen * penalty, seen / penalty)
         if batch.output_tokens is not None:
             # As vLLM / OpenAI: logit -= presence * (count > 0) + frequency * count, over generated tokens.
-            counts = torch.zeros_like(scores)                      # [S, V]
+            counts = torch.zeros_like(scores)  # [S, V]
             rows, tokens = batch.output_tokens.rows, batch.output_tokens.tokens
             counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=scores.dtype), accumulate=True)
             scores -= batch.frequency_penalty[:, None] * counts + batch.presence_penalty[:, None] * (counts > 0)
@@ -240,7 +279,7 @@ class Sampler:
         if batch.use_min_p:
             # As MinPLogitsWarper: drop tokens less likely than min_p times the most likely one
             # (which always survives since min_p <= 1).
-            probs = scores.softmax(dim=-1)                         # [S, V]
+            probs = scores.softmax(dim=-1)  # [S, V]
             threshold = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [S, 1]
             scores.masked_fill_(probs < threshold, float("-inf"))
         return scores
@@ -248,29 +287,30 @@ class Sampler:
 
 # ---- warpers -------------------------------------------------------------------------------------
 
+
 def _top_k(scores: torch.Tensor, batch: SamplingBatch) -> None:
     """As TopKLogitsWarper: drop tokens below the k-th largest score (ties with it survive), in place.
 
     One ``topk`` of the largest enabled k serves every row, avoiding a full sort.
     """
-    top = scores.topk(batch.max_top_k, dim=-1).values                                  # [S, K]
-    kth = top.gather(1, (batch.top_k.clamp(max=batch.max_top_k) - 1)[:, None])        # [S, 1]
-    enabled = (batch.top_k < batch.vocab_size)[:, None]                                # [S, 1]
+    top = scores.topk(batch.max_top_k, dim=-1).values  # [S, K]
+    kth = top.gather(1, (batch.top_k.clamp(max=batch.max_top_k) - 1)[:, None])  # [S, 1]
+    enabled = (batch.top_k < batch.vocab_size)[:, None]  # [S, 1]
     scores.masked_fill_((scores < kth) & enabled, float("-inf"))
 
 
 def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
     """Top-k then top-p from one ascending sort, in place, with the arithmetic of transformers'
     TopKLogitsWarper and TopPLogitsWarper (min_tokens_to_keep=1)."""
-    sorted_scores, order = scores.sort(dim=-1)                                         # [S, V] ascending
+    sorted_scores, order = scores.sort(dim=-1)  # [S, V] ascending
     vocab = batch.vocab_size
-    kth = sorted_scores.gather(1, (vocab - batch.top_k)[:, None])                      # [S, 1]; V-th = smallest
+    kth = sorted_scores.gather(1, (vocab - batch.top_k)[:, None])  # [S, 1]; V-th = smallest
     sorted_scores.masked_fill_(sorted_scores < kth, float("-inf"))
     # Drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays.
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)                          # [S, V]
-    drop = (cumulative <= (1 - batch.top_p)[:, None]) & (batch.top_p < 1)[:, None]     # [S, V]
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [S, V]
+    drop = (cumulative <= (1 - batch.top_p)[:, None]) & (batch.top_p < 1)[:, None]  # [S, V]
     drop[:, -1] = False
-    drop |= sorted_scores == float("-inf")                                             # the top-k cut
+    drop |= sorted_scores == float("-inf")  # the top-k cut
     scores.masked_fill_(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
 
 
@@ -280,8 +320,9 @@ def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
 _CDF_BLOCK = 1024
 
 
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor,
-                 block: int = _CDF_BLOCK) -> torch.Tensor:
+def _inverse_cdf(
+    probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor, block: int = _CDF_BLOCK
+) -> torch.Tensor:
     """Sample one token per row of ``probs`` [S, V] (unnormalised is fine) with ``uniforms`` [S] float64
     in [0, 1): the first index j with cdf[j] > u * cdf[V - 1], so P(j) = probs[j] / sum(probs).
 
@@ -300,24 +341,24 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Te
     vocab = probs.shape[1]
     full = vocab - vocab % block
     # Summed in the probabilities' dtype: asking sum() for float64 would first copy all of them.
-    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1)          # [S, B]
+    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1)  # [S, B]
     if full < vocab:
-        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)    # the short last block
-    block_cdf = sums.to(torch.float64).cumsum(dim=-1)                                 # [S, B]
-    target = uniforms[:, None] * block_cdf[:, -1:]                                    # [S, 1]
+        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)  # the short last block
+    block_cdf = sums.to(torch.float64).cumsum(dim=-1)  # [S, B]
+    target = uniforms[:, None] * block_cdf[:, -1:]  # [S, 1]
     chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=sums.shape[1] - 1)  # [S, 1]
     # The mass before the chosen block, exactly the cdf value the block search compared against.
     target -= torch.nn.functional.pad(block_cdf[:, :-1], (1, 0)).gather(1, chosen)
 
-    columns = chosen * block + torch.arange(block, device=probs.device)               # [S, W]
-    inside = columns < vocab                                                          # the last block may be short
-    local = probs.gather(1, columns.clamp(max=vocab - 1)).to(torch.float64)           # [S, W]
-    local_cdf = local.masked_fill_(~inside, 0.0).cumsum(dim=-1)                       # [S, W]
+    columns = chosen * block + torch.arange(block, device=probs.device)  # [S, W]
+    inside = columns < vocab  # the last block may be short
+    local = probs.gather(1, columns.clamp(max=vocab - 1)).to(torch.float64)  # [S, W]
+    local_cdf = local.masked_fill_(~inside, 0.0).cumsum(dim=-1)  # [S, W]
     # The block's sum and its cumsum may round apart, leaving the target at or past this cdf's end:
     # cap it just below, so that the search still ends on the block's last positive token.
-    target = torch.minimum(target, local_cdf[:, -1:] * (1 - 2.0 ** -53))
+    target = torch.minimum(target, local_cdf[:, -1:] * (1 - 2.0**-53))
     offset = torch.searchsorted(local_cdf, target, right=True).clamp_(max=block - 1)  # [S, 1]
-    tokens = (columns[:, :1] + offset).clamp_(max=vocab - 1)                          # [S, 1]
+    tokens = (columns[:, :1] + offset).clamp_(max=vocab - 1)  # [S, 1]
     return torch.where(probs.gather(1, tokens) > 0, tokens, fallback[:, None]).squeeze(1)
 
 
@@ -332,12 +373,17 @@ def _splitmix64(x: int) -> int:
 def _uniform_bits(seed: int, step: int) -> int:
     """The 53-bit integer n, with u = n / 2^53 in [0, 1), of the draw at output ``step`` of a request
     seeded with ``seed`` (any int)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11   # the high bits mix best
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11  # the high bits mix best
 
 
-def _history_pairs(wanted: list[bool], prompt_token_ids: list[list[int]] | None, output_token_ids: list[list[int]],
-                   pending: list[bool] | None, pending_token_ids: torch.Tensor | None,
-                   device: torch.device | str) -> TokenPairs | None:
+def _history_pairs(
+    wanted: list[bool],
+    prompt_token_ids: list[list[int]] | None,
+    output_token_ids: list[list[int]],
+    pending: list[bool] | None,
+    pending_token_ids: torch.Tensor | None,
+    device: torch.device | str,
+) -> TokenPairs | None:
     """(row, token) pairs of the earlier tokens of the ``wanted`` rows: their prompt (when given) and
     output tokens. A last output token still on the device (``pending``) is read from
     ``pending_token_ids`` on the device."""
@@ -354,8 +400,8 @@ def _history_pairs(wanted: list[bool], prompt_token_ids: list[list[int]] | None,
         return pairs
     if pending_token_ids is None:
         raise ValueError("pending: a row with a pending output token needs pending_token_ids")
-    rows = copy_to_device(torch.tensor(pending_rows, dtype=torch.int64), device)   # [R]
-    tokens = pending_token_ids[rows]                                                 # [R], gathered on the device
+    rows = copy_to_device(torch.tensor(pending_rows, dtype=torch.int64), device)  # [R]
+    tokens = pending_token_ids[rows]  # [R], gathered on the device
     if pairs is None:
         return TokenPairs(rows, tokens)
     return TokenPairs(torch.cat([pairs.rows, rows]), torch.cat([pairs.tokens, tokens]))

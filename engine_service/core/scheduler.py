@@ -43,8 +43,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
-        self.num_prompt_tokens_computed = 0   # prompt tokens planned for computing (prefix-cache hits excluded)
-        self._sample_rows: dict[Sequence, int] = {}   # the last plan's sampling rows: where pending tokens are
+        self.num_prompt_tokens_computed = 0  # prompt tokens planned for computing (prefix-cache hits excluded)
+        self._sample_rows: dict[Sequence, int] = {}  # the last plan's sampling rows: where pending tokens are
 
     @property
     def num_unfinished(self) -> int:
@@ -126,15 +126,24 @@ class Scheduler:
         pending_row = None
         if end > known:  # its last new token was sampled by the plan in flight and is not read back yet
             if end != known + 1 or seq not in self._sample_rows:
-                raise RuntimeError(f"{seq.request_id}: tokens {known}..{end} are not known and not in flight; "
-                                   "a plan was scheduled before the one before it was applied")
+                raise RuntimeError(
+                    f"{seq.request_id}: tokens {known}..{end} are not known and not in flight; "
+                    "a plan was scheduled before the one before it was applied"
+                )
             pending_row = self._sample_rows[seq]
             end_known = known
         else:
             end_known = end
-        samples = end == known + seq.num_pending_tokens   # its last token: it samples the next
-        entry = PlannedSeq(seq, start, num_new, tuple(seq.token_ids(start, end_known)) if end_known > start else (),
-                           self.block_manager.block_table(seq), samples, pending_row)
+        samples = end == known + seq.num_pending_tokens  # its last token: it samples the next
+        entry = PlannedSeq(
+            seq,
+            start,
+            num_new,
+            tuple(seq.token_ids(start, end_known)) if end_known > start else (),
+            self.block_manager.block_table(seq),
+            samples,
+            pending_row,
+        )
         seq.num_computed_tokens = end
         if samples:
             seq.num_pending_tokens += 1
@@ -193,16 +202,21 @@ class Scheduler:
         bm = self.block_manager
         for seq in sequences:
             name = seq.request_id
-            expected = {SequenceStatus.RUNNING: seq in self.running, SequenceStatus.WAITING: seq in self.waiting,
-                        SequenceStatus.FINISHED: seq not in queued}
+            expected = {
+                SequenceStatus.RUNNING: seq in self.running,
+                SequenceStatus.WAITING: seq in self.waiting,
+                SequenceStatus.FINISHED: seq not in queued,
+            }
             assert expected[seq.status], f"{name}: {seq.status.value} but queued elsewhere"
             assert 0 <= seq.num_computed_tokens <= seq.num_tokens, f"{name}: computes beyond its tokens"
             assert seq.num_computed_tokens <= seq.num_known_tokens + 1, f"{name}: computes two unknown tokens"
             assert 0 <= seq.num_pending_tokens <= 2, f"{name}: {seq.num_pending_tokens} tokens pending"
-            assert seq.num_computed_tokens < seq.num_prompt_tokens + seq.params.max_tokens, \
+            assert seq.num_computed_tokens < seq.num_prompt_tokens + seq.params.max_tokens, (
                 f"{name}: computed its last allowed token, which is never an input"
-            assert len(bm.block_table(seq)) * bm.block_size >= seq.num_computed_tokens, \
+            )
+            assert len(bm.block_table(seq)) * bm.block_size >= seq.num_computed_tokens, (
                 f"{name}: computed tokens outside its blocks"
+            )
             if seq.is_finished:
                 assert not bm.block_table(seq) and seq.num_pending_tokens == 0, f"{name}: finished, still holds state"
         bm.check_invariants()

@@ -29,8 +29,8 @@ from engine_service.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
-    RUNNING = "running"    # holds KV blocks and is scheduled every step
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
     FINISHED = "finished"
 
 
@@ -40,13 +40,13 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    seed: int                               # effective sampling seed (drawn at admission if params.seed is None)
+    seed: int  # effective sampling seed (drawn at admission if params.seed is None)
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)   # read back from the device, in order
-    num_pending_tokens: int = 0             # sampled after output_token_ids, not read back yet
+    output_token_ids: list[int] = field(default_factory=list)  # read back from the device, in order
+    num_pending_tokens: int = 0  # sampled after output_token_ids, not read back yet
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0            # tokens whose K/V are in the cache (or queued to be)
-    num_cached_prompt_tokens: int = 0       # prompt tokens served by the prefix cache (first admission)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or queued to be)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     first_scheduled_time: float | None = None
@@ -79,8 +79,8 @@ class Sequence:
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
         if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len:end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+            return self.output_token_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
 
     @property
     def reached_length_limit(self) -> bool:

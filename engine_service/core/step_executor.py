@@ -25,8 +25,8 @@ class LaunchedStep:
     """A step queued on the device whose sampled ids have not been read on the host yet."""
 
     plan: StepPlan
-    host: tuple[torch.Tensor, ...]       # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
-    ready: torch.cuda.Event | None       # recorded after the copies to ``host`` (None on the CPU)
+    host: tuple[torch.Tensor, ...]  # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
+    ready: torch.cuda.Event | None  # recorded after the copies to ``host`` (None on the CPU)
 
 
 def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
@@ -47,8 +47,14 @@ def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.c
 class StepExecutor:
     """Rank 0's side of a step: drive the TP workers and the local runner, sample, copy back."""
 
-    def __init__(self, runner: ModelRunner, workers: WorkerGroup | None, eos_token_ids: tuple[int, ...],
-                 vocab_size: int, share_sampled: bool) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        workers: WorkerGroup | None,
+        eos_token_ids: tuple[int, ...],
+        vocab_size: int,
+        share_sampled: bool,
+    ) -> None:
         self.runner, self.workers = runner, workers
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         # With a step in flight, the next step's pending tokens are read from its sampled ids on every
@@ -81,14 +87,21 @@ class StepExecutor:
         seqs = [e.seq for e in rows]
         pending = [e.pending_row is not None for e in rows]
         batch = SamplingBatch.build(
-            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            self.eos_token_ids, [s.seed for s in seqs], self.vocab_size, logits.device, pending,
+            [s.params for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            self.eos_token_ids,
+            [s.seed for s in seqs],
+            self.vocab_size,
+            logits.device,
+            pending,
             self._pending_token_ids(rows, pending, logits.device),
         )
         return self.sampler(logits, batch)
 
-    def _pending_token_ids(self, rows: tuple[PlannedSeq, ...], pending: list[bool],
-                           device: torch.device) -> torch.Tensor | None:
+    def _pending_token_ids(
+        self, rows: tuple[PlannedSeq, ...], pending: list[bool], device: torch.device
+    ) -> torch.Tensor | None:
         """[S] int64 on ``device``: per sampling row, the id its sequence sampled in the step in flight
         (garbage for rows without one), gathered on the device. None where no row has such a token or
         no row's penalties read earlier tokens."""

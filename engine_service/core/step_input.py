@@ -21,9 +21,9 @@ class PendingTokens:
     (``ModelRunner.last_sampled``), on the device and in stream order.
     """
 
-    rows: tuple[int, ...]            # rows of this step whose last new token is pending
+    rows: tuple[int, ...]  # rows of this step whose last new token is pending
     flat_positions: tuple[int, ...]  # their indices into the step's flat token list (sequence after sequence)
-    source_rows: tuple[int, ...]     # the matching rows of the previous step's sampled ids
+    source_rows: tuple[int, ...]  # the matching rows of the previous step's sampled ids
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,10 @@ class StepInput:
     it samples. A row named in ``pending`` has one new token more than its ``token_ids``: the last,
     whose id only the device has."""
 
-    token_ids: Sequence[Sequence[int]]     # per row, the known ids of its new tokens
-    context_lens: Sequence[int]            # per row, tokens already in the KV cache
+    token_ids: Sequence[Sequence[int]]  # per row, the known ids of its new tokens
+    context_lens: Sequence[int]  # per row, tokens already in the KV cache
     block_tables: Sequence[Sequence[int]]  # per row, its KV block ids (cover context + new tokens)
-    sample_rows: Sequence[bool]            # per row, whether its last new token's logits are sampled
+    sample_rows: Sequence[bool]  # per row, whether its last new token's logits are sampled
     pending: PendingTokens | None = None
     # After the step, rank 0 broadcasts its sampled ids to every rank (async scheduling with TP > 1),
     # so that the next step's pending tokens can be filled on every rank.

@@ -21,12 +21,12 @@ class PlannedSeq(NamedTuple):
     """One sequence's part of a step (a NamedTuple: immutable, and cheap to build per row per step)."""
 
     seq: Sequence
-    context_len: int                # tokens already computed: the position of its first new token
-    num_new_tokens: int             # tokens whose K/V this step computes, positions context_len onwards
-    token_ids: tuple[int, ...]      # the known ids among them: all, or all but the last when pending_row is set
-    block_table: tuple[int, ...]    # snapshot of its KV blocks, covering context_len + num_new_tokens
-    samples: bool                   # this step reaches its last token, so it samples the next
-    pending_row: int | None         # its last new token is the one it sampled at this row of the step in flight
+    context_len: int  # tokens already computed: the position of its first new token
+    num_new_tokens: int  # tokens whose K/V this step computes, positions context_len onwards
+    token_ids: tuple[int, ...]  # the known ids among them: all, or all but the last when pending_row is set
+    block_table: tuple[int, ...]  # snapshot of its KV blocks, covering context_len + num_new_tokens
+    samples: bool  # this step reaches its last token, so it samples the next
+    pending_row: int | None  # its last new token is the one it sampled at this row of the step in flight
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class StepPlan:
 class StepResult:
     """A step's sampling, read back to the host: one entry per row of ``StepPlan.sampling``."""
 
-    token_ids: list[int]                        # [S]
-    logprobs: list[float] | None = None         # [S] when some row asked for logprobs
-    top_ids: list[list[int]] | None = None      # [S, N] most likely first, when some row asked for N > 0
+    token_ids: list[int]  # [S]
+    logprobs: list[float] | None = None  # [S] when some row asked for logprobs
+    top_ids: list[list[int]] | None = None  # [S, N] most likely first, when some row asked for N > 0
     top_logprobs: list[list[float]] | None = None

@@ -8,14 +8,15 @@ process sentinels, so a dead worker is reported at once instead of being waited 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import socket
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Union
 
 from engine_service.config import EngineConfig
 from engine_service.core.step_input import StepInput
@@ -49,7 +50,7 @@ class Shutdown:
     pass
 
 
-Command = Union[ReportCapacity, AllocateKVCache, CaptureCUDAGraphs, Execute, Shutdown]
+Command = ReportCapacity | AllocateKVCache | CaptureCUDAGraphs | Execute | Shutdown
 
 
 # ---- replies (worker -> rank 0) -------------------------------------------------------------
@@ -119,10 +120,8 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     except (EOFError, KeyboardInterrupt):
         pass  # rank 0 went away
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             conn.send(WorkerFailed(rank, traceback.format_exc()))
-        except OSError:
-            pass
         raise
 
 
@@ -137,8 +136,9 @@ class WorkerGroup:
         self._procs: list[mp.process.BaseProcess] = []
         for rank in range(1, self.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(config, rank, self.init_method, child),
-                               name=f"tp-worker-{rank}", daemon=True)
+            proc = ctx.Process(
+                target=_worker_main, args=(config, rank, self.init_method, child), name=f"tp-worker-{rank}", daemon=True
+            )
             proc.start()
             child.close()
             self._conns.append(parent)
@@ -214,10 +214,8 @@ class WorkerGroup:
     def shutdown(self) -> None:
         self._closing = True
         for conn in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(Shutdown())
-            except OSError:
-                pass
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():

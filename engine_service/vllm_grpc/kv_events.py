@@ -31,13 +31,19 @@ class KvEventStreams:
     def load(self, sample: int) -> common_pb2.EngineLoad:
         engine = self.base._live_engine()
         stats = engine.stats
-        return common_pb2.EngineLoad(running_requests=stats.num_running, waiting_requests=stats.num_waiting,
-                                     token_usage=stats.kv_cache_usage, sample=sample, load_only=True,
-                                     cache_hit_rate=stats.prefix_cache_hit_rate)
+        return common_pb2.EngineLoad(
+            running_requests=stats.num_running,
+            waiting_requests=stats.num_waiting,
+            token_usage=stats.kv_cache_usage,
+            sample=sample,
+            load_only=True,
+            cache_hit_rate=stats.prefix_cache_hit_rate,
+        )
 
     async def subscribe(self, request: common_pb2.SubscribeKvEventsRequest) -> AsyncIterator[common_pb2.KvEventBatch]:
         samples = itertools.count(1)
         while True:
-            yield common_pb2.KvEventBatch(sequence_number=self.last_sequence, timestamp=time.time(),
-                                          load=self.load(next(samples)))
+            yield common_pb2.KvEventBatch(
+                sequence_number=self.last_sequence, timestamp=time.time(), load=self.load(next(samples))
+            )
             await asyncio.sleep(HEARTBEAT_S)

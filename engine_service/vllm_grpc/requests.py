@@ -35,8 +35,8 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    stop: tuple[str, ...]            # stop strings, matched on the detokenized output (engine_service.vllm_grpc.stops)
-    skip_special_tokens: bool        # how the output is detokenized for stop-string matching
+    stop: tuple[str, ...]  # stop strings, matched on the detokenized output (engine_service.vllm_grpc.stops)
+    skip_special_tokens: bool  # how the output is detokenized for stop-string matching
     stream: bool
 
 
@@ -57,8 +57,9 @@ def check_supported(request: pb.GenerateRequest) -> None:
     if request.HasField("kv_transfer_params_json"):
         raise _refuse("kv_transfer_params_json", "KV transfer (prefill/decode disaggregation)")
     if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
-        raise FieldError("data_parallel_rank", f"this engine has one data-parallel rank (0), got "
-                                               f"{request.data_parallel_rank}")
+        raise FieldError(
+            "data_parallel_rank", f"this engine has one data-parallel rank (0), got {request.data_parallel_rank}"
+        )
     if sp.n > 1:
         raise FieldError("sampling_params.n", f"one sample per request is supported, got n={sp.n}")
     if (constraint := sp.WhichOneof("constraint")) is not None:
@@ -71,8 +72,10 @@ def check_supported(request: pb.GenerateRequest) -> None:
     if bad is not None:
         raise FieldError(f"sampling_params.logit_bias[{bad}]", "token ids are >= 0")
     if sp.HasField("truncate_prompt_tokens") and sp.truncate_prompt_tokens < -1:
-        raise FieldError("sampling_params.truncate_prompt_tokens",
-                         f"must be -1 (the model's length) or >= 1, got {sp.truncate_prompt_tokens}")
+        raise FieldError(
+            "sampling_params.truncate_prompt_tokens",
+            f"must be -1 (the model's length) or >= 1, got {sp.truncate_prompt_tokens}",
+        )
 
 
 def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateRequest:
@@ -85,8 +88,15 @@ def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateR
         if sp.HasField(name):
             setattr(o, name, getattr(sp, name))
     # No presence in SMG's message: 0 is "unset" (vLLM's servicer reads them so), which our defaults mean too.
-    for name in ("top_p", "top_k", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty",
-                 "min_tokens"):
+    for name in (
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_tokens",
+    ):
         if getattr(sp, name):
             setattr(o, name, getattr(sp, name))
     o.stop_token_ids.extend(sp.stop_token_ids)
@@ -113,6 +123,6 @@ def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: Reques
         info.validate(prompt, params)
     except FieldError as exc:
         if exc.field.startswith("prompt_token_ids"):
-            raise FieldError("tokenized.input_ids" + exc.field[len("prompt_token_ids"):], exc.message) from None
+            raise FieldError("tokenized.input_ids" + exc.field[len("prompt_token_ids") :], exc.message) from None
         raise exc if exc.field.startswith("sampling_params") else exc.within("sampling_params") from None
     return EngineRequest(request.request_id, prompt, params, stops, sp.skip_special_tokens, request.stream)

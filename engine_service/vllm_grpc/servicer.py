@@ -27,7 +27,9 @@ from engine_service.vllm_grpc.kv_events import KvEventStreams
 from engine_service.vllm_grpc.requests import EngineRequest, engine_request
 from engine_service.vllm_grpc.stops import StopHit, StopWatch
 from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
-from qwen3serve.smg import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+from qwen3serve.smg import common_pb2
+from qwen3serve.smg import vllm_engine_pb2 as pb
+from qwen3serve.smg import vllm_engine_pb2_grpc as pb_grpc
 from service_common.errors import handle_errors
 from service_common.logging import bind_request_id
 
@@ -38,15 +40,20 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORTED: "abort",
-                   FinishReason.ERROR: "error"}
+_FINISH_REASONS = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.ABORTED: "abort",
+    FinishReason.ERROR: "error",
+}
 
 
 def _logprobs(items: list[TokenLogprob]) -> pb.OutputLogProbs:
     return pb.OutputLogProbs(
-        token_logprobs=[lp.logprob for lp in items], token_ids=[lp.token_id for lp in items],
-        top_logprobs=[pb.TopLogProbs(values=[v for _, v in lp.top], token_ids=[t for t, _ in lp.top])
-                      for lp in items])
+        token_logprobs=[lp.logprob for lp in items],
+        token_ids=[lp.token_id for lp in items],
+        top_logprobs=[pb.TopLogProbs(values=[v for _, v in lp.top], token_ids=[t for t, _ in lp.top]) for lp in items],
+    )
 
 
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
@@ -71,14 +78,18 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     # ---- Generate -------------------------------------------------------------------------------
     @handle_errors
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         self.last_receive = time.time()
         bind_request_id(request.request_id)
         engine = self.base._live_engine()
         req = engine_request(request, engine.info, self.base.limits)
-        watch = (StopWatch(await asyncio.to_thread(self.tokenizer), req.stop, req.params.min_tokens,
-                           req.skip_special_tokens) if req.stop else None)
+        watch = (
+            StopWatch(await asyncio.to_thread(self.tokenizer), req.stop, req.params.min_tokens, req.skip_special_tokens)
+            if req.stop
+            else None
+        )
         async for response in self._generate(req, watch):
             yield response
 
@@ -97,9 +108,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 tokens += out.new_token_ids
                 logprobs += out.new_logprobs or []
                 if req.stream and out.new_token_ids:
-                    yield pb.GenerateResponse(chunk=pb.GenerateStreamChunk(
-                        token_ids=out.new_token_ids, prompt_tokens=prompt, completion_tokens=len(tokens),
-                        output_logprobs=_logprobs(out.new_logprobs) if out.new_logprobs else None))
+                    yield pb.GenerateResponse(
+                        chunk=pb.GenerateStreamChunk(
+                            token_ids=out.new_token_ids,
+                            prompt_tokens=prompt,
+                            completion_tokens=len(tokens),
+                            output_logprobs=_logprobs(out.new_logprobs) if out.new_logprobs else None,
+                        )
+                    )
                 if out.finished:
                     yield self._complete(req, out, tokens, logprobs, hit)
                     return
@@ -109,20 +125,29 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     @staticmethod
     def _cut(out: RequestOutput, hit: StopHit, prompt: int, before: int) -> None:
         """End ``out`` at the token that completed a stop string (the engine request is aborted after)."""
-        del out.new_token_ids[hit.keep:]
+        del out.new_token_ids[hit.keep :]
         if out.new_logprobs:
-            del out.new_logprobs[hit.keep:]
+            del out.new_logprobs[hit.keep :]
         out.finished, out.finish_reason = True, FinishReason.STOP
         # the prefix-cache hit comes only with the engine's final delta, which a stop string pre-empts: 0 here
         out.num_prompt_tokens, out.num_output_tokens = prompt, before + hit.keep
 
-    def _complete(self, req: EngineRequest, out: RequestOutput, tokens: list[int], logprobs: list[TokenLogprob],
-                  hit: StopHit | None) -> pb.GenerateResponse:
+    def _complete(
+        self,
+        req: EngineRequest,
+        out: RequestOutput,
+        tokens: list[int],
+        logprobs: list[TokenLogprob],
+        hit: StopHit | None,
+    ) -> pb.GenerateResponse:
         reason = out.finish_reason or FinishReason.ERROR
         complete = pb.GenerateComplete(
-            output_ids=[] if req.stream else tokens, finish_reason=_FINISH_REASONS[reason],
-            prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
-            cached_tokens=out.num_cached_tokens)
+            output_ids=[] if req.stream else tokens,
+            finish_reason=_FINISH_REASONS[reason],
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens,
+        )
         if req.params.logprobs is not None and logprobs and not req.stream:
             complete.output_logprobs.CopyFrom(_logprobs(logprobs))
         if hit is not None:
@@ -140,8 +165,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             await engine.abort(request_id)
         return pb.AbortResponse()
 
-    async def HealthCheck(self, request: pb.HealthCheckRequest,
-                          context: grpc.aio.ServicerContext) -> pb.HealthCheckResponse:
+    async def HealthCheck(
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthCheckResponse:
         engine = self.base.engine
         if engine is None:
             return pb.HealthCheckResponse(healthy=False, message="the engine is still loading")
@@ -150,54 +176,81 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         return pb.HealthCheckResponse(healthy=True, message="ok")
 
     @handle_errors
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         info = self.base._live_engine().info
         return pb.GetModelInfoResponse(
-            model_path=str(self.model_dir.resolve()), is_generation=True, max_context_length=info.max_model_len,
-            vocab_size=info.vocab_size, supports_vision=False, served_model_name=self.base.model_name,
-            tokenizer_path=str(self.model_dir.resolve()), model_type="qwen3", architectures=["Qwen3ForCausalLM"],
-            eos_token_ids=list(info.eos_token_ids), max_req_input_len=info.max_model_len - 1)
+            model_path=str(self.model_dir.resolve()),
+            is_generation=True,
+            max_context_length=info.max_model_len,
+            vocab_size=info.vocab_size,
+            supports_vision=False,
+            served_model_name=self.base.model_name,
+            tokenizer_path=str(self.model_dir.resolve()),
+            model_type="qwen3",
+            architectures=["Qwen3ForCausalLM"],
+            eos_token_ids=list(info.eos_token_ids),
+            max_req_input_len=info.max_model_len - 1,
+        )
 
     @handle_errors
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
-                            context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
         engine = self.base._live_engine()
         stats, info = engine.stats, engine.info
         return pb.GetServerInfoResponse(
-            active_requests=stats.num_running + stats.num_waiting, is_paused=False,
-            last_receive_timestamp=self.last_receive, uptime_seconds=time.time() - self.started,
-            server_type="vllm-grpc", data_parallel_size=1, block_size=info.kv_block_size,
-            attention_backend=info.attention_backend, model_dtype=info.dtype)
+            active_requests=stats.num_running + stats.num_waiting,
+            is_paused=False,
+            last_receive_timestamp=self.last_receive,
+            uptime_seconds=time.time() - self.started,
+            server_type="vllm-grpc",
+            data_parallel_size=1,
+            block_size=info.kv_block_size,
+            attention_backend=info.attention_backend,
+            model_dtype=info.dtype,
+        )
 
     @handle_errors
     async def GetLoads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
         engine = self.base._live_engine()
         stats = engine.stats
         load = pb.SchedulerLoad(
-            dp_rank=0, num_running_reqs=stats.num_running, num_waiting_reqs=stats.num_waiting,
-            num_total_reqs=stats.num_running + stats.num_waiting, token_usage=stats.kv_cache_usage,
+            dp_rank=0,
+            num_running_reqs=stats.num_running,
+            num_waiting_reqs=stats.num_waiting,
+            num_total_reqs=stats.num_running + stats.num_waiting,
+            token_usage=stats.kv_cache_usage,
             cache_hit_rate=stats.prefix_cache_hit_rate,
-            max_total_num_tokens=engine.info.num_kv_blocks * engine.info.kv_block_size)
-        return pb.GetLoadsResponse(timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   version="qwen3-serve", dp_rank_count=1, loads=[load])
+            max_total_num_tokens=engine.info.num_kv_blocks * engine.info.kv_block_size,
+        )
+        return pb.GetLoadsResponse(
+            timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            version="qwen3-serve",
+            dp_rank_count=1,
+            loads=[load],
+        )
 
     @handle_errors
-    async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
+    async def GetTokenizer(
+        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
         for chunk in await asyncio.to_thread(tokenizer_chunks, self.model_dir):
             yield chunk
 
     @handle_errors
-    async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest,
-                                context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.KvEventBatch]:
+    async def SubscribeKvEvents(
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.KvEventBatch]:
         await context.send_initial_metadata(())  # headers at once: SMG counts a silent stream as unreachable
         async for batch in self.kv_events.subscribe(request):
             yield batch
 
     @handle_errors
-    async def FlushCache(self, request: common_pb2.FlushCacheRequest,
-                         context: grpc.aio.ServicerContext) -> common_pb2.FlushCacheResponse:
+    async def FlushCache(
+        self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.FlushCacheResponse:
         self.base._live_engine()
         # The engine loop has no command to drop its prefix cache yet (engine_service/core is being
         # restructured); answer plainly instead of claiming a flush.

@@ -25,15 +25,20 @@ from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
 
 @dataclass(frozen=True)
 class StopHit:
-    keep: int        # how many of the tokens just pushed belong to the output (the last one completed the match)
-    stop: str        # the stop string that matched
+    keep: int  # how many of the tokens just pushed belong to the output (the last one completed the match)
+    stop: str  # the stop string that matched
 
 
 class StopWatch:
     """Feed a request's output token ids as they arrive; learn where a stop string ends it."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, stops: Sequence[str], min_tokens: int = 0,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        stops: Sequence[str],
+        min_tokens: int = 0,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._matcher = StopStringMatcher(stops)
         self._min_tokens = min_tokens

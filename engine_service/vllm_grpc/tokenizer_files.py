@@ -11,9 +11,17 @@ from pathlib import Path
 from qwen3serve.smg import common_pb2
 
 #: What a Hugging Face tokenizer (and its chat template) is made of; those present are sent.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-                   "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
 CHUNK_BYTES = 1 << 20
 
 
@@ -32,6 +40,6 @@ def tokenizer_zip(model_dir: Path) -> bytes:
 def tokenizer_chunks(model_dir: Path) -> list[common_pb2.GetTokenizerChunk]:
     """The zip as GetTokenizer's chunks; only the last carries ``sha256`` (hex) of the whole zip."""
     data = tokenizer_zip(model_dir)
-    chunks = [common_pb2.GetTokenizerChunk(data=data[i:i + CHUNK_BYTES]) for i in range(0, len(data), CHUNK_BYTES)]
+    chunks = [common_pb2.GetTokenizerChunk(data=data[i : i + CHUNK_BYTES]) for i in range(0, len(data), CHUNK_BYTES)]
     chunks[-1].sha256 = hashlib.sha256(data).hexdigest()
     return chunks

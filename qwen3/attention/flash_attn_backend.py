@@ -59,8 +59,10 @@ class FlashAttentionBackend(AttentionBackend):
             return found
         major, minor = torch.cuda.get_device_capability(device)
         if major not in FA4_PAGED_KV_ARCHS:
-            return (f"FlashAttention-4 has no paged-KV kernel for sm_{major}{minor}; it needs Hopper (sm_90) "
-                    "or Blackwell (sm_100/sm_110)")
+            return (
+                f"FlashAttention-4 has no paged-KV kernel for sm_{major}{minor}; it needs Hopper (sm_90) "
+                "or Blackwell (sm_100/sm_110)"
+            )
         return None
 
     def __init__(self) -> None:
@@ -71,22 +73,24 @@ class FlashAttentionBackend(AttentionBackend):
 
     def forward(
         self,
-        q: torch.Tensor,        # [T, Hq, D]
-        k: torch.Tensor,        # [T, Hkv, D]
-        v: torch.Tensor,        # [T, Hkv, D]
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         batch: ForwardBatch,
         scale: float,
-    ) -> torch.Tensor:          # [T, Hq, D]
+    ) -> torch.Tensor:  # [T, Hq, D]
         store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out, _lse = self._module.flash_attn_varlen_func(
-            q, k_cache, v_cache,
+            q,
+            k_cache,
+            v_cache,
             cu_seqlens_q=batch.query_start_loc,  # [B + 1] int32
-            max_seqlen_q=batch.max_query_len,    # host int: 1 for every decode step (graph-safe)
-            seqused_k=batch.seq_lens,            # [B] int32: context length including the new tokens
-            page_table=batch.block_tables,       # [B, max_blocks] int32
+            max_seqlen_q=batch.max_query_len,  # host int: 1 for every decode step (graph-safe)
+            seqused_k=batch.seq_lens,  # [B] int32: context length including the new tokens
+            page_table=batch.block_tables,  # [B, max_blocks] int32
             softmax_scale=scale,
-            causal=True,                         # bottom-right aligned: new tokens are the context's last
+            causal=True,  # bottom-right aligned: new tokens are the context's last
         )
         return out  # [T, Hq, D]

@@ -28,7 +28,9 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.to(dtype=dst.dtype))
 
 
-def load_shard(param: torch.Tensor, source: CheckpointTensor, dim: int, shard_index: int, num_shards: int) -> torch.Tensor:
+def load_shard(
+    param: torch.Tensor, source: CheckpointTensor, dim: int, shard_index: int, num_shards: int
+) -> torch.Tensor:
     """Read shard ``shard_index`` of ``num_shards`` along ``dim`` of ``source``, checking its full size."""
     full = param.shape[dim] * num_shards
     if len(source.shape) != param.dim() or source.shape[dim] != full:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from attention_cases import PagedCase, make_paged_case, relative_error  # noqa: E402
+
 from qwen3.attention.backend import backend_unavailable_reason, create_backend  # noqa: E402
 from qwen3.attention.torch_backend import TorchAttentionBackend, paged_attention_reference  # noqa: E402
 from qwen3.attention.torch_backend import store_kv as store_kv_reference  # noqa: E402
@@ -49,8 +49,18 @@ def decode_contexts(block_size: int) -> list[int]:
 
 def mixed_prefill(block_size: int) -> tuple[list[int], list[int]]:
     """(new tokens, cached tokens) per sequence: fresh prompts, prefix hits, chunks, a decode row, one batch."""
-    pairs = [(1, 0), (7, 0), (block_size, 0), (block_size + 1, 0), (5, block_size - 1), (3 * block_size, block_size),
-             (1, 2 * block_size + 3), (200, 1000), (300, 0), (64, 129)]
+    pairs = [
+        (1, 0),
+        (7, 0),
+        (block_size, 0),
+        (block_size + 1, 0),
+        (5, block_size - 1),
+        (3 * block_size, block_size),
+        (1, 2 * block_size + 3),
+        (200, 1000),
+        (300, 0),
+        (64, 129),
+    ]
     return [q for q, _ in pairs], [c for _, c in pairs]
 
 
@@ -68,8 +78,17 @@ def reference(case: PagedCase) -> torch.Tensor:
 def test_store_kv_matches_torch_and_skips_negative_slots(block_size: int, head_dim: int) -> None:
     from qwen3.attention.kernels.store_kv import store_kv
 
-    case = make_paged_case([5, 1, 40, 17], [0, 3, block_size, 2 * block_size - 1], 16, 8, head_dim, block_size,
-                           dtype=torch.bfloat16, device=CUDA, seed=block_size + head_dim)
+    case = make_paged_case(
+        [5, 1, 40, 17],
+        [0, 3, block_size, 2 * block_size - 1],
+        16,
+        8,
+        head_dim,
+        block_size,
+        dtype=torch.bfloat16,
+        device=CUDA,
+        seed=block_size + head_dim,
+    )
     slots = case.batch.slot_mapping.clone()
     slots[[0, 6, 20]] = -1  # padding rows
     k_want, v_want = case.k_cache.clone(), case.v_cache.clone()
@@ -84,19 +103,36 @@ def test_store_kv_matches_torch_and_skips_negative_slots(block_size: int, head_d
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("heads", GQA, ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
-def test_decode_kernel_matches_reference(heads: tuple[int, int], head_dim: int, block_size: int,
-                                         num_splits: int | None) -> None:
+def test_decode_kernel_matches_reference(
+    heads: tuple[int, int], head_dim: int, block_size: int, num_splits: int | None
+) -> None:
     from qwen3.attention.kernels.decode_attention import paged_decode_attention
 
     contexts = decode_contexts(block_size)
-    case = make_paged_case([1] * len(contexts), contexts, *heads, head_dim, block_size, dtype=torch.bfloat16,
-                           device=CUDA, seed=sum(heads) + head_dim + block_size)
+    case = make_paged_case(
+        [1] * len(contexts),
+        contexts,
+        *heads,
+        head_dim,
+        block_size,
+        dtype=torch.bfloat16,
+        device=CUDA,
+        seed=sum(heads) + head_dim + block_size,
+    )
     store_new_kv(case)
     ref = reference(case)
     out = torch.full_like(ref, float("nan"))
     poison_allocator()
-    paged_decode_attention(case.q, case.k_cache, case.v_cache, case.batch.block_tables, case.batch.seq_lens,
-                           case.scale, num_splits=num_splits, out=out)
+    paged_decode_attention(
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        case.batch.block_tables,
+        case.batch.seq_lens,
+        case.scale,
+        num_splits=num_splits,
+        out=out,
+    )
     assert relative_error(out, ref) <= TOL
 
 
@@ -111,9 +147,18 @@ def test_decode_kernel_other_tilings(block_n: int, num_warps: int, num_stages: i
     ref = reference(case)
     for splits in (1, 4):
         poison_allocator()
-        out = paged_decode_attention(case.q, case.k_cache, case.v_cache, case.batch.block_tables,
-                                     case.batch.seq_lens, case.scale, num_splits=splits, block_n=block_n,
-                                     num_warps=num_warps, num_stages=num_stages)
+        out = paged_decode_attention(
+            case.q,
+            case.k_cache,
+            case.v_cache,
+            case.batch.block_tables,
+            case.batch.seq_lens,
+            case.scale,
+            num_splits=splits,
+            block_n=block_n,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
         assert relative_error(out, ref) <= TOL, (splits, block_n)
 
 
@@ -125,14 +170,31 @@ def test_prefill_kernel_matches_reference(heads: tuple[int, int], head_dim: int,
     from qwen3.attention.kernels.prefill_attention import paged_prefill_attention
 
     query_lens, contexts = mixed_prefill(block_size)
-    case = make_paged_case(query_lens, contexts, *heads, head_dim, block_size, dtype=torch.bfloat16, device=CUDA,
-                           seed=sum(heads) * head_dim + block_size)
+    case = make_paged_case(
+        query_lens,
+        contexts,
+        *heads,
+        head_dim,
+        block_size,
+        dtype=torch.bfloat16,
+        device=CUDA,
+        seed=sum(heads) * head_dim + block_size,
+    )
     store_new_kv(case)
     ref = reference(case)
     out = torch.full_like(ref, float("nan"))
     b = case.batch
-    paged_prefill_attention(case.q, case.k_cache, case.v_cache, b.block_tables, b.seq_lens, b.query_start_loc,
-                            b.max_query_len, case.scale, out=out)
+    paged_prefill_attention(
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        b.block_tables,
+        b.seq_lens,
+        b.query_start_loc,
+        b.max_query_len,
+        case.scale,
+        out=out,
+    )
     assert relative_error(out, ref) <= TOL
     # per sequence too: one bad sequence must not hide in the batch norm
     for i, (start, end) in enumerate(zip(b.query_start_loc[:-1].tolist(), b.query_start_loc[1:].tolist())):
@@ -148,9 +210,20 @@ def test_prefill_kernel_other_tilings(block_m: int, block_n: int, num_warps: int
     store_new_kv(case)
     ref = reference(case)
     b = case.batch
-    out = paged_prefill_attention(case.q, case.k_cache, case.v_cache, b.block_tables, b.seq_lens, b.query_start_loc,
-                                  b.max_query_len, case.scale, block_m=block_m, block_n=block_n,
-                                  num_warps=num_warps, num_stages=num_stages)
+    out = paged_prefill_attention(
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        b.block_tables,
+        b.seq_lens,
+        b.query_start_loc,
+        b.max_query_len,
+        case.scale,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     assert relative_error(out, ref) <= TOL
 
 
@@ -179,8 +252,9 @@ def test_triton_backend_matches_torch_backend(step: str, block_size: int) -> Non
     backend = backend_or_skip("triton")
     contexts = decode_contexts(block_size)
     query_lens, contexts = ([1] * len(contexts), contexts) if step == "decode" else mixed_prefill(block_size)
-    case = make_paged_case(query_lens, contexts, 16, 8, 128, block_size, dtype=torch.bfloat16, device=CUDA,
-                           seed=len(step) + block_size)
+    case = make_paged_case(
+        query_lens, contexts, 16, 8, 128, block_size, dtype=torch.bfloat16, device=CUDA, seed=len(step) + block_size
+    )
     check_backend_step(backend, case)
 
 
@@ -190,8 +264,17 @@ def test_triton_backend_matches_torch_backend(step: str, block_size: int) -> Non
 def test_flash_attn_backend_mixed_step_matches_torch(heads: tuple[int, int], head_dim: int, block_size: int) -> None:
     backend = backend_or_skip("flash-attn")
     query_lens, contexts = mixed_prefill(block_size)
-    case = make_paged_case(query_lens, contexts, *heads, head_dim, block_size, dtype=torch.bfloat16, device=CUDA,
-                           seed=head_dim + block_size, unused_fill=0.0)  # FA4 needs finite unused slots
+    case = make_paged_case(
+        query_lens,
+        contexts,
+        *heads,
+        head_dim,
+        block_size,
+        dtype=torch.bfloat16,
+        device=CUDA,
+        seed=head_dim + block_size,
+        unused_fill=0.0,
+    )  # FA4 needs finite unused slots
     check_backend_step(backend, case)
 
 
@@ -199,8 +282,18 @@ def test_flash_attn_backend_mixed_step_matches_torch(heads: tuple[int, int], hea
 def test_flash_attn_backend_decode_step_matches_torch(block_size: int) -> None:
     backend = backend_or_skip("flash-attn")
     contexts = decode_contexts(block_size)
-    case = make_paged_case([1] * len(contexts), contexts, 16, 8, 128, block_size, dtype=torch.bfloat16,
-                           device=CUDA, seed=block_size, unused_fill=0.0)
+    case = make_paged_case(
+        [1] * len(contexts),
+        contexts,
+        16,
+        8,
+        128,
+        block_size,
+        dtype=torch.bfloat16,
+        device=CUDA,
+        seed=block_size,
+        unused_fill=0.0,
+    )
     check_backend_step(backend, case)
 
 
@@ -220,7 +313,8 @@ class StaticDecode:
             seq_lens=torch.ones(bucket, dtype=torch.int32, device=CUDA),
             block_tables=torch.zeros(bucket, max_blocks, dtype=torch.int32, device=CUDA),
             logits_indices=torch.arange(bucket, dtype=torch.int64, device=CUDA),
-            max_query_len=1, max_seq_len=max_blocks,  # static bounds, as the engine passes them
+            max_query_len=1,
+            max_seq_len=max_blocks,  # static bounds, as the engine passes them
         )
 
     def load(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
@@ -249,7 +343,7 @@ def test_decode_cuda_graph_replay_matches_eager(name: str) -> None:
     k_cache = torch.randn(shape, generator=gen, device=CUDA).to(torch.bfloat16)  # finite everywhere (FA4)
     v_cache = torch.randn(shape, generator=gen, device=CUDA).to(torch.bfloat16)
     static = StaticDecode(bucket, max_blocks, num_heads, num_kv_heads, head_dim)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
     def step():
         return backend.forward(static.q, static.k, static.v, k_cache, v_cache, static.batch, scale)
@@ -266,7 +360,7 @@ def test_decode_cuda_graph_replay_matches_eager(name: str) -> None:
         lens = torch.randint(1, max_blocks * block_size + 1, (real,), generator=gen, device=CUDA).tolist()
         lens[0] = 1 + replay  # short contexts too
         order = torch.randperm(num_blocks, generator=gen, device=CUDA).tolist()
-        tables = [order[i * max_blocks: i * max_blocks + -(-n // block_size)] for i, n in enumerate(lens)]
+        tables = [order[i * max_blocks : i * max_blocks + -(-n // block_size)] for i, n in enumerate(lens)]
         batch = ForwardBatch.build([[0]] * real, [n - 1 for n in lens], tables, block_size, CUDA)
         q = torch.randn(real, num_heads, head_dim, generator=gen, device=CUDA).to(torch.bfloat16)
         k = torch.randn(real, num_kv_heads, head_dim, generator=gen, device=CUDA).to(torch.bfloat16)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from engine_service import LLM, SamplingParams  # noqa: E402
 from qwen3.attention.backend import backend_unavailable_reason  # noqa: E402
@@ -30,14 +29,21 @@ def bf16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen3.testing import write_checkpoint
 
     # Real Qwen3 head geometry (16 q / 8 kv heads, head_dim 128), fewer layers; wide init keeps logit gaps large.
-    return write_checkpoint(tmp_path_factory.mktemp("bf16"), "qwen3-0.6b", dtype=torch.bfloat16, init_std=0.05,
-                            num_hidden_layers=4, with_tokenizer=False)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("bf16"),
+        "qwen3-0.6b",
+        dtype=torch.bfloat16,
+        init_std=0.05,
+        num_hidden_layers=4,
+        with_tokenizer=False,
+    )
 
 
 def prompts(n: int = 12) -> list[list[int]]:
     rng = random.Random(0)
-    return [[rng.randrange(10_000) for _ in range(rng.choice([1, 15, 16, 17, 100, 255, 256, 257, 700]))]
-            for _ in range(n)]
+    return [
+        [rng.randrange(10_000) for _ in range(rng.choice([1, 15, 16, 17, 100, 255, 256, 257, 700]))] for _ in range(n)
+    ]
 
 
 def run(model: Path, **options) -> list:
@@ -56,7 +62,9 @@ def assert_same_or_near_tie(got: list, ref: list, what: str) -> None:
         top = r.logprobs[k].top
         gap = top[0][1] - top[1][1] if len(top) > 1 else float("inf")
         print(f"{what}: prompt {i} diverges at token {k}; reference top-2 logprob gap {gap:.4f}")
-        assert gap <= BF16_TIE, f"{what}: prompt {i} diverges at token {k} with a logprob gap of {gap:.4f} (not a near-tie)"
+        assert gap <= BF16_TIE, (
+            f"{what}: prompt {i} diverges at token {k} with a logprob gap of {gap:.4f} (not a near-tie)"
+        )
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash-attn"])
@@ -116,8 +124,14 @@ def test_async_penalties_count_the_token_in_flight(bf16_checkpoint: Path, backen
     if reason:
         pytest.skip(reason)
     banned = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, repetition_penalty=1e4)
-    with LLM(bf16_checkpoint, device="cuda", max_model_len=2048, gpu_memory_utilization=0.5,
-             attention_backend=backend, async_scheduling=True) as llm:
+    with LLM(
+        bf16_checkpoint,
+        device="cuda",
+        max_model_len=2048,
+        gpu_memory_utilization=0.5,
+        attention_backend=backend,
+        async_scheduling=True,
+    ) as llm:
         free = llm.generate(prompts(), GREEDY)
         penalised = llm.generate(prompts(), banned)
     repeats = sum(len(o.token_ids) - len(set(o.token_ids)) for o in free)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -34,11 +33,19 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_checkpoint: Path) -> No
 
     prompts = [[(7 * i + 3 * j) % 500 for j in range(n)] for i, n in enumerate([3, 17, 40, 64])]
     with LLM(tiny_checkpoint, device="cuda", dtype="float32", gpu_memory_utilization=0.3) as llm:
-        ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12,
-                                                                        ignore_eos=True))]
+        ours = [
+            o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        ]
     hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).cuda().eval()
     for p, got in zip(prompts, ours):
         ids = torch.tensor([p], device="cuda")
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
         assert got == ref
