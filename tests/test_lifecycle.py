@@ -4,6 +4,7 @@ makes the server exit 1, a port in use is one line, and ``make serve``'s supervi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,9 +59,32 @@ class Proc:
         return self.popen.wait(timeout=timeout)
 
     def kill(self) -> None:
+        """SIGKILL the process and every descendant (a failed test must not leave services running: the
+        supervisor puts each service in its own process group, so killing its group would miss them)."""
+        descendants = descendant_pids(self.popen.pid) if self.popen.poll() is None else []
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def descendant_pids(root: int) -> list[int]:
+    """Every live descendant of ``root`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def engine_cli(model: Path, log: Path, *options: str, **popen) -> Proc:
