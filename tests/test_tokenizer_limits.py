@@ -18,8 +18,9 @@ from service_common.errors import InvalidArgument, bad_request_field, handle_err
 from service_common.server import bind, build_server
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
+from tokenizer_service.engine_link import ENGINE_SERVICE_NAME
 from tokenizer_service.limits import json_depth
-from tokenizer_service.server import ENGINE_SERVICE_NAME, TokenizerServer, start_tokenizer_server
+from tokenizer_service.server import TokenizerServer, start_tokenizer_server
 
 SMALL = RequestLimits(
     max_text_bytes=1000,
