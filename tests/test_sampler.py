@@ -16,7 +16,8 @@ from transformers.generation.logits_process import (
 )
 
 from engine_service.core import sampler as sampler_module
-from engine_service.core.sampler import Sampler, SamplingBatch, _inverse_cdf, _splitmix64
+from engine_service.core.race_sampling import row_key, splitmix64
+from engine_service.core.sampler import Sampler, SamplingBatch
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 
 EOS = (5, 6)
@@ -274,7 +275,7 @@ def test_penalties_read_a_pending_last_token_on_the_device() -> None:
     torch.testing.assert_close(
         Sampler().processed_logits(logits, got_batch), Sampler().processed_logits(logits, want_batch)
     )
-    assert got_batch.uniforms.tolist() == want_batch.uniforms.tolist()
+    assert got_batch.keys.tolist() == want_batch.keys.tolist()
     with pytest.raises(ValueError, match="pending_token_ids"):
         SamplingBatch.build(params, prompts, outputs, EOS, [0, 1, 2, 3], vocab, "cpu", pending)
     with pytest.raises(ValueError, match="pending needs one entry per row"):
@@ -346,69 +347,37 @@ def test_rejects_logits_of_the_wrong_shape() -> None:
 # ---- seeded randomness ----------------------------------------------------------------------------
 
 
-def test_uniforms_are_53_bit_splitmix64_of_seed_and_step() -> None:
+def test_row_keys_are_splitmix64_of_seed_and_step() -> None:
     # Published SplitMix64 outputs (Vigna's splitmix64.c) for states 0 and 1234567.
-    assert _splitmix64(0) == 0xE220A8397B1DCDAF
-    assert _splitmix64(1234567) == 6457827717110365317
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(1234567) == 6457827717110365317
     batch = build([SamplingParams()] * 4, 10, outputs=[[], [0], [], [0]], seeds=[3, 3, 3, -1])
-    u = batch.uniforms
-    assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
-    assert u[0] == u[2] and len(set(u.tolist())) == 3  # same (seed, step) -> same uniform
-    assert all((x * 2**53).is_integer() for x in u.tolist())  # 53 random bits, exactly
+    keys = batch.keys.tolist()
+    assert batch.keys.dtype == torch.int64
+    assert keys[0] == keys[2] and len(set(keys)) == 3  # same (seed, step) -> same key
+    assert keys[1] % (1 << 64) == splitmix64(splitmix64(3) ^ 1) and keys[1] == row_key(3, 1)
 
 
-def first_exceeding(probs: torch.Tensor, u: float) -> int:
-    """The reference draw: the first token whose float64 cdf exceeds u times the total."""
-    cdf = probs.double().cumsum(dim=0)
-    return int((cdf <= u * cdf[-1]).sum())
+def test_temperature_only_batches_race_on_the_raw_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No penalty and no filter in the batch: the draw reads the logits as given (one pass, their own
+    dtype) and divides by the temperature itself; any filter sends the processed scores instead, already
+    divided. Both give a row the same token."""
+    torch.manual_seed(8)
+    logits = torch.randn(3, 64).to(torch.bfloat16)
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    original = sampler_module.race_sample
 
+    def spy(scores: torch.Tensor, temperature: torch.Tensor | None, *rest: torch.Tensor) -> torch.Tensor:
+        seen.append((scores, temperature))
+        return original(scores, temperature, *rest)
 
-@pytest.mark.parametrize("block", [1, 2, 3, 4, 1024])
-def test_inverse_cdf_picks_the_first_token_whose_cdf_exceeds_u_and_never_a_zero(block: int) -> None:
-    # Dyadic probabilities make every cdf value and u * total exact, so targets land on the plateaus
-    # of zero-probability tokens and on block edges (block 3: {0 .25 0} {0 .5 0} {.25 0 0}).
-    probs = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.5, 0.0, 0.25, 0.0, 0.0])  # cdf 0 .25 .25 .25 .75 .75 1 1 1
-    cases = {0.0: 1, 0.25 - 2**-53: 1, 0.25: 4, 0.5: 4, 0.75 - 2**-53: 4, 0.75: 6, 1 - 2**-53: 6}
-    u = torch.tensor(list(cases), dtype=torch.float64)
-    rows = probs.expand(len(cases), -1)
-    never = torch.full((len(cases),), -1)  # a fallback that must not be taken
-    assert _inverse_cdf(rows, u, never, block).tolist() == list(cases.values())
-    # Unnormalised rows (scaled by 3: the total is no longer a power of two) draw the same tokens.
-    assert _inverse_cdf(3 * rows, u, never, block).tolist() == list(cases.values())
-
-
-@pytest.mark.parametrize("block", [7, 64, 1024])
-def test_inverse_cdf_matches_a_flat_cdf_on_sparse_rows(block: int) -> None:
-    # Mostly-zero rows with probabilities spanning 30 orders of magnitude, zeros at both ends and a
-    # short last block (300 = 42 * 7 + 6).
-    torch.manual_seed(7)
-    probs = torch.rand(64, 300) ** 8 * (torch.rand(64, 300) < 0.3)
-    probs[:, [0, -1]] = 0.0
-    probs[torch.arange(64), torch.randint(1, 299, (64,))] = 1e-30
-    never = torch.full((64,), -1)
-    uniforms = torch.rand(64, dtype=torch.float64)
-    tokens = _inverse_cdf(probs, uniforms, never, block)
-    assert tokens.tolist() == [first_exceeding(p, u) for p, u in zip(probs, uniforms.tolist())]
-    # At the ends of [0, 1) the draw is the first token of positive probability, then one near the
-    # end (float32 block sums may move a sliver of a block's mass to or from its last token).
-    first, last = (
-        _inverse_cdf(probs, torch.full((64,), u, dtype=torch.float64), never, block) for u in (0.0, 1 - 2**-53)
-    )
-    assert first.tolist() == (probs > 0).int().argmax(dim=-1).tolist()
-    assert (probs.gather(1, last[:, None]) > 0).all()
-    cdf = probs.double().cumsum(dim=-1)  # [64, 300]
-    assert (cdf.gather(1, last[:, None]) > (1 - 1e-6) * cdf[:, -1:]).all()
-
-
-def test_a_rounding_excess_ends_on_a_positive_token() -> None:
-    # u = 1 (outside the contract) stands in for a target that rounding pushed to the row's total.
-    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]] * 2)
-    u = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    fallback = torch.tensor([1, 3])  # row 1's fallback is wrong on purpose: it must not be taken
-    # One block: the target is capped below the block's total, so the search ends on its last positive.
-    assert _inverse_cdf(probs, u, fallback, block=1024).tolist() == [2, 1]
-    # Blocks {0 .5} {.5 0} {0}: the excess picks the massless last block, and the row takes its fallback.
-    assert _inverse_cdf(probs, u, fallback, block=2).tolist() == [1, 1]
+    monkeypatch.setattr(sampler_module, "race_sample", spy)
+    plain = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0), SamplingParams(temperature=1.3)]
+    fast = Sampler()(logits, build(plain, 64)).token_ids
+    assert seen[0][0] is logits and seen[0][1] is not None
+    filtered = Sampler()(logits, build([*plain[:2], SamplingParams(temperature=1.3, top_p=0.999999)], 64)).token_ids
+    assert seen[1][0].dtype == torch.float32 and seen[1][1] is None
+    assert fast[:2].tolist() == filtered[:2].tolist()  # rows 0 and 1 are the same rows in both batches
 
 
 def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch() -> None:

@@ -9,12 +9,11 @@ tokens), presence/frequency penalties (output tokens); then the bans (allowed_to
 min_tokens' EOS and stop ids; :mod:`engine_service.core.logit_masks`); then greedy rows take the argmax
 and sampled rows apply temperature, top-k, top-p, min-p and draw.
 
-Randomness is counter-based and drawn by inverse CDF: row i's draw at output step t uses one uniform
-u in [0, 1), the top 53 bits of a SplitMix64 hash of (seeds[i], t) computed on the host, and the token
-is the first index whose running sum of probs exceeds u times the row's total. One number per row
-(O(S) random numbers, where hashing per vocab entry made O(S * V)) and one read of the probabilities
-(block sums, then a cumsum of one block) keep the draw cheap at a 152k vocab. A seeded request gets
-the same tokens whatever else is in the batch: its draw depends only on its seed, its step and its row.
+Randomness is counter-based, drawn by an exponential race (:mod:`engine_service.core.race_sampling`):
+row i's draw at output step t is the argmax of its scores / T plus noise hashed from a key of
+(seeds[i], t) (computed on the host) and the token index, in one read of the scores (a Triton kernel
+on CUDA; no softmax is materialised). A seeded request gets the same tokens whatever else is in the
+batch: its draw depends only on its seed, its step and its row's scores.
 """
 
 from __future__ import annotations
@@ -25,11 +24,9 @@ import numpy as np
 import torch
 
 from engine_service.core.logit_masks import AllowedTokens, LogitBias, PendingBans, bad_word_bans, pending_bans
+from engine_service.core.race_sampling import race_sample, row_key
 from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
-
-_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
-
 
 @dataclass
 class SamplerOutput:
@@ -65,7 +62,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # [S] float32
     presence_penalty: torch.Tensor  # [S] float32
     frequency_penalty: torch.Tensor  # [S] float32
-    uniforms: torch.Tensor  # [S] float64 in [0, 1), a hash of (seed, output step)
+    keys: torch.Tensor  # [S] int64, the row's random key: a hash of (seed, output step)
     seen_tokens: TokenPairs | None  # prompt + output tokens of rows with a repetition penalty
     output_tokens: TokenPairs | None  # output tokens of rows with presence/frequency penalties
     banned_tokens: TokenPairs | None  # EOS and stop ids of rows still below min_tokens; bad_words' last ids
@@ -94,6 +91,11 @@ class SamplingBatch:
         )
 
     @property
+    def has_filters(self) -> bool:
+        """Whether some row uses top-k, top-p or min-p."""
+        return bool(self.max_top_k) or self.use_top_p or self.use_min_p
+
+    @property
     def num_rows(self) -> int:
         return int(self.greedy.shape[0])
 
@@ -118,7 +120,7 @@ class SamplingBatch:
         rows' entries are ignored). The penalties read it there, so the host never waits for it.
 
         ``seeds[i]`` is row i's effective seed; its output step is its number of output tokens (known
-        and pending), so the uniform it samples with depends on nothing but those two numbers.
+        and pending), so the key it samples with depends on nothing but those two numbers.
         The penalties and bad_words read a pending id on the device; the host never waits for it.
         """
         num_rows = len(params)
@@ -146,7 +148,7 @@ class SamplingBatch:
             top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k, _uniform_bits(seed, n)))
+            ints.append((int(p.is_greedy), top_k, row_key(seed, n)))
         # Two host-to-device copies in all (queued, never waited for), then views.
         f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)  # [S, 6]
         i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)  # [S, 3]
@@ -163,7 +165,7 @@ class SamplingBatch:
             repetition_penalty=f[:, 3],
             presence_penalty=f[:, 4],
             frequency_penalty=f[:, 5],
-            uniforms=i[:, 2].to(torch.float64).mul_(2.0**-53),  # exact: 53-bit integers fit a double
+            keys=i[:, 2],
             seen_tokens=_history_pairs(
                 [p.repetition_penalty != 1.0 for p in params],
                 prompt_token_ids,
@@ -207,11 +209,14 @@ class Sampler:
             # without the [S, V] float32 copy. One kernel at batch 1 instead of two.
             self.check_shape(logits, batch)
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
-        scores = self.processed_logits(logits, batch)  # [S, V] float32
-        token_ids = scores.argmax(dim=-1)  # [S]
-        if not batch.all_greedy:
-            sampled = _inverse_cdf(scores.softmax(dim=-1), batch.uniforms, fallback=token_ids)
-            token_ids = torch.where(batch.greedy, token_ids, sampled)
+        if batch.all_greedy:
+            token_ids = self.processed_logits(logits, batch).argmax(dim=-1)  # [S]
+        elif not batch.has_penalties and not batch.has_filters:
+            # Temperature only: the race reads the raw logits once, in their own dtype.
+            self.check_shape(logits, batch)
+            token_ids = race_sample(logits, batch.temperature, batch.greedy, batch.keys)
+        else:
+            token_ids = race_sample(self.processed_logits(logits, batch), None, batch.greedy, batch.keys)
 
         out = SamplerOutput(token_ids, None, None, None)
         if batch.num_logprobs is not None:
@@ -312,68 +317,6 @@ def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
     drop[:, -1] = False
     drop |= sorted_scores == float("-inf")  # the top-k cut
     scores.masked_fill_(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
-
-
-# ---- counter-based randomness ----------------------------------------------------------------------
-
-# Vocab entries per block of the two-level inverse-CDF search (about sqrt(V) to a few times it).
-_CDF_BLOCK = 1024
-
-
-def _inverse_cdf(
-    probs: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor, block: int = _CDF_BLOCK
-) -> torch.Tensor:
-    """Sample one token per row of ``probs`` [S, V] (unnormalised is fine) with ``uniforms`` [S] float64
-    in [0, 1): the first index j with cdf[j] > u * cdf[V - 1], so P(j) = probs[j] / sum(probs).
-
-    Two levels, so that no [S, V] cdf is ever written: per-block sums (one read of ``probs``) pick the
-    block where the cdf crosses the target, and a float64 cumsum of that block alone picks the token.
-    A float32 block sum is off by ~2^-24 of its block's mass, which only moves that sliver to or from
-    the block's last token, so the draw is ~1e-7 (total variation) from exact; one float32 cdf over
-    the row would instead misplace up to 2^-24 of the row's mass at every token (~1e-3 over 152k).
-
-    For u < 1 the target is below the total (u <= 1 - 2^-53 rounds u * t below t), and a token of
-    probability 0 repeats its predecessor's cdf, so it cannot be the first to exceed the target. Only
-    rounding could end the search on one (a parallel GPU scan rounding a plateau unevenly, or a block
-    chosen for a last-bit excess holding no mass); such a row takes ``fallback`` [S] instead, its
-    argmax, which always has probability > 0.
-    """
-    vocab = probs.shape[1]
-    full = vocab - vocab % block
-    # Summed in the probabilities' dtype: asking sum() for float64 would first copy all of them.
-    sums = probs[:, :full].unflatten(1, (full // block, block)).sum(dim=-1)  # [S, B]
-    if full < vocab:
-        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)  # the short last block
-    block_cdf = sums.to(torch.float64).cumsum(dim=-1)  # [S, B]
-    target = uniforms[:, None] * block_cdf[:, -1:]  # [S, 1]
-    chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=sums.shape[1] - 1)  # [S, 1]
-    # The mass before the chosen block, exactly the cdf value the block search compared against.
-    target -= torch.nn.functional.pad(block_cdf[:, :-1], (1, 0)).gather(1, chosen)
-
-    columns = chosen * block + torch.arange(block, device=probs.device)  # [S, W]
-    inside = columns < vocab  # the last block may be short
-    local = probs.gather(1, columns.clamp(max=vocab - 1)).to(torch.float64)  # [S, W]
-    local_cdf = local.masked_fill_(~inside, 0.0).cumsum(dim=-1)  # [S, W]
-    # The block's sum and its cumsum may round apart, leaving the target at or past this cdf's end:
-    # cap it just below, so that the search still ends on the block's last positive token.
-    target = torch.minimum(target, local_cdf[:, -1:] * (1 - 2.0**-53))
-    offset = torch.searchsorted(local_cdf, target, right=True).clamp_(max=block - 1)  # [S, 1]
-    tokens = (columns[:, :1] + offset).clamp_(max=vocab - 1)  # [S, 1]
-    return torch.where(probs.gather(1, tokens) > 0, tokens, fallback[:, None]).squeeze(1)
-
-
-def _splitmix64(x: int) -> int:
-    """Steele et al.'s SplitMix64 finaliser on Python ints (exact 64-bit arithmetic)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _uniform_bits(seed: int, step: int) -> int:
-    """The 53-bit integer n, with u = n / 2^53 in [0, 1), of the draw at output ``step`` of a request
-    seeded with ``seed`` (any int)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11  # the high bits mix best
 
 
 def _history_pairs(
