@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from service_common.validation import FieldError
 
@@ -98,7 +99,7 @@ class SamplingParams:
             raise FieldError(f"bad_words[{empty}]", "must hold at least one token id")
         object.__setattr__(self, "bad_words", words)
 
-    @property
+    @cached_property  # read for every row of every step (StepExecutor); the params never change
     def reads_token_history(self) -> bool:
         """Whether sampling needs the ids of earlier tokens (the penalties do, and bad_words of more than
         one id, which compare the output's tail)."""

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_service.core.race_sampling import GAMMA, _noise_bits, race_sample, race_sample_torch, row_key, splitmix64
+from engine_service.core.race_sampling import (
+    GAMMA,
+    _noise_bits,
+    race_sample,
+    race_sample_torch,
+    row_key,
+    row_keys,
+    splitmix64,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -31,6 +39,12 @@ def test_noise_bits_are_the_splitmix64_stream_of_the_row_key() -> None:
     for row, key in enumerate(keys.tolist()):
         want = [splitmix64((key + j * GAMMA) % (1 << 64)) for j in range(6)]
         assert [b % (1 << 64) for b in got[row].tolist()] == want
+
+
+def test_batched_row_keys_equal_the_scalar_definition() -> None:
+    seeds = [0, 1, -1, 2**63 - 1, -(2**63), 2**64 + 5, 12345, 12345]
+    steps = [0, 1, 2, 3, 4, 5, 0, 2**20]
+    assert row_keys(seeds, steps).tolist() == [row_key(s, t) for s, t in zip(seeds, steps)]
 
 
 def test_greedy_rows_take_the_first_argmax_and_banned_tokens_never_win() -> None:

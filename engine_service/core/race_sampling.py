@@ -20,6 +20,9 @@ keys tie within the last bit of a ``log`` (the two libraries' logs may round apa
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from qwen3.kernels import use_triton_kernels
@@ -43,6 +46,22 @@ def row_key(seed: int, step: int) -> int:
     int64 with the same 64 bits (what an int64 tensor holds)."""
     key = splitmix64(splitmix64(seed & _MASK64) ^ step)
     return key - (1 << 64) if key >> 63 else key
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _seed_state(seed: int) -> int:
+    return splitmix64(seed & _MASK64)
+
+
+def row_keys(seeds: list[int], steps: list[int]) -> np.ndarray:
+    """[S] int64: ``row_key(seeds[i], steps[i])`` for a whole batch, in NumPy's wrapping uint64 arithmetic
+    (a running request's seed half is cached), where a Python loop cost ~1 ms a step at 256 rows."""
+    z = np.fromiter((_seed_state(s) for s in seeds), dtype=np.uint64, count=len(seeds))
+    z ^= np.asarray(steps, dtype=np.uint64)
+    z += np.uint64(GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return (z ^ (z >> np.uint64(31))).view(np.int64)
 
 
 # ---- the definition, in PyTorch ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine_service.core.logit_masks import AllowedTokens, LogitBias, PendingBans, bad_word_bans, pending_bans
-from engine_service.core.race_sampling import race_sample, row_key
+from engine_service.core.race_sampling import race_sample, row_keys
 from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
 
@@ -142,18 +142,24 @@ class SamplingBatch:
         )
 
         floats, ints = [], []
-        for p, seed, n in zip(params, seeds, num_outputs):
+        for p in params:
             # Greedy rows get neutral warpers, so the warped scores keep their argmax and the flags
             # below only count rows that sample.
             top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
             temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
             floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k, row_key(seed, n)))
+            ints.append((int(p.is_greedy), top_k))
+        host_ints = np.empty((num_rows, 3), dtype=np.int64)
+        host_ints[:, :2], host_ints[:, 2] = ints, row_keys(seeds, num_outputs)
         # Two host-to-device copies in all (queued, never waited for), then views.
         f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)  # [S, 6]
-        i = copy_to_device(torch.tensor(ints, dtype=torch.int64), device)  # [S, 3]
+        i = copy_to_device(torch.from_numpy(host_ints), device)  # [S, 3]
         top_k_host = [row[1] for row in ints]
-        bad_words, conditional_bans = bad_word_bans(params, output_token_ids, pending)
+        # One pass decides whether any row uses a token control; most batches skip three more loops.
+        controls = any(p.logit_bias or p.bad_words or p.allowed_token_ids is not None for p in params)
+        bad_words, conditional_bans = (
+            bad_word_bans(params, output_token_ids, pending) if controls else ([[]] * num_rows, [])
+        )
         wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
@@ -189,8 +195,8 @@ class SamplingBatch:
                 ],
                 device,
             ),
-            logit_bias=LogitBias.build(params, device),
-            allowed_tokens=AllowedTokens.build(params, device),
+            logit_bias=LogitBias.build(params, device) if controls else None,
+            allowed_tokens=AllowedTokens.build(params, device) if controls else None,
             pending_bans=pending_bans(conditional_bans, pending_token_ids, device),
             all_greedy=all(p.is_greedy for p in params),
             max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
@@ -330,6 +336,8 @@ def _history_pairs(
     """(row, token) pairs of the earlier tokens of the ``wanted`` rows: their prompt (when given) and
     output tokens. A last output token still on the device (``pending``) is read from
     ``pending_token_ids`` on the device."""
+    if not any(wanted):
+        return None
     known, pending_rows = [], []
     for row, (want, output) in enumerate(zip(wanted, output_token_ids)):
         if not want:
