@@ -15,7 +15,9 @@
 #   latency8b  batch-1 decode ms/token, 8B shape
 #   prefill8b  8B prefill 8 x 4,096 tokens: TFLOP/s against the bf16 matmul ceiling measured in the same run
 # Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
-#   throughput, service, unfused, hf (the older rows of docs/BENCHMARKS.md).
+#   throughput, service (service/offline ratio at 256 streams), sweep (Poisson request-rate sweep through the
+#   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
+#   unfused, hf (the older rows of docs/BENCHMARKS.md).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
 # (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
@@ -82,7 +84,9 @@ for s in "${steps[@]}"; do
       done ;;
     unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
       QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 PICK="ms/token" step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
-    service) TAIL=8 step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
+    service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
+    sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
+      TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac

@@ -81,26 +81,8 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
         await asyncio.to_thread(go.wait)  # every client connected: all streams open at once
         cpu_start = _own_cpu_seconds()
 
-        async def one(prompt: list[int], max_tokens: int) -> tuple[int, float, list[float], float]:
-            t0 = time.perf_counter()
-            last, ttft, gaps, tokens = t0, None, [], 0
-            request = engine_pb2.GenerateRequest(
-                prompt_token_ids=prompt,
-                sampling_params=engine_pb2.SamplingParams(
-                    temperature=temperature, max_tokens=max_tokens, ignore_eos=True
-                ),
-            )
-            async for response in stub.Generate(request):
-                now = time.perf_counter()
-                n = len(response.token_ids)
-                if n:
-                    if ttft is None:
-                        ttft = now - t0
-                    else:
-                        gaps.extend([(now - last) / n] * n)
-                    last = now
-                    tokens += n
-            return tokens, ttft or 0.0, gaps, time.time()
+        def one(prompt: list[int], max_tokens: int):
+            return stream_request(stub, prompt, max_tokens, temperature, time.perf_counter())
 
         results = await asyncio.gather(*(one(p, n) for p, n in jobs))
     return {
@@ -110,6 +92,32 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
         "itl": [g for r in results for g in r[2]],
         "end": max(r[3] for r in results),
     }
+
+
+async def stream_request(
+    stub, prompt: list[int], max_tokens: int, temperature: float, t0: float
+) -> tuple[int, float, list[float], float]:
+    """One Generate stream read to its end: (output tokens, time to the first token since ``t0``
+    (a ``time.perf_counter()`` value), inter-token gaps (a message of n tokens counts n gaps of 1/n
+    of its wait), wall-clock end time)."""
+    from qwen3serve.engine.v1 import engine_pb2
+
+    last, ttft, gaps, tokens = t0, None, [], 0
+    request = engine_pb2.GenerateRequest(
+        prompt_token_ids=prompt,
+        sampling_params=engine_pb2.SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True),
+    )
+    async for response in stub.Generate(request):
+        now = time.perf_counter()
+        n = len(response.token_ids)
+        if n:
+            if ttft is None:
+                ttft = now - t0
+            else:
+                gaps.extend([(now - last) / n] * n)
+            last = now
+            tokens += n
+    return tokens, ttft or 0.0, gaps, time.time()
 
 
 def client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
@@ -136,8 +144,9 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
-    port = free_port()
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    """``python -m engine_service`` on ``port`` with the engine options of ``args`` (not yet SERVING:
+    see ``wait_serving``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -162,9 +171,14 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
         "WARNING",
     ]
     root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
     )
+
+
+def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    port = free_port()
+    server = start_server(args, port)
     try:
         wait_serving(port, server, timeout=600)
         return run_clients(port, list(zip(prompts, out_lens)), args.clients, args.temperature, server.pid)
@@ -283,17 +297,9 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def main() -> int:
-    p = bench_parser(__doc__)
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """The server's engine options and the workload's shape (shared with bench/load_sweep.py)."""
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument(
-        "--clients",
-        type=int,
-        default=8,
-        help="client processes sharing the streams (Python gRPC clients "
-        "open 64 streams on one channel slowly: 4 processes doubled the median TTFT on the H100)",
-    )
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -303,6 +309,19 @@ def main() -> int:
     p.add_argument("--max-input", type=int, default=1024, help="workload prompt lengths U[100, this]")
     p.add_argument("--max-output", type=int, default=1024, help="workload output lengths U[100, this]")
     p.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per streamed message")
+
+
+def main() -> int:
+    p = bench_parser(__doc__)
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=8,
+        help="client processes sharing the streams (Python gRPC clients "
+        "open 64 streams on one channel slowly: 4 processes doubled the median TTFT on the H100)",
+    )
+    add_server_options(p)
     p.add_argument("--skip-offline", action="store_true")
     args = p.parse_args()
     prompts, out_lens = workload(args.num_requests, 0, 100, args.max_input, 100, args.max_output)

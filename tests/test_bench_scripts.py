@@ -5,6 +5,7 @@ GPU time is scarce (30 minutes a session): a benchmark that breaks is found here
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -121,3 +122,46 @@ def test_stream_overhead_script() -> None:
 def test_hf_comparison_needs_cuda(demo_checkpoint: Path) -> None:
     with pytest.raises(AssertionError, match="need a CUDA device"):
         run_script("bench/throughput.py", "--model", str(demo_checkpoint), "--device", "cpu", "--hf-only")
+
+
+def test_load_sweep_and_its_plot(demo_checkpoint: Path, tmp_path: Path) -> None:
+    sweep, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    out = run_script(
+        "bench/load_sweep.py",
+        "--model",
+        str(demo_checkpoint),
+        "--rates",
+        "3",
+        "6",
+        "--duration",
+        "0.5",
+        "--min-requests",
+        "2",
+        "--clients",
+        "1",
+        "--min-input",
+        "8",
+        "--max-input",
+        "12",
+        "--min-output",
+        "4",
+        "--max-output",
+        "6",
+        "--max-model-len",
+        "64",
+        "--kv-block-size",
+        "16",
+        "--max-num-seqs",
+        "8",
+        "--json",
+        str(sweep),
+    )
+    rows = json.loads(sweep.read_text())["rates"]
+    assert [r["rate"] for r in rows] == [3, 6] and all(r["requests"] >= 2 for r in rows), out
+    for r in rows:  # every request streamed all its tokens (4..6 each), and the latencies are ordered
+        assert 4 * r["requests"] <= r["output_tokens"] <= 6 * r["requests"], r
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"], r
+    assert re.search(r"^\s+6\s+\d+\s+[\d.]+", out, re.MULTILINE), out
+    pytest.importorskip("matplotlib")
+    assert "wrote" in run_script("bench/plot_sweep.py", str(sweep), str(png), "--title", "CPU smoke test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
