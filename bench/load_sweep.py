@@ -17,7 +17,6 @@ bench/plot_sweep.py draws.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -152,8 +151,10 @@ def main() -> int:
     try:
         wait_serving(port, server, timeout=600)
         run_rate(port, [(0.0, [1, 2, 3], 4)], 1, args.temperature)  # warm-up (JIT, allocator, channels)
-        print(f"{'req/s':>7} {'sent':>5} {'got req/s':>9} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} "
-              f"{'ITL p50':>8} {'p99':>7} {'late max':>8}  (ms)")
+        print(
+            f"{'req/s':>7} {'sent':>5} {'got req/s':>9} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} "
+            f"{'ITL p50':>8} {'p99':>7} {'late max':>8}  (ms)"
+        )
         for i, rate in enumerate(args.rates):
             times = arrivals(rate, args.duration, args.min_requests, args.seed + i)
             prompts, out_lens = workload(
@@ -176,8 +177,13 @@ def main() -> int:
             "model": str(args.model),
             "commit": commit or "unknown",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "workload": {"max_input": args.max_input, "max_output": args.max_output, "duration_s": args.duration,
-                         "temperature": args.temperature, "max_num_seqs": args.max_num_seqs},
+            "workload": {
+                "max_input": args.max_input,
+                "max_output": args.max_output,
+                "duration_s": args.duration,
+                "temperature": args.temperature,
+                "max_num_seqs": args.max_num_seqs,
+            },
             "rates": rows,
         }
         args.json.write_text(json.dumps(sweep, indent=1) + "\n")

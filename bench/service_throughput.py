@@ -70,7 +70,7 @@ def engine_options(args: argparse.Namespace) -> dict:
 async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: float, ready, go) -> dict:
     import grpc.aio
 
-    from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+    from qwen3serve.engine.v1 import engine_pb2_grpc
 
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]

@@ -77,10 +77,15 @@ def test_draws_match_multinomial_over_the_softmax(temperature: float) -> None:
     vocab, draws = 12, 40_000
     logits = torch.linspace(-4.0, 4.0, vocab)[torch.randperm(vocab)]
     race = race_sample_torch(
-        logits.expand(draws, vocab), torch.full((draws,), temperature), torch.zeros(draws, dtype=torch.bool), keys_for(draws, 7)
+        logits.expand(draws, vocab),
+        torch.full((draws,), temperature),
+        torch.zeros(draws, dtype=torch.bool),
+        keys_for(draws, 7),
     ).tolist()
     gen = torch.Generator().manual_seed(12)
-    reference = torch.multinomial((logits / temperature).softmax(dim=-1), draws, replacement=True, generator=gen).tolist()
+    reference = torch.multinomial(
+        (logits / temperature).softmax(dim=-1), draws, replacement=True, generator=gen
+    ).tolist()
     a, b = Counter(race), Counter(reference)
     stat = sum((a[j] - b[j]) ** 2 / (a[j] + b[j]) for j in range(vocab) if a[j] + b[j])
     # 99.9th percentile of chi-square with 11 degrees of freedom is 31.3; both streams are seeded.

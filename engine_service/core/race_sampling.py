@@ -115,7 +115,7 @@ def race_sample(
     keys [S] int64 (``row_key``). Returns [S] int64. CUDA tensors take the Triton kernel (one read of
     ``scores``, nothing [S, V] written), CPU tensors the PyTorch definition.
     """
-    rows, vocab = scores.shape
+    rows = scores.shape[0]
     for name, t, dtype in (("greedy", greedy, torch.bool), ("keys", keys, torch.int64)):
         if t.shape != (rows,) or t.dtype != dtype:
             raise ValueError(f"{name} must be [{rows}] {dtype}, got {list(t.shape)} {t.dtype}")

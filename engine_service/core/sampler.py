@@ -28,6 +28,7 @@ from engine_service.core.race_sampling import race_sample, row_keys
 from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
 
+
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [S] int64
