@@ -17,7 +17,8 @@
 # Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
 #   throughput, service (service/offline ratio at 256 streams), sweep (Poisson request-rate sweep through the
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
-#   unfused, hf (the older rows of docs/BENCHMARKS.md).
+#   unfused, switches (batch-1 latency with batch-1 latency with QWEN3_FUSED_KV_STORE=0),
+#   hf (the older rows of docs/BENCHMARKS.md).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
 # (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
@@ -64,7 +65,8 @@ have_fa4() { $PY -c "import flash_attn.cute" > /dev/null 2>&1; }
 for s in "${steps[@]}"; do
   case $s in
     kernels) TAIL=15 PICK="passed|failed|error" step kernels 240 $PY -m pytest -q -p no:cacheprovider -x \
-               tests/gpu/test_attention_kernels.py tests/gpu/test_fused_kernels.py tests/gpu/test_engine_gpu.py ;;
+               tests/gpu/test_attention_kernels.py tests/gpu/test_fused_kernels.py tests/gpu/test_decode_kernels.py \
+               tests/gpu/test_engine_gpu.py ;;
     decode) TAIL=20 PICK="auto picks" step decode 180 $PY bench/attention_decode.py --graphs --json "$OUT/decode.json"
             summary "decode rows: $(grep -E '^(triton|flash-attn|d2d) ' "$OUT/decode.log" | awk '{printf "%s/%s/%s %s TB/s %s; ", $1, $2, $3, $5, $6}')" ;;
     latency) TAIL=4 PICK="ms/token" step latency 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
@@ -84,6 +86,8 @@ for s in "${steps[@]}"; do
       done ;;
     unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
       QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 PICK="ms/token" step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
+    switches)  # A/B: batch-1 latency with each decode-path switch off (QWEN3_FUSED_KV_STORE)
+      QWEN3_FUSED_KV_STORE=0 TAIL=4 PICK="ms/token" step latency-no-fused-store 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;

@@ -12,7 +12,7 @@ from qwen3.attention.backend import AttentionBackend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import tp_world_size
 from qwen3.forward_batch import ForwardBatch
-from qwen3.kernels import qk_norm_rope_supported, use_triton_kernels
+from qwen3.kernels import fused_kv_store_enabled, qk_norm_rope_supported, use_triton_kernels
 from qwen3.layers.activation import SiluAndMul
 from qwen3.layers.attention import PagedAttention
 from qwen3.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -44,15 +44,22 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        new_k: torch.Tensor | None = k
+        new_v: torch.Tensor | None = v
         if use_triton_kernels(q) and self.fused_qk_norm_rope and self.rotary_emb.cos_sin.dtype == torch.float32:
-            from qwen3.kernels.qk_norm_rope import qk_norm_rope  # triton is imported only on this path
+            # triton is imported only on this path
+            from qwen3.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
 
-            q, k = qk_norm_rope(
-                q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin, positions
-            )
+            norm_args = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin, positions)
+            if fused_kv_store_enabled() and self.attn.kv_cache_attached and self.attn.k_cache.dtype == k.dtype:
+                # one launch: rotated q out, rotated k and v straight into the paged cache (no store kernel after)
+                q = qk_norm_rope_store_kv(q, k, v, *norm_args, self.attn.k_cache, self.attn.v_cache, batch.slot_mapping)
+                new_k = new_v = None
+            else:
+                q, new_k = qk_norm_rope(q, k, *norm_args)
         else:
-            q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
-        out = self.attn(q, k, v, batch)  # [T, Hq, D]
+            q, new_k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+        out = self.attn(q, new_k, new_v, batch)  # [T, Hq, D]
         projected: torch.Tensor = self.o_proj(out.flatten(1))  # [T, hidden]
         return projected
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen3.attention.torch_backend import store_kv as store_kv_reference
 from qwen3.config import RopeScaling
 from qwen3.layers.layernorm import RMSNorm
 from qwen3.layers.rotary import RotaryEmbedding
@@ -31,7 +32,7 @@ def _norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
     """{case name: relative error} for every fused kernel on ``device`` in ``dtype``."""
-    from qwen3.kernels.qk_norm_rope import qk_norm_rope
+    from qwen3.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
     from qwen3.kernels.rms_norm import rms_norm
     from qwen3.kernels.silu_and_mul import silu_and_mul
 
@@ -72,4 +73,26 @@ def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
         q_out, k_out = qk_norm_rope(q, k, qw, kw, eps, rotary.cos_sin, positions)
         name = f"qk_norm_rope hq{hq} hkv{hkv} d{d}{' yarn' if scaling else ''}"
         results[name] = max(_rel(q_out, q_ref), _rel(k_out, k_ref))
+
+    # q/k-norm + RoPE + KV store in one launch, against the same reference followed by the torch store.
+    # Caches start at a sentinel, so a write at a padding row's slot (-1) or at a wrong slot shows in the error.
+    for hq, hkv, d, block_size, scaling in [(16, 8, 128, 16, None), (8, 1, 64, 256, yarn), (14, 2, 64, 16, None)]:
+        tokens, max_pos, num_blocks = 11, 2048, 5
+        rotary = RotaryEmbedding(d, max_pos, 1_000_000.0, scaling).to(device)
+        qkv = randn(tokens, (hq + 2 * hkv) * d, scale=2.0)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+        qw, kw = randn(d) + 1, randn(d) + 1
+        positions = torch.tensor([0, 1, 2, 511, 512, 513, 1000, 2047, 7, 7, 300], device=device)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+        slots[[3, 9]] = -1  # padding rows of a CUDA-graph batch
+        slots = slots.to(device)
+        k_cache = torch.full((num_blocks, block_size, hkv, d), 7.0, dtype=dtype, device=device)
+        v_cache, k_ref_cache, v_ref_cache = k_cache.clone(), k_cache.clone(), k_cache.clone()
+        q_ref, k_ref = rotary(positions, _norm_reference(q, qw, eps), _norm_reference(k, kw, eps))
+        store_kv_reference(k_ref, v, k_ref_cache, v_ref_cache, slots)
+        q_out = qk_norm_rope_store_kv(q, k, v, qw, kw, eps, rotary.cos_sin, positions, k_cache, v_cache, slots)
+        name = f"qk_norm_rope_store_kv hq{hq} hkv{hkv} d{d} block{block_size}{' yarn' if scaling else ''}"
+        results[name] = max(_rel(q_out, q_ref), _rel(k_cache, k_ref_cache), _rel(v_cache, v_ref_cache))
+
     return results

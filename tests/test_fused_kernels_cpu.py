@@ -31,9 +31,26 @@ def test_cpu_tensors_take_the_pytorch_path() -> None:
     assert not use_triton_kernels(torch.zeros(2, 4))
 
 
+def test_decode_switches_read_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qwen3.kernels as kernels
+
+    for name, switch in (("QWEN3_FUSED_KV_STORE", kernels.fused_kv_store_enabled),):
+        switch.cache_clear()
+        monkeypatch.setenv(name, "0")
+        assert not switch()
+        switch.cache_clear()
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+            switch()
+        switch.cache_clear()
+        monkeypatch.delenv(name)
+        assert switch() == HAS_TRITON
+        switch.cache_clear()
+
+
 @needs_triton
 def test_launchers_reject_bad_arguments() -> None:
-    from qwen3.kernels.qk_norm_rope import qk_norm_rope
+    from qwen3.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
     from qwen3.kernels.rms_norm import rms_norm
     from qwen3.kernels.silu_and_mul import silu_and_mul
 
@@ -62,6 +79,17 @@ def test_launchers_reject_bad_arguments() -> None:
             torch.zeros(32, 12),
             positions,
         )
+    v, cache = torch.zeros(2, 2, 16), torch.zeros(4, 8, 2, 16)
+    slots = torch.zeros(2, dtype=torch.int64)
+    store_args = (torch.ones(16), torch.ones(16), 1e-6, cos_sin, positions)
+    with pytest.raises(ValueError, match="k_cache holds 2 heads of 16, k has 1 heads"):
+        qk_norm_rope_store_kv(q, torch.zeros(2, 1, 16), v[:, :1], *store_args, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="v_cache must match k_cache"):
+        qk_norm_rope_store_kv(q, k, v, *store_args, cache, torch.zeros(4, 16, 2, 16), slots)
+    with pytest.raises(ValueError, match="^slot_mapping must be torch.int64"):
+        qk_norm_rope_store_kv(q, k, v, *store_args, cache, cache.clone(), slots.int())
+    with pytest.raises(ValueError, match="^v must be"):
+        qk_norm_rope_store_kv(q, k, torch.zeros(2, 2, 8), *store_args, cache, cache.clone(), slots)
 
 
 @needs_triton
@@ -77,7 +105,7 @@ def test_kernels_match_pytorch_under_triton_interpreter() -> None:
     if proc.returncode != 0 or not last.startswith("{"):
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     report = json.loads(last)
-    assert len(report) == 2 and all(len(cases) >= 15 for cases in report.values()), report
+    assert len(report) == 2 and all(len(cases) >= 18 for cases in report.values()), report
     bad = {
         f"{dtype} {name}": rel
         for dtype, cases in report.items()

@@ -3,8 +3,9 @@
 KV cache layout, per layer: ``k_cache`` and ``v_cache`` of shape [num_blocks, block_size, Hkv, D]
 (FlashAttention's paged layout). A token's slot is ``block * block_size + offset``.
 
-A backend's ``forward`` stores the step's new K/V at ``batch.slot_mapping`` and then computes causal
-attention for the new queries over each sequence's whole context (cached prefix + new tokens), read
+A backend's ``forward`` stores the step's new K/V at ``batch.slot_mapping`` (unless ``k``/``v`` are None:
+the caller's fused q/k-norm + RoPE kernel stored them already, ``qwen3.kernels.qk_norm_rope``) and then
+computes causal attention for the new queries over each sequence's whole context (cached prefix + new tokens), read
 through ``batch.block_tables``. Backends are registered by name and imported lazily, so a missing
 GPU package only matters to the backend that needs it.
 """
@@ -32,14 +33,15 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D], or None: already in the cache
+        v: torch.Tensor | None,  # [T, Hkv, D], or None: already in the cache
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        """Store ``k``/``v`` into the cache, then attend causally; see the module docstring."""
+        """Store ``k``/``v`` into the cache (when given), then attend causally; see the module docstring.
+        Attention reads keys and values only from the cache, never from ``k``/``v``."""
 
 
 # name -> (module, class); a class may define unavailable_reason(device). "auto" takes the first of

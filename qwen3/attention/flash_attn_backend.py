@@ -74,14 +74,15 @@ class FlashAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
+        v: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if k is not None and v is not None:
+            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out, _lse = self._module.flash_attn_varlen_func(
             q,
             k_cache,

@@ -56,12 +56,13 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if k is not None and v is not None:
+            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_reference(q, k_cache, v_cache, batch, scale)

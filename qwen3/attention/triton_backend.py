@@ -30,14 +30,15 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
+        v: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if k is not None and v is not None:
+            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         if batch.is_decode:
             # T == B: token i is sequence i's only new token. Reads no host copies of the batch.
             return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, scale)

@@ -9,6 +9,11 @@ The layers call :func:`use_triton_kernels` on their input: the kernels run on CU
 is importable; everything else (CPU, the tests' fp32 references) runs the PyTorch path, which stays
 the definition. ``QWEN3_TORCH_ELEMENTWISE=1`` in the environment when the process starts forces the
 PyTorch path everywhere (for A/B runs; read once).
+
+Switches for the decode-path kernels, each read once at first use, each defaulting to on (set to ``0`` to
+turn one off for an A/B run or if a GPU run shows a regression):
+- ``QWEN3_FUSED_KV_STORE``: the q/k-norm + RoPE kernel also writes k and v into the paged KV cache
+  (``qk_norm_rope.qk_norm_rope_store_kv``), instead of the attention backend's separate store kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +30,19 @@ def fused_elementwise_enabled() -> bool:
     """Whether CUDA tensors take the fused kernels: triton importable and not switched off by
     ``QWEN3_TORCH_ELEMENTWISE=1``."""
     return importlib.util.find_spec("triton") is not None and os.environ.get("QWEN3_TORCH_ELEMENTWISE") != "1"
+
+
+def _switch_on(name: str) -> bool:
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@functools.cache
+def fused_kv_store_enabled() -> bool:
+    """Whether the fused q/k-norm + RoPE kernel stores K/V into the cache (``QWEN3_FUSED_KV_STORE``, default 1)."""
+    return fused_elementwise_enabled() and _switch_on("QWEN3_FUSED_KV_STORE")
 
 
 def use_triton_kernels(x: torch.Tensor) -> bool:

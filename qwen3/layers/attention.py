@@ -22,8 +22,17 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]
-        if self.k_cache.numel() == 0:
+    @property
+    def kv_cache_attached(self) -> bool:
+        return self.k_cache.numel() > 0
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. ``k = v = None``: the caller has already stored this
+        step's K/V at ``batch.slot_mapping`` (the fused q/k-norm + RoPE + store kernel)."""
+        if not self.kv_cache_attached:
             raise RuntimeError("KV cache not attached: the model runner must call allocate_kv_cache() before forward")
+        if (k is None) != (v is None):
+            raise ValueError("k and v must both be given, or both be None (already stored in the KV cache)")
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
