@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_suite.sh [STEP...]
 #
-# Default steps (~8 minutes on an H200): kernels decode latency peer model8b latency8b prefill8b
+# Default steps (~9 minutes on an H200): kernels decode gemv latency peer model8b latency8b prefill8b
 #   kernels    GPU correctness: attention kernels, fused element-wise kernels, engine (graphs, backends) vs torch
 #   decode     decode-attention KV bandwidth per backend against the d2d copy ceiling measured in the same run,
 #              and whether `--attention-backend auto` picks the fastest row on this GPU
@@ -14,10 +14,12 @@
 #   model8b    write a random-weight 8B checkpoint (on the GPU; ~16 GB) unless MODEL8B exists
 #   latency8b  batch-1 decode ms/token, 8B shape
 #   prefill8b  8B prefill 8 x 4,096 tokens: TFLOP/s against the bf16 matmul ceiling measured in the same run
+#   gemv       the decode linear layers at M <= 8: Triton GEMV vs torch.matmul vs the weight-read floor at the copy
+#              ceiling measured in the same run (bench/gemv.py; SWEEP=1 adds a tile-config sweep at M = 1)
 # Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
 #   throughput, service (service/offline ratio at 256 streams), sweep (Poisson request-rate sweep through the
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
-#   unfused, switches (batch-1 latency with batch-1 latency with QWEN3_FUSED_KV_STORE=0),
+#   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, then QWEN3_GEMV=0),
 #   hf (the older rows of docs/BENCHMARKS.md).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
@@ -38,7 +40,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels decode latency peer model8b latency8b prefill8b)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels decode gemv latency peer model8b latency8b prefill8b)
 backends=$($PY -c "
 import torch
 from qwen3.attention.backend import auto_backend_name, backend_unavailable_reason
@@ -67,6 +69,7 @@ for s in "${steps[@]}"; do
     kernels) TAIL=15 PICK="passed|failed|error" step kernels 240 $PY -m pytest -q -p no:cacheprovider -x \
                tests/gpu/test_attention_kernels.py tests/gpu/test_fused_kernels.py tests/gpu/test_decode_kernels.py \
                tests/gpu/test_engine_gpu.py ;;
+    gemv) TAIL=60 PICK="per token" step gemv 300 $PY bench/gemv.py ${SWEEP:+--sweep} --json "$OUT/results.jsonl" ;;
     decode) TAIL=20 PICK="auto picks" step decode 180 $PY bench/attention_decode.py --graphs --json "$OUT/decode.json"
             summary "decode rows: $(grep -E '^(triton|flash-attn|d2d) ' "$OUT/decode.log" | awk '{printf "%s/%s/%s %s TB/s %s; ", $1, $2, $3, $5, $6}')" ;;
     latency) TAIL=4 PICK="ms/token" step latency 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
@@ -86,8 +89,9 @@ for s in "${steps[@]}"; do
       done ;;
     unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
       QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 PICK="ms/token" step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
-    switches)  # A/B: batch-1 latency with each decode-path switch off (QWEN3_FUSED_KV_STORE)
-      QWEN3_FUSED_KV_STORE=0 TAIL=4 PICK="ms/token" step latency-no-fused-store 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
+    switches)  # A/B: batch-1 latency with each decode-path switch off (QWEN3_FUSED_KV_STORE, QWEN3_GEMV)
+      QWEN3_FUSED_KV_STORE=0 TAIL=4 PICK="ms/token" step latency-no-fused-store 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl"
+      QWEN3_GEMV=0 TAIL=4 PICK="ms/token" step latency-no-gemv 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;

@@ -32,6 +32,7 @@ def _norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
     """{case name: relative error} for every fused kernel on ``device`` in ``dtype``."""
+    from qwen3.kernels.gemv import GemvConfig, default_config, gemv
     from qwen3.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
     from qwen3.kernels.rms_norm import rms_norm
     from qwen3.kernels.silu_and_mul import silu_and_mul
@@ -95,4 +96,32 @@ def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
         name = f"qk_norm_rope_store_kv hq{hq} hkv{hkv} d{d} block{block_size}{' yarn' if scaling else ''}"
         results[name] = max(_rel(q_out, q_ref), _rel(k_cache, k_ref_cache), _rel(v_cache, v_ref_cache))
 
+    # small-M GEMV against F.linear in float64 (both paths accumulate in fp32, in different orders). The
+    # default configs split K on the hidden-sized outputs (few N tiles); the explicit ones force each path.
+    forced = {
+        "split3 m1": GemvConfig(block_m=1, block_n=16, block_k=64, split_k=3),
+        "dot split2": GemvConfig(block_m=16, block_n=16, block_k=32, split_k=2),
+        "dot nosplit": GemvConfig(block_m=16, block_n=64, block_k=64),
+    }
+    for m, n, k, bias, cfg_name in [
+        (1, 256, 1024, False, None),
+        (1, 40, 96, True, None),
+        (1, 1000, 64, False, None),
+        (3, 256, 1024, True, None),
+        (8, 72, 200, False, None),
+        (1, 48, 320, True, "split3 m1"),
+        (5, 48, 320, True, "dot split2"),
+        (2, 100, 130, False, "dot nosplit"),
+    ]:
+        x, w = randn(m, k), randn(n, k, scale=0.05)
+        b = randn(n) if bias else None
+        cfg = forced[cfg_name] if cfg_name else None
+        out = gemv(x, w, b, cfg)
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        split = (cfg or default_config(m, n, k)).split_k
+        results[f"gemv m{m} n{n} k{k}{' bias' if bias else ''} split{split}{' ' + cfg_name if cfg_name else ''}"] = (
+            _rel(out, ref)
+        )
+        if split > 1:  # the counters were reset: a second call (a graph replay) gives the same answer
+            results[f"gemv m{m} n{n} k{k} split{split} again"] = _rel(gemv(x, w, b, cfg), out.double())
     return results

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from qwen3.kernels import use_triton_kernels
+from qwen3.kernels import use_gemv, use_triton_kernels
+from qwen3.layers.linear import linear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
@@ -29,12 +31,18 @@ BOUND = {"float32": torch.finfo(torch.float32).eps, "float16": torch.finfo(torch
 
 def test_cpu_tensors_take_the_pytorch_path() -> None:
     assert not use_triton_kernels(torch.zeros(2, 4))
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    assert not use_gemv(x, w)
+    assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 def test_decode_switches_read_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
     import qwen3.kernels as kernels
 
-    for name, switch in (("QWEN3_FUSED_KV_STORE", kernels.fused_kv_store_enabled),):
+    for name, switch in (
+        ("QWEN3_GEMV", kernels.gemv_enabled),
+        ("QWEN3_FUSED_KV_STORE", kernels.fused_kv_store_enabled),
+    ):
         switch.cache_clear()
         monkeypatch.setenv(name, "0")
         assert not switch()
@@ -50,6 +58,7 @@ def test_decode_switches_read_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_triton
 def test_launchers_reject_bad_arguments() -> None:
+    from qwen3.kernels.gemv import GemvConfig, gemv
     from qwen3.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
     from qwen3.kernels.rms_norm import rms_norm
     from qwen3.kernels.silu_and_mul import silu_and_mul
@@ -90,6 +99,19 @@ def test_launchers_reject_bad_arguments() -> None:
         qk_norm_rope_store_kv(q, k, v, *store_args, cache, cache.clone(), slots.int())
     with pytest.raises(ValueError, match="^v must be"):
         qk_norm_rope_store_kv(q, k, torch.zeros(2, 2, 8), *store_args, cache, cache.clone(), slots)
+    x, w = torch.zeros(2, 64), torch.zeros(32, 64)
+    with pytest.raises(ValueError, match="x has 9 rows; the GEMV serves 1..8"):
+        gemv(torch.zeros(9, 64), w)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\] and weight \[N, K\]"):
+        gemv(x, torch.zeros(32, 63))
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        gemv(x, w, torch.zeros(31))
+    with pytest.raises(ValueError, match="block_m must be 1 .M = 1 only. or 16"):
+        gemv(x, w, config=GemvConfig(block_m=1, block_n=8, block_k=64))
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        gemv(x, w, config=GemvConfig(block_m=16, block_n=16, block_k=48))
+    with pytest.raises(ValueError, match="split_k must be in 1..2"):
+        gemv(x, w, config=GemvConfig(block_m=16, block_n=16, block_k=32, split_k=3))
 
 
 @needs_triton
@@ -105,7 +127,7 @@ def test_kernels_match_pytorch_under_triton_interpreter() -> None:
     if proc.returncode != 0 or not last.startswith("{"):
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     report = json.loads(last)
-    assert len(report) == 2 and all(len(cases) >= 18 for cases in report.values()), report
+    assert len(report) == 2 and all(len(cases) >= 29 for cases in report.values()), report
     bad = {
         f"{dtype} {name}": rel
         for dtype, cases in report.items()

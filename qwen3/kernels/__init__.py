@@ -13,7 +13,9 @@ PyTorch path everywhere (for A/B runs; read once).
 Switches for the decode-path kernels, each read once at first use, each defaulting to on (set to ``0`` to
 turn one off for an A/B run or if a GPU run shows a regression):
 - ``QWEN3_FUSED_KV_STORE``: the q/k-norm + RoPE kernel also writes k and v into the paged KV cache
-  (``qk_norm_rope.qk_norm_rope_store_kv``), instead of the attention backend's separate store kernel.
+  (``qk_norm_rope.qk_norm_rope_store_kv``), instead of the attention backend's separate store kernel;
+- ``QWEN3_GEMV``: linear layers with at most ``GEMV_MAX_M`` rows run the small-M Triton GEMV
+  (``gemv.gemv``) instead of cuBLAS.
 """
 
 from __future__ import annotations
@@ -45,9 +47,35 @@ def fused_kv_store_enabled() -> bool:
     return fused_elementwise_enabled() and _switch_on("QWEN3_FUSED_KV_STORE")
 
 
+@functools.cache
+def gemv_enabled() -> bool:
+    """Whether small-M linear layers on CUDA take the Triton GEMV (``QWEN3_GEMV``, default 1)."""
+    return importlib.util.find_spec("triton") is not None and _switch_on("QWEN3_GEMV")
+
+
 def use_triton_kernels(x: torch.Tensor) -> bool:
     """True when ``x`` lives on a CUDA device and the fused Triton kernels can serve it."""
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and fused_elementwise_enabled()
+
+
+#: the most rows the small-M GEMV serves; larger M goes to cuBLAS (a GEMM by then)
+GEMV_MAX_M = 8
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when ``F.linear(x, weight)`` should run as the Triton GEMV (``qwen3.kernels.gemv``): CUDA, 16-bit,
+    x [M, K] with 1 <= M <= GEMV_MAX_M, both contiguous in K, and ``QWEN3_GEMV`` not 0. Safe inside CUDA graph
+    capture (it reads only shapes and flags)."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and 1 <= x.shape[0] <= GEMV_MAX_M
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and x.stride(-1) == 1
+        and weight.stride(-1) == 1
+        and gemv_enabled()
+    )
 
 
 def qk_norm_rope_supported(head_dim: int) -> bool:

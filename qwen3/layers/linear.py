@@ -6,7 +6,8 @@
 - ``RowParallelLinear``: ``A`` split along ``in`` (dim 1); partial products are all-reduced.
 
 Each parameter carries ``weight_loader(param, source, shard_id=None)`` so the generic checkpoint
-loader needs no knowledge of the layer.
+loader needs no knowledge of the layer. Every product goes through :func:`linear`: decode-sized inputs
+(at most ``GEMV_MAX_M`` rows) on CUDA take the Triton GEMV, everything else ``F.linear``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.distributed import all_reduce, divide, tp_rank, tp_world_size
+from qwen3.kernels import use_gemv
 from qwen3.layers.weights import CheckpointTensor, copy_checked, default_weight_loader, load_shard
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; x [M, K] with M <= GEMV_MAX_M on CUDA runs the small-M Triton GEMV
+    (weight-read bound decode steps; ``QWEN3_GEMV=0`` turns it off). Graph-safe either way."""
+    if use_gemv(x, weight):
+        from qwen3.kernels.gemv import gemv  # triton is imported only on this path
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -37,7 +49,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data, load_shard(param, source, 0, self.tp_rank, self.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -94,5 +106,5 @@ class RowParallelLinear(nn.Module):
         copy_checked(param.data, load_shard(param, source, 1, self.tp_rank, self.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))  # the one collective of this layer: sum of partial products
+        y = all_reduce(linear(x, self.weight))  # the one collective of this layer: sum of partial products
         return y if self.bias is None else y + self.bias

@@ -1,15 +1,96 @@
 """The decode-path kernels on CUDA, bf16 (run on the lent H200; skipped with the reason on CPU machines).
 
-- the fused q/k-norm + RoPE + KV-store kernel inside a CUDA graph, replayed with new inputs, gives the
-  unfused kernels' results (padding rows write no cache slot).
+- the small-M GEMV matches F.linear (float64 reference, one bf16 unit relative) at the real decode shapes of
+  Qwen3-0.6B and 8B (M = 1, 2, 4, 8), and cuBLAS itself is held to the same bound, so the test measures the
+  kernel, not the bound;
+- the GEMV and the fused q/k-norm + RoPE + KV-store kernel inside a CUDA graph, replayed with new inputs,
+  give the eager results (split-K counters reset; padding rows write no cache slot);
+- a bf16 model on CUDA with both switches on gives the logits of the same model with both off (the
+  attention backend's store kernel and cuBLAS), prefill and decode;
+- a timing print per shape: GEMV vs torch.matmul (bench/gemv.py is the full benchmark).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+# (name, N, K): Qwen3-0.6B (hidden 1024, 16 q / 8 kv heads of 128, intermediate 3072) and 8B (hidden 4096,
+# 32 / 8 heads, intermediate 12288); gate_up is the merged [2 * intermediate, hidden]
+SHAPES = [
+    ("0.6B qkv", 4096, 1024),
+    ("0.6B o", 1024, 2048),
+    ("0.6B gate_up", 6144, 1024),
+    ("0.6B down", 1024, 3072),
+    ("0.6B lm_head", 151936, 1024),
+    ("8B qkv", 6144, 4096),
+    ("8B o", 4096, 4096),
+    ("8B gate_up", 24576, 4096),
+    ("8B down", 4096, 12288),
+]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize(("name", "n", "k"), SHAPES)
+def test_gemv_matches_linear(name: str, n: int, k: int, m: int) -> None:
+    from qwen3.kernels.gemv import default_config, gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).bfloat16()
+    bias = torch.randn(n, device="cuda", generator=gen).bfloat16() if m == 2 else None
+    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    out = gemv(x, w, bias)
+    cublas = F.linear(x, w, bias)
+    cfg = default_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    print(f"{name} m{m} {cfg}: gemv rel {_rel(out, ref):.2e}, cublas rel {_rel(cublas, ref):.2e}")
+    assert _rel(cublas, ref) <= BF16_EPS
+    assert _rel(out, ref) <= BF16_EPS
+
+
+def test_gemv_timing_print() -> None:
+    """Not an assertion: the numbers the lead reads (bench/gemv.py has the sweep and the copy ceiling)."""
+    import triton.testing
+
+    from qwen3.kernels.gemv import gemv
+
+    for name, n, k in SHAPES:
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        w = torch.randn(n, k, device="cuda").bfloat16()
+        t_gemv = triton.testing.do_bench(lambda: gemv(x, w), warmup=10, rep=50, return_mode="median")
+        t_mm = triton.testing.do_bench(lambda: torch.matmul(x, w.t()), warmup=10, rep=50, return_mode="median")
+        tbps = n * k * 2 / t_gemv / 1e9
+        print(f"{name} M=1: gemv {t_gemv * 1e3:.1f} us ({tbps:.2f} TB/s), torch.matmul {t_mm * 1e3:.1f} us")
+
+
+def test_gemv_in_cuda_graph_replays_split_k() -> None:
+    from qwen3.kernels.gemv import default_config, gemv
+
+    m, n, k = 1, 1024, 3072  # 0.6B down_proj: split K by default
+    assert default_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count).split_k > 1
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    eager = gemv(x, w)  # also makes the counters, outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = gemv(x, w)
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device="cuda").bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, gemv(x, w))
+        assert _rel(static_out, F.linear(x.double(), w.double())) <= BF16_EPS
+    assert eager.shape == (m, n)
 
 
 def test_fused_store_in_cuda_graph_skips_padding_rows() -> None:
@@ -44,3 +125,44 @@ def test_fused_store_in_cuda_graph_skips_padding_rows() -> None:
         assert torch.equal(q_out, q_ref)
         assert torch.equal(k_cache.nan_to_num(7.0), k_want.nan_to_num(7.0))
         assert torch.equal(v_cache.nan_to_num(7.0), v_want.nan_to_num(7.0))
+
+
+@torch.inference_mode()
+def test_model_bf16_switches_on_match_off(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import load_model
+
+    from qwen3.forward_batch import ForwardBatch
+
+    model = load_model(tiny_checkpoint)
+    rotary = model.model.layers[0].self_attn.rotary_emb  # one table shared by every layer
+    cos_sin = rotary.cos_sin.clone()
+    model.to(device="cuda", dtype=torch.bfloat16)
+    rotary.cos_sin = cos_sin.cuda()  # float32, as the engine builds it (the fused kernels need it)
+    for attn in model.attention_layers():
+        attn.k_cache = attn.k_cache.to(device="cuda", dtype=torch.bfloat16)
+        attn.v_cache = attn.v_cache.to(device="cuda", dtype=torch.bfloat16)
+    prompts = [[(5 * i + 11 * j) % 500 for j in range(n)] for i, n in enumerate([5, 17, 3])]
+    tables = [[0, 1], [2, 3], [4]]
+    block_size = model.attention_layers()[0].k_cache.shape[1]
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        batch = ForwardBatch.build(prompts, [0, 0, 0], tables, block_size, "cuda")  # prefill, all rows
+        batch.logits_indices = torch.arange(batch.num_tokens, device="cuda")
+        outs.append(model.compute_logits(model(batch), batch).float())
+        lens = [len(p) for p in prompts]
+        for step in range(3):  # decode: M = 3 rows, the GEMV's range
+            batch = ForwardBatch.build([[7 + step]] * 3, lens, tables, block_size, "cuda")
+            outs.append(model.compute_logits(model(batch), batch).float())
+            lens = [n + 1 for n in lens]
+        return outs
+
+    fused = run()
+    monkeypatch.setattr("qwen3.model.fused_kv_store_enabled", lambda: False)
+    monkeypatch.setattr("qwen3.layers.linear.use_gemv", lambda x, w: False)
+    plain = run()
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        assert torch.isfinite(a).all(), f"step {i}: non-finite logits"
+        rel = float((a - b).norm() / b.norm())
+        print(f"step {i}: fused vs plain logits, relative {rel:.2e}")
+        assert rel <= 2e-2, f"step {i}: relative difference {rel:.2e}"
