@@ -16,6 +16,9 @@ turn one off for an A/B run or if a GPU run shows a regression):
   (``qk_norm_rope.qk_norm_rope_store_kv``), instead of the attention backend's separate store kernel;
 - ``QWEN3_GEMV``: linear layers with at most ``GEMV_MAX_M`` rows run the small-M Triton GEMV
   (``gemv.gemv``) instead of cuBLAS.
+
+``QWEN3_PDL=1`` (default 0, opt in: never yet run on a GPU) launches the GEMV with programmatic dependent launch
+(Hopper and later), so its weight loads start while the previous kernel finishes.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def fused_elementwise_enabled() -> bool:
     return importlib.util.find_spec("triton") is not None and os.environ.get("QWEN3_TORCH_ELEMENTWISE") != "1"
 
 
-def _switch_on(name: str) -> bool:
-    value = os.environ.get(name, "1")
+def _switch_on(name: str, default: str = "1") -> bool:
+    value = os.environ.get(name, default)
     if value not in ("0", "1"):
         raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
     return value == "1"
@@ -51,6 +54,12 @@ def fused_kv_store_enabled() -> bool:
 def gemv_enabled() -> bool:
     """Whether small-M linear layers on CUDA take the Triton GEMV (``QWEN3_GEMV``, default 1)."""
     return importlib.util.find_spec("triton") is not None and _switch_on("QWEN3_GEMV")
+
+
+@functools.cache
+def pdl_enabled() -> bool:
+    """Whether the GEMV launches with programmatic dependent launch (``QWEN3_PDL``, default 0: not yet measured)."""
+    return _switch_on("QWEN3_PDL", default="0")
 
 
 def use_triton_kernels(x: torch.Tensor) -> bool:

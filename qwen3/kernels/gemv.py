@@ -16,6 +16,11 @@ ceiling there (docs/BENCHMARKS.md, section 6). This kernel is built for that sha
 Rounding: fp32 accumulation, bias added in fp32, one rounding to the output dtype: what cuBLAS's bf16 GEMM
 with a bias epilogue does, up to summation order.
 
+Programmatic dependent launch (Hopper and later, ``QWEN3_PDL=1``; off by default until measured): the launch
+lets the kernel start while the previous kernel finishes; each program loads its first W tile, then waits
+(``gdc_wait``) for the previous kernel's writes before reading x. Without the switch the same code runs with
+no wait, launched normally (the CPU tests run that path under the Triton interpreter, which cannot run PTX).
+
 Counters: one int32 buffer per device, shared by every call (kernels on one stream run one after another,
 and each tile's last program leaves its counter at zero). A split-K launch on two streams at once would race:
 this engine runs one stream per device. The buffer is made on the first split-K call outside graph capture;
@@ -30,8 +35,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
-from qwen3.kernels import GEMV_MAX_M
+from qwen3.kernels import GEMV_MAX_M, pdl_enabled
 
 #: split-K tiles per launch at most (the size of the counter buffer)
 MAX_SPLIT_TILES = 4096
@@ -80,6 +86,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -93,15 +100,23 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    # W's first tile is loaded before anything else: the weights are never written by an earlier kernel, so
+    # with programmatic dependent launch this load overlaps the previous kernel's tail (before gdc_wait)
+    kk = k_begin + rk
+    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    if USE_PDL:
+        # x (and the memory `out` reuses) belong to earlier kernels: wait until they are complete and visible.
+        # Every program passes here (no early exit), so the next kernel in the stream cannot overtake them.
+        gdc_wait()
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + rk
-        k_mask = kk < k_end
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if BLOCK_M == 1:
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        kk_next = kk + BLOCK_K  # the next tile (masked off past the split's end)
+        w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
     out_offsets = rm[:, None] * N + rn[None, :]  # [BLOCK_M, BLOCK_N]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -193,6 +208,7 @@ def gemv(
         split = 1
     k_per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # no empty split (each one must arrive at the counter)
+    use_pdl = x.is_cuda and pdl_enabled() and torch.cuda.get_device_capability(x.device)[0] >= 9
     partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _gemv_kernel[(tiles, split)](
         x,
@@ -213,7 +229,9 @@ def gemv(
         BLOCK_K=cfg.block_k,
         SPLIT_K=split,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        USE_PDL=use_pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        launch_pdl=use_pdl,
     )
     return out
