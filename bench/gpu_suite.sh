@@ -19,7 +19,8 @@
 # Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
 #   throughput, service (service/offline ratio at 256 streams), sweep (Poisson request-rate sweep through the
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
-#   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, QWEN3_GEMV=0, QWEN3_PDL=1),
+#   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, QWEN3_GEMV_SILU=0, QWEN3_GEMV=0,
+#   QWEN3_PDL=1),
 #   hf (the older rows of docs/BENCHMARKS.md).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
@@ -89,8 +90,9 @@ for s in "${steps[@]}"; do
       done ;;
     unfused)  # A/B: the PyTorch element-wise path instead of the fused Triton kernels
       QWEN3_TORCH_ELEMENTWISE=1 TAIL=4 PICK="ms/token" step latency-unfused 180 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
-    switches)  # A/B, batch-1 latency: QWEN3_FUSED_KV_STORE and QWEN3_GEMV each off, then the opt-in QWEN3_PDL=1 on
+    switches)  # A/B, batch-1 latency: QWEN3_FUSED_KV_STORE, QWEN3_GEMV_SILU, QWEN3_GEMV each off, then the opt-in QWEN3_PDL=1 on
       QWEN3_FUSED_KV_STORE=0 TAIL=4 PICK="ms/token" step latency-no-fused-store 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl"
+      QWEN3_GEMV_SILU=0 TAIL=4 PICK="ms/token" step latency-no-gemv-silu 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl"
       QWEN3_GEMV=0 TAIL=4 PICK="ms/token" step latency-no-gemv 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl"
       QWEN3_PDL=1 TAIL=4 PICK="ms/token" step latency-pdl 150 $PY bench/latency.py --model "$MODEL" --json "$OUT/results.jsonl" ;;
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;

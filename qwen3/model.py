@@ -12,7 +12,13 @@ from qwen3.attention.backend import AttentionBackend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import tp_world_size
 from qwen3.forward_batch import ForwardBatch
-from qwen3.kernels import fused_kv_store_enabled, qk_norm_rope_supported, use_triton_kernels
+from qwen3.kernels import (
+    fused_kv_store_enabled,
+    gemv_silu_enabled,
+    qk_norm_rope_supported,
+    use_gemv,
+    use_triton_kernels,
+)
 from qwen3.layers.activation import SiluAndMul
 from qwen3.layers.attention import PagedAttention
 from qwen3.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -72,7 +78,14 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # x: [T, hidden]
+        if use_gemv(x, self.gate_up_proj.weight) and gemv_silu_enabled() and self.gate_up_proj.bias is None:
+            from qwen3.kernels.gemv import gemv  # triton is imported only on this path
+
+            act = gemv(x, self.gate_up_proj.weight, silu_and_mul=True)  # [T, intermediate / tp], one launch
+        else:
+            act = self.act_fn(self.gate_up_proj(x))
+        out: torch.Tensor = self.down_proj(act)
         return out
 
 

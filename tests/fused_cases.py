@@ -124,4 +124,11 @@ def run_cases(device: str, dtype: torch.dtype) -> dict[str, float]:
         )
         if split > 1:  # the counters were reset: a second call (a graph replay) gives the same answer
             results[f"gemv m{m} n{n} k{k} split{split} again"] = _rel(gemv(x, w, b, cfg), out.double())
+    # gate/up GEMV with SiLU-and-multiply in its epilogue, against the unfused path it replaces: the GEMV's gate/up
+    # product (checked against float64 above), then SiluAndMul's PyTorch code in the dtype
+    for m, d, k in [(1, 96, 256), (4, 40, 64), (8, 128, 200)]:
+        x, w = randn(m, k), randn(2 * d, k, scale=0.1)
+        out = gemv(x, w, silu_and_mul=True)
+        gate, up = gemv(x, w).chunk(2, dim=-1)
+        results[f"gemv silu_and_mul m{m} d{d} k{k}"] = _rel(out, F.silu(gate) * up)
     return results

@@ -39,20 +39,25 @@ def test_cpu_tensors_take_the_pytorch_path() -> None:
 def test_decode_switches_read_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
     import qwen3.kernels as kernels
 
-    for name, switch in (
-        ("QWEN3_GEMV", kernels.gemv_enabled),
-        ("QWEN3_FUSED_KV_STORE", kernels.fused_kv_store_enabled),
-    ):
-        switch.cache_clear()
-        monkeypatch.setenv(name, "0")
-        assert not switch()
+    # (variable, switch, value when unset)
+    switches = (
+        ("QWEN3_GEMV", kernels.gemv_enabled, HAS_TRITON),
+        ("QWEN3_FUSED_KV_STORE", kernels.fused_kv_store_enabled, HAS_TRITON),
+        ("QWEN3_GEMV_SILU", kernels.gemv_silu_enabled, True),
+        ("QWEN3_PDL", kernels.pdl_enabled, False),  # opt in
+    )
+    for name, switch, default in switches:
+        for value, expected in (("0", False), ("1", HAS_TRITON or name in ("QWEN3_GEMV_SILU", "QWEN3_PDL"))):
+            switch.cache_clear()
+            monkeypatch.setenv(name, value)
+            assert switch() == expected, (name, value)
         switch.cache_clear()
         monkeypatch.setenv(name, "yes")
         with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
             switch()
         switch.cache_clear()
         monkeypatch.delenv(name)
-        assert switch() == HAS_TRITON
+        assert switch() == default, name
         switch.cache_clear()
 
 
@@ -127,7 +132,7 @@ def test_kernels_match_pytorch_under_triton_interpreter() -> None:
     if proc.returncode != 0 or not last.startswith("{"):
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     report = json.loads(last)
-    assert len(report) == 2 and all(len(cases) >= 29 for cases in report.values()), report
+    assert len(report) == 2 and all(len(cases) >= 32 for cases in report.values()), report
     bad = {
         f"{dtype} {name}": rel
         for dtype, cases in report.items()

@@ -15,7 +15,9 @@ turn one off for an A/B run or if a GPU run shows a regression):
 - ``QWEN3_FUSED_KV_STORE``: the q/k-norm + RoPE kernel also writes k and v into the paged KV cache
   (``qk_norm_rope.qk_norm_rope_store_kv``), instead of the attention backend's separate store kernel;
 - ``QWEN3_GEMV``: linear layers with at most ``GEMV_MAX_M`` rows run the small-M Triton GEMV
-  (``gemv.gemv``) instead of cuBLAS.
+  (``gemv.gemv``) instead of cuBLAS;
+- ``QWEN3_GEMV_SILU``: where the GEMV serves the MLP's merged gate/up projection, it also applies
+  SiLU-and-multiply before storing (one launch and one [M, 2 * intermediate] round trip fewer per layer).
 
 ``QWEN3_PDL=1`` (default 0, opt in: never yet run on a GPU) launches the GEMV with programmatic dependent launch
 (Hopper and later), so its weight loads start while the previous kernel finishes.
@@ -54,6 +56,13 @@ def fused_kv_store_enabled() -> bool:
 def gemv_enabled() -> bool:
     """Whether small-M linear layers on CUDA take the Triton GEMV (``QWEN3_GEMV``, default 1)."""
     return importlib.util.find_spec("triton") is not None and _switch_on("QWEN3_GEMV")
+
+
+@functools.cache
+def gemv_silu_enabled() -> bool:
+    """Whether the MLP's gate/up GEMV also applies SiLU-and-multiply in its epilogue (``QWEN3_GEMV_SILU``, default 1;
+    only where the GEMV runs at all)."""
+    return _switch_on("QWEN3_GEMV_SILU")
 
 
 @functools.cache

@@ -67,9 +67,35 @@ class GemvConfig:
 
 
 @triton.jit
+def _rows_times_x(w_rows, x_rows, n_mask, m_mask, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, WAIT):
+    """[BLOCK_M, BLOCK_N] fp32: x[:, k_begin:k_end] times the W rows ``w_rows`` [BLOCK_N, 1] (pointers).
+
+    W's first tile is loaded before anything else: the weights are never written by an earlier kernel, so
+    with programmatic dependent launch this load overlaps the previous kernel's tail. ``WAIT``: then wait
+    (gdc_wait) until the previous kernel's writes (x, and the memory the output reuses) are complete and
+    visible; every program passes there (no early exit), so no later kernel can overtake them."""
+    rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kk = k_begin + rk
+    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    if WAIT:
+        gdc_wait()
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        kk_next = kk + BLOCK_K  # the next tile (masked off past the range's end)
+        w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
-    w_ptr,  # [N, K], last dim contiguous
+    w_ptr,  # [N, K] ([2N, K], gate then up, with SILU_MUL), last dim contiguous
     bias_ptr,  # [N] or unused
     out_ptr,  # [M, N] contiguous
     partial_ptr,  # [SPLIT_K, M, N] fp32, used when SPLIT_K > 1
@@ -87,36 +113,39 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     rm = tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = rn < N
     m_mask = rm < M
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]: W can exceed 2**31 elements (LM head)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    # W's first tile is loaded before anything else: the weights are never written by an earlier kernel, so
-    # with programmatic dependent launch this load overlaps the previous kernel's tail (before gdc_wait)
-    kk = k_begin + rk
-    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-    if USE_PDL:
-        # x (and the memory `out` reuses) belong to earlier kernels: wait until they are complete and visible.
-        # Every program passes here (no early exit), so the next kernel in the stream cannot overtake them.
-        gdc_wait()
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        kk_next = kk + BLOCK_K  # the next tile (masked off past the split's end)
-        w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
+    acc = _rows_times_x(
+        w_rows, x_rows, n_mask, m_mask, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_PDL
+    )
+    if SILU_MUL:  # out = silu(x W[:N]^T) * (x W[N:]^T), rounded like qwen3.kernels.silu_and_mul (SPLIT_K is 1)
+        up = _rows_times_x(
+            w_rows + N * stride_wn,
+            x_rows,
+            n_mask,
+            m_mask,
+            k_begin,
+            k_end,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            DOT_PRECISION,
+            False,
+        )
+        dtype = out_ptr.dtype.element_ty
+        gate = acc.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = act * up.to(dtype).to(tl.float32)
     out_offsets = rm[:, None] * N + rn[None, :]  # [BLOCK_M, BLOCK_N]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -179,12 +208,18 @@ def default_config(m: int, n: int, k: int, sm_count: int = 132) -> GemvConfig:
 
 
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    silu_and_mul: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x [M, K] with 1 <= M <= GEMV_MAX_M -> new contiguous [M, N].
 
     weight [N, K] and x need contiguous last dimensions and one dtype (bias [N] too). ``config``: tile sizes
-    (default: ``default_config``). Graph-safe: no host reads; the split-K counters are made before capture.
+    (default: ``default_config``). ``silu_and_mul``: weight is a merged [2 * d, K] gate/up projection and the
+    result is ``silu(gate) * up`` [M, d] (``qwen3.kernels.silu_and_mul`` of the product) in the same launch;
+    no bias, no split-K. Graph-safe: no host reads; the split-K counters are made before capture.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -198,10 +233,16 @@ def gemv(
         raise ValueError(f"weight is {weight.dtype} on {weight.device}, x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1):
         raise ValueError(f"bias must be contiguous [{n}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if silu_and_mul:
+        if n % 2 or bias is not None:
+            raise ValueError(
+                f"silu_and_mul needs a [2 * d, K] weight and no bias, got {n} rows, bias {bias is not None}"
+            )
+        n //= 2
     cfg = config or default_config(m, n, k, _sm_count(x.device))
     cfg.check(m, k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split = cfg.split_k
+    split = 1 if silu_and_mul else cfg.split_k
     counters = _counter_buffer(x.device) if split > 1 else None
     tiles = triton.cdiv(n, cfg.block_n)
     if counters is None or tiles > MAX_SPLIT_TILES:
@@ -230,6 +271,7 @@ def gemv(
         SPLIT_K=split,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_PDL=use_pdl,
+        SILU_MUL=silu_and_mul,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         launch_pdl=use_pdl,

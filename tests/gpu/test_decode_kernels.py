@@ -5,7 +5,8 @@
   kernel, not the bound;
 - the GEMV and the fused q/k-norm + RoPE + KV-store kernel inside a CUDA graph, replayed with new inputs,
   give the eager results (split-K counters reset; padding rows write no cache slot);
-- a bf16 model on CUDA with both switches on gives the logits of the same model with both off (the
+- the gate/up GEMV with SiLU-and-multiply in its epilogue matches cuBLAS + the SiLU kernel (float64 reference);
+- a bf16 model on CUDA with the switches on gives the logits of the same model with both off (the
   attention backend's store kernel and cuBLAS), prefill and decode;
 - the GEMV launched with programmatic dependent launch (QWEN3_PDL=1) reads its predecessor's output correctly,
   eager and in a graph;
@@ -58,6 +59,23 @@ def test_gemv_matches_linear(name: str, n: int, k: int, m: int) -> None:
     print(f"{name} m{m} {cfg}: gemv rel {_rel(out, ref):.2e}, cublas rel {_rel(cublas, ref):.2e}")
     assert _rel(cublas, ref) <= BF16_EPS
     assert _rel(out, ref) <= BF16_EPS
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize(("d", "k"), [(3072, 1024), (12288, 4096)])  # 0.6B and 8B gate/up
+def test_gemv_silu_and_mul_matches_unfused(d: int, k: int, m: int) -> None:
+    from qwen3.kernels.gemv import gemv
+    from qwen3.kernels.silu_and_mul import silu_and_mul
+
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w = (torch.randn(2 * d, k, device="cuda") * k**-0.5).bfloat16()
+    unfused = silu_and_mul(F.linear(x, w)).double()  # cuBLAS, then the SiLU kernel
+    gate, up = F.linear(x.double(), w.double()).chunk(2, dim=-1)
+    exact = F.silu(gate) * up
+    fused = gemv(x, w, silu_and_mul=True)
+    print(f"silu gemv d{d} k{k} m{m}: fused rel {_rel(fused, exact):.2e}, unfused rel {_rel(unfused, exact):.2e}")
+    assert _rel(unfused, exact) <= BF16_EPS
+    assert _rel(fused, exact) <= BF16_EPS
 
 
 def test_gemv_timing_print() -> None:
@@ -162,6 +180,7 @@ def test_model_bf16_switches_on_match_off(tiny_checkpoint: Path, monkeypatch: py
     fused = run()
     monkeypatch.setattr("qwen3.model.fused_kv_store_enabled", lambda: False)
     monkeypatch.setattr("qwen3.layers.linear.use_gemv", lambda x, w: False)
+    monkeypatch.setattr("qwen3.model.use_gemv", lambda x, w: False)  # the MLP's gate/up GEMV with SiLU
     plain = run()
     for i, (a, b) in enumerate(zip(fused, plain)):
         assert torch.isfinite(a).all(), f"step {i}: non-finite logits"
