@@ -75,20 +75,30 @@ def _rows_times_x(w_rows, x_rows, n_mask, m_mask, k_begin, k_end, BLOCK_M, BLOCK
     (gdc_wait) until the previous kernel's writes (x, and the memory the output reuses) are complete and
     visible; every program passes there (no early exit), so no later kernel can overtake them."""
     rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     kk = k_begin + rk
     w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
     if WAIT:
         gdc_wait()
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        else:
+    if BLOCK_M == 1:
+        # CUDA cores: element-wise products summed per lane, one cross-lane reduction at the end (not one per step)
+        lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)  # [1, BLOCK_K]
+            lanes += w.to(tl.float32) * x.to(tl.float32)
+            kk_next = kk + BLOCK_K  # the next tile (masked off past the range's end)
+            w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
+        acc = tl.sum(lanes, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(
+                x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0
+            )  # [BLOCK_M, BLOCK_K]
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        kk_next = kk + BLOCK_K  # the next tile (masked off past the range's end)
-        w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
+            kk_next = kk + BLOCK_K
+            w = tl.load(w_rows + kk_next[None, :], mask=n_mask[:, None] & (kk_next < k_end)[None, :], other=0.0)
     return acc
 
 
