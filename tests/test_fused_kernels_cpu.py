@@ -61,6 +61,25 @@ def test_decode_switches_read_0_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
         switch.cache_clear()
 
 
+def test_attention_with_kv_already_stored() -> None:
+    """k = v = None (the fused kernel stored them): the backend attends over the cache as it is, the same
+    answer as passing k/v for it to store; one of the two alone is refused."""
+    from attention_cases import make_paged_case
+
+    from qwen3.attention.torch_backend import TorchAttentionBackend, store_kv
+    from qwen3.layers.attention import PagedAttention
+
+    case = make_paged_case([3, 1], [0, 5], 4, 2, 16, 16, dtype=torch.float32, device="cpu")
+    layer = PagedAttention(4, 2, 16, case.scale, TorchAttentionBackend())
+    layer.k_cache, layer.v_cache = case.k_cache.clone(), case.v_cache.clone()
+    stored_by_backend = layer(case.q, case.k, case.v, case.batch)
+    layer.k_cache, layer.v_cache = case.k_cache.clone(), case.v_cache.clone()
+    store_kv(case.k, case.v, layer.k_cache, layer.v_cache, case.batch.slot_mapping)
+    assert torch.equal(layer(case.q, None, None, case.batch), stored_by_backend)
+    with pytest.raises(ValueError, match="k and v must both be given, or both be None"):
+        layer(case.q, case.k, None, case.batch)
+
+
 @needs_triton
 def test_launchers_reject_bad_arguments() -> None:
     from qwen3.kernels.gemv import GemvConfig, gemv
