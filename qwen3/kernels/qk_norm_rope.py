@@ -78,14 +78,16 @@ def _qk_norm_rope_kernel(
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t)
     if tl.program_id(1) == 0:
-        o1, o2 = _norm_rope_heads(
+        # Names differ from the other branch's: Triton requires a name bound in both branches of a
+        # runtime `if` to have one type, and the q and kv tiles have different shapes.
+        q1, q2 = _norm_rope_heads(
             q_ptr, q_weight_ptr, cos_sin_ptr, t, pos, stride_qt, stride_qh, num_heads, eps, HALF, BLOCK_HQ
         )
-        h = tl.arange(0, BLOCK_HQ)[:, None]
-        d = tl.arange(0, HALF)[None, :]
-        dst = q_out_ptr + t * num_heads * (2 * HALF) + h * (2 * HALF) + d
-        tl.store(dst, o1, mask=h < num_heads)
-        tl.store(dst + HALF, o2, mask=h < num_heads)
+        hq = tl.arange(0, BLOCK_HQ)[:, None]
+        dq = tl.arange(0, HALF)[None, :]
+        q_dst = q_out_ptr + t * num_heads * (2 * HALF) + hq * (2 * HALF) + dq
+        tl.store(q_dst, q1, mask=hq < num_heads)
+        tl.store(q_dst + HALF, q2, mask=hq < num_heads)
     else:
         h = tl.arange(0, BLOCK_HKV)[:, None]
         d = tl.arange(0, HALF)[None, :]
