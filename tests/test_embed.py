@@ -92,14 +92,16 @@ def test_embeddings_match_transformers(llm: LLM, tiny_checkpoint: Path) -> None:
     assert bm.num_free_blocks == bm.num_blocks  # prefill-only: every block back in the pool
 
 
-def test_embeddings_batched_with_generation(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async-scheduling"])
+def test_embeddings_batched_with_generation(tiny_checkpoint: Path, overlap: bool) -> None:
     """Embed requests and greedy Generate requests in the same steps, prompts chunked by a 24-token budget:
     each embedding equals transformers', each generation equals the same request run alone."""
     engine = LLMEngine(
         EngineConfig(
-            model=str(tiny_checkpoint), device="cpu", num_kv_blocks=64, max_num_batched_tokens=24, max_num_seqs=6
+            model=str(tiny_checkpoint), device="cpu", num_kv_blocks=64, max_num_batched_tokens=24, max_num_seqs=6,
+            async_scheduling=overlap,
         )
-    )
+    )  # fmt: skip
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     gen_prompts = {f"gen{i}": random_prompt(n, seed=40 + i) for i, n in enumerate((30, 5, 12))}
     embed_prompts = {f"emb{i}": random_prompt(n, seed=50 + i) for i, n in enumerate((3, 40, 17))}

@@ -131,3 +131,19 @@ def test_prompt_logprobs_limit_names_the_field() -> None:
     assert err.value.field == "prompt_logprobs" and "20" in err.value.message
     with pytest.raises(FieldError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def test_tensor_parallel_2(tiny_checkpoint: Path) -> None:
+    """With the vocabulary split over two ranks (gloo), prompt logprobs through 16-token chunks and an
+    embedding still equal transformers': every rank runs the LM head's all-gather over the same chunks."""
+    from test_embed import assert_embedding, hf_embedding
+
+    prompt = random_prompt(30, seed=31)
+    with LLM(
+        tiny_checkpoint, device="cpu", tensor_parallel_size=2, num_kv_blocks=64, max_num_batched_tokens=16,
+        max_num_seqs=4,
+    ) as tp2:  # fmt: skip
+        (out,) = tp2.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3))
+        (vector,) = tp2.embed([prompt])
+    assert_prompt_logprobs(tiny_checkpoint, prompt, out.prompt_logprobs, 3, "TP=2")
+    assert_embedding(vector, hf_embedding(tiny_checkpoint, prompt), "TP=2")
