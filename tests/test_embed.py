@@ -164,3 +164,44 @@ def test_bad_embed_prompts_name_the_field(llm: LLM) -> None:
         with pytest.raises(FieldError) as err:
             info.validate_embed(prompt)
         assert err.value.field == "prompt_token_ids" and needle in err.value.message
+
+
+@pytest.mark.asyncio
+async def test_async_embed_abort_all_and_cancel(tiny_checkpoint: Path) -> None:
+    """Through the asyncio bridge: a result; an Embed waiting when the server aborts everything (shutdown)
+    fails with EngineDeadError (UNAVAILABLE), not a hang; a cancelled one is aborted in the engine."""
+    import asyncio
+
+    from serving import wait_until
+
+    from engine_service.async_engine import AsyncEngine
+    from engine_service.protocol import EngineDeadError
+
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_checkpoint), device="cpu", num_kv_blocks=64, max_num_batched_tokens=16, max_num_seqs=4
+        )
+    )
+    bridge = AsyncEngine.in_thread(engine)
+    bridge.start()
+    try:
+        prompt = random_prompt(200, seed=60)
+        result = await asyncio.wait_for(bridge.embed(prompt), 60)
+        assert result.num_prompt_tokens == 200
+        assert_embedding(result.embedding, hf_embedding(tiny_checkpoint, prompt), "through AsyncEngine")
+
+        waiting = asyncio.ensure_future(bridge.embed(prompt))
+        await asyncio.sleep(0)  # its AddEmbedRequest is queued; the abort follows it in the same batch
+        assert bridge.abort_all() == 1
+        with pytest.raises(EngineDeadError, match="aborted"):
+            await asyncio.wait_for(waiting, 60)
+
+        cancelled = asyncio.ensure_future(bridge.embed(prompt))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await wait_until(lambda: not engine.has_unfinished_requests(), 30, "the cancelled Embed aborted")
+        assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        await bridge.stop()
