@@ -74,6 +74,9 @@ class SyntheticEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._left)
 
+    def pop_embeddings(self) -> list:
+        return []  # no Embed requests here
+
     def step(self) -> list[RequestOutput]:
         self._due += len(self._left) / self.rate
         delay = self._due - time.perf_counter()

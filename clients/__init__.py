@@ -54,6 +54,13 @@ def sampling_params(**fields: Any) -> engine_pb2.SamplingParams:
     return engine_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _embed_request(prompt_token_ids: Sequence[int], normalize: bool | None) -> engine_pb2.EmbedRequest:
+    request = engine_pb2.EmbedRequest(prompt_token_ids=prompt_token_ids)
+    if normalize is not None:
+        request.normalize = normalize
+    return request
+
+
 def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -203,6 +210,13 @@ class AsyncEngineClient(_AsyncClient):
         )
         return _stream(self.stub.Generate(request, timeout=timeout))
 
+    async def embed(
+        self, prompt_token_ids: Sequence[int], *, normalize: bool | None = None, timeout: float | None = None
+    ) -> list[float]:
+        """The prompt's embedding (normalize None: the checkpoint's default)."""
+        response = await self.stub.Embed(_embed_request(prompt_token_ids, normalize), timeout=timeout)
+        return list(response.embedding)
+
     async def abort(self, request_id: str, timeout: float | None = None) -> bool:
         response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout)
         return response.aborted
@@ -326,6 +340,12 @@ class EngineClient(_SyncClient):
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params(**sampling)
         )
         return _sync_stream(self.stub.Generate(request, timeout=timeout))
+
+    def embed(
+        self, prompt_token_ids: Sequence[int], *, normalize: bool | None = None, timeout: float | None = None
+    ) -> list[float]:
+        """The prompt's embedding (normalize None: the checkpoint's default)."""
+        return list(self.stub.Embed(_embed_request(prompt_token_ids, normalize), timeout=timeout).embedding)
 
     def abort(self, request_id: str, timeout: float | None = None) -> bool:
         return self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout).aborted

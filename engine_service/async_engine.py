@@ -30,8 +30,11 @@ from engine_service.core.engine_loop import EngineLoop, run_engine_process, vali
 from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
+    AddEmbedRequest,
     AddRequest,
     Command,
+    EmbeddingOutput,
+    EmbeddingsReady,
     EngineDeadError,
     EngineInfo,
     EngineLoadFailed,
@@ -78,6 +81,7 @@ class AsyncEngine:
         self.dead_reason: str | None = None
         self.on_death: Callable[[str], None] | None = None  # called on the event loop
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # internal id -> its deltas
+        self._embeds: dict[str, asyncio.Future[EmbeddingOutput]] = {}  # internal id -> its result
         self._live: dict[str, str] = {}  # client label -> internal id, for live labelled requests
         self._label_released: dict[str, asyncio.Event] = {}  # labels someone waits to reuse -> set when free
         self._ids = itertools.count()
@@ -164,6 +168,25 @@ class AsyncEngine:
             if not finished and not self.dead_reason:
                 self._send(AbortRequest(internal_id, None))
 
+    async def embed(self, prompt_token_ids: list[int], normalize: bool | None = None) -> EmbeddingOutput:
+        """The prompt's embedding (``request_id`` of the result is the internal id). ``normalize`` None: the
+        checkpoint's default (``EngineInfo.pooling``). Raises FieldError, EngineOverloadedError, EngineDeadError.
+        Embed requests carry no label (Abort does not name them); cancelling the call aborts it in the engine."""
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        self.info.validate_embed(prompt_token_ids)
+        internal_id = str(next(self._ids))
+        done: asyncio.Future[EmbeddingOutput] = asyncio.get_running_loop().create_future()
+        self._embeds[internal_id] = done
+        resolved = self.info.pooling.normalize if normalize is None else normalize
+        self._send(AddEmbedRequest(internal_id, list(prompt_token_ids), resolved))
+        try:
+            return await done
+        finally:
+            self._embeds.pop(internal_id, None)
+            if not done.done() and not self.dead_reason:  # cancelled by the caller
+                self._send(AbortRequest(internal_id, None))
+
     async def abort(self, request_id: str) -> bool:
         """Abort the live request labelled ``request_id``; False if none is running or waiting. Once this
         returns True the label is free for a new request (the old stream still gets its ABORTED end)."""
@@ -183,9 +206,9 @@ class AsyncEngine:
         ABORTED final delta. Returns how many were asked to stop."""
         if self.dead_reason:
             return 0
-        for internal_id in list(self._streams):
+        for internal_id in [*self._streams, *self._embeds]:
             self._send(AbortRequest(internal_id, None))
-        return len(self._streams)
+        return len(self._streams) + len(self._embeds)
 
     async def _wait_for_label(self, request_id: str) -> None:
         """Wait up to ``LABEL_RELEASE_WAIT_S`` for the live request labelled ``request_id`` to end, else raise
@@ -223,12 +246,19 @@ class AsyncEngine:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:  # None: the request already ended; its late event is dropped
                     stream.put_nowait(out)
+                elif out.finished and out.request_id in self._embeds:  # an Embed aborted (server shutdown)
+                    self._resolve(out.request_id, EngineDeadError("the request was aborted: the server is stopping"))
+        elif isinstance(event, EmbeddingsReady):
+            self.stats = event.stats
+            for result in event.outputs:
+                self._resolve(result.request_id, result)
         elif isinstance(event, StatsUpdate):
             self.stats = event.stats
         elif isinstance(event, RequestFailed):
             stream = self._streams.get(event.internal_id)
             if stream is not None:
                 stream.put_nowait(event.error)
+            self._resolve(event.internal_id, event.error)
         elif isinstance(event, AbortAnswered):
             waiter = self._abort_waiters.pop(event.ticket, None)
             if waiter is not None and not waiter.done():
@@ -242,12 +272,24 @@ class AsyncEngine:
         self.dead_reason = reason
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
+        for internal_id in list(self._embeds):
+            self._resolve(internal_id, EngineDeadError(reason))
         for waiter in self._abort_waiters.values():
             if not waiter.done():
                 waiter.set_result(False)
         self._abort_waiters.clear()
         if died and self.on_death is not None:
             self.on_death(reason)
+
+    def _resolve(self, internal_id: str, result: EmbeddingOutput | BaseException) -> None:
+        """Answer a waiting Embed call (a late answer of an ended one is dropped)."""
+        done = self._embeds.get(internal_id)
+        if done is None or done.done():
+            return
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
 
 
 def _not_started(command: Command) -> None:

@@ -24,6 +24,7 @@ _OPTIONAL_FIELDS = (
     "seed",
     "min_tokens",
     "logprobs",
+    "prompt_logprobs",
 )
 
 

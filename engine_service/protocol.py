@@ -3,8 +3,9 @@
 Everything that crosses between the gRPC side (``server.py``, ``async_engine.py``) and the engine core
 (``core/``) is defined here, so a reader sees the whole protocol in one place:
 
-- **values**: ``FinishReason``, ``TokenLogprob``, ``RequestOutput`` (one request's delta), ``EngineInfo`` (a
-  loaded engine's static facts), ``EngineStats`` (its load), the engine errors;
+- **values**: ``FinishReason``, ``TokenLogprob``, ``RequestOutput`` (one request's delta), ``EmbeddingOutput``
+  (one Embed request's result), ``EngineInfo`` (a loaded engine's static facts), ``EngineStats`` (its load),
+  the engine errors;
 - **the length rule** (:func:`check_lengths`), the one place that says how long a prompt and its output may be;
 - **commands** (server -> engine) and **events** (engine -> server), each carrying the engine-assigned
   ``internal_id`` of the request it concerns, never the client's ``request_id`` (a label the client may reuse);
@@ -17,6 +18,7 @@ import enum
 import pickle
 from dataclasses import dataclass, field
 
+from engine_service.pooling import PoolingConfig
 from engine_service.sampling_params import SamplingParams
 from service_common.validation import FieldError
 
@@ -59,10 +61,14 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling (on the final output)
+    # With SamplingParams.prompt_logprobs, on the request's first delta: prompt tokens 1..P-1 (token 0 has none)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def absorb(self, later: RequestOutput) -> None:
         """Append ``later``, the same request's next delta, so that this one delta says what both said."""
         self.new_token_ids.extend(later.new_token_ids)
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = (self.prompt_logprobs or []) + later.prompt_logprobs
         if later.new_logprobs:
             self.new_logprobs = (self.new_logprobs or []) + later.new_logprobs
         if later.finished:
@@ -109,6 +115,13 @@ class EngineInfo:
     num_kv_blocks: int
     attention_backend: str
     max_waiting_requests: int
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)  # how Embed pools (the checkpoint says)
+
+    def validate_embed(self, prompt_token_ids: list[int]) -> None:
+        """Raise FieldError naming the field if this prompt cannot be embedded: the length rule of Generate
+        (at most max_model_len - 1 tokens), ids inside the vocabulary."""
+        check_lengths(len(prompt_token_ids), None, self.max_model_len)
+        self._check_ids("prompt_token_ids", tuple(prompt_token_ids))
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise FieldError naming the field if this request can never be served. Sizes are checked
@@ -145,6 +158,16 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class EmbeddingOutput:
+    """One Embed request's result; ``request_id`` is the engine core's key (the internal id behind the service)."""
+
+    request_id: str
+    embedding: list[float]  # [hidden_size]: the last prompt token's final-norm hidden state (normalised if asked)
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -163,6 +186,15 @@ class AddRequest:
 
 
 @dataclass(frozen=True)
+class AddEmbedRequest:
+    """Embed a prompt: a prefill-only request, answered by an ``EmbeddingsReady`` event (or ``RequestFailed``)."""
+
+    internal_id: str
+    prompt_token_ids: list[int]
+    normalize: bool  # L2-normalise the pooled state (the service resolves the checkpoint's default)
+
+
+@dataclass(frozen=True)
 class AbortRequest:
     internal_id: str
     ticket: int | None  # answered by an AbortAnswered event when not None
@@ -173,7 +205,7 @@ class StopEngine:
     """Finish: emit what is held, answer EngineStopped, exit the loop."""
 
 
-Command = AddRequest | AbortRequest | StopEngine
+Command = AddRequest | AddEmbedRequest | AbortRequest | StopEngine
 
 
 # ---- events: engine -> service -----------------------------------------------------------------------
@@ -191,6 +223,12 @@ class EngineLoadFailed:
 @dataclass(frozen=True)
 class StepOutputs:
     outputs: list[RequestOutput]  # keyed by internal id
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class EmbeddingsReady:
+    outputs: list[EmbeddingOutput]  # keyed by internal id; each ends its request
     stats: EngineStats
 
 
@@ -217,7 +255,16 @@ class EngineStopped:
     died: bool  # True: a failure (health NOT_SERVING, exit non-zero); False: asked to stop
 
 
-Event = EngineReady | EngineLoadFailed | StepOutputs | StatsUpdate | RequestFailed | AbortAnswered | EngineStopped
+Event = (
+    EngineReady
+    | EngineLoadFailed
+    | StepOutputs
+    | EmbeddingsReady
+    | StatsUpdate
+    | RequestFailed
+    | AbortAnswered
+    | EngineStopped
+)
 
 
 # ---- the process boundary ------------------------------------------------------------------------------
@@ -233,7 +280,7 @@ def encode_event(event: Event) -> bytes:
         tokens: list[int] = []
         others: list[RequestOutput] = []
         for out in event.outputs:
-            if not out.finished and out.new_logprobs is None:
+            if not out.finished and out.new_logprobs is None and out.prompt_logprobs is None:
                 ids.append(out.request_id)
                 counts.append(len(out.new_token_ids))
                 tokens += out.new_token_ids

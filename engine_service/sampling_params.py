@@ -11,6 +11,8 @@ from service_common.validation import FieldError
 
 # Most alternatives a request may ask logprobs for (as OpenAI's API allows).
 MAX_LOGPROBS = 20
+# Most alternatives per prompt token (prompt_logprobs): the same limit.
+MAX_PROMPT_LOGPROBS = MAX_LOGPROBS
 
 # OpenAI's range for a logit_bias value: -100 in effect bans a token, +100 in effect forces it.
 MAX_LOGIT_BIAS = 100.0
@@ -50,6 +52,9 @@ class SamplingParams:
     # Token-id sequences never completed: a sequence's last id is banned while the output ends with the
     # ids before it (vLLM's bad_words, on ids; a one-id sequence bans that id outright).
     bad_words: tuple[tuple[int, ...], ...] = ()
+    # None: no prompt logprobs; N: each prompt token's (from the second on) plus the top N (0..MAX_PROMPT_LOGPROBS),
+    # from the raw logits. Such a request skips prefix-cache hits for its prompt (every position is computed).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -60,8 +65,9 @@ class SamplingParams:
             _require_int(name, getattr(self, name))
         if self.seed is not None:
             _require_int("seed", self.seed)
-        if self.logprobs is not None:
-            _require_int("logprobs", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name))
 
         if self.temperature < 0:
             raise FieldError("temperature", f"must be >= 0, got {self.temperature}")
@@ -83,6 +89,8 @@ class SamplingParams:
             raise FieldError("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise FieldError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS:
+            raise FieldError("prompt_logprobs", f"must be in [0, {MAX_PROMPT_LOGPROBS}], got {self.prompt_logprobs}")
 
         # frozen: lists become tuples (hashable, immutable)
         object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))

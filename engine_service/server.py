@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +24,15 @@ from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.generate_request import generate_inputs, request_path
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
 from engine_service.metrics import EngineMetrics
-from engine_service.protocol import EngineDeadError, EngineOverloadedError, FinishReason, RequestOutput
+from engine_service.protocol import (
+    EmbeddingOutput,
+    EngineDeadError,
+    EngineOverloadedError,
+    FinishReason,
+    RequestOutput,
+    TokenLogprob,
+    check_lengths,
+)
 from engine_service.vllm_grpc.servicer import SERVICE_NAME as VLLM_SERVICE_NAME
 from engine_service.vllm_grpc.servicer import add_vllm_servicer
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -46,6 +54,14 @@ _FINISH_REASONS = {
     FinishReason.ABORTED: engine_pb2.FINISH_REASON_ABORTED,
     FinishReason.ERROR: engine_pb2.FINISH_REASON_ERROR,
 }
+
+
+def token_logprob_pb(lp: TokenLogprob) -> engine_pb2.TokenLogprob:
+    return engine_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_logprobs=[engine_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
@@ -75,14 +91,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def _response(self, request_id: str, out: RequestOutput) -> engine_pb2.GenerateResponse:
         response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids)
         if out.new_logprobs:
-            for lp in out.new_logprobs:
-                response.logprobs.append(
-                    engine_pb2.TokenLogprob(
-                        token_id=lp.token_id,
-                        logprob=lp.logprob,
-                        top_logprobs=[engine_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-                    )
-                )
+            response.logprobs.extend(token_logprob_pb(lp) for lp in out.new_logprobs)
+        if out.prompt_logprobs:
+            response.prompt_logprobs.extend(token_logprob_pb(lp) for lp in out.prompt_logprobs)
         if out.finished:
             response.finish_reason = _FINISH_REASONS[out.finish_reason or FinishReason.ERROR]
             response.usage.prompt_tokens = out.num_prompt_tokens
@@ -131,6 +142,36 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             raise Overloaded(str(exc)) from exc
         except EngineDeadError as exc:
             raise Unavailable(f"the engine is down: {exc}") from exc
+
+    @handle_errors
+    async def Embed(
+        self, request: engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.EmbedResponse:
+        check_request_id(request.request_id, self.limits)
+        request_id = request.request_id or uuid.uuid4().hex
+        bind_request_id(request_id)
+        normalize = request.normalize if request.HasField("normalize") else None
+        result = await self.embed(request.prompt_token_ids, normalize)
+        return engine_pb2.EmbedResponse(
+            request_id=request_id, embedding=result.embedding, prompt_tokens=result.num_prompt_tokens
+        )
+
+    async def embed(self, prompt_token_ids: Sequence[int], normalize: bool | None) -> EmbeddingOutput:
+        """Both APIs' Embed: the engine's result, or the domain error its failure maps to (FieldError names
+        ``prompt_token_ids``; the caller renames it to its own field). The length rule is checked before the
+        ids are copied out of the request."""
+        engine = self._live_engine()
+        check_lengths(len(prompt_token_ids), None, engine.info.max_model_len)
+        start = time.perf_counter()
+        try:
+            result = await engine.embed(list(prompt_token_ids), normalize)
+        except EngineOverloadedError as exc:
+            raise Overloaded(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise Unavailable(f"the engine is down: {exc}") from exc
+        self.metrics.e2e_request_latency.observe(time.perf_counter() - start)
+        self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
+        return result
 
     @handle_errors
     async def Abort(

@@ -101,6 +101,8 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
                 if tied and name == "lm_head.weight":
                     continue  # tied checkpoints may still carry a copy of the embedding
                 param_name, shard_id = _target(name, packed)
+                if param_name not in params and f"model.{param_name}" in params:
+                    param_name = f"model.{param_name}"  # a bare Qwen3Model checkpoint (Qwen3-Embedding's layout)
                 if param_name not in params:
                     raise CheckpointError(f"unexpected tensor '{name}' in {path.name}: the model has no such parameter")
                 param = params[param_name]

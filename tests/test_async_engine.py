@@ -102,6 +102,9 @@ class _DyingEngine:
             raise EngineDeadError("a worker died")
         return [RequestOutput("r", [self.steps])]
 
+    def pop_embeddings(self) -> list:
+        return []
+
 
 def test_engine_loop_sends_held_tokens_before_reporting_death() -> None:
     events: list[object] = []

@@ -65,7 +65,7 @@ async def test_list_shows_every_service(services: Services, grpcurl) -> None:
     assert set((await grpcurl(services.engine_target, "list")).split()) == {ENGINE, VLLM, HEALTH, *reflection}
     assert set((await grpcurl(services.tokenizer_target, "list")).split()) == {TOKENIZER, HEALTH, *reflection}
     methods = (await grpcurl(services.engine_target, "list", ENGINE)).split()
-    assert methods == [f"{ENGINE}.{m}" for m in ("Abort", "Generate", "GetLoad", "GetModelInfo")]
+    assert methods == [f"{ENGINE}.{m}" for m in ("Abort", "Embed", "Generate", "GetLoad", "GetModelInfo")]
     # SMG's worker contract, generated from smg-grpc-proto: reflection resolves its imported common.proto too
     subscribe = await grpcurl(services.engine_target, "describe", f"{VLLM}.SubscribeKvEvents")
     assert "returns ( stream .smg.grpc.common.KvEventBatch )" in subscribe

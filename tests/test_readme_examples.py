@@ -222,6 +222,10 @@ def check_grpcurl_output(command: str, out: str) -> None:
         assert info["vocab_size"] == 151936 and info["max_model_len"] == 512
     elif verb.endswith("/GetLoad"):
         assert json.loads(out)["max_waiting"] > 0
+    elif verb.endswith("/Embed"):
+        reply = json.loads(out)  # the demo model's hidden size, normalised
+        assert len(reply["embedding"]) == 128 and abs(sum(v * v for v in reply["embedding"]) - 1) < 1e-4
+        assert reply["prompt_tokens"] == len(json.loads(args[args.index("-d") + 1])["prompt_token_ids"])
     else:
         pytest.fail(f"no check for this README command yet: {command}")
 
@@ -236,3 +240,5 @@ async def test_python_snippet(services: Services, snippet: str) -> None:
         assert re.search(r"^finish: FINISH_REASON_(LENGTH|STOP) tokens: \d+$", out, re.MULTILINE), out
     if "EngineClient(" in snippet:
         assert re.search(r"^\[\d+(, \d+)*\] FINISH_REASON_(LENGTH|STOP)$", out, re.MULTILINE), out
+    if ".embed(" in snippet and "EngineClient(" in snippet:
+        assert re.search(r"^128 floats$", out, re.MULTILINE), out

@@ -60,7 +60,7 @@ def test_translation_keeps_what_the_engine_honours() -> None:
         ({"n": 2}, "sampling_params.n"),
         ({"json_schema": "{}"}, "sampling_params.json_schema"),
         ({"choice": True}, "sampling_params.choice"),
-        ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "sampling_params.prompt_logprobs"),  # over the limit (20); -1 (all) too
         ({"max_tokens": 100}, "sampling_params.max_tokens"),
         ({"top_p": 1.5}, "sampling_params.top_p"),
         ({"stop": [""]}, "sampling_params.stop[0]"),

@@ -56,6 +56,8 @@ class _TextDelta:
     finish_reason: int = _UNFINISHED
     usage: engine_pb2.Usage | None = None
     matched_stop: str = ""
+    # The engine's prompt logprobs (its first message only; Complete returns them)
+    prompt_logprobs: Sequence[engine_pb2.TokenLogprob] = ()
 
 
 def _check_text_generation(
@@ -184,6 +186,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
         _check_text_generation(request, self._limits)  # before the id is logged: it may be too long
+        if request.sampling_params.HasField("prompt_logprobs"):  # ChatResponse has no field to carry them
+            raise InvalidArgument(
+                "sampling_params.prompt_logprobs", "prompt log-probabilities are served by Complete and Generate only"
+            )
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         check_conversation(request.messages, request.tools, self._limits)
@@ -271,9 +277,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                         finish_reason=delta.finish_reason,
                         usage=delta.usage,
                         matched_stop=delta.matched_stop,
+                        prompt_logprobs=delta.prompt_logprobs,
                     )
-                elif delta.text:
-                    yield tokenizer_pb2.CompleteResponse(request_id=request_id, text=delta.text)
+                elif delta.text or delta.prompt_logprobs:
+                    yield tokenizer_pb2.CompleteResponse(
+                        request_id=request_id, text=delta.text, prompt_logprobs=delta.prompt_logprobs
+                    )
 
     async def _generate(
         self,
@@ -303,6 +312,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 finished = response.finish_reason != _UNFINISHED
                 if response.HasField("usage"):
                     cached_prompt_tokens = response.usage.cached_prompt_tokens
+                prompt_logprobs = response.prompt_logprobs  # empty but on the first message
                 text = detokenizer.push(response.token_ids)
                 if finished:  # decodes the whole output once: off the loop
                     text += await asyncio.to_thread(detokenizer.finish)
@@ -322,13 +332,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                         engine_pb2.FINISH_REASON_STOP,
                         usage,
                         out.stop,
+                        prompt_logprobs,
                     )
                     return
                 if finished:
-                    yield _TextDelta(out + matcher.finish(), response.finish_reason, response.usage)
+                    yield _TextDelta(
+                        out + matcher.finish(), response.finish_reason, response.usage, "", prompt_logprobs
+                    )
                     return
-                if out:
-                    yield _TextDelta(out)
+                if out or prompt_logprobs:
+                    yield _TextDelta(out, prompt_logprobs=prompt_logprobs)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, "engine")
             if isinstance(error, InvalidArgument) and error.field == "prompt_token_ids":

@@ -17,9 +17,11 @@ from engine_service.core.model_runner import ModelRunner
 from engine_service.core.scheduler import Scheduler
 from engine_service.core.sequence import Sequence
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
-from engine_service.core.step_plan import StepPlan
+from engine_service.core.step_plan import StepPlan, StepResult
 from engine_service.core.tp_workers import WorkerGroup
+from engine_service.pooling import PoolingConfig
 from engine_service.protocol import (
+    EmbeddingOutput,
     EngineDeadError,
     EngineInfo,
     EngineOverloadedError,
@@ -39,6 +41,7 @@ class LLMEngine:
         self.config = config
         self.workers: WorkerGroup | None = None
         self.dead_reason: str | None = None
+        pooling = PoolingConfig.from_checkpoint(config.model)  # a pooling mode we cannot serve fails the load now
         if config.tensor_parallel_size > 1:
             self.workers = WorkerGroup(config, on_death=self._mark_dead)
         try:
@@ -78,6 +81,7 @@ class LLMEngine:
             num_kv_blocks=capacity,
             attention_backend=self.runner.backend.name,
             max_waiting_requests=config.max_waiting_requests,
+            pooling=pooling,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._overlap = config.overlaps_steps
@@ -86,6 +90,8 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
         self.num_generated_tokens_total = 0
+        self._prompt_logprobs: dict[str, list[TokenLogprob]] = {}  # request id -> prompt logprobs so far
+        self._embeddings: list[EmbeddingOutput] = []  # finished Embed requests, until pop_embeddings
         log.info(
             "engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
             capacity,
@@ -115,6 +121,27 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, seed)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
+
+    def add_embed_request(self, request_id: str, prompt_token_ids: list[int], normalize: bool) -> None:
+        """Queue a prefill-only request; its result comes from ``pop_embeddings`` after the step that
+        computes its last prompt token. Scheduled like a prompt (chunked, prefix-cache hits kept); the one
+        token its last row samples is never output, and its KV blocks are freed at once."""
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.info.validate_embed(prompt_token_ids)
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
+        params = SamplingParams(temperature=0.0, max_tokens=1)  # greedy: the cheapest sampler path
+        seq = Sequence(request_id, list(prompt_token_ids), params, 0, embed_normalize=bool(normalize))
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def pop_embeddings(self) -> list[EmbeddingOutput]:
+        """Embed requests finished since the last call."""
+        done, self._embeddings = self._embeddings, []
+        return done
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort at once (its KV blocks return to the pool now); None if unknown or already finished."""
@@ -195,9 +222,19 @@ class LLMEngine:
         except Exception as exc:
             raise self._fail(exc) from exc
         outputs: list[RequestOutput] = []
+        if result.prompt_logprobs is not None:
+            self._collect_prompt_logprobs(launched.plan, result)
+        embed_index = {row: i for i, row in enumerate(launched.plan.embed_rows)}
         for row, seq in self.scheduler.apply(launched.plan, result.token_ids):
+            if seq.is_embedding:
+                assert result.embeddings is not None
+                self._finish_embedding(seq, result.embeddings[embed_index[row]])
+                continue
             token = result.token_ids[row]
             self.num_generated_tokens_total += 1
+            prompt_logprobs = None  # taken before a finish (_retire) drops them
+            if seq.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1:
+                prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, [])  # a 1-token prompt has none
             reason = self._finish_reason(seq, token, len(seq.output_token_ids))
             if reason is None:
                 out = RequestOutput(seq.request_id, [token])
@@ -213,12 +250,40 @@ class LLMEngine:
                     else ()
                 )
                 out.new_logprobs = [TokenLogprob(token, result.logprobs[row], top)]
+            if prompt_logprobs is not None:
+                out.prompt_logprobs = prompt_logprobs
             outputs.append(out)
         return outputs
+
+    def _collect_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
+        """Append a step's prompt logprobs to each sequence's list. A prompt recomputed after a preemption
+        yields positions it already has: only the next missing one is ever appended."""
+        assert result.prompt_logprobs is not None
+        flat = 0
+        for span in plan.prompt_logprob_spans:
+            seq, n = span.seq, span.seq.params.prompt_logprobs or 0
+            if not seq.is_finished:
+                done = self._prompt_logprobs.setdefault(seq.request_id, [])
+                for k in range(span.count):
+                    if span.first_token + k == len(done) + 1:  # entry i is prompt token i + 1
+                        i = flat + k
+                        top = ()
+                        if n and result.prompt_top_ids is not None and result.prompt_top_logprobs is not None:
+                            top = tuple(zip(result.prompt_top_ids[i][:n], result.prompt_top_logprobs[i][:n]))
+                        token = seq.prompt_token_ids[span.first_token + k]
+                        done.append(TokenLogprob(token, result.prompt_logprobs[i], top))
+            flat += span.count
+
+    def _finish_embedding(self, seq: Sequence, embedding: list[float]) -> None:
+        self._retire(seq, FinishReason.STOP)
+        self._embeddings.append(
+            EmbeddingOutput(seq.request_id, embedding, seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
+        )
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now."""
         self.requests.pop(seq.request_id, None)
+        self._prompt_logprobs.pop(seq.request_id, None)
         self.scheduler.finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:

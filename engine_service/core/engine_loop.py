@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
+    AddEmbedRequest,
     AddRequest,
     Command,
+    EmbeddingsReady,
     EngineDeadError,
     EngineLoadFailed,
     EngineReady,
@@ -78,6 +80,8 @@ class EngineLoop:
                     outputs = self.batcher.ready(self.engine.step())
                     if outputs:
                         self.emit(StepOutputs(outputs, self.engine.stats()))
+                    if embeddings := self.engine.pop_embeddings():
+                        self.emit(EmbeddingsReady(embeddings, self.engine.stats()))
         except EngineDeadError as exc:
             self._emit_held()
             self.emit(EngineStopped(str(exc), died=True))
@@ -106,9 +110,12 @@ class EngineLoop:
                 self._emit_held()
                 self.emit(EngineStopped("the engine is shutting down", died=False))
                 return False
-            if isinstance(command, AddRequest):
+            if isinstance(command, (AddRequest, AddEmbedRequest)):
                 try:
-                    self.engine.add_request(command.internal_id, command.prompt_token_ids, command.params)
+                    if isinstance(command, AddRequest):
+                        self.engine.add_request(command.internal_id, command.prompt_token_ids, command.params)
+                    else:
+                        self.engine.add_embed_request(command.internal_id, command.prompt_token_ids, command.normalize)
                 except Exception as exc:  # delivered to its own stream; others are untouched
                     self.emit(RequestFailed(command.internal_id, exc))
             elif isinstance(command, AbortRequest):

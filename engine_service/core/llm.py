@@ -22,6 +22,7 @@ class CompletionOutput:
     finish_reason: str  # "stop" | "length" | "aborted" | "error"
     logprobs: list[TokenLogprob] | None
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs: prompt tokens 1..P-1
 
 
 class LLM:
@@ -65,6 +66,7 @@ class LLM:
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
         finals = {}
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         for ids, params in zip(encoded, params_list):
             rid = f"offline-{next(self._ids)}"
             order.append(rid)
@@ -75,6 +77,8 @@ class LLM:
                 tokens[out.request_id].extend(out.new_token_ids)
                 if out.new_logprobs:
                     logprobs[out.request_id].extend(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     finals[out.request_id] = out
         results = []
@@ -90,9 +94,26 @@ class LLM:
                     final.finish_reason.value,
                     logprobs[rid] if params.logprobs is not None else None,
                     final.num_cached_tokens,
+                    prompt_logprobs.get(rid) if params.prompt_logprobs is not None else None,
                 )
             )
         return results
+
+    def embed(self, prompts: Seq[str | list[int]], normalize: bool | None = None) -> list[list[float]]:
+        """Each prompt's embedding (last-token pooling; ``normalize`` None: the checkpoint's default, see
+        ``engine_service.pooling``), batched together; one per prompt, in order."""
+        encoded = [self._encode(p) for p in prompts]
+        for ids in encoded:
+            self.engine.info.validate_embed(ids)  # all-or-nothing: reject before anything runs
+        flag = self.engine.info.pooling.normalize if normalize is None else normalize
+        order = [f"offline-embed-{next(self._ids)}" for _ in encoded]
+        for rid, ids in zip(order, encoded):
+            self.engine.add_embed_request(rid, ids, flag)
+        results = {}
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+            results.update((e.request_id, e.embedding) for e in self.engine.pop_embeddings())
+        return [results[rid] for rid in order]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

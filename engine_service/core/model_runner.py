@@ -16,6 +16,7 @@ import torch
 
 from engine_service.config import EngineConfig
 from engine_service.core.cuda_graph import CUDAGraphRunner
+from engine_service.core.prompt_outputs import ExtraOutputs, extra_outputs
 from engine_service.core.step_input import StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
@@ -82,6 +83,7 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
         self.last_sampled: torch.Tensor | None = None  # [S] int64: the previous step's sampled ids
+        self.extras: ExtraOutputs | None = None  # the last step's prompt logprobs / pooled states, if it asked
 
     # ---- KV cache ---------------------------------------------------------------------------
     @property
@@ -196,9 +198,12 @@ class ModelRunner:
             rows = [step.pending.flat_positions, step.pending.source_rows]
             index = copy_to_device(torch.tensor(rows), self.device)  # [2, P]
             batch.input_ids[index[0]] = self.last_sampled[index[1]]
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+        self.extras = None
+        if self.graph_runner is not None and not step.needs_hidden and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
         hidden = self.model(batch)
+        if step.needs_hidden:
+            self.extras = extra_outputs(self.model, hidden, batch, step, self.rank == 0)
         return self.model.compute_logits(hidden, batch)
 
     def share_sampled(self, step: StepInput, sampled: torch.Tensor | None) -> None:

@@ -88,7 +88,8 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not bm.block_table(seq):
-                seq.num_computed_tokens = bm.match_prefix(seq)
+                # Prompt logprobs need every position's logits: no prefix-cache hits for such a prompt (as vLLM).
+                seq.num_computed_tokens = 0 if seq.wants_prompt_logprobs else bm.match_prefix(seq)
                 if seq.num_preemptions == 0:
                     seq.num_cached_prompt_tokens = seq.num_computed_tokens
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -52,6 +52,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # An Embed request (prefill only): whether to L2-normalise its pooled state. None: a generation request.
+    embed_normalize: bool | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +91,18 @@ class Sequence:
         max_model_len: validated.) ``num_output_tokens``, inlined: this runs for every running sequence
         on every step."""
         return len(self.output_token_ids) + self.num_pending_tokens >= self.params.max_tokens
+
+    @property
+    def is_embedding(self) -> bool:
+        """An Embed request: computed like a prompt whose one sampled token is never output (its row's
+        hidden state is the result), then retired (``max_tokens`` 1, so nothing is planned after it)."""
+        return self.embed_normalize is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to be computed: asked for, and no output token yet (a sequence
+        preempted after its first token recomputes its prompt without them)."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
 
     @property
     def is_finished(self) -> bool:

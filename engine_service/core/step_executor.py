@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine_service.core.model_runner import ModelRunner
+from engine_service.core.prompt_outputs import ExtraOutputs, normalize_rows
 from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine_service.core.step_plan import PlannedSeq, StepPlan, StepResult
 from engine_service.core.tp_workers import WorkerGroup
@@ -27,21 +28,50 @@ class LaunchedStep:
     plan: StepPlan
     host: tuple[torch.Tensor, ...]  # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
     ready: torch.cuda.Event | None  # recorded after the copies to ``host`` (None on the CPU)
+    # prompt logprobs [P] then (if asked) top ids / values [P, N]; pooled states [E, hidden] (empty: not asked)
+    prompt_host: tuple[torch.Tensor, ...] = ()
+    pooled_host: tuple[torch.Tensor, ...] = ()
 
 
-def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
-    """Start copying the sampler's results to the host without waiting; the event marks their arrival."""
+def _sampler_tensors(out: SamplerOutput | None) -> list[torch.Tensor]:
+    if out is None:
+        return []
     tensors = [out.token_ids]
     if out.logprobs is not None:
         tensors.append(out.logprobs)
         if out.top_logprobs_ids is not None:
             tensors += [out.top_logprobs_ids, out.top_logprobs]
-    if out.token_ids.device.type == "cpu":
-        return tuple(tensors), None
-    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+    return tensors
+
+
+def _copy_to_host(*groups: list[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, ...]], torch.cuda.Event | None]:
+    """Start copying each group of device tensors to the host without waiting; the event marks their arrival."""
+    tensors = [t for group in groups for t in group]
+    if not tensors or tensors[0].device.type == "cpu":
+        return [tuple(group) for group in groups], None
+    host = [
+        tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in group)
+        for group in groups
+    ]
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
+
+
+def _extra_tensors(extras: ExtraOutputs | None, plan: StepPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The prompt-logprob tensors and the (normalised where asked) pooled states of a step, device-side."""
+    if extras is None:
+        return [], []
+    prompt = []
+    if extras.prompt_logprobs is not None:
+        prompt.append(extras.prompt_logprobs)
+        if extras.prompt_top_ids is not None and extras.prompt_top_logprobs is not None:
+            prompt += [extras.prompt_top_ids, extras.prompt_top_logprobs]
+    pooled = []
+    if extras.pooled is not None:
+        flags = [bool(plan.sampling[row].seq.embed_normalize) for row in plan.embed_rows]
+        pooled.append(normalize_rows(extras.pooled, flags))
+    return prompt, pooled
 
 
 class StepExecutor:
@@ -68,20 +98,25 @@ class StepExecutor:
         if self.workers:
             self.workers.execute(step)
         logits = self.runner.execute(step)
+        prompt, pooled = _extra_tensors(self.runner.extras, plan)
         sampled = self._sample(logits, plan.sampling) if plan.sampling else None
         self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
-        host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
-        return LaunchedStep(plan, host, ready)
+        (host, prompt_host, pooled_host), ready = _copy_to_host(_sampler_tensors(sampled), prompt, pooled)
+        return LaunchedStep(plan, host, ready, prompt_host, pooled_host)
 
     @staticmethod
     def wait(launched: LaunchedStep) -> StepResult:
         """Block until ``launched``'s sampled ids are on the host, and return them."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        if not launched.host:
-            return StepResult([])
         token_ids, logprobs, top_ids, top_vals = [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host))
-        return StepResult(token_ids, logprobs, top_ids, top_vals)
+        prompt, prompt_top_ids, prompt_top_vals = [t.tolist() for t in launched.prompt_host] + [None] * (
+            3 - len(launched.prompt_host)
+        )
+        embeddings = launched.pooled_host[0].tolist() if launched.pooled_host else None
+        return StepResult(
+            token_ids or [], logprobs, top_ids, top_vals, prompt, prompt_top_ids, prompt_top_vals, embeddings
+        )
 
     def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...]) -> SamplerOutput:
         seqs = [e.seq for e in rows]

@@ -27,6 +27,20 @@ class PendingTokens:
 
 
 @dataclass(frozen=True)
+class PromptLogprobsInput:
+    """Prompt positions whose full-vocabulary log-softmax this step computes (``SamplingParams.prompt_logprobs``).
+
+    Every rank runs the LM head over these positions (it is vocabulary-parallel: its all-gather pairs up
+    across ranks); rank 0 turns them into logprobs. Position ``flat_positions[i]`` predicts ``target_ids[i]``,
+    the prompt token after it.
+    """
+
+    flat_positions: tuple[int, ...]  # indices into the step's flat token list
+    target_ids: tuple[int, ...]  # the prompt token each position predicts (its logprob is reported)
+    num_top: int  # alternatives per position (the most any row asked for; 0: the target's only)
+
+
+@dataclass(frozen=True)
 class StepInput:
     """Per row (one sequence each): the ids this step computes, its context, its KV blocks, whether
     it samples. A row named in ``pending`` has one new token more than its ``token_ids``: the last,
@@ -40,6 +54,15 @@ class StepInput:
     # After the step, rank 0 broadcasts its sampled ids to every rank (async scheduling with TP > 1),
     # so that the next step's pending tokens can be filled on every rank.
     share_sampled: bool = field(default=False)
+    # Prompt logprobs and Embed requests need hidden states beyond the sampled rows' logits; such a step
+    # runs eagerly (never through a decode CUDA graph). Steps without them are unchanged.
+    prompt_logprobs: PromptLogprobsInput | None = None
+    embed_rows: tuple[int, ...] = ()  # rows of the sampled ones (``sample_rows``) whose hidden state is returned
+
+    @property
+    def needs_hidden(self) -> bool:
+        """The step returns more than the sampled rows' logits (it cannot run through a CUDA graph)."""
+        return self.prompt_logprobs is not None or bool(self.embed_rows)
 
     @property
     def num_seqs(self) -> int:

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 from engine_service.core.sequence import Sequence
-from engine_service.core.step_input import PendingTokens, StepInput
+from engine_service.core.step_input import PendingTokens, PromptLogprobsInput, StepInput
 
 
 class PlannedSeq(NamedTuple):
@@ -27,6 +27,14 @@ class PlannedSeq(NamedTuple):
     block_table: tuple[int, ...]  # snapshot of its KV blocks, covering context_len + num_new_tokens
     samples: bool  # this step reaches its last token, so it samples the next
     pending_row: int | None  # its last new token is the one it sampled at this row of the step in flight
+
+
+class PromptLogprobSpan(NamedTuple):
+    """Prompt tokens ``first_token .. first_token + count - 1`` of ``seq`` get their logprobs from this step."""
+
+    seq: Sequence
+    first_token: int  # >= 1: the first prompt token has no logprob (nothing precedes it)
+    count: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,39 @@ class StepPlan:
         """The rows that sample, in the order of the sampled ids (row i of a ``StepResult``)."""
         return tuple(e for e in self.entries if e.samples)
 
+    @cached_property
+    def prompt_logprob_spans(self) -> tuple[PromptLogprobSpan, ...]:
+        """Per row that still wants prompt logprobs and computes prompt positions before the last: the prompt
+        tokens those positions predict (read once, at launch, and kept: the engine maps results by it)."""
+        spans = []
+        for e in self.entries:
+            if e.seq.wants_prompt_logprobs:
+                end = min(e.context_len + e.num_new_tokens, e.seq.num_prompt_tokens - 1)
+                if end > e.context_len:
+                    spans.append(PromptLogprobSpan(e.seq, e.context_len + 1, end - e.context_len))
+        return tuple(spans)
+
+    @cached_property
+    def embed_rows(self) -> tuple[int, ...]:
+        """Sampling rows (of ``sampling``) of Embed requests: their last prompt token's hidden state is the result."""
+        return tuple(i for i, e in enumerate(self.sampling) if e.seq.is_embedding)
+
+    def _prompt_logprobs_input(self) -> PromptLogprobsInput | None:
+        if not self.prompt_logprob_spans:
+            return None
+        flat_of_position_0, flat = {}, 0  # per sequence: where its position 0 would sit in the flat token list
+        for e in self.entries:
+            flat_of_position_0[e.seq] = flat - e.context_len
+            flat += e.num_new_tokens
+        positions: list[int] = []
+        targets: list[int] = []
+        for span in self.prompt_logprob_spans:
+            start = flat_of_position_0[span.seq] + span.first_token - 1  # position first_token - 1 predicts it
+            positions += range(start, start + span.count)
+            targets += span.seq.prompt_token_ids[span.first_token : span.first_token + span.count]
+        num_top = max(span.seq.params.prompt_logprobs or 0 for span in self.prompt_logprob_spans)
+        return PromptLogprobsInput(tuple(positions), tuple(targets), num_top)
+
     @property
     def num_new_tokens(self) -> int:
         return sum(e.num_new_tokens for e in self.entries)
@@ -68,7 +109,16 @@ class StepPlan:
                 positions.append(flat - 1)
                 sources.append(e.pending_row)
         pending = PendingTokens(tuple(rows), tuple(positions), tuple(sources)) if rows else None
-        return StepInput(token_ids, context_lens, tables, sample_rows, pending, share_sampled and bool(self.sampling))
+        return StepInput(
+            token_ids,
+            context_lens,
+            tables,
+            sample_rows,
+            pending,
+            share_sampled and bool(self.sampling),
+            self._prompt_logprobs_input(),
+            self.embed_rows,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,3 +129,8 @@ class StepResult:
     logprobs: list[float] | None = None  # [S] when some row asked for logprobs
     top_ids: list[list[int]] | None = None  # [S, N] most likely first, when some row asked for N > 0
     top_logprobs: list[list[float]] | None = None
+    # Per position of ``StepPlan.prompt_logprob_spans`` (span after span), when the plan has any:
+    prompt_logprobs: list[float] | None = None  # [P] the prompt token's logprob
+    prompt_top_ids: list[list[int]] | None = None  # [P, N] when some span asked for N > 0 alternatives
+    prompt_top_logprobs: list[list[float]] | None = None
+    embeddings: list[list[float]] | None = None  # [E, hidden] per row of ``StepPlan.embed_rows``

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from engine_service.generate_request import generate_inputs
 from engine_service.limits import RequestLimits, check_request_id
 from engine_service.protocol import EngineInfo
-from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine_service.sampling_params import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS, SamplingParams
 from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.smg import vllm_engine_pb2 as pb
 from service_common.validation import FieldError
@@ -64,8 +64,11 @@ def check_supported(request: pb.GenerateRequest) -> None:
         raise FieldError("sampling_params.n", f"one sample per request is supported, got n={sp.n}")
     if (constraint := sp.WhichOneof("constraint")) is not None:
         raise _refuse(f"sampling_params.{constraint}", "structured output (constrained decoding)")
-    if sp.HasField("prompt_logprobs"):
-        raise _refuse("sampling_params.prompt_logprobs", "prompt_logprobs")
+    if sp.HasField("prompt_logprobs") and not 0 <= sp.prompt_logprobs <= MAX_PROMPT_LOGPROBS:
+        raise FieldError(
+            "sampling_params.prompt_logprobs",
+            f"must be in [0, {MAX_PROMPT_LOGPROBS}] (-1, every token's, is not supported), got {sp.prompt_logprobs}",
+        )
     if sp.HasField("logprobs") and not 0 <= sp.logprobs <= MAX_LOGPROBS:
         raise FieldError("sampling_params.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sp.logprobs}")
     bad = next((t for t in sp.logit_bias if t < 0), None)
@@ -84,7 +87,8 @@ def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateR
     sp = request.sampling_params
     ours = engine_pb2.GenerateRequest(prompt_token_ids=request.tokenized.input_ids)
     o = ours.sampling_params
-    for name in ("temperature", "seed", "logprobs", "max_tokens"):  # fields with presence in SMG's message
+    # fields with presence in SMG's message
+    for name in ("temperature", "seed", "logprobs", "max_tokens", "prompt_logprobs"):
         if sp.HasField(name):
             setattr(o, name, getattr(sp, name))
     # No presence in SMG's message: 0 is "unset" (vLLM's servicer reads them so), which our defaults mean too.
@@ -109,6 +113,13 @@ def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateR
     return ours
 
 
+def prompt_field(exc: FieldError) -> FieldError:
+    """An engine FieldError about the prompt, named as SMG's requests name it (``tokenized.input_ids``)."""
+    if exc.field.startswith("prompt_token_ids"):
+        return FieldError("tokenized.input_ids" + exc.field[len("prompt_token_ids") :], exc.message)
+    return exc
+
+
 def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: RequestLimits) -> EngineRequest:
     """The engine's form of ``request``. Raises FieldError with the field's path in SMG's GenerateRequest."""
     check_request_id(request.request_id, limits)
@@ -123,6 +134,6 @@ def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: Reques
         info.validate(prompt, params)
     except FieldError as exc:
         if exc.field.startswith("prompt_token_ids"):
-            raise FieldError("tokenized.input_ids" + exc.field[len("prompt_token_ids") :], exc.message) from None
+            raise prompt_field(exc) from None
         raise exc if exc.field.startswith("sampling_params") else exc.within("sampling_params") from None
     return EngineRequest(request.request_id, prompt, params, stops, sp.skip_special_tokens, request.stream)

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 import grpc.aio
 import tokenizers
 
+from engine_service.limits import check_request_id
 from engine_service.protocol import FinishReason, RequestOutput, TokenLogprob
 from engine_service.vllm_grpc.kv_events import KvEventStreams
-from engine_service.vllm_grpc.requests import EngineRequest, engine_request
+from engine_service.vllm_grpc.requests import EngineRequest, engine_request, prompt_field
 from engine_service.vllm_grpc.stops import StopHit, StopWatch
 from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
 from qwen3serve.smg import common_pb2
@@ -32,6 +33,7 @@ from qwen3serve.smg import vllm_engine_pb2 as pb
 from qwen3serve.smg import vllm_engine_pb2_grpc as pb_grpc
 from service_common.errors import handle_errors
 from service_common.logging import bind_request_id
+from service_common.validation import FieldError
 
 if TYPE_CHECKING:
     from engine_service.server import EngineServicer
@@ -46,6 +48,18 @@ _FINISH_REASONS = {
     FinishReason.ABORTED: "abort",
     FinishReason.ERROR: "error",
 }
+
+
+def _input_logprobs(prompt: list[int], items: list[TokenLogprob]) -> pb.InputLogProbs:
+    """SMG's prompt logprobs: one entry per prompt token, the first without a value (nothing precedes it)."""
+    return pb.InputLogProbs(
+        token_logprobs=[pb.InputTokenLogProb(), *(pb.InputTokenLogProb(value=lp.logprob) for lp in items)],
+        token_ids=prompt[:1] + [lp.token_id for lp in items],
+        top_logprobs=[
+            pb.TopLogProbs(),
+            *(pb.TopLogProbs(values=[v for _, v in lp.top], token_ids=[t for t, _ in lp.top]) for lp in items),
+        ],
+    )
 
 
 def _logprobs(items: list[TokenLogprob]) -> pb.OutputLogProbs:
@@ -99,6 +113,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         tokens: list[int] = []
         logprobs: list[TokenLogprob] = []
         prompt = len(req.prompt_token_ids)
+        input_logprobs: pb.InputLogProbs | None = None
         stream = self.base._live_engine().generate(req.prompt_token_ids, req.params, req.request_id)
         try:
             async for out in stream:
@@ -107,6 +122,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                     self._cut(out, hit, prompt, len(tokens))
                 tokens += out.new_token_ids
                 logprobs += out.new_logprobs or []
+                first_input_logprobs = None
+                if out.prompt_logprobs is not None:
+                    first_input_logprobs = input_logprobs = _input_logprobs(req.prompt_token_ids, out.prompt_logprobs)
                 if req.stream and out.new_token_ids:
                     yield pb.GenerateResponse(
                         chunk=pb.GenerateStreamChunk(
@@ -114,10 +132,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                             prompt_tokens=prompt,
                             completion_tokens=len(tokens),
                             output_logprobs=_logprobs(out.new_logprobs) if out.new_logprobs else None,
+                            input_logprobs=first_input_logprobs,  # the first chunk only
                         )
                     )
                 if out.finished:
-                    yield self._complete(req, out, tokens, logprobs, hit)
+                    complete = self._complete(req, out, tokens, logprobs, hit)
+                    if input_logprobs is not None and not req.stream:
+                        complete.complete.input_logprobs.CopyFrom(input_logprobs)
+                    yield complete
                     return
         finally:
             await stream.aclose()  # at once, not at garbage collection: the abort reaches the engine now
@@ -156,6 +178,22 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             complete.matched_token_id = tokens[-1]
         self.base.metrics.finished(reason.value)
         return pb.GenerateResponse(complete=complete)
+
+    # ---- Embed ------------------------------------------------------------------------------------
+    @handle_errors
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        """Last-token pooled, normalised as the checkpoint says (``engine_service.pooling``): the same engine
+        path as EngineService.Embed. Only token ids (``tokenized.input_ids``) are taken."""
+        self.last_receive = time.time()
+        check_request_id(request.request_id, self.base.limits)
+        bind_request_id(request.request_id)
+        try:
+            result = await self.base.embed(list(request.tokenized.input_ids), None)
+        except FieldError as exc:
+            raise prompt_field(exc) from None
+        return pb.EmbedResponse(
+            embedding=result.embedding, prompt_tokens=result.num_prompt_tokens, embedding_dim=len(result.embedding)
+        )
 
     # ---- the rest ---------------------------------------------------------------------------------
     @handle_errors
