@@ -16,7 +16,9 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from multiprocessing.connection import Connection, wait
+from typing import TypeVar
 
 from engine_service.config import EngineConfig
 from engine_service.core.step_input import StepInput
@@ -25,62 +27,58 @@ log = logging.getLogger(__name__)
 
 
 # ---- commands (rank 0 -> worker) ------------------------------------------------------------
-@dataclass(frozen=True)
-class ReportCapacity:
-    """Profile memory and reply with a ``Capacity``."""
+class Order(Enum):
+    """A command that carries nothing."""
+
+    REPORT_CAPACITY = "report-capacity"  # profile memory, reply with a Capacity
+    CAPTURE_CUDA_GRAPHS = "capture-cuda-graphs"  # reply Reached(DONE)
+    SHUTDOWN = "shutdown"  # leave the command loop, no reply
 
 
 @dataclass(frozen=True)
 class AllocateKVCache:
+    """Allocate this many KV blocks (the minimum over ranks), reply Reached(DONE)."""
+
     num_blocks: int
-
-
-@dataclass(frozen=True)
-class CaptureCUDAGraphs:
-    pass
 
 
 @dataclass(frozen=True)
 class Execute:
-    step: StepInput
+    step: StepInput  # no reply: the collectives keep the ranks in step
 
 
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-Command = ReportCapacity | AllocateKVCache | CaptureCUDAGraphs | Execute | Shutdown
+Command = Order | AllocateKVCache | Execute
 
 
 # ---- replies (worker -> rank 0) -------------------------------------------------------------
+class Stage(Enum):
+    STARTED = "started"  # imported everything, about to join the process group
+    READY = "ready"  # the model runner is built (weights loaded)
+    DONE = "done"  # the last command that asks for a reply is done
+
+
 @dataclass(frozen=True)
-class Started:
-    """The worker imported everything and is about to join the process group."""
-
+class Reached:
     rank: int
-
-
-@dataclass(frozen=True)
-class Ready:
-    rank: int
+    stage: Stage
 
 
 @dataclass(frozen=True)
 class Capacity:
+    """How many KV blocks fit on this rank."""
+
     rank: int
     num_blocks: int
-
-
-@dataclass(frozen=True)
-class Done:
-    rank: int
 
 
 @dataclass(frozen=True)
 class WorkerFailed:
     rank: int
-    error: str
+    error: str  # the worker's traceback
+
+
+Reply = Reached | Capacity | WorkerFailed
+R = TypeVar("R", Reached, Capacity)
 
 
 class WorkerError(RuntimeError):
@@ -97,23 +95,23 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     from engine_service.core.model_runner import ModelRunner  # imported in the child: it initialises torch
 
     try:
-        conn.send(Started(rank))
+        conn.send(Reached(rank, Stage.STARTED))
         runner = ModelRunner(config, rank, init_method)
-        conn.send(Ready(rank))
+        conn.send(Reached(rank, Stage.READY))
         while True:
             command = conn.recv()
             if isinstance(command, Execute):
                 runner.execute(command.step)  # no reply: the collectives keep ranks in step
                 runner.share_sampled(command.step, None)
-            elif isinstance(command, ReportCapacity):
+            elif command is Order.REPORT_CAPACITY:
                 conn.send(Capacity(rank, runner.kv_block_capacity()))
             elif isinstance(command, AllocateKVCache):
                 runner.allocate_kv_cache(command.num_blocks)
-                conn.send(Done(rank))
-            elif isinstance(command, CaptureCUDAGraphs):
+                conn.send(Reached(rank, Stage.DONE))
+            elif command is Order.CAPTURE_CUDA_GRAPHS:
                 runner.capture_cuda_graphs()
-                conn.send(Done(rank))
-            elif isinstance(command, Shutdown):
+                conn.send(Reached(rank, Stage.DONE))
+            elif command is Order.SHUTDOWN:
                 break
             else:
                 raise TypeError(f"unknown command {command!r}")
@@ -151,7 +149,7 @@ class WorkerGroup:
         # Rank 0 joins the process group only once every worker got that far: a worker that fails on
         # import would otherwise leave rank 0 blocked in the rendezvous until its timeout.
         try:
-            self._collect(Started)
+            self._wait_for(Stage.STARTED)
         except WorkerError:
             self.shutdown()
             raise
@@ -176,8 +174,9 @@ class WorkerGroup:
             except OSError as exc:
                 raise WorkerError(f"cannot reach a tensor-parallel worker: {exc}") from exc
 
-    def _collect(self, expected: type) -> list:
-        replies = []
+    def _collect(self, expected: type[R]) -> list[R]:
+        """One reply of type ``expected`` from every worker, in rank order."""
+        replies: list[R] = []
         for conn, proc in zip(self._conns, self._procs):
             while not conn.poll(0.5):
                 if not proc.is_alive():
@@ -190,11 +189,16 @@ class WorkerGroup:
             replies.append(reply)
         return replies
 
+    def _wait_for(self, stage: Stage) -> None:
+        for reply in self._collect(Reached):
+            if reply.stage is not stage:
+                raise WorkerError(f"tensor-parallel worker rank {reply.rank} reached {reply.stage}, not {stage}")
+
     def wait_ready(self) -> None:
-        self._collect(Ready)
+        self._wait_for(Stage.READY)
 
     def request_capacity(self) -> None:
-        self._send(ReportCapacity())
+        self._send(Order.REPORT_CAPACITY)
 
     def collect_capacity(self) -> list[int]:
         return [c.num_blocks for c in self._collect(Capacity)]
@@ -203,10 +207,10 @@ class WorkerGroup:
         self._send(AllocateKVCache(num_blocks))
 
     def capture_cuda_graphs(self) -> None:
-        self._send(CaptureCUDAGraphs())
+        self._send(Order.CAPTURE_CUDA_GRAPHS)
 
     def wait_done(self) -> None:
-        self._collect(Done)
+        self._wait_for(Stage.DONE)
 
     def execute(self, step: StepInput) -> None:
         self._send(Execute(step))
@@ -215,7 +219,7 @@ class WorkerGroup:
         self._closing = True
         for conn in self._conns:
             with contextlib.suppress(OSError):
-                conn.send(Shutdown())
+                conn.send(Order.SHUTDOWN)
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():

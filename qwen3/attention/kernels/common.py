@@ -82,6 +82,14 @@ def check_index(
         raise ValueError(f"{name} is on {x.device}, the KV cache on {device}")
 
 
+def launch_strides(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
+) -> tuple[int, ...]:
+    """The strides both attention kernels take, in their parameter order: q's and out's (token, head), the
+    cache's (block, slot, head; V shares them, see :func:`check_kv_cache`) and a block-table row's."""
+    return (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], block_tables.stride(0))
+
+
 def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """A fresh contiguous tensor like ``q``, or ``out`` after checking it can take q's result."""
     if out is None:

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen3.attention.kernels.common import check_attention_inputs, check_index, output_like
+from qwen3.attention.kernels.common import check_attention_inputs, check_index, launch_strides, output_like
+from qwen3.attention.kernels.kv_tile import attend_kv_tile
 
 LOG2E = 1.4426950408889634
 #: splits are never shorter than this many tokens (one default key tile): the cap only binds when the
@@ -98,22 +99,11 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)  # context positions of this tile
         tok_mask = tok < end
-        # A tile may span several pages (PAGE_SIZE < BLOCK_N): look up each token's page.
-        page = tl.load(table + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        row = page * stride_cache_block + (tok % PAGE_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N]
-        kv_mask = tok_mask[:, None] & d_mask[None, :]
-        # Masked loads: slots past the sequence may hold anything (even NaN), and 0 * NaN is NaN.
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(tok_mask[None, :], s, float("-inf"))
-        # The tile holds at least one valid token, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # The tile holds at least one valid token, so m_i is finite from the first tile on.
+        m_i, l_i, acc = attend_kv_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_offset, tok, tok_mask, tok_mask[None, :],
+            d, d_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE=PAGE_SIZE, MASKED=True,
+        )  # fmt: skip
 
     # An empty split (start >= seq_len) has l_i = 0: write o = 0 and lse = -inf, never 0/0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -247,14 +237,7 @@ def paged_decode_attention(
         part_lse,
         scale * LOG2E,
         num_splits,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
+        *launch_strides(q, out, k_cache, block_tables),
         *po_strides,
         *pl_strides,
         GROUP=group,

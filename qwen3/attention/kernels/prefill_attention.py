@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen3.attention.kernels.common import check_attention_inputs, check_index, output_like
+from qwen3.attention.kernels.common import check_attention_inputs, check_index, launch_strides, output_like
+from qwen3.attention.kernels.kv_tile import attend_kv_tile
 
 LOG2E = 1.4426950408889634
 
@@ -88,38 +89,22 @@ def _prefill_kernel(
     kv_end = prefix + j_last + 1  # no row of the tile sees a key at or past this position (<= seq_len)
     for n0 in range(0, unmasked_end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)  # all < unmasked_end <= seq_len: real, stored tokens
-        page = tl.load(table + tok // PAGE_SIZE).to(tl.int64)
-        row = page * stride_cache_block + (tok % PAGE_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N]
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # MASKED=False: the two mask arguments are not read (tok stands in for them).
+        m_i, l_i, acc = attend_kv_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_offset, tok, tok, tok,
+            d, d_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE=PAGE_SIZE, MASKED=False,
+        )  # fmt: skip
 
     # The diagonal band: causal mask per row. Key 0 is in the first tile processed (of either loop)
     # and every row sees it, so m_i is finite before any fully masked row-tile pair can occur.
     for n0 in range(unmasked_end, kv_end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < kv_end
-        page = tl.load(table + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        row = page * stride_cache_block + (tok % PAGE_SIZE) * stride_cache_slot + head_offset
-        kv_mask = tok_mask[:, None] & d_mask[None, :]
-        # Masked loads: slots past the sequence may hold anything (even NaN), and 0 * NaN is NaN.
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
         visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]  # [BLOCK_M, BLOCK_N]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_kv_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, head_offset, tok, tok_mask, visible,
+            d, d_mask, scale_log2, stride_cache_block, stride_cache_slot, PAGE_SIZE=PAGE_SIZE, MASKED=True,
+        )  # fmt: skip
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
@@ -188,14 +173,7 @@ def paged_prefill_attention(
         seq_lens,
         query_start_loc,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
+        *launch_strides(q, out, k_cache, block_tables),
         GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=block_size,
