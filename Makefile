@@ -10,8 +10,8 @@ PIP := $(PY) -m pip install -q $(FIND_LINKS)
 PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 MODEL ?=
 DEMO_DIR ?= .cache/demo-model
-ENGINE_PORT ?= 50051
-TOKENIZER_PORT ?= 50052
+ENGINE_PORT ?=
+TOKENIZER_PORT ?=
 ENGINE_ARGS ?=
 TOKENIZER_ARGS ?=
 REPLICAS ?= 2
@@ -65,11 +65,13 @@ demo-model: install
 
 # Both services under scripts/serve.py (exec: make's child is the supervisor, so SIGTERM to make reaches
 # it): Ctrl-C/SIGTERM drains both; either dying stops the other and fails make. More options:
-# make serve ENGINE_ARGS="--max-num-seqs 64" TOKENIZER_ARGS="--log-format json".
+# make serve ENGINE_ARGS="--max-num-seqs 64" TOKENIZER_ARGS="--log-format json". Ports: ENGINE_PORT=,
+# TOKENIZER_PORT= (unset: scripts/serve.py's defaults, which are service_common/options.py's).
 serve: install
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
-	exec $(PY) scripts/serve.py --model $(or $(MODEL),$(DEMO_DIR)) --engine-port $(ENGINE_PORT) \
-	  --tokenizer-port $(TOKENIZER_PORT) --engine-args '$(ENGINE_ARGS)' --tokenizer-args '$(TOKENIZER_ARGS)'
+	exec $(PY) scripts/serve.py --model $(or $(MODEL),$(DEMO_DIR)) $(if $(ENGINE_PORT),--engine-port $(ENGINE_PORT)) \
+	  $(if $(TOKENIZER_PORT),--tokenizer-port $(TOKENIZER_PORT)) --engine-args '$(ENGINE_ARGS)' \
+	  --tokenizer-args '$(TOKENIZER_ARGS)'
 
 # N engine replicas (one GPU each where there are several) and the SMG gateway in front: OpenAI HTTP on
 # HTTP_PORT, Prometheus on PROMETHEUS_PORT (engine_service/cluster.py; smg comes with the test/gateway extras).

@@ -6,13 +6,22 @@ import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import fields
 
 from engine_service.config import EngineConfig
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
 from qwen3.attention.names import BACKEND_CHOICES
 from qwen3.dtypes import DTYPE_NAMES
-from service_common.options import add_security_options, parse_or_exit, server_security
+from service_common.options import (
+    ENGINE_PORT,
+    add_limit_options,
+    add_log_options,
+    add_model_option,
+    add_security_options,
+    add_server_options,
+    limits_from_args,
+    parse_or_exit,
+    server_security,
+)
 from service_common.server import ServerConfig
 
 log = logging.getLogger("engine_service")
@@ -26,15 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "token ids in, streamed token ids out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    add_model_option(p, "a Hugging Face checkpoint (config.json + *.safetensors)")
     p.add_argument(
         "--served-model-name",
         default=None,
         help="name reported by GetModelInfo (default: %(default)s: the directory name)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (0 = off)")
+    add_server_options(
+        p,
+        port=ENGINE_PORT,
+        streams="Generate",
+        max_message_bytes=ENGINE_MAX_MESSAGE_BYTES,
+        message_note=" (a 128k-token prompt is < 1 MiB)",
+    )
     p.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -100,33 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens per streamed message (a request's first token is always sent at once); "
         "larger values cost the server less CPU per token at high concurrency",
     )
-    p.add_argument(
-        "--max-message-mb",
-        type=int,
-        default=ENGINE_MAX_MESSAGE_BYTES // 2**20,
-        help="largest request or response message, MiB (a 128k-token prompt is < 1 MiB); "
-        "beyond it gRPC answers RESOURCE_EXHAUSTED",
-    )
-    for limit in fields(RequestLimits):
-        p.add_argument(
-            f"--{limit.name.replace('_', '-')}",
-            type=int,
-            default=limit.default,
-            help=f"{limit.metadata['help']} (INVALID_ARGUMENT beyond it)",
-        )
-    p.add_argument(
-        "--max-concurrent-streams",
-        type=int,
-        default=ServerConfig.max_concurrent_streams,
-        help="Generate streams at once; more are answered RESOURCE_EXHAUSTED (health, GetLoad, "
-        "GetModelInfo and Abort are never limited)",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=float,
-        default=10.0,
-        help="on SIGTERM/SIGINT, seconds running streams may finish; then they end ABORTED",
-    )
+    add_limit_options(p, RequestLimits)
     p.add_argument(
         "--engine-in-thread",
         action="store_true",
@@ -134,13 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(saves a process; costs throughput at high concurrency: one interpreter lock for both)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="least severe log records written",
-    )
-    p.add_argument("--log-format", default="kv", choices=["kv", "json"], help="key=value lines or JSON lines")
+    add_log_options(p)
     add_security_options(p)
     args = p.parse_args(argv)
     args.security = parse_or_exit(p, server_security, args)  # files read now: bad ones exit 2 before loading
@@ -187,7 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
         stream_interval=args.stream_interval,
-        limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}),
+        limits=limits_from_args(RequestLimits, args),
     )
     log.info(
         "listening; loading the model", extra={"address": f"{args.host}:{running.port}", "metrics_port": metrics_port}

@@ -7,7 +7,8 @@
 - The services run in their own process groups: a terminal's Ctrl-C reaches only this process, which
   passes it on exactly once (a second SIGINT straight to a draining service would cut its grace).
 
-Standard library only; run it with the Python the services are installed in.
+Run it with the Python the services are installed in: the options it shares with them (``--model``, the
+default ports) come from ``service_common.options``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,27 @@ import sys
 import time
 from collections.abc import Sequence
 
+from service_common.options import ENGINE_PORT, TOKENIZER_PORT, add_model_option
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/serve.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory, for both services")
-    p.add_argument("--engine-port", type=int, default=50051)
-    p.add_argument("--tokenizer-port", type=int, default=50052)
-    p.add_argument("--engine-args", default="", help="more engine_service options, one shell-quoted string")
-    p.add_argument("--tokenizer-args", default="", help="more tokenizer_service options, one shell-quoted string")
+    add_model_option(p, "what both services read (weights, tokenizer, chat template)")
+    p.add_argument(
+        "--engine-port", type=int, default=ENGINE_PORT, help="the engine service's --port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tokenizer-port",
+        type=int,
+        default=TOKENIZER_PORT,
+        help="the tokenizer service's --port (default: %(default)s)",
+    )
+    p.add_argument(
+        "--engine-args", default="", help="more engine_service options, one shell-quoted string (default: none)"
+    )
+    p.add_argument(
+        "--tokenizer-args", default="", help="more tokenizer_service options, one shell-quoted string (default: none)"
+    )
     return p.parse_args(argv)
 
 

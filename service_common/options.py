@@ -1,5 +1,11 @@
 """Command-line options both services share, defined once: names, help texts, defaults, validation.
+Both CLIs (``python -m engine_service``, ``python -m tokenizer_service``), ``scripts/serve.py`` (``make serve``)
+and the Python API's config defaults take them from here.
 
+    add_model_option(parser, "...")             # --model
+    add_server_options(parser, port=..., ...)   # --host/--port/--metrics-port, streams, message size, grace
+    add_log_options(parser)                     # --log-level/--log-format
+    add_limit_options(parser, RequestLimits)    # one --max-... option per field of a limits dataclass
     parser = argparse.ArgumentParser(...)
     add_security_options(parser)                # --tls-cert/--tls-key/--tls-client-ca, --api-key(-file)
     add_engine_channel_options(parser)          # tokenizer only: how to reach a secured engine
@@ -15,7 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from dataclasses import fields
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from service_common.security import (
     API_KEY_ENV,
@@ -27,11 +34,117 @@ from service_common.security import (
     read_api_key,
     read_pem,
 )
+from service_common.server import ServerConfig
 
 ENGINE_API_KEY_ENV = "QWEN3SERVE_ENGINE_API_KEY"
 _CERT, _KEY = "CERTIFICATE", "PRIVATE KEY"
 
+#: defaults of the options below (and of the config dataclasses the Python API builds)
+DEFAULT_HOST = "127.0.0.1"
+ENGINE_PORT = 50051
+TOKENIZER_PORT = 50052
+DEFAULT_GRACE_S = 10.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
+LogFormat = Literal["kv", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("kv", "json")
+DEFAULT_LOG_FORMAT: LogFormat = "kv"
+
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    L = TypeVar("L", bound=DataclassInstance)
+
+
+def option_name(field_name: str) -> str:
+    """The command-line option of a config field: ``max_text_bytes`` -> ``--max-text-bytes``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def add_model_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--model DIR`` (required); ``what`` says which files of the checkpoint this service reads."""
+    parser.add_argument("--model", required=True, metavar="DIR", help=f"checkpoint directory: {what}")
+
+
+def add_server_options(
+    parser: argparse.ArgumentParser, *, port: int, streams: str, max_message_bytes: int, message_note: str = ""
+) -> None:
+    """Where the server listens, what it admits, how it drains: --host, --port, --metrics-port,
+    --max-concurrent-streams (``streams`` names the limited RPCs), --max-message-mb, --grace-period."""
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
+    parser.add_argument("--port", type=int, default=port, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of the Prometheus /metrics endpoint, on --host; 0 disables it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=ServerConfig.max_concurrent_streams,
+        help=f"{streams} streams at once; more are answered RESOURCE_EXHAUSTED (health and the unary RPCs "
+        "are never limited) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=max_message_bytes // 2**20,
+        help=f"largest request or response message, MiB{message_note}; beyond it gRPC answers "
+        "RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        "--grace",
+        dest="grace_period",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="on SIGTERM/SIGINT, seconds running streams may finish; then they end ABORTED (default: %(default)s)",
+    )
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format (``service_common.logging.configure_logging``)."""
+    parser.add_argument(
+        "--log-level",
+        default=DEFAULT_LOG_LEVEL,
+        choices=LOG_LEVELS,
+        help="least severe log records written (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=DEFAULT_LOG_FORMAT,
+        choices=LOG_FORMATS,
+        help="key=value lines or JSON lines (default: %(default)s)",
+    )
+
+
+def add_limit_options(parser: argparse.ArgumentParser, limits: type[DataclassInstance]) -> None:
+    """One ``--max-...`` option per field of the frozen ``limits`` dataclass (its ``help`` metadata says
+    what it bounds), as the argument group "request limits"; parse back with :func:`limits_from_args`."""
+    group = parser.add_argument_group(
+        "request limits",
+        "checked before any other work; a request beyond one is answered INVALID_ARGUMENT naming the "
+        "field and the limit (sizes: UTF-8 bytes)",
+    )
+    for f in fields(limits):
+        group.add_argument(
+            option_name(f.name),
+            type=int,
+            default=f.default,
+            metavar="N",
+            help=f"{f.metadata['help']} (default: %(default)s)",
+        )
+
+
+def limits_from_args(limits: type[L], args: argparse.Namespace) -> L:
+    """The ``limits`` dataclass from :func:`add_limit_options`' arguments."""
+    return limits(**{f.name: getattr(args, f.name) for f in fields(limits)})
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:

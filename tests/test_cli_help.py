@@ -78,3 +78,35 @@ def test_help_lists_each_option_once_with_description_and_default(service: str) 
         if entry_names[0] not in required and text.count("(default:") != 1
     }
     assert not wrong, f"options whose help does not state the default exactly once: {wrong}"
+
+
+def _descriptions(help_text: str) -> dict[str, str]:
+    return {names[0]: text for names, text in _options(help_text) if "--help" not in names}
+
+
+def test_shared_options_are_defined_once_for_both_services() -> None:
+    """The options both CLIs take come from service_common/options.py: the same names, the same help (the port's
+    default and the limited RPCs aside), so a change to one reaches both."""
+    engine = _descriptions(_help("engine_service")[0])
+    tokenizer = _descriptions(_help("tokenizer_service")[0])
+    same = ["--host", "--metrics-port", "--grace-period", "--log-level", "--log-format", "--tls-cert", "--api-key"]
+    for option in same:
+        assert option in engine and option in tokenizer, option
+        assert engine[option] == tokenizer[option], (option, engine[option], tokenizer[option])
+    assert "(default: 50051)" in engine["--port"] and "(default: 50052)" in tokenizer["--port"]
+    # Each service's request limits are one group, built from its RequestLimits dataclass.
+    assert "--max-request-id-bytes" in engine and "--max-request-id-bytes" in tokenizer
+
+
+def test_serve_script_takes_the_services_defaults() -> None:
+    """`make serve`'s supervisor: its --model and default ports are the services' (no second copy)."""
+    env = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "scripts/serve.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    options = _descriptions(proc.stdout)
+    assert "(default: 50051)" in options["--engine-port"], options
+    assert "(default: 50052)" in options["--tokenizer-port"], options
+    for help_text in (proc.stdout, _help("engine_service")[0], _help("tokenizer_service")[0]):
+        assert _descriptions(help_text)["--model"].startswith("checkpoint directory: "), help_text

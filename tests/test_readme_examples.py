@@ -26,6 +26,7 @@ from pki import Pki, write_pki
 from serving import REPO, Services, grpcurl_binary, json_stream, run_process, start_services
 
 from engine_service.__main__ import parse_args as engine_args
+from service_common.options import ENGINE_PORT, TOKENIZER_PORT
 from service_common.security import ChannelSecurity, ChannelTls, ServerSecurity, ServerTls
 from service_common.server import ServerConfig
 from tokenizer_service.__main__ import parse_args as tokenizer_args
@@ -39,14 +40,9 @@ SECURITY_SECTION = "## Security"
 API_KEY = "readme-key-0123456789abcdef0123"
 
 
-def makefile_port(name: str) -> int:
-    match = re.search(rf"^{name} \?= (\d+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
-    assert match, f"{name} not found in the Makefile"
-    return int(match.group(1))
-
-
-ENGINE_ADDRESS = f"127.0.0.1:{makefile_port('ENGINE_PORT')}"
-TOKENIZER_ADDRESS = f"127.0.0.1:{makefile_port('TOKENIZER_PORT')}"
+# `make serve`'s ports: scripts/serve.py's defaults, which are the services' (service_common/options.py).
+ENGINE_ADDRESS = f"127.0.0.1:{ENGINE_PORT}"
+TOKENIZER_ADDRESS = f"127.0.0.1:{TOKENIZER_PORT}"
 
 
 def fenced_blocks(section: str, language: str) -> list[str]:

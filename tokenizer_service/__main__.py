@@ -7,21 +7,25 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 
 from service_common.logging import configure_logging
 from service_common.metrics import start_metrics_server
 from service_common.options import (
+    TOKENIZER_PORT,
     add_engine_channel_options,
+    add_limit_options,
+    add_log_options,
+    add_model_option,
     add_security_options,
+    add_server_options,
     engine_channel_security,
+    limits_from_args,
     parse_or_exit,
     server_security,
 )
 from service_common.server import ServerConfig, serve_until_signal
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits, TokenizerServiceConfig
-from tokenizer_service.limits import option_name
 from tokenizer_service.server import start_tokenizer_server
 
 log = logging.getLogger("tokenizer_service")
@@ -29,34 +33,15 @@ log = logging.getLogger("tokenizer_service")
 
 def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
     defaults = TokenizerServiceConfig.__dataclass_fields__
-    server_defaults = ServerConfig()
     p = argparse.ArgumentParser(
         prog="python -m tokenizer_service",
         description="Serve qwen3serve.tokenizer.v1.TokenizerService (chat templates, tokenization, text "
         "streaming) in front of an EngineService.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="checkpoint directory holding tokenizer.json and tokenizer_config.json (chat template)",
-    )
+    add_model_option(p, "tokenizer.json and tokenizer_config.json (the chat template)")
     p.add_argument("--engine", required=True, help="the engine service's address, HOST:PORT")
-    p.add_argument(
-        "--host",
-        default=defaults["host"].default,
-        help="address to listen on (default: %(default)s; 0.0.0.0 for all interfaces)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=defaults["port"].default,
-        help="port to listen on; 0 picks a free one (default: %(default)s)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=defaults["metrics_port"].default,
-        help="port of the Prometheus /metrics endpoint, on --host; 0 disables it (default: %(default)s)",
+    add_server_options(
+        p, port=TOKENIZER_PORT, streams="Chat and Complete", max_message_bytes=ServerConfig.max_message_bytes
     )
     p.add_argument(
         "--engine-probe-interval",
@@ -71,53 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
         default=defaults["engine_probe_timeout_s"].default,
         help="seconds one engine health check may take (default: %(default)s)",
     )
-    p.add_argument(
-        "--grace-period",
-        "--grace",
-        dest="grace",
-        type=float,
-        default=defaults["grace_s"].default,
-        help="on SIGTERM/SIGINT, seconds running streams get to finish; then they end ABORTED (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-concurrent-streams",
-        type=int,
-        default=server_defaults.max_concurrent_streams,
-        help="Chat and Complete streams at once; more are answered RESOURCE_EXHAUSTED (health and "
-        "unary RPCs are never limited) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-message-mb",
-        type=int,
-        default=server_defaults.max_message_bytes // 2**20,
-        help="largest request or response message, MiB (default: %(default)s)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=defaults["log_level"].default,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="least severe log records written (default: %(default)s)",
-    )
-    p.add_argument(
-        "--log-format",
-        default=defaults["log_format"].default,
-        choices=["kv", "json"],
-        help="key=value lines or JSON lines (default: %(default)s)",
-    )
-    # ---- request limits: one option per RequestLimits field --------------------------------------
-    limits = p.add_argument_group(
-        "request limits",
-        "checked before any other work; a request beyond one is "
-        "answered INVALID_ARGUMENT naming the field and the limit (sizes: UTF-8 bytes)",
-    )
-    for f in fields(RequestLimits):
-        limits.add_argument(
-            option_name(f.name),
-            type=int,
-            default=f.default,
-            metavar="N",
-            help=f"{f.metadata['help']} (default: %(default)s)",
-        )
+    add_log_options(p)
+    add_limit_options(p, RequestLimits)
     add_security_options(p)
     add_engine_channel_options(p)
     args = p.parse_args(argv)
@@ -132,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
             metrics_port=args.metrics_port,
             engine_probe_interval_s=args.engine_probe_interval,
             engine_probe_timeout_s=args.engine_probe_timeout,
-            grace_s=args.grace,
+            grace_s=args.grace_period,
             log_level=args.log_level,
             log_format=args.log_format,
             engine_security=engine_security,
@@ -141,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
                 max_message_bytes=args.max_message_mb * 2**20,
                 security=security,
             ),
-            limits=RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)}),
+            limits=limits_from_args(RequestLimits, args),
         )
     except ValueError as exc:
         p.error(str(exc))  # exits with status 2 and the usage line

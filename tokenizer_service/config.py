@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from service_common.options import (
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    TOKENIZER_PORT,
+    LogFormat,
+)
 from service_common.security import ChannelSecurity
 from service_common.server import ServerConfig
 
@@ -53,14 +61,14 @@ class RequestLimits:
 class TokenizerServiceConfig:
     model: Path  # checkpoint directory (tokenizer.json + tokenizer_config.json)
     engine: str  # the engine service's address, host:port
-    host: str = "127.0.0.1"
-    port: int = 50052  # 0: pick a free port
+    host: str = DEFAULT_HOST
+    port: int = TOKENIZER_PORT  # 0: pick a free port
     metrics_port: int = 0  # Prometheus /metrics port; 0: off
     engine_probe_interval_s: float = 2.0  # how often the engine's health is checked
     engine_probe_timeout_s: float = 1.0
-    grace_s: float = 10.0  # on SIGTERM, running streams get this long to finish
-    log_level: str = "INFO"
-    log_format: str = "kv"  # "kv" (key=value) or "json"
+    grace_s: float = DEFAULT_GRACE_S  # on SIGTERM, running streams get this long to finish
+    log_level: str = DEFAULT_LOG_LEVEL
+    log_format: LogFormat = DEFAULT_LOG_FORMAT  # "kv" (key=value) or "json"
     server: ServerConfig = field(default_factory=ServerConfig)  # limits, keepalive, TLS, API key
     limits: RequestLimits = field(default_factory=RequestLimits)
     engine_security: ChannelSecurity = field(default_factory=ChannelSecurity)  # TLS / key to reach the engine

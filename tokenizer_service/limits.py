@@ -20,12 +20,8 @@ from itertools import accumulate
 
 from qwen3serve.tokenizer.v1 import tokenizer_pb2
 from service_common.errors import InvalidArgument
+from service_common.options import option_name
 from tokenizer_service.config import RequestLimits
-
-
-def option_name(limit: str) -> str:
-    """The command-line option that sets a RequestLimits field: ``max_text_bytes`` -> ``--max-text-bytes``."""
-    return "--" + limit.replace("_", "-")
 
 
 def utf8_len(text: str) -> int:
