@@ -5,12 +5,18 @@ function for a checkout. Everything else about the package is in pyproject.toml.
 Besides our own protos it generates SMG's worker contract, ``vllm.grpc.engine.VllmEngine``, from the .proto
 files inside the pinned ``smg-grpc-proto`` package (a build requirement), into ``qwen3serve/smg/``. The package
 ships generated modules too, but those are locked to the grpcio-tools that made them; generating here keeps them
-in step with the grpcio this install runs (the GPU machine's is older)."""
+in step with the grpcio this install runs (the GPU machine's is older).
+
+Typed stubs for mypy come from mypy-protobuf's ``protoc-gen-mypy`` / ``protoc-gen-mypy_grpc`` plugins (a build
+requirement, and in the test extra for ``make proto-gen``); where they are missing, protoc's own ``.pyi`` are
+written and the gRPC modules stay untyped, which is enough to run the code."""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import shutil
+import sys
 import tempfile
 
 from setuptools import setup
@@ -23,17 +29,41 @@ SMG_PROTOS = ("common.proto", "vllm_engine.proto")
 SMG_PACKAGE = "qwen3serve/smg"
 
 
+def _mypy_protobuf_plugins() -> list[str]:
+    """protoc arguments that write typed stubs with mypy-protobuf's plugins: ``*_pb2.pyi`` (messages) and
+    ``*_pb2_grpc.pyi`` (stubs, servicers), so mypy checks the code that calls them. Empty when the plugins are
+    not installed (a machine that only runs the code, e.g. ``make proto-gen PY=python3`` on a GPU host):
+    protoc's own ``.pyi`` then describe the messages, and nothing types the gRPC modules."""
+    found = {}
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        beside = pathlib.Path(sys.executable).parent / name  # a venv's bin/, or pip's isolated build env
+        path = str(beside) if beside.is_file() else shutil.which(name)
+        if path is None:
+            print(
+                f"setup.py: {name} not found (pip install mypy-protobuf): writing untyped gRPC modules", file=sys.stderr
+            )
+            return []
+        found[name] = path
+    return [
+        f"--plugin=protoc-gen-mypy={found['protoc-gen-mypy']}",
+        f"--plugin=protoc-gen-mypy_grpc={found['protoc-gen-mypy_grpc']}",
+        f"--mypy_out={ROOT}",
+        f"--mypy_grpc_out={ROOT}",
+    ]
+
+
 def _protoc(include_dirs: list[str], protos: list[str]) -> None:
     from grpc_tools import protoc  # a build requirement (pyproject.toml [build-system])
 
     include = str(pathlib.Path(protoc.__file__).parent / "_proto")  # well-known types
+    stubs = _mypy_protobuf_plugins() or [f"--pyi_out={ROOT}"]
     args = [
         "grpc_tools.protoc",
         *(f"-I{d}" for d in include_dirs),
         f"-I{include}",
         f"--python_out={ROOT}",
-        f"--pyi_out={ROOT}",
         f"--grpc_python_out={ROOT}",
+        *stubs,
         *protos,
     ]
     if protoc.main(args) != 0:
@@ -73,7 +103,8 @@ def generate_smg_code() -> None:
 
 
 def generate_grpc_code() -> None:
-    """protos/**/*.proto -> qwen3serve/**/{*_pb2.py, *_pb2.pyi, *_pb2_grpc.py} (+ package __init__ files),
+    """protos/**/*.proto -> qwen3serve/**/{*_pb2.py, *_pb2.pyi, *_pb2_grpc.py, *_pb2_grpc.pyi} (+ package
+    __init__ files),
     and SMG's vLLM worker contract -> qwen3serve/smg/ (:func:`generate_smg_code`)."""
     protos = sorted(str(p) for p in (ROOT / "protos").rglob("*.proto"))
     if not protos:  # an sdist-built wheel: the generated code is already in the tree

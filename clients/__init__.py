@@ -23,8 +23,8 @@ Secured servers (``--tls-cert``, ``--tls-client-ca``, ``--api-key``): every clie
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 import grpc.aio
@@ -36,6 +36,10 @@ from service_common.security import ChannelSecurity, ChannelTls, aio_channel, sy
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+C = TypeVar("C")
 MessageLike = tokenizer_pb2.ChatMessage | Mapping[str, Any]
 ToolLike = tokenizer_pb2.Tool | Mapping[str, Any]
 
@@ -158,14 +162,24 @@ def _security(
     return ChannelSecurity(ChannelTls(root_certificates, certificate_chain, private_key) if use_tls else None, api_key)
 
 
-# ---- asyncio ------------------------------------------------------------------------------------
-class _AsyncClient:
+# ---- transports ---------------------------------------------------------------------------------
+# Each RPC method is written once, in the asyncio clients, against two primitives: ``_unary(call, pick)``
+# (the call's response, through ``pick``) and ``_stream(call)`` (its responses; leaving early cancels the
+# call, which aborts the request on the server). The asyncio base awaits; the blocking base calls. The
+# blocking clients reuse the same functions (``_blocking``): only their static types differ.
+def _same(response: R) -> R:
+    return response
+
+
+class _Client:
+    """The constructor all four clients share: a target (a channel is made for it) or a ready channel."""
+
     stub_class: Any  # the generated stub class of the service
 
     def __init__(
         self,
         target: str = "",
-        channel: grpc.aio.Channel | None = None,
+        channel: Any = None,  # a grpc.aio.Channel for the asyncio clients, a grpc.Channel for the blocking ones
         *,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
@@ -175,80 +189,138 @@ class _AsyncClient:
     ) -> None:
         security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
         self._own_channel = channel is None
-        self.channel = channel or aio_channel(target, _CHANNEL_OPTIONS, security)
+        self.channel = channel or self._make_channel(target, security)
         self.stub = self.stub_class(self.channel)
+
+    @staticmethod
+    def _make_channel(target: str, security: ChannelSecurity) -> Any:
+        raise NotImplementedError
+
+
+class _AsyncTransport(_Client):
+    channel: grpc.aio.Channel
+
+    @staticmethod
+    def _make_channel(target: str, security: ChannelSecurity) -> grpc.aio.Channel:
+        return aio_channel(target, _CHANNEL_OPTIONS, security)
+
+    @staticmethod
+    async def _unary(call: Awaitable[R], pick: Callable[[R], T]) -> T:
+        return pick(await call)
+
+    @staticmethod
+    async def _stream(call: grpc.aio.UnaryStreamCall[Any, R]) -> AsyncIterator[R]:
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
 
     async def close(self) -> None:
         if self._own_channel:
             await self.channel.close()
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self: C) -> C:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
-async def _stream(call: Any) -> AsyncIterator[Any]:
-    try:
-        async for response in call:
-            yield response
-    finally:
-        call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
+class _SyncTransport(_Client):
+    channel: grpc.Channel
+
+    @staticmethod
+    def _make_channel(target: str, security: ChannelSecurity) -> grpc.Channel:
+        return sync_channel(target, _CHANNEL_OPTIONS, security)
+
+    @staticmethod
+    def _unary(call: R, pick: Callable[[R], T]) -> T:
+        return pick(call)
+
+    @staticmethod
+    def _stream(call: Any) -> Iterator[Any]:  # a grpc._channel._MultiThreadedRendezvous
+        try:
+            yield from call
+        finally:
+            call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-class AsyncEngineClient(_AsyncClient):
+def _blocking(method: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[Concatenate[Any, P], T]:
+    """An asyncio client's method, typed as the blocking client's: the function is the same (its body only
+    builds the request and hands the call to ``_unary``, which in a blocking client returns the response)."""
+    return method  # type: ignore[return-value]  # the retyping is the point (see the comment above)
+
+
+def _blocking_stream(
+    method: Callable[Concatenate[Any, P], AsyncIterator[T]],
+) -> Callable[Concatenate[Any, P], Iterator[T]]:
+    """:func:`_blocking` for a streaming method (``_stream`` of a blocking client returns an iterator)."""
+    return method  # type: ignore[return-value]
+
+
+# ---- the RPCs ----------------------------------------------------------------------------------
+class AsyncEngineClient(_AsyncTransport):
     """EngineService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
 
     stub_class = engine_pb2_grpc.EngineServiceStub
+    stub: engine_pb2_grpc.EngineServiceAsyncStub
 
     def generate(
-        self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None, **sampling: Any
+        self, /, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None, **sampling: Any
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         request = engine_pb2.GenerateRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params(**sampling)
         )
-        return _stream(self.stub.Generate(request, timeout=timeout))
+        return self._stream(self.stub.Generate(request, timeout=timeout))
 
-    async def embed(
+    def embed(
         self, prompt_token_ids: Sequence[int], *, normalize: bool | None = None, timeout: float | None = None
-    ) -> list[float]:
+    ) -> Awaitable[list[float]]:
         """The prompt's embedding (normalize None: the checkpoint's default)."""
-        response = await self.stub.Embed(_embed_request(prompt_token_ids, normalize), timeout=timeout)
-        return list(response.embedding)
+        call = self.stub.Embed(_embed_request(prompt_token_ids, normalize), timeout=timeout)
+        return self._unary(call, lambda r: list(r.embedding))
 
-    async def abort(self, request_id: str, timeout: float | None = None) -> bool:
-        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout)
-        return response.aborted
+    def abort(self, request_id: str, timeout: float | None = None) -> Awaitable[bool]:
+        call = self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout)
+        return self._unary(call, lambda r: r.aborted)
 
-    async def model_info(self, timeout: float | None = None) -> engine_pb2.GetModelInfoResponse:
-        return await self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=timeout)
+    def model_info(self, timeout: float | None = None) -> Awaitable[engine_pb2.GetModelInfoResponse]:
+        return self._unary(self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=timeout), _same)
 
-    async def load(self, timeout: float | None = None) -> engine_pb2.GetLoadResponse:
-        return await self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout)
+    def load(self, timeout: float | None = None) -> Awaitable[engine_pb2.GetLoadResponse]:
+        return self._unary(self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout), _same)
 
 
-class AsyncTokenizerClient(_AsyncClient):
+class AsyncTokenizerClient(_AsyncTransport):
     """TokenizerService over a ``grpc.aio`` channel (created for ``target`` unless one is given)."""
 
     stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
+    stub: tokenizer_pb2_grpc.TokenizerServiceAsyncStub
 
-    async def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
-        response = await self.stub.Tokenize(
-            tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout
-        )
-        return list(response.token_ids)
+    def tokenize(
+        self, text: str, add_special_tokens: bool = False, timeout: float | None = None
+    ) -> Awaitable[list[int]]:
+        request = tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return self._unary(self.stub.Tokenize(request, timeout=timeout), lambda r: list(r.token_ids))
 
-    async def detokenize(
+    def detokenize(
         self, token_ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
-    ) -> str:
-        response = await self.stub.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens),
-            timeout=timeout,
-        )
-        return response.text
+    ) -> Awaitable[str]:
+        request = tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return self._unary(self.stub.Detokenize(request, timeout=timeout), lambda r: r.text)
 
-    async def apply_chat_template(
+    def apply_chat_template(
         self,
         messages: Iterable[MessageLike],
         tools: Iterable[ToolLike] = (),
@@ -256,13 +328,13 @@ class AsyncTokenizerClient(_AsyncClient):
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
         timeout: float | None = None,
-    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
-        return await self.stub.ApplyChatTemplate(
-            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout
-        )
+    ) -> Awaitable[tokenizer_pb2.ApplyChatTemplateResponse]:
+        request = _template_request(messages, tools, add_generation_prompt, enable_thinking)
+        return self._unary(self.stub.ApplyChatTemplate(request, timeout=timeout), _same)
 
     def chat(
         self,
+        /,
         messages: Iterable[MessageLike],
         tools: Iterable[ToolLike] = (),
         *,
@@ -273,10 +345,11 @@ class AsyncTokenizerClient(_AsyncClient):
         **sampling: Any,
     ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
         request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
-        return _stream(self.stub.Chat(request, timeout=timeout))
+        return self._stream(self.stub.Chat(request, timeout=timeout))
 
     def complete(
         self,
+        /,
         prompt: str,
         *,
         stop: Sequence[str] = (),
@@ -287,133 +360,26 @@ class AsyncTokenizerClient(_AsyncClient):
         request = tokenizer_pb2.CompleteRequest(
             request_id=request_id, prompt=prompt, stop=list(stop), sampling_params=sampling_params(**sampling)
         )
-        return _stream(self.stub.Complete(request, timeout=timeout))
+        return self._stream(self.stub.Complete(request, timeout=timeout))
 
 
-# ---- blocking -----------------------------------------------------------------------------------
-class _SyncClient:
-    stub_class: Any  # the generated stub class of the service
-
-    def __init__(
-        self,
-        target: str = "",
-        channel: grpc.Channel | None = None,
-        *,
-        tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        security = _security(channel, tls, root_certificates, certificate_chain, private_key, api_key)
-        self._own_channel = channel is None
-        self.channel = channel or sync_channel(target, _CHANNEL_OPTIONS, security)
-        self.stub = self.stub_class(self.channel)
-
-    def close(self) -> None:
-        if self._own_channel:
-            self.channel.close()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _sync_stream(call: Any) -> Iterator[Any]:
-    try:
-        yield from call
-    finally:
-        call.cancel()  # no-op when the stream ended; otherwise the server aborts the request
-
-
-class EngineClient(_SyncClient):
+class EngineClient(_SyncTransport):
     """EngineService over a blocking channel (not for use on an event loop thread)."""
 
     stub_class = engine_pb2_grpc.EngineServiceStub
-
-    def generate(
-        self, prompt_token_ids: Sequence[int], *, request_id: str = "", timeout: float | None = None, **sampling: Any
-    ) -> Iterator[engine_pb2.GenerateResponse]:
-        request = engine_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params(**sampling)
-        )
-        return _sync_stream(self.stub.Generate(request, timeout=timeout))
-
-    def embed(
-        self, prompt_token_ids: Sequence[int], *, normalize: bool | None = None, timeout: float | None = None
-    ) -> list[float]:
-        """The prompt's embedding (normalize None: the checkpoint's default)."""
-        return list(self.stub.Embed(_embed_request(prompt_token_ids, normalize), timeout=timeout).embedding)
-
-    def abort(self, request_id: str, timeout: float | None = None) -> bool:
-        return self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=timeout).aborted
-
-    def model_info(self, timeout: float | None = None) -> engine_pb2.GetModelInfoResponse:
-        return self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=timeout)
-
-    def load(self, timeout: float | None = None) -> engine_pb2.GetLoadResponse:
-        return self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout)
+    generate = _blocking_stream(AsyncEngineClient.generate)
+    embed = _blocking(AsyncEngineClient.embed)
+    abort = _blocking(AsyncEngineClient.abort)
+    model_info = _blocking(AsyncEngineClient.model_info)
+    load = _blocking(AsyncEngineClient.load)
 
 
-class TokenizerClient(_SyncClient):
+class TokenizerClient(_SyncTransport):
     """TokenizerService over a blocking channel (not for use on an event loop thread)."""
 
     stub_class = tokenizer_pb2_grpc.TokenizerServiceStub
-
-    def tokenize(self, text: str, add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
-        return list(
-            self.stub.Tokenize(
-                tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout
-            ).token_ids
-        )
-
-    def detokenize(
-        self, token_ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
-    ) -> str:
-        return self.stub.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens),
-            timeout=timeout,
-        ).text
-
-    def apply_chat_template(
-        self,
-        messages: Iterable[MessageLike],
-        tools: Iterable[ToolLike] = (),
-        *,
-        add_generation_prompt: bool = True,
-        enable_thinking: bool | None = None,
-        timeout: float | None = None,
-    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
-        return self.stub.ApplyChatTemplate(
-            _template_request(messages, tools, add_generation_prompt, enable_thinking), timeout=timeout
-        )
-
-    def chat(
-        self,
-        messages: Iterable[MessageLike],
-        tools: Iterable[ToolLike] = (),
-        *,
-        enable_thinking: bool | None = None,
-        stop: Sequence[str] = (),
-        request_id: str = "",
-        timeout: float | None = None,
-        **sampling: Any,
-    ) -> Iterator[tokenizer_pb2.ChatResponse]:
-        request = _chat_request(messages, tools, enable_thinking, stop, request_id, sampling)
-        return _sync_stream(self.stub.Chat(request, timeout=timeout))
-
-    def complete(
-        self,
-        prompt: str,
-        *,
-        stop: Sequence[str] = (),
-        request_id: str = "",
-        timeout: float | None = None,
-        **sampling: Any,
-    ) -> Iterator[tokenizer_pb2.CompleteResponse]:
-        request = tokenizer_pb2.CompleteRequest(
-            request_id=request_id, prompt=prompt, stop=list(stop), sampling_params=sampling_params(**sampling)
-        )
-        return _sync_stream(self.stub.Complete(request, timeout=timeout))
+    tokenize = _blocking(AsyncTokenizerClient.tokenize)
+    detokenize = _blocking(AsyncTokenizerClient.detokenize)
+    apply_chat_template = _blocking(AsyncTokenizerClient.apply_chat_template)
+    chat = _blocking_stream(AsyncTokenizerClient.chat)
+    complete = _blocking_stream(AsyncTokenizerClient.complete)

@@ -23,7 +23,7 @@ import multiprocessing as mp
 import queue
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
@@ -134,7 +134,7 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------------
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises FieldError
         (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError.
 

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,18 +94,18 @@ class ClusterConfig:
         ]
 
 
-def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
     """Block until ``address`` answers SERVING on grpc.health.v1; RuntimeError if ``process`` exits or the
     time runs out."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = health_pb2_grpc.HealthStub(channel)  # its stubs (types-grpcio-health-checking) omit the methods
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the replica at {address} exited with code {process.returncode}")
             try:
                 if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status  # type: ignore[attr-defined]
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
                     return
@@ -114,14 +115,14 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
     raise RuntimeError(f"{address} did not answer SERVING within {timeout_s:.0f} s")
 
 
-def start_replica(config: ClusterConfig, i: int, **popen: object) -> subprocess.Popen:
+def start_replica(config: ClusterConfig, i: int, **popen: Any) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if config.gpus > 0:
         env["CUDA_VISIBLE_DEVICES"] = str(i % config.gpus)
-    return subprocess.Popen(config.engine_command(i), env=env, **popen)  # type: ignore[call-overload]
+    return subprocess.Popen(config.engine_command(i), env=env, **popen)
 
 
-def stop_all(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+def stop_all(processes: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
     """SIGTERM each (the engine's graceful shutdown), then SIGKILL what is left after ``grace_s``."""
     for process in processes:
         if process.poll() is None:

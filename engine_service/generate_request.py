@@ -41,7 +41,11 @@ def generate_inputs(
         if keep < 1:
             raise FieldError("sampling_params.truncate_prompt_tokens", f"must be >= 1, got {keep}")
         num_prompt_tokens = min(num_prompt_tokens, keep)
-    kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+    kwargs: dict[str, object] = {
+        name: getattr(msg, name)
+        for name in _OPTIONAL_FIELDS
+        if msg.HasField(name)  # type: ignore[arg-type]  # names from the descriptor, not the stub's Literal
+    }
     try:
         kwargs["max_tokens"] = check_lengths(
             num_prompt_tokens, msg.max_tokens if msg.HasField("max_tokens") else None, info.max_model_len

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import pickle
 from dataclasses import dataclass, field
+from typing import cast
 
 from engine_service.pooling import PoolingConfig
 from engine_service.sampling_params import SamplingParams
@@ -301,4 +302,4 @@ def decode_event(data: bytes) -> Event:
             outputs.append(RequestOutput(internal_id, tokens[start : start + count]))
             start += count
         return StepOutputs(outputs + others, stats)
-    return payload
+    return cast(Event, payload)  # the other events are pickled as they are

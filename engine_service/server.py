@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
@@ -42,6 +42,8 @@ from service_common.server import ServerConfig, bind, build_server, set_serving
 from service_common.validation import FieldError
 
 if TYPE_CHECKING:
+    from grpc_health.v1.health import aio as health_aio
+
     from engine_service.core.engine import LLMEngine
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     # ---- RPCs -----------------------------------------------------------------------------------
     @handle_errors
     async def Generate(
-        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         check_request_id(request.request_id, self.limits)
         labelled = bool(request.request_id)
@@ -175,7 +177,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     @handle_errors
     async def Abort(
-        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> engine_pb2.AbortResponse:
         check_request_id(request.request_id, self.limits)
         bind_request_id(request.request_id)
@@ -186,7 +188,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     @handle_errors
     async def GetModelInfo(
-        self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> engine_pb2.GetModelInfoResponse:
         info = self._live_engine().info
         return engine_pb2.GetModelInfoResponse(
@@ -204,7 +206,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     @handle_errors
     async def GetLoad(
-        self, request: engine_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+        self, request: engine_pb2.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> engine_pb2.GetLoadResponse:
         engine = self._live_engine()
         stats = engine.stats
@@ -221,11 +223,12 @@ class EngineServer:
     """A running engine server: the gRPC server, its health servicer, the servicer and the bound port."""
 
     server: grpc.aio.Server
-    health: object
+    health: health_aio.HealthServicer
     servicer: EngineServicer
     port: int
-    _load_task: asyncio.Task | None = None
-    _metrics_task: asyncio.Task | None = None
+    _load_task: asyncio.Task[None] | None = None
+    _metrics_task: asyncio.Task[None] | None = None
+    _death_task: asyncio.Task[None] | None = None  # held: the loop keeps only weak references to tasks
     died: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine dies (not on stop)
 
     async def abort_all(self) -> None:
@@ -238,7 +241,7 @@ class EngineServer:
             await self._load_task
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
-        await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         for task in (self._load_task, self._metrics_task):
             if task is not None and not task.done():
@@ -294,7 +297,11 @@ async def start_engine_server(
         except Exception:
             log.exception("engine failed to load")
             raise
-        driven.on_death = lambda reason: asyncio.ensure_future(on_death(reason))
+
+        def report_death(reason: str) -> None:  # called on the event loop by AsyncEngine
+            running._death_task = asyncio.ensure_future(on_death(reason))
+
+        driven.on_death = report_death
         driven.start()
         servicer.attach(driven)
         await set_serving(health, [SERVICE_NAME, VLLM_SERVICE_NAME], True)

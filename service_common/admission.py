@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -65,10 +65,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # grpc's handlers are namedtuples at run time (``_replace``); types-grpcio declares only the abstract class.
+        handler: Any = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
         parse = _tolerant(handler.request_deserializer)
@@ -86,15 +87,17 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, _Unparseable):
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behavior(request, context)
 
         return guarded
 
-    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], limited: bool) -> Callable[..., AsyncIterator[Any]]:
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _stream(
+        self, behavior: Callable[..., AsyncGenerator[Any, None]], limited: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if isinstance(request, _Unparseable):
                 await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
             if not limited:
@@ -123,6 +126,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
 
-async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> None:
     log.info("%s", message, extra={"code": code.name})
     await context.abort(code, message)

@@ -20,6 +20,7 @@ import socket
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -98,7 +99,7 @@ class _ReflectionPool:
     def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
         self._pool = pool
 
-    def FindFileContainingSymbol(self, symbol: str):
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # a FileDescriptor
         try:
             return self._pool.FindFileContainingSymbol(symbol)
         except KeyError:
@@ -111,7 +112,7 @@ class _ReflectionPool:
                 raise
             return service.file
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
 
@@ -120,12 +121,13 @@ class _HealthServicer(health_aio.HealthServicer):
 
     async def List(
         self,
-        request: health_pb2.HealthListRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(
+        request: health_pb2.HealthListRequest,  # type: ignore[name-defined]  # List postdates types-grpcio-health-checking
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> health_pb2.HealthListResponse:  # type: ignore[name-defined]
+        return health_pb2.HealthListResponse(  # type: ignore[attr-defined]
             statuses={
-                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()  # type: ignore[attr-defined]
             }
         )
 
@@ -162,7 +164,7 @@ def build_server(
     # The aio HealthServicer starts "" as SERVING; nothing is ready yet. set() is async, but touching
     # the status map directly here keeps build_server usable before the event loop runs.
     for name in ("", *service_names):
-        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
+        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING  # type: ignore[attr-defined]
     return server, health
 
 
@@ -255,7 +257,7 @@ async def serve_until_signal(
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)  # kept while draining: a second Ctrl-C is no traceback
-    waiters = {asyncio.ensure_future(stop.wait())}
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
     if until is not None:
         waiters.add(asyncio.ensure_future(until))
     # Never cancelled: grpc's wait_for_termination awaits the server's own shutdown future, and

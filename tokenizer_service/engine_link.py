@@ -46,7 +46,8 @@ class EngineHealthProbe:
     async def check_once(self) -> bool:
         """Probe the engine once and update this server's health; returns whether the engine serves."""
         try:
-            response = await self._stub.Check(
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            response: health_pb2.HealthCheckResponse = await self._stub.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=ENGINE_SERVICE_NAME), timeout=self._timeout_s
             )
             serving, why = (

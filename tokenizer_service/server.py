@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -89,7 +90,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     every request is held to ``limits`` before any other work."""
 
     def __init__(
-        self, tokenizer: ChatTokenizer, engine: engine_pb2_grpc.EngineServiceStub, limits: RequestLimits | None = None
+        self,
+        tokenizer: ChatTokenizer,
+        engine: engine_pb2_grpc.EngineServiceAsyncStub,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._engine = engine
@@ -153,7 +157,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     # ---- unary ------------------------------------------------------------------------------
     @handle_errors
     async def Tokenize(
-        self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+        self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tokenizer_pb2.TokenizeResponse:
         check_text("text", request.text, self._limits)
         ids = await asyncio.to_thread(self._tokenizer.encode, request.text, request.add_special_tokens)
@@ -161,14 +165,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     @handle_errors
     async def Detokenize(
-        self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+        self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tokenizer_pb2.DetokenizeResponse:
         text = await asyncio.to_thread(self._tokenizer.decode, request.token_ids, request.skip_special_tokens)
         return tokenizer_pb2.DetokenizeResponse(text=text)
 
     @handle_errors
     async def ApplyChatTemplate(
-        self, request: tokenizer_pb2.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext
+        self, request: tokenizer_pb2.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tokenizer_pb2.ApplyChatTemplateResponse:
         check_conversation(request.messages, request.tools, self._limits)
         prompt, ids = await asyncio.to_thread(
@@ -183,7 +187,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     # ---- streaming --------------------------------------------------------------------------
     @handle_errors
     async def Chat(
-        self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
+        self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[tokenizer_pb2.ChatResponse]:
         _check_text_generation(request, self._limits)  # before the id is logged: it may be too long
         if request.sampling_params.HasField("prompt_logprobs"):  # ChatResponse has no field to carry them
@@ -236,7 +240,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                         text=text,
                         reasoning_text=reasoning,
                         tool_calls=tool_calls,
-                        finish_reason=delta.finish_reason,
+                        finish_reason=engine_pb2.FinishReason.ValueType(delta.finish_reason),
                         usage=delta.usage,
                         matched_stop=delta.matched_stop,
                     )
@@ -247,7 +251,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     @handle_errors
     async def Complete(
-        self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+        self, request: tokenizer_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[tokenizer_pb2.CompleteResponse]:
         _check_text_generation(request, self._limits)
         request_id = request.request_id or uuid.uuid4().hex
@@ -274,7 +278,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     yield tokenizer_pb2.CompleteResponse(
                         request_id=request_id,
                         text=delta.text,
-                        finish_reason=delta.finish_reason,
+                        finish_reason=engine_pb2.FinishReason.ValueType(delta.finish_reason),
                         usage=delta.usage,
                         matched_stop=delta.matched_stop,
                         prompt_logprobs=delta.prompt_logprobs,
@@ -292,8 +296,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         sampling: engine_pb2.SamplingParams,
         stops: Sequence[str],
         include_stop: bool,
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[_TextDelta]:
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncGenerator[_TextDelta, None]:
         """Call the engine and turn its token stream into text deltas, ending with a finished one; a matched
         stop string ends the text, and is its last piece when ``include_stop``.
         The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""

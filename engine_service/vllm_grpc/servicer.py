@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 import tokenizers
@@ -93,7 +93,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     # ---- Generate -------------------------------------------------------------------------------
     @handle_errors
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         self.last_receive = time.time()
         bind_request_id(request.request_id)
@@ -197,14 +197,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     # ---- the rest ---------------------------------------------------------------------------------
     @handle_errors
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.AbortResponse:
         engine = self.base._live_engine()
         for request_id in request.request_ids:  # unknown or ended ids are not an error: Abort is idempotent
             await engine.abort(request_id)
         return pb.AbortResponse()
 
     async def HealthCheck(
-        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HealthCheckResponse:
         engine = self.base.engine
         if engine is None:
@@ -215,7 +215,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @handle_errors
     async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelInfoResponse:
         info = self.base._live_engine().info
         return pb.GetModelInfoResponse(
@@ -234,7 +234,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @handle_errors
     async def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
         engine = self.base._live_engine()
         stats, info = engine.stats, engine.info
@@ -251,7 +251,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         )
 
     @handle_errors
-    async def GetLoads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
+    async def GetLoads(
+        self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetLoadsResponse:
         engine = self.base._live_engine()
         stats = engine.stats
         load = pb.SchedulerLoad(
@@ -272,14 +274,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @handle_errors
     async def GetTokenizer(
-        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
         for chunk in await asyncio.to_thread(tokenizer_chunks, self.model_dir):
             yield chunk
 
     @handle_errors
     async def SubscribeKvEvents(
-        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
         await context.send_initial_metadata(())  # headers at once: SMG counts a silent stream as unreachable
         async for batch in self.kv_events.subscribe(request):
@@ -287,7 +289,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @handle_errors
     async def FlushCache(
-        self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.FlushCacheResponse:
         self.base._live_engine()
         # The engine loop has no command to drop its prefix cache yet (engine_service/core is being
@@ -297,6 +299,6 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
 def add_vllm_servicer(base: EngineServicer, server: grpc.aio.Server) -> VllmEngineServicer:
     """Serve ``vllm.grpc.engine.VllmEngine`` on ``server`` over ``base``'s engine."""
-    servicer = VllmEngineServicer(base)
+    servicer = VllmEngineServicer(base)  # type: ignore[abstract]  # RPCs it leaves to the base answer UNIMPLEMENTED
     pb_grpc.add_VllmEngineServicer_to_server(servicer, server)
     return servicer
