@@ -23,7 +23,7 @@ import multiprocessing as mp
 import queue
 import signal
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
@@ -135,14 +135,17 @@ class AsyncEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises FieldError
-        (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError.
+        """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises
+        RequestIdInUseError, EngineOverloadedError, EngineDeadError.
+
+        The request is expected to have passed ``EngineInfo.validate`` at the service boundary (the servicers'
+        ``generate_request.generate_inputs``), so it is not validated here again; one that did not is refused by
+        the engine's admission re-check, and that FieldError is raised from this stream.
 
         Closing the iterator early (client cancel, deadline) aborts the request in the engine.
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
-        self.info.validate(prompt_token_ids, params)
         if request_id and request_id in self._live:
             await self._wait_for_label(request_id)
         internal_id = str(next(self._ids))

@@ -32,7 +32,11 @@ def generate_inputs(
     request: engine_pb2.GenerateRequest, info: EngineInfo, limits: RequestLimits
 ) -> tuple[list[int], SamplingParams]:
     """The request's prompt (after ``truncate_prompt_tokens``) and its ``SamplingParams``; FieldError with the
-    proto path on a bad field. The length rule applies to the truncated prompt."""
+    proto path on a bad field. The length rule applies to the truncated prompt.
+
+    This is the service boundary's one validation of a request (both servicers call it): limits, the proto's
+    fields, then ``EngineInfo.validate`` (length rule, token ids against the vocabulary). ``AsyncEngine`` does not
+    validate again; the engine core re-checks on admission only as its own guard (``LLMEngine.add_request``)."""
     msg = request.sampling_params
     _check_counts(msg, limits)
     num_prompt_tokens = len(request.prompt_token_ids)
@@ -62,7 +66,12 @@ def generate_inputs(
         raise request_path(exc) from None
     # Copied only now: a prompt over the length rule is refused without touching its ids (a 2M-id list costs the
     # event loop tens of milliseconds); slicing the repeated field copies the kept ids alone.
-    return list(request.prompt_token_ids[len(request.prompt_token_ids) - num_prompt_tokens :]), params
+    prompt = list(request.prompt_token_ids[len(request.prompt_token_ids) - num_prompt_tokens :])
+    try:
+        info.validate(prompt, params)
+    except FieldError as exc:
+        raise request_path(exc) from None
+    return prompt, params
 
 
 def _check_counts(msg: engine_pb2.SamplingParams, limits: RequestLimits) -> None:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from engine_service.generate_request import generate_inputs
 from engine_service.limits import RequestLimits
 from engine_service.protocol import EngineInfo
 from engine_service.vllm_grpc.requests import engine_request
 from engine_service.vllm_grpc.stops import StopWatch
 from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
+from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.smg import vllm_engine_pb2 as pb
 from service_common.validation import FieldError
 
@@ -117,3 +119,23 @@ def test_tokenizer_zip_chunks_carry_the_sha256(demo_checkpoint: Path) -> None:
     data = b"".join(c.data for c in chunks)
     assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest() and not any(c.sha256 for c in chunks[:-1])
     assert "tokenizer.json" in zipfile.ZipFile(io.BytesIO(data)).namelist()
+
+
+def test_a_request_is_validated_once_at_the_service_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate_inputs, the conversion both servicers run, applies EngineInfo's rules itself (a prompt id past the
+    vocabulary is refused there, with its proto path), and the SMG translation does not validate a second time.
+    AsyncEngine.generate validates nothing; the engine core's admission check is a documented re-check."""
+    calls: list[object] = []
+    original = EngineInfo.validate
+
+    def counted(self: EngineInfo, prompt: list[int], params: object) -> None:
+        calls.append(prompt)
+        original(self, prompt, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EngineInfo, "validate", counted)
+    engine_request(request(max_tokens=5), INFO, RequestLimits())
+    assert len(calls) == 1
+    ours = engine_pb2.GenerateRequest(prompt_token_ids=[1, INFO.vocab_size])
+    with pytest.raises(FieldError) as err:
+        generate_inputs(ours, INFO, RequestLimits())
+    assert err.value.field == "prompt_token_ids" and "outside the vocabulary" in err.value.message

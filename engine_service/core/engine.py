@@ -110,11 +110,15 @@ class LLMEngine:
         self.info.validate(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Admit a request. Its ``validate`` here is a re-check, not the place requests are validated: the
+        service validates at its boundary (``generate_request.generate_inputs``) and ``LLM.generate`` calls
+        ``validate`` on every prompt before adding any; this guard (O(prompt length), once per request) keeps a
+        caller that skipped both from putting an unservable sequence in the scheduler."""
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params)  # the re-check (see the docstring)
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)

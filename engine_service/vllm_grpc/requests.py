@@ -130,8 +130,7 @@ def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: Reques
     stops = tuple(sp.stop)
     check_stop_strings(stops, STOP_LIMITS, "sampling_params.stop")
     try:
-        prompt, params = generate_inputs(_ours(request, info), info, limits)
-        info.validate(prompt, params)
+        prompt, params = generate_inputs(_ours(request, info), info, limits)  # validates, EngineInfo's rules too
     except FieldError as exc:
         if exc.field.startswith("prompt_token_ids"):
             raise prompt_field(exc) from None
