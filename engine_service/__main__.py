@@ -20,9 +20,9 @@ from service_common.options import (
     add_server_options,
     limits_from_args,
     parse_or_exit,
+    server_config,
     server_security,
 )
-from service_common.server import ServerConfig
 
 log = logging.getLogger("engine_service")
 
@@ -160,11 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
         host=args.host,
         port=args.port,
-        config=ServerConfig(
-            max_concurrent_streams=args.max_concurrent_streams,
-            max_message_bytes=args.max_message_mb * 2**20,
-            security=args.security,
-        ),
+        config=server_config(args, args.security),
         log_level=args.log_level,
         log_format=args.log_format,
         stream_interval=args.stream_interval,

@@ -23,6 +23,8 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
+from service_common.interceptor_types import Continuation, Handler
+
 log = logging.getLogger(__name__)
 
 
@@ -63,11 +65,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """Return once no limited stream is running."""
         await self._idle.wait()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler:
         # grpc's handlers are namedtuples at run time (``_replace``); types-grpcio declares only the abstract class.
         handler: Any = await continuation(details)
         if handler is None or handler.request_streaming:

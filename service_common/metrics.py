@@ -17,6 +17,8 @@ import grpc
 import grpc.aio
 import prometheus_client
 
+from service_common.interceptor_types import Continuation, Handler
+
 RPC_REQUESTS = prometheus_client.Counter(
     "qwen3serve_rpc_requests", "RPCs handled, by final status code", ["service", "method", "code"]
 )
@@ -75,10 +77,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._services = frozenset(services)
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         service, method = _split_method(handler_call_details.method)
         if handler is None or service not in self._services:

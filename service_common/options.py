@@ -108,6 +108,15 @@ def add_server_options(
     )
 
 
+def server_config(args: argparse.Namespace, security: ServerSecurity) -> ServerConfig:
+    """The ``ServerConfig`` of :func:`add_server_options`' arguments (and the security already parsed)."""
+    return ServerConfig(
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_message_bytes=args.max_message_mb * 2**20,
+        security=security,
+    )
+
+
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     """--log-level and --log-format (``service_common.logging.configure_logging``)."""
     parser.add_argument(

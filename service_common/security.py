@@ -18,13 +18,15 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
+
+from service_common.interceptor_types import Continuation, Handler
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +156,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._expected = api_key.encode()
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler

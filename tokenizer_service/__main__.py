@@ -21,6 +21,7 @@ from service_common.options import (
     engine_channel_security,
     limits_from_args,
     parse_or_exit,
+    server_config,
     server_security,
 )
 from service_common.server import ServerConfig, serve_until_signal
@@ -76,11 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizerServiceConfig:
             log_level=args.log_level,
             log_format=args.log_format,
             engine_security=engine_security,
-            server=ServerConfig(
-                max_concurrent_streams=args.max_concurrent_streams,
-                max_message_bytes=args.max_message_mb * 2**20,
-                security=security,
-            ),
+            server=server_config(args, security),
             limits=limits_from_args(RequestLimits, args),
         )
     except ValueError as exc:

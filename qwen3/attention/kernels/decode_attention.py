@@ -62,14 +62,10 @@ def _decode_split_kernel(
     stride_po_s,
     stride_pl_b,
     stride_pl_h,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DIRECT_OUT: tl.constexpr,
-):
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,  # the model's and the cache's shapes
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # the tile: query heads, keys, head dim
+    DIRECT_OUT: tl.constexpr,  # one split: write the output itself, no partials
+):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)

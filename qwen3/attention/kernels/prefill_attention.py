@@ -44,13 +44,9 @@ def _prefill_kernel(
     stride_cache_slot,
     stride_cache_head,
     stride_bt,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,  # the model's and the cache's shapes
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # the tile: rows, keys, head dim
+):  # fmt: skip
     tile = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
