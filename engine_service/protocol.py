@@ -181,6 +181,8 @@ class EngineStats:
 # ---- commands: service -> engine ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class AddRequest:
+    """Admit a validated request (a refusal comes back as RequestFailed)."""
+
     internal_id: str  # assigned by the service; unique for the engine's lifetime
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -197,6 +199,8 @@ class AddEmbedRequest:
 
 @dataclass(frozen=True)
 class AbortRequest:
+    """Drop a request and free its blocks now."""
+
     internal_id: str
     ticket: int | None  # answered by an AbortAnswered event when not None
 
@@ -212,17 +216,23 @@ Command = AddRequest | AddEmbedRequest | AbortRequest | StopEngine
 # ---- events: engine -> service -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineReady:
+    """The engine loaded and serves; what the service side shows of it from now on."""
+
     info: EngineInfo
     stats: EngineStats
 
 
 @dataclass(frozen=True)
 class EngineLoadFailed:
+    """Loading failed (the only event then); the engine process exits."""
+
     reason: str  # e.g. "ConfigError: ...: config field ..."
 
 
 @dataclass(frozen=True)
 class StepOutputs:
+    """One step's deltas, each to the stream of its internal id."""
+
     outputs: list[RequestOutput]  # keyed by internal id
     stats: EngineStats
 
@@ -235,23 +245,31 @@ class EmbeddingsReady:
 
 @dataclass(frozen=True)
 class StatsUpdate:
+    """Stats after commands changed them outside a step (an add or an abort while the engine is idle)."""
+
     stats: EngineStats
 
 
 @dataclass(frozen=True)
 class RequestFailed:
+    """An AddRequest the engine refused."""
+
     internal_id: str
     error: Exception  # FieldError, EngineOverloadedError, ...: delivered to that stream only
 
 
 @dataclass(frozen=True)
 class AbortAnswered:
+    """The answer to an AbortRequest that carried a ticket."""
+
     ticket: int
     found: bool  # False: the request had already ended
 
 
 @dataclass(frozen=True)
 class EngineStopped:
+    """The loop ended: the last event."""
+
     reason: str
     died: bool  # True: a failure (health NOT_SERVING, exit non-zero); False: asked to stop
 

@@ -59,6 +59,8 @@ class Stage(Enum):
 
 @dataclass(frozen=True)
 class Reached:
+    """A worker got to a stage (the reply to start-up and to the commands that want one)."""
+
     rank: int
     stage: Stage
 
