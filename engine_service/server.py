@@ -147,7 +147,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     @handle_errors
     async def Embed(
-        self, request: engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+        self, request: engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> engine_pb2.EmbedResponse:
         check_request_id(request.request_id, self.limits)
         request_id = request.request_id or uuid.uuid4().hex

@@ -181,7 +181,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     # ---- Embed ------------------------------------------------------------------------------------
     @handle_errors
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.EmbedResponse:
         """Last-token pooled, normalised as the checkpoint says (``engine_service.pooling``): the same engine
         path as EngineService.Embed. Only token ids (``tokenized.input_ids``) are taken."""
         self.last_receive = time.time()
