@@ -330,7 +330,7 @@ class LLMEngine:
             len(seq.output_token_ids),
             seq.num_cached_prompt_tokens,
             queue_time,
-            seq.index,
+            index=seq.index,
         )
 
     def shutdown(self) -> None:
