@@ -63,13 +63,15 @@ class SyntheticEngine:
             prefix_cache_hit_rate=0.0,
         )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._left[request_id] = params.max_tokens
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> None:
+        self._left[request_id] = params.max_tokens  # one sample (n = 1), priority ignored
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
         if self._left.pop(request_id, None) is None:
-            return None
-        return RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORTED)
+            return []
+        return [RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORTED)]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._left)

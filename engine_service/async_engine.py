@@ -12,6 +12,10 @@ the same label is refused (``RequestIdInUseError``, after waiting ``LABEL_RELEAS
 end: its client's cancel may still be on the way), and the label is free again the moment its request
 ends (finished, cancelled, past its deadline, aborted). A late event of an ended request finds no stream
 and is dropped, so it can never reach a new request that reuses the label.
+
+**Parallel samples.** A request with ``params.n > 1`` is one internal id and one stream; the engine core
+runs one sequence per sample (identified by (internal id, index)) and tags every delta with its
+``index``. The stream ends after the n-th sample's final delta; closing it early aborts every sample.
 """
 
 from __future__ import annotations
@@ -133,16 +137,17 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises
+        """Stream the request's deltas (``RequestOutput.request_id`` is the internal id, ``index`` the sample;
+        the samples' deltas interleave, each sample ends with its own final delta). Raises
         RequestIdInUseError, EngineOverloadedError, EngineDeadError.
 
         The request is expected to have passed ``EngineInfo.validate`` at the service boundary (the servicers'
         ``generate_request.generate_inputs``), so it is not validated here again; one that did not is refused by
         the engine's admission re-check, and that FieldError is raised from this stream.
 
-        Closing the iterator early (client cancel, deadline) aborts the request in the engine.
+        Closing the iterator early (client cancel, deadline) aborts every sample in the engine.
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
@@ -153,18 +158,22 @@ class AsyncEngine:
         self._streams[internal_id] = stream
         if request_id:
             self._live[request_id] = internal_id
-        self._send(AddRequest(internal_id, list(prompt_token_ids), params))
+        self._send(AddRequest(internal_id, list(prompt_token_ids), params, priority))
         finished = False
+        unfinished = params.n
         try:
             while True:
-                item = _merge_ready(await stream.get(), stream)
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+                for item in _merge_ready(await stream.get(), stream):
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    ends_sample = item.finished  # read first: a consumer may edit what it is given
+                    yield item
+                    if ends_sample:
+                        unfinished -= 1
+                        if not unfinished:
+                            finished = True
+                            return
         finally:
             self._streams.pop(internal_id, None)
             self._release_label(request_id, internal_id)
@@ -189,6 +198,12 @@ class AsyncEngine:
             self._embeds.pop(internal_id, None)
             if not done.done() and not self.dead_reason:  # cancelled by the caller
                 self._send(AbortRequest(internal_id, None))
+
+    def abort_sample(self, internal_id: str, index: int) -> None:
+        """End one sample of a live request (a stop string matched in this process); its stream gets the
+        sample's ABORTED final delta, the other samples go on."""
+        if internal_id in self._streams and not self.dead_reason:
+            self._send(AbortRequest(internal_id, None, index))
 
     async def abort(self, request_id: str) -> bool:
         """Abort the live request labelled ``request_id``; False if none is running or waiting. Once this
@@ -301,20 +316,31 @@ def _not_started(command: Command) -> None:
 
 def _merge_ready(
     item: RequestOutput | BaseException, stream: asyncio.Queue[RequestOutput | BaseException]
-) -> RequestOutput | BaseException:
-    """Fold deltas that queued up while the consumer was busy into one.
+) -> list[RequestOutput | BaseException]:
+    """Fold deltas that queued up while the consumer was busy into one per sample.
 
     When the event loop falls behind the engine (hundreds of streams, a slow client), this turns N
     one-token messages into one N-token message instead of letting the backlog grow: throughput is
-    kept, and no token is lost or reordered. An error or the final delta ends the fold.
+    kept, and no token is lost or reordered within a sample. A sample's final delta ends its fold; an
+    error (terminal: nothing follows it) ends the list.
     """
-    while isinstance(item, RequestOutput) and not item.finished and not stream.empty():
-        nxt = stream.get_nowait()
-        if isinstance(nxt, BaseException):
-            stream.put_nowait(nxt)  # errors are terminal (nothing follows them): deliver it on the next read
-            break
-        item.absorb(nxt)
-    return item
+    merged: list[RequestOutput | BaseException] = []
+    open_: dict[int, RequestOutput] = {}  # sample index -> its delta still taking later ones
+    while True:
+        if isinstance(item, BaseException):
+            merged.append(item)
+            return merged
+        held = open_.get(item.index)
+        if held is not None:
+            held.absorb(item)
+        else:
+            merged.append(item)
+            held = open_[item.index] = item
+        if held.finished:
+            del open_[item.index]
+        if stream.empty():
+            return merged
+        item = stream.get_nowait()
 
 
 # ---- drivers: where the engine loop runs ----------------------------------------------------------

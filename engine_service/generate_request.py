@@ -25,6 +25,7 @@ _OPTIONAL_FIELDS = (
     "min_tokens",
     "logprobs",
     "prompt_logprobs",
+    "n",
 )
 
 
@@ -75,6 +76,8 @@ def generate_inputs(
 
 
 def _check_counts(msg: engine_pb2.SamplingParams, limits: RequestLimits) -> None:
+    if msg.HasField("n") and msg.n > limits.max_n:
+        raise FieldError("sampling_params.n", f"is {msg.n}; the limit is {limits.max_n} samples per request (--max-n)")
     check_count("sampling_params.stop_token_ids", len(msg.stop_token_ids), limits.max_stop_token_ids, "ids")
     check_count("sampling_params.logit_bias", len(msg.logit_bias), limits.max_logit_bias, "entries")
     check_count("sampling_params.allowed_token_ids", len(msg.allowed_token_ids), limits.max_allowed_token_ids, "ids")

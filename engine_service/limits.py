@@ -30,6 +30,8 @@ class RequestLimits:
     # bad_words are compared with the output's tail on the host every step: words x length bounds that work.
     max_bad_words: int = field(default=128, metadata={"help": "most bad_words sequences one request may carry"})
     max_bad_word_tokens: int = field(default=32, metadata={"help": "most token ids in one bad_words sequence"})
+    # Each sample is a sequence of its own (a batch row, a block table): n multiplies a request's cost.
+    max_n: int = field(default=16, metadata={"help": "most parallel samples (sampling_params.n) one request may ask"})
 
     def __post_init__(self) -> None:
         for f in fields(self):

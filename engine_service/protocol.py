@@ -64,9 +64,11 @@ class RequestOutput:
     queue_time: float | None = None  # seconds from arrival to first scheduling (on the final output)
     # With SamplingParams.prompt_logprobs, on the request's first delta: prompt tokens 1..P-1 (token 0 has none)
     prompt_logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # which sample (of SamplingParams.n) this delta belongs to; finished is per sample
 
     def absorb(self, later: RequestOutput) -> None:
-        """Append ``later``, the same request's next delta, so that this one delta says what both said."""
+        """Append ``later``, the same sample's next delta, so that this one delta says what both said."""
+        assert later.index == self.index, "deltas of two samples never merge"
         self.new_token_ids.extend(later.new_token_ids)
         if later.prompt_logprobs is not None:
             self.prompt_logprobs = (self.prompt_logprobs or []) + later.prompt_logprobs
@@ -186,6 +188,7 @@ class AddRequest:
     internal_id: str  # assigned by the service; unique for the engine's lifetime
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0  # lower is scheduled first
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class AbortRequest:
 
     internal_id: str
     ticket: int | None  # answered by an AbortAnswered event when not None
+    index: int | None = None  # one sample only (a stop string ended it); None: every sample
 
 
 @dataclass(frozen=True)
@@ -295,17 +299,19 @@ def encode_event(event: Event) -> bytes:
     which pickle in microseconds where 256 ``RequestOutput`` objects took about a millisecond each side."""
     if isinstance(event, StepOutputs):
         ids: list[str] = []
+        indices: list[int] = []
         counts: list[int] = []
         tokens: list[int] = []
         others: list[RequestOutput] = []
         for out in event.outputs:
             if not out.finished and out.new_logprobs is None and out.prompt_logprobs is None:
                 ids.append(out.request_id)
+                indices.append(out.index)
                 counts.append(len(out.new_token_ids))
                 tokens += out.new_token_ids
             else:
                 others.append(out)
-        payload: object = (_PLAIN_DELTAS, ids, counts, tokens, others, event.stats)
+        payload: object = (_PLAIN_DELTAS, ids, counts, tokens, others, event.stats, indices)
     else:
         payload = event
     return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
@@ -314,10 +320,10 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     payload = pickle.loads(data)
     if isinstance(payload, tuple) and payload and payload[0] == _PLAIN_DELTAS:
-        _, ids, counts, tokens, others, stats = payload
+        _, ids, counts, tokens, others, stats, indices = payload
         outputs, start = [], 0
-        for internal_id, count in zip(ids, counts):
-            outputs.append(RequestOutput(internal_id, tokens[start : start + count]))
+        for internal_id, index, count in zip(ids, indices, counts):
+            outputs.append(RequestOutput(internal_id, tokens[start : start + count], index=index))
             start += count
         return StepOutputs(outputs + others, stats)
     return cast(Event, payload)  # the other events are pickled as they are

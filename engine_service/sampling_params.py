@@ -55,13 +55,16 @@ class SamplingParams:
     # None: no prompt logprobs; N: each prompt token's (from the second on) plus the top N (0..MAX_PROMPT_LOGPROBS),
     # from the raw logits. Such a request skips prefix-cache hits for its prompt (every position is computed).
     prompt_logprobs: int | None = None
+    # Independent samples of the prompt (>= 1; the services cap it, --max-n). The prompt's KV blocks are
+    # shared; with a seed, sample i samples with seed + i (vLLM's rule).
+    n: int = 1
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise FieldError(name, f"must be a finite number, got {value!r}")
-        for name in ("top_k", "max_tokens", "min_tokens"):
+        for name in ("top_k", "max_tokens", "min_tokens", "n"):
             _require_int(name, getattr(self, name))
         if self.seed is not None:
             _require_int("seed", self.seed)
@@ -83,6 +86,8 @@ class SamplingParams:
             raise FieldError("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             raise FieldError("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        if self.n < 1:
+            raise FieldError("n", f"must be >= 1, got {self.n}")
         if self.max_tokens < 1:
             raise FieldError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:

@@ -91,7 +91,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return self.engine
 
     def _response(self, request_id: str, out: RequestOutput) -> engine_pb2.GenerateResponse:
-        response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids)
+        response = engine_pb2.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids, index=out.index)
         if out.new_logprobs:
             response.logprobs.extend(token_logprob_pb(lp) for lp in out.new_logprobs)
         if out.prompt_logprobs:
@@ -117,7 +117,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         start = last = time.perf_counter()
         first = True
         try:
-            async for out in engine.generate(prompt_token_ids, params, request_id if labelled else None):
+            async for out in engine.generate(
+                prompt_token_ids, params, request_id if labelled else None, request.priority
+            ):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):
                     self.metrics.generation_tokens.inc(n)
@@ -131,7 +133,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     last = now
                 if out.finished:
                     self.metrics.e2e_request_latency.observe(now - start)
-                    self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                    if out.index == 0:  # the samples share one prompt
+                        self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
                     if out.queue_time is not None:
                         self.metrics.request_queue_time.observe(out.queue_time)
                     self.metrics.finished((out.finish_reason or FinishReason.ERROR).value)

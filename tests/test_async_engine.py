@@ -28,19 +28,32 @@ async def test_queued_deltas_fold_into_one_message_in_order() -> None:
             "r", [4], finished=True, finish_reason=FinishReason.LENGTH, num_prompt_tokens=7, num_output_tokens=4
         )
     )
-    merged = _merge_ready(RequestOutput("r", [1]), stream)
+    [merged] = _merge_ready(RequestOutput("r", [1]), stream)
     assert merged.new_token_ids == [1, 2, 3, 4]
     assert merged.finished and merged.finish_reason is FinishReason.LENGTH and merged.num_output_tokens == 4
     assert stream.empty()
+
+
+async def test_deltas_of_parallel_samples_fold_per_sample() -> None:
+    stream: asyncio.Queue = asyncio.Queue()
+    for out in (
+        RequestOutput("r", [10], index=1),
+        RequestOutput("r", [2]),
+        RequestOutput("r", [], finished=True, finish_reason=FinishReason.STOP, index=1),
+        RequestOutput("r", [3]),
+    ):
+        stream.put_nowait(out)
+    merged = _merge_ready(RequestOutput("r", [1]), stream)
+    assert [(m.index, m.new_token_ids, m.finished) for m in merged] == [(0, [1, 2, 3], False), (1, [10], True)]
 
 
 async def test_an_error_after_tokens_is_delivered_next() -> None:
     stream: asyncio.Queue = asyncio.Queue()
     stream.put_nowait(RequestOutput("r", [2]))
     stream.put_nowait(EngineDeadError("gone"))
-    merged = _merge_ready(RequestOutput("r", [1]), stream)
+    merged, error = _merge_ready(RequestOutput("r", [1]), stream)
     assert merged.new_token_ids == [1, 2] and not merged.finished
-    assert isinstance(stream.get_nowait(), EngineDeadError)
+    assert isinstance(error, EngineDeadError)  # after the tokens before it
 
 
 def test_delta_batcher_sends_the_first_token_then_groups_and_flushes_on_finish() -> None:
@@ -58,6 +71,16 @@ def test_delta_batcher_sends_the_first_token_then_groups_and_flushes_on_finish()
     assert a[-1].finished and a[-1].finish_reason is FinishReason.LENGTH
     assert not batcher._held and not batcher._started
     assert batcher.ready([RequestOutput("a", [9])]) == [RequestOutput("a", [9])]  # a new request "a" starts afresh
+
+
+def test_delta_batcher_holds_each_sample_of_a_request_apart() -> None:
+    batcher = DeltaBatcher(2)
+    assert len(batcher.ready([RequestOutput("a", [1]), RequestOutput("a", [10], index=1)])) == 2  # first tokens
+    assert batcher.ready([RequestOutput("a", [2]), RequestOutput("a", [11], index=1)]) == []  # both held
+    final = batcher.final(RequestOutput("a", [], finished=True, finish_reason=FinishReason.ABORTED, index=1))
+    assert (final.index, final.new_token_ids, final.finished) == (1, [11], True)  # its own tokens only
+    [sample0] = batcher.ready([RequestOutput("a", [3])])
+    assert (sample0.index, sample0.new_token_ids) == (0, [2, 3])
 
 
 def test_delta_batcher_sends_what_a_request_holds_when_it_gets_no_token_or_ends() -> None:

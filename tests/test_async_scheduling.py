@@ -179,8 +179,8 @@ def test_abort_with_a_step_in_flight(tiny_checkpoint: Path) -> None:
     assert engine.step() == []  # the first step is in flight: nothing to report yet
     deltas = engine.step()  # reports the first step's tokens, the second is in flight
     assert sorted(d.request_id for d in deltas) == ["r0", "r1", "r2"]
-    final = engine.abort_request("r1")
-    assert final is not None and final.finish_reason.value == "aborted" and final.num_output_tokens == 1
+    [final] = engine.abort_request("r1")
+    assert final.finish_reason.value == "aborted" and final.num_output_tokens == 1
     assert all(d.request_id != "r1" for d in engine.step())  # the in-flight row of r1 is dropped
     for rid in ("r0", "r2"):
         engine.abort_request(rid)

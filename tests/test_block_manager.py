@@ -113,3 +113,25 @@ def test_hit_rate_counts_a_resumed_sequences_outputs_on_both_sides() -> None:
     assert bm.prefix_cache_hits == 16
     assert bm.prefix_cache_queries == 5 + 17  # first admission, then the resumed sequence
     assert bm.prefix_cache_hits <= bm.prefix_cache_queries
+
+
+def test_forked_prompt_blocks_are_shared_and_outlive_any_one_sample() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = list(range(10))  # 2 full blocks + 2 tokens
+    leader = make_seq(prompt)
+    compute_all(bm, leader)
+    samples = [make_seq(prompt, f"s{i}") for i in range(3)]
+    for seq in samples:
+        seq.num_computed_tokens = bm.fork(seq, leader, len(prompt) - 1)
+        assert seq.num_computed_tokens == 8 and bm.block_table(seq) == bm.block_table(leader)[:2]
+        assert bm.allocate(seq, len(prompt))  # its own block for the prompt's last tokens
+    assert bm.num_free_blocks == 16 - 3 - 3  # the 2 shared blocks once, 1 own block per sample
+    bm.check_invariants()
+    bm.free(leader)  # the leader ends first: the samples keep the prompt
+    bm.check_invariants()
+    assert bm.num_free_blocks == 16 - 2 - 3
+    for seq in samples:
+        bm.free(seq)
+        bm.check_invariants()
+    assert bm.num_free_blocks == 16
+    assert bm.fork(make_seq(prompt, "late"), leader, 9) == 0  # a freed leader has nothing to share

@@ -2,7 +2,8 @@
 
 A hypothesis state machine adds requests, steps (with or without one step in flight, as async
 scheduling does), finishes rows with a stop token or at max_tokens, and aborts requests at random,
-over tiny KV pools that force preemption and prefix caching. After every operation the invariants of
+over tiny KV pools that force preemption and prefix caching; requests carry random priorities, and some
+ask n > 1 samples that share their prompt's blocks (parked, then forked). After every operation the invariants of
 ``Scheduler`` and ``BlockManager`` hold (``check_invariants``): no block leaks or is freed twice,
 reference counts match the block tables, computed tokens never exceed the tokens a sequence has (at
 most one of them still in flight); every plan leaves finished sequences out, fits its budget and its
@@ -70,7 +71,17 @@ class CoreMachine(RuleBasedStateMachine):
     def add_new(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
         self.add(prompt, max_tokens, min_tokens)
 
-    def add(self, prompt: list[int], max_tokens: int, min_tokens: int) -> None:
+    @rule(
+        prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12),
+        max_tokens=st.integers(1, 12),
+        n=st.integers(2, 4),
+        priority=st.integers(-1, 2),
+    )
+    def add_samples(self, prompt: list[int], max_tokens: int, n: int, priority: int) -> None:
+        """A request for n samples of one prompt, at some priority."""
+        self.add(prompt, max_tokens, 0, n, priority)
+
+    def add(self, prompt: list[int], max_tokens: int, min_tokens: int, n: int = 1, priority: int = 0) -> None:
         room = self.max_tokens_cap - len(prompt)
         if room < 1:
             return
@@ -78,9 +89,10 @@ class CoreMachine(RuleBasedStateMachine):
         params = SamplingParams(
             max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), stop_token_ids=[STOP_TOKEN]
         )
-        seq = Sequence(f"r{len(self.seqs)}", prompt, params, seed=0)
-        self.seqs.append(seq)
-        self.scheduler.add(seq)
+        rid = f"r{len(self.seqs)}"
+        samples = [Sequence(rid, prompt, params, seed=i, index=i, priority=priority) for i in range(n)]
+        self.seqs += samples
+        self.scheduler.add_group(samples)
 
     @precondition(lambda self: bool(self.seqs))
     @rule(data=st.data())
@@ -120,11 +132,15 @@ class CoreMachine(RuleBasedStateMachine):
     def finish(self, plan: StepPlan, rng: random.Random) -> None:
         """What LLMEngine._finish does with a step's sampled ids, the model replaced by ``rng``."""
         sampled = [rng.randrange(VOCAB) for _ in plan.sampling]
+        parked = self.scheduler.num_parked
+        shared = sum(1 for b in self.bm._blocks if b.ref_count > 1)
         for row, seq in self.scheduler.apply(plan, sampled):
             n, p = len(seq.output_token_ids), seq.params
             assert seq.output_token_ids[-1] == sampled[row]
             if (n >= p.min_tokens and sampled[row] == STOP_TOKEN) or n >= p.max_tokens:
                 self.scheduler.finish(seq, FinishReason.STOP if n < p.max_tokens else FinishReason.LENGTH)
+        coverage["samples unparked"] += parked - self.scheduler.num_parked
+        coverage["blocks forked"] += max(0, sum(1 for b in self.bm._blocks if b.ref_count > 1) - shared)
 
     def check_plan(self, plan: StepPlan) -> None:
         seqs = [e.seq for e in plan.entries]
@@ -175,3 +191,4 @@ def test_random_add_step_finish_abort_keeps_the_core_invariants() -> None:
     print(dict(coverage))
     assert coverage["preemptions"] > 0 and coverage["pending inputs"] > 0
     assert coverage["aborts with a token in flight"] > 0 and coverage["prefix-cache hits"] > 0
+    assert coverage["samples unparked"] > 0 and coverage["blocks forked"] > 0

@@ -215,10 +215,10 @@ async def test_cancelled_chat_aborts_the_engine_request(demo: Services, tokenize
     aborted: list[tuple[str, bool]] = []
     original = core.abort_request
 
-    def spy(request_id: str):
-        out = original(request_id)
-        aborted.append((request_id, out is not None))
-        return out
+    def spy(request_id: str, index: int | None = None):
+        finals = original(request_id, index)
+        aborted.append((request_id, bool(finals)))
+        return finals
 
     core.abort_request = spy  # runs on the engine thread
     try:

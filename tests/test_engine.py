@@ -129,10 +129,10 @@ def test_abort_returns_blocks_at_once(tiny_checkpoint: Path) -> None:
     engine.step()
     assert engine.block_manager.num_free_blocks < 32
     for i in range(3):
-        final = engine.abort_request(f"r{i}")
-        assert final is not None and final.finish_reason.value == "aborted"
+        [final] = engine.abort_request(f"r{i}")
+        assert final.finish_reason.value == "aborted"
     assert engine.block_manager.num_free_blocks == 32
-    assert engine.abort_request("r0") is None
+    assert engine.abort_request("r0") == []
     assert not engine.has_unfinished_requests()
 
 

@@ -167,11 +167,13 @@ def test_pipe_form_of_outputs_round_trips() -> None:
         RequestOutput("b", [6], [TokenLogprob(6, -0.5, ((6, -0.5), (7, -1.0)))]),
         RequestOutput("c", [7], None, True, FinishReason.LENGTH, 3, 4, 0, 0.01),
         RequestOutput("d", [1, 2]),
+        RequestOutput("d", [3], index=2),  # another sample of "d"
     ]
     data = encode_event(StepOutputs(outputs, "stats"))  # type: ignore[arg-type]
     packed = pickle.loads(data)
-    assert packed[1:4] == (["a", "d"], [1, 2], [5, 1, 2])  # the plain deltas, flat
+    assert packed[1:4] == (["a", "d", "d"], [1, 2, 1], [5, 1, 2, 3])  # the plain deltas, flat
+    assert packed[-1] == [0, 0, 2]  # and their sample indices
     event = decode_event(data)
     assert isinstance(event, StepOutputs) and event.stats == "stats"
-    assert sorted(event.outputs, key=lambda o: o.request_id) == outputs
+    assert sorted(event.outputs, key=lambda o: (o.request_id, o.index)) == outputs
     assert decode_event(encode_event(StatsUpdate("x"))) == StatsUpdate("x")  # type: ignore[arg-type]

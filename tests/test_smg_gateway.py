@@ -172,14 +172,32 @@ def test_completion_and_a_stop_string_ended_in_the_engine(cluster: Cluster) -> N
     assert text.startswith(choice.text) and stop not in choice.text
 
 
-@pytest.mark.parametrize(
-    "extra, field",
-    [({"n": 2}, "sampling_params.n"), ({"response_format": {"type": "json_object"}}, "sampling_params.")],
-)
+# n is served now (SMG itself caps it at 10, below our --max-n of 16: tests/test_parallel_sampling_service.py
+# checks our limit on VllmEngine directly)
+@pytest.mark.parametrize("extra, field", [({"response_format": {"type": "json_object"}}, "sampling_params.")])
 def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: dict, field: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, **extra)  # type: ignore[attr-defined]
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_2_gives_two_choices_each_with_its_own_finish(cluster: Cluster, stream: bool) -> None:
+    kwargs = dict(model="demo", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=5, n=2)
+    if not stream:
+        reply = cluster.client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        texts = {c.index: (c.message.reasoning_content or "") + (c.message.content or "") for c in reply.choices}
+        finishes = {c.index: c.finish_reason for c in reply.choices}
+        assert reply.usage.completion_tokens == 16  # both samples' tokens
+    else:
+        texts, finishes = {0: "", 1: ""}, {}
+        for chunk in cluster.client.chat.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
+            for c in chunk.choices:
+                texts[c.index] += (getattr(c.delta, "reasoning_content", None) or "") + (c.delta.content or "")
+                if c.finish_reason:
+                    finishes[c.index] = c.finish_reason
+    assert finishes == {0: "length", 1: "length"}
+    assert texts[0] and texts[1] and texts[0] != texts[1]  # two independent samples (seeds 5 and 6)
 
 
 def test_client_disconnect_aborts_the_engine_request(cluster: Cluster) -> None:

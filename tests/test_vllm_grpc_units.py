@@ -59,7 +59,7 @@ def test_translation_keeps_what_the_engine_honours() -> None:
 @pytest.mark.parametrize(
     "sampling, field",
     [
-        ({"n": 2}, "sampling_params.n"),
+        ({"n": 17}, "sampling_params.n"),  # over --max-n
         ({"json_schema": "{}"}, "sampling_params.json_schema"),
         ({"choice": True}, "sampling_params.choice"),
         ({"prompt_logprobs": 21}, "sampling_params.prompt_logprobs"),  # over the limit (20); -1 (all) too
@@ -76,6 +76,11 @@ def test_unsupported_or_bad_fields_are_named(sampling: dict, field: str) -> None
     with pytest.raises(Exception) as err:
         engine_request(request(**sampling), INFO, RequestLimits())
     assert getattr(err.value, "field", None) == field
+
+
+def test_n_reaches_the_engine_and_zero_means_one() -> None:
+    assert engine_request(request(n=4), INFO, RequestLimits()).params.n == 4
+    assert engine_request(request(), INFO, RequestLimits()).params.n == 1
 
 
 def test_logit_bias_and_truncation_reach_the_engine_as_our_own_front_door_takes_them() -> None:

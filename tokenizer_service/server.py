@@ -9,6 +9,11 @@ incremental detokenization -> stop-string hold-back -> (Chat) reasoning split ->
 tool-call parsing -> a response message when there is new text. A matched stop string, a client cancel or a deadline
 cancels the engine call, which makes the engine abort the request and free its KV cache.
 
+With ``sampling_params.n > 1`` each sample goes through that text path on its own (``samples.py``) and its
+messages carry its ``index``; a stop string ends its own sample, and the engine call is cancelled once
+every sample has ended. (The engine API has no per-sample abort, so a sample ended by a stop string
+keeps generating in the engine until its siblings end, and its tokens are dropped here.)
+
 The service reports NOT_SERVING while the engine's health service does not answer SERVING
 (:class:`EngineHealthProbe`), so load balancers send no traffic to a tokenizer with a dead engine.
 """
@@ -36,29 +41,14 @@ from service_common.server import ServerConfig, bind, build_server
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
-from tokenizer_service.detokenizer import IncrementalDetokenizer
 from tokenizer_service.engine_link import EngineHealthProbe, engine_channel
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
-from tokenizer_service.reasoning import ReasoningSplitter, prompt_opens_thinking
-from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
-from tokenizer_service.tool_calls import ParsedToolCall, ToolCallParser
+from tokenizer_service.reasoning import prompt_opens_thinking
+from tokenizer_service.samples import ChatSample, SampleText, TextDelta
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
-_UNFINISHED = engine_pb2.FINISH_REASON_UNSPECIFIED
-
-
-@dataclass(frozen=True)
-class _TextDelta:
-    """New text of one generation; the last delta has a finish reason and usage."""
-
-    text: str
-    finish_reason: int = _UNFINISHED
-    usage: engine_pb2.Usage | None = None
-    matched_stop: str = ""
-    # The engine's prompt logprobs (its first message only; Complete returns them)
-    prompt_logprobs: Sequence[engine_pb2.TokenLogprob] = ()
 
 
 def _check_text_generation(
@@ -206,8 +196,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
         prompt_ids = _truncated(prompt_ids, request.sampling_params)
         await self._check_prompt_length(prompt_ids, "messages")
-        splitter = ReasoningSplitter(starts_in_reasoning=prompt_opens_thinking(prompt))
-        tool_parser = ToolCallParser() if request.tools else None  # calls are parsed only when tools are offered
+        starts_in_reasoning = prompt_opens_thinking(prompt)
+        samples: dict[int, ChatSample] = {}  # sample index -> its reasoning split and tool-call parser
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
         async with aclosing(
             self._generate(
@@ -218,36 +208,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.stop,
                 request.include_stop_str_in_output,
                 context,
+                request.priority,
             )
         ) as deltas:
             async for delta in deltas:
-                finished = delta.finish_reason != _UNFINISHED
-                reasoning, text = splitter.push(delta.text)
-                if finished:
-                    more_reasoning, more_text = splitter.finish()
-                    reasoning, text = reasoning + more_reasoning, text + more_text
-                calls: list[ParsedToolCall] = []
-                if tool_parser is not None:
-                    text, calls = tool_parser.push(text)
-                    if finished:
-                        text += tool_parser.finish()
-                tool_calls = [
-                    tokenizer_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls
-                ]
-                if finished:
-                    yield tokenizer_pb2.ChatResponse(
-                        request_id=request_id,
-                        text=text,
-                        reasoning_text=reasoning,
-                        tool_calls=tool_calls,
-                        finish_reason=engine_pb2.FinishReason.ValueType(delta.finish_reason),
-                        usage=delta.usage,
-                        matched_stop=delta.matched_stop,
-                    )
-                elif text or reasoning or tool_calls:
-                    yield tokenizer_pb2.ChatResponse(
-                        request_id=request_id, text=text, reasoning_text=reasoning, tool_calls=tool_calls
-                    )
+                sample = samples.get(delta.index)
+                if sample is None:  # calls are parsed only when tools are offered
+                    sample = samples[delta.index] = ChatSample(request_id, starts_in_reasoning, bool(request.tools))
+                if (response := sample.push(delta)) is not None:
+                    yield response
 
     @handle_errors
     async def Complete(
@@ -271,21 +240,23 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.stop,
                 request.include_stop_str_in_output,
                 context,
+                request.priority,
             )
         ) as deltas:
             async for delta in deltas:
-                if delta.finish_reason != _UNFINISHED:
+                if delta.finished:
                     yield tokenizer_pb2.CompleteResponse(
                         request_id=request_id,
                         text=delta.text,
-                        finish_reason=engine_pb2.FinishReason.ValueType(delta.finish_reason),
+                        finish_reason=delta.finish_reason,
                         usage=delta.usage,
                         matched_stop=delta.matched_stop,
                         prompt_logprobs=delta.prompt_logprobs,
+                        index=delta.index,
                     )
                 elif delta.text or delta.prompt_logprobs:
                     yield tokenizer_pb2.CompleteResponse(
-                        request_id=request_id, text=delta.text, prompt_logprobs=delta.prompt_logprobs
+                        request_id=request_id, text=delta.text, prompt_logprobs=delta.prompt_logprobs, index=delta.index
                     )
 
     async def _generate(
@@ -297,55 +268,39 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         stops: Sequence[str],
         include_stop: bool,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncGenerator[_TextDelta, None]:
-        """Call the engine and turn its token stream into text deltas, ending with a finished one; a matched
-        stop string ends the text, and is its last piece when ``include_stop``.
+        priority: int = 0,
+    ) -> AsyncGenerator[TextDelta, None]:
+        """Call the engine and turn its token stream into text deltas, per sample (``sampling.n``), each
+        sample ending with a finished one; a matched stop string ends its sample's text, and is its last
+        piece when ``include_stop``. Returns once every sample has ended.
         The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""
-        detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
-        matcher = StopStringMatcher(stops)
+        samples = [
+            SampleText(self._tokenizer.backend, stops, include_stop, len(prompt_ids), i)
+            for i in range(sampling.n if sampling.HasField("n") else 1)
+        ]
+        unfinished = len(samples)
         call = self._engine.Generate(
-            engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling),
+            engine_pb2.GenerateRequest(
+                request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling, priority=priority
+            ),
             timeout=context.time_remaining(),
         )  # gRPC does not pass deadlines on by itself
-        completion_tokens = 0
-        cached_prompt_tokens = 0
         self._live.add(request_id)
         try:
             async for response in call:
-                completion_tokens += len(response.token_ids)
-                finished = response.finish_reason != _UNFINISHED
-                if response.HasField("usage"):
-                    cached_prompt_tokens = response.usage.cached_prompt_tokens
-                prompt_logprobs = response.prompt_logprobs  # empty but on the first message
-                text = detokenizer.push(response.token_ids)
-                if finished:  # decodes the whole output once: off the loop
-                    text += await asyncio.to_thread(detokenizer.finish)
-                out = matcher.push(text)
-                if isinstance(out, StopMatch):
-                    usage = (
-                        response.usage
-                        if finished
-                        else engine_pb2.Usage(
-                            prompt_tokens=len(prompt_ids),
-                            completion_tokens=completion_tokens,
-                            cached_prompt_tokens=cached_prompt_tokens,
-                        )
-                    )
-                    yield _TextDelta(
-                        out.text + out.stop if include_stop else out.text,
-                        engine_pb2.FINISH_REASON_STOP,
-                        usage,
-                        out.stop,
-                        prompt_logprobs,
-                    )
-                    return
-                if finished:
-                    yield _TextDelta(
-                        out + matcher.finish(), response.finish_reason, response.usage, "", prompt_logprobs
-                    )
-                    return
-                if out or prompt_logprobs:
-                    yield _TextDelta(out, prompt_logprobs=prompt_logprobs)
+                if response.index >= len(samples):
+                    raise ServiceError(f"the engine sent sample {response.index} of a request for {len(samples)}")
+                sample = samples[response.index]
+                if sample.done:  # ended by a stop string here; the engine's late tokens are dropped
+                    continue
+                delta = await sample.push(response)
+                if delta is None:
+                    continue
+                yield delta
+                if delta.finished:
+                    unfinished -= 1
+                    if not unfinished:
+                        return
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, "engine")
             if isinstance(error, InvalidArgument) and error.field == "prompt_token_ids":

@@ -19,6 +19,14 @@ Invariants (``check_invariants``; tested property-based in tests/test_core_invar
 - once every sequence is freed, ``num_free_blocks == num_blocks``;
 - the cache maps a hash to a block that carries that hash; a block's table position is hashed only
   when the block is full of known, computed tokens.
+
+Parallel samples (n > 1) share their prompt's blocks by reference count: ``fork`` gives a sample with no
+blocks the leading full blocks of its sibling's table (each block's count goes up by one, the hashes
+come along). Only full blocks of prompt tokens are shared, and never the block holding the prompt's
+last token, so no shared block is ever written again: every sample writes its own tail (the last,
+partial prompt block and its outputs) into blocks of its own. Freeing one sample only lowers the
+counts, so the others keep the prompt, and the invariants above hold unchanged (a shared block is in
+several tables and its count says how many).
 """
 
 from __future__ import annotations
@@ -136,6 +144,22 @@ class BlockManager:
             if h not in self._cached:  # an identical block cached earlier wins; this one stays private
                 block.hash, block.token_ids = h, ids
                 self._cached[h] = block_id
+
+    def fork(self, seq: Sequence, source: Sequence, num_tokens: int) -> int:
+        """Share ``source``'s first ``num_tokens // block_size`` blocks (full, computed, never written again:
+        the caller's promise) with ``seq``, which holds none. Returns the tokens they hold (``seq``'s new
+        ``num_computed_tokens``); fewer if ``source`` holds fewer blocks (it was preempted meanwhile)."""
+        assert seq not in self._seqs, "fork is for sequences without blocks"
+        held = self._seqs.get(source)
+        if held is None:
+            return 0
+        shared = held.table[: num_tokens // self.block_size]
+        if not shared:
+            return 0
+        for block_id in shared:
+            self._take(block_id)
+        self._seqs[seq] = _SeqBlocks(shared, held.hashes[: len(shared)])
+        return len(shared) * self.block_size
 
     # ---- allocation -------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:

@@ -86,7 +86,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._overlap = config.overlaps_steps
         self.executor = StepExecutor(self.runner, self.workers, self.eos_token_ids, self.vocab_size, self._overlap)
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its samples (params.n), in index order
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
         self.num_generated_tokens_total = 0
@@ -109,11 +109,20 @@ class LLMEngine:
         ``EngineInfo.validate``)."""
         self.info.validate(prompt_token_ids, params)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Admit a request. Its ``validate`` here is a re-check, not the place requests are validated: the
-        service validates at its boundary (``generate_request.generate_inputs``) and ``LLM.generate`` calls
-        ``validate`` on every prompt before adding any; this guard (O(prompt length), once per request) keeps a
-        caller that skipped both from putting an unservable sequence in the scheduler."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> None:
+        """Queue a request: ``params.n`` samples of one prompt (one ``Sequence`` each, sharing the prompt's
+        KV blocks: ``Scheduler.add_group``), scheduled by ``priority`` (lower first), then arrival.
+
+        Seeds: with ``params.seed`` set, sample i samples with ``seed + i``, exactly as the same request with
+        n = 1 and that seed would (vLLM's rule, ``ParentRequest._get_child_sampling_params``); without, each
+        sample draws its own.
+
+        Its ``validate`` here is a re-check, not the place requests are validated: the service validates at its
+        boundary (``generate_request.generate_inputs``) and ``LLM.generate`` calls ``validate`` on every prompt
+        before adding any; this guard (O(prompt length), once per request) keeps a caller that skipped both from
+        putting an unservable sequence in the scheduler."""
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
         if request_id in self.requests:
@@ -121,10 +130,20 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)  # the re-check (see the docstring)
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
-        seq = Sequence(request_id, list(prompt_token_ids), params, seed)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        prompt = list(prompt_token_ids)
+        samples = [
+            Sequence(
+                request_id,
+                prompt,
+                params,
+                params.seed + i if params.seed is not None else self._seed_rng.getrandbits(62),
+                index=i,
+                priority=priority,
+            )
+            for i in range(params.n)
+        ]
+        self.requests[request_id] = samples
+        self.scheduler.add_group(samples)
 
     def add_embed_request(self, request_id: str, prompt_token_ids: list[int], normalize: bool) -> None:
         """Queue a prefill-only request; its result comes from ``pop_embeddings`` after the step that
@@ -139,7 +158,7 @@ class LLMEngine:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         params = SamplingParams(temperature=0.0, max_tokens=1)  # greedy: the cheapest sampler path
         seq = Sequence(request_id, list(prompt_token_ids), params, 0, embed_normalize=bool(normalize))
-        self.requests[request_id] = seq
+        self.requests[request_id] = [seq]
         self.scheduler.add(seq)
 
     def pop_embeddings(self) -> list[EmbeddingOutput]:
@@ -147,13 +166,15 @@ class LLMEngine:
         done, self._embeddings = self._embeddings, []
         return done
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Abort at once (its KV blocks return to the pool now); None if unknown or already finished."""
-        seq = self.requests.get(request_id)
-        if seq is None:
-            return None
-        self._retire(seq, FinishReason.ABORTED)
-        return self._final_output(seq)
+    def abort_request(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
+        """Abort every unfinished sample of the request (or only sample ``index``) at once: their KV blocks
+        return to the pool now (blocks another sample shares stay with it). Returns their final outputs;
+        empty if unknown or already finished."""
+        samples = self.requests.get(request_id, ())
+        ended = [s for s in samples if not s.is_finished and (index is None or s.index == index)]
+        for seq in ended:
+            self._retire(seq, FinishReason.ABORTED)
+        return [self._final_output(seq) for seq in ended]
 
     @property
     def num_prompt_tokens_total(self) -> int:
@@ -169,7 +190,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + self.scheduler.num_parked,
             kv_cache_usage=bm.usage,
             num_kv_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total,
@@ -237,11 +258,11 @@ class LLMEngine:
             token = result.token_ids[row]
             self.num_generated_tokens_total += 1
             prompt_logprobs = None  # taken before a finish (_retire) drops them
-            if seq.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1:
+            if seq.params.prompt_logprobs is not None and seq.index == 0 and len(seq.output_token_ids) == 1:
                 prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, [])  # a 1-token prompt has none
             reason = self._finish_reason(seq, token, len(seq.output_token_ids))
             if reason is None:
-                out = RequestOutput(seq.request_id, [token])
+                out = RequestOutput(seq.request_id, [token], index=seq.index)
             else:
                 self._retire(seq, reason)
                 out = self._final_output(seq)  # the last delta carries the finish reason and usage
@@ -285,10 +306,12 @@ class LLMEngine:
         )
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
-        """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now."""
-        self.requests.pop(seq.request_id, None)
-        self._prompt_logprobs.pop(seq.request_id, None)
+        """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now. The request is
+        forgotten with its last sample."""
         self.scheduler.finish(seq, reason)
+        if all(s.is_finished for s in self.requests.get(seq.request_id, ())):
+            self.requests.pop(seq.request_id, None)
+            self._prompt_logprobs.pop(seq.request_id, None)
 
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:
         """Why ``seq`` ends with ``token``, its ``n``-th output token (None: it goes on)."""
@@ -312,6 +335,7 @@ class LLMEngine:
             len(seq.output_token_ids),
             seq.num_cached_prompt_tokens,
             queue_time,
+            index=seq.index,
         )
 
     def shutdown(self) -> None:

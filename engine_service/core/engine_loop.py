@@ -113,17 +113,19 @@ class EngineLoop:
             if isinstance(command, (AddRequest, AddEmbedRequest)):
                 try:
                     if isinstance(command, AddRequest):
-                        self.engine.add_request(command.internal_id, command.prompt_token_ids, command.params)
+                        self.engine.add_request(
+                            command.internal_id, command.prompt_token_ids, command.params, command.priority
+                        )
                     else:
                         self.engine.add_embed_request(command.internal_id, command.prompt_token_ids, command.normalize)
                 except Exception as exc:  # delivered to its own stream; others are untouched
                     self.emit(RequestFailed(command.internal_id, exc))
             elif isinstance(command, AbortRequest):
-                out = self.engine.abort_request(command.internal_id)
-                if out is not None:
-                    self.emit(StepOutputs([self.batcher.final(out)], self.engine.stats()))
+                finals = self.engine.abort_request(command.internal_id, command.index)
+                if finals:
+                    self.emit(StepOutputs([self.batcher.final(out) for out in finals], self.engine.stats()))
                 if command.ticket is not None:
-                    self.emit(AbortAnswered(command.ticket, out is not None))
+                    self.emit(AbortAnswered(command.ticket, bool(finals)))
 
 
 class DeltaBatcher:
@@ -134,8 +136,8 @@ class DeltaBatcher:
     def __init__(self, stream_interval: int = 1) -> None:
         validate_stream_interval(stream_interval)
         self.stream_interval = stream_interval
-        self._held: dict[str, RequestOutput] = {}  # internal id -> tokens not sent yet
-        self._started: set[str] = set()  # requests whose first token was sent
+        self._held: dict[tuple[str, int], RequestOutput] = {}  # (internal id, sample) -> tokens not sent yet
+        self._started: set[tuple[str, int]] = set()  # samples whose first token was sent
 
     def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Of one engine step's deltas, those to send now; the rest are held for a later step."""
@@ -143,30 +145,31 @@ class DeltaBatcher:
             return outputs
         ready = []
         if self._held:  # requests that got nothing this step: what they hold goes now
-            stepped = {out.request_id for out in outputs}
-            ready += [self._held.pop(rid) for rid in [rid for rid in self._held if rid not in stepped]]
+            stepped = {(out.request_id, out.index) for out in outputs}
+            ready += [self._held.pop(key) for key in [key for key in self._held if key not in stepped]]
         for out in outputs:
-            rid = out.request_id
+            key = (out.request_id, out.index)
             if out.finished:
                 ready.append(self.final(out))
                 continue
-            held = self._held.pop(rid, None)
+            held = self._held.pop(key, None)
             if held is not None:
                 held.absorb(out)
                 out = held
-            if rid not in self._started:
-                self._started.add(rid)
+            if key not in self._started:
+                self._started.add(key)
                 ready.append(out)
             elif len(out.new_token_ids) < self.stream_interval:
-                self._held[rid] = out
+                self._held[key] = out
             else:
                 ready.append(out)
         return ready
 
     def final(self, out: RequestOutput) -> RequestOutput:
         """A request's final delta (finished or aborted), carrying whatever it held."""
-        self._started.discard(out.request_id)
-        held = self._held.pop(out.request_id, None)
+        key = (out.request_id, out.index)
+        self._started.discard(key)
+        held = self._held.pop(key, None)
         if held is None:
             return out
         held.absorb(out)

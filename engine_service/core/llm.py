@@ -11,6 +11,7 @@ from engine_service.config import EngineConfig
 from engine_service.core.engine import LLMEngine
 from engine_service.protocol import TokenLogprob
 from engine_service.sampling_params import SamplingParams
+from service_common.validation import FieldError
 
 
 @dataclass
@@ -61,6 +62,8 @@ class LLM:
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]
         for ids, params in zip(encoded, params_list):
+            if params.n != 1:  # one CompletionOutput per prompt: repeat the prompt (with seed + i) instead
+                raise FieldError("n", f"the offline LLM returns one output per prompt; got n={params.n}")
             self.engine.validate(ids, params)  # all-or-nothing: reject before anything runs
         order: list[str] = []
         tokens: dict[str, list[int]] = {}

@@ -2,7 +2,7 @@
 
 Who writes what (one writer per field; everyone else only reads):
 
-- the **scheduler** (``Scheduler``) writes every mutable field: ``status``, ``num_computed_tokens``,
+- the **scheduler** (``Scheduler``) writes every mutable field: ``status``, ``arrival_order``, ``num_computed_tokens``,
   ``num_pending_tokens``, ``output_token_ids`` and the token timings (``Scheduler.apply``, when a
   step's sampled ids are read back), ``num_cached_prompt_tokens``, ``num_preemptions``,
   ``finish_reason`` (``Scheduler.finish``, on the engine's decision), ``first_scheduled_time``;
@@ -31,6 +31,7 @@ from engine_service.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"  # holds KV blocks and is scheduled every step
+    PARKED = "parked"  # a sample i > 0 of an n > 1 request, waiting for sample 0 to prefill the shared prompt
     FINISHED = "finished"
 
 
@@ -40,7 +41,10 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    seed: int  # effective sampling seed (drawn at admission if params.seed is None)
+    seed: int  # effective sampling seed (drawn at admission if params.seed is None; seed + index for samples)
+    index: int = 0  # which of the request's params.n samples this is; (request_id, index) is its identity
+    priority: int = 0  # lower is scheduled first (GenerateRequest.priority)
+    arrival_order: int = 0  # the scheduler's admission counter: FCFS among equal priorities
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)  # read back from the device, in order
     num_pending_tokens: int = 0  # sampled after output_token_ids, not read back yet
@@ -101,8 +105,15 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         """Its prompt's logprobs are still to be computed: asked for, and no output token yet (a sequence
-        preempted after its first token recomputes its prompt without them)."""
-        return self.params.prompt_logprobs is not None and not self.output_token_ids
+        preempted after its first token recomputes its prompt without them). Of n samples, the first
+        computes them for the request (the others share its prompt blocks)."""
+        return self.params.prompt_logprobs is not None and self.index == 0 and not self.output_token_ids
+
+    @property
+    def queue_key(self) -> tuple[int, int, int]:
+        """Its place in the waiting queue and among running sequences: (priority, arrival, sample index);
+        the smallest is admitted first, the largest preempted first."""
+        return (self.priority, self.arrival_order, self.index)
 
     @property
     def is_finished(self) -> bool:

@@ -1,10 +1,10 @@
 """``vllm.grpc.engine.GenerateRequest`` -> what our engine runs: prompt ids, ``SamplingParams``, stop strings.
 
 Every field the engine does not support is refused with a ``FieldError`` naming it (INVALID_ARGUMENT), never
-ignored: a gateway that sends ``n: 4`` or a JSON schema must not get one unconstrained sample back as if it
-had worked. The rest is copied into our own engine proto and judged by the EngineService's validation
-(``generate_request.generate_inputs``: limits, ``truncate_prompt_tokens``, ``logit_bias``, the length rule),
-so both front doors accept and refuse the same things.
+ignored: a gateway that sends a JSON schema must not get an unconstrained sample back as if it had worked.
+The rest is copied into our own engine proto and judged by the EngineService's validation
+(``generate_request.generate_inputs``: limits, ``n``, ``truncate_prompt_tokens``, ``logit_bias``, the length
+rule), so both front doors accept and refuse the same things.
 
 proto3 has no presence on most of SMG's sampling fields: 0 means "unset" for ``top_p``, ``top_k`` and
 ``repetition_penalty`` (vLLM's own servicer reads them the same way), so those map to our defaults.
@@ -60,8 +60,6 @@ def check_supported(request: pb.GenerateRequest) -> None:
         raise FieldError(
             "data_parallel_rank", f"this engine has one data-parallel rank (0), got {request.data_parallel_rank}"
         )
-    if sp.n > 1:
-        raise FieldError("sampling_params.n", f"one sample per request is supported, got n={sp.n}")
     if (constraint := sp.WhichOneof("constraint")) is not None:
         raise _refuse(f"sampling_params.{constraint}", "structured output (constrained decoding)")
     if sp.HasField("prompt_logprobs") and not 0 <= sp.prompt_logprobs <= MAX_PROMPT_LOGPROBS:
@@ -87,6 +85,8 @@ def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateR
     sp = request.sampling_params
     ours = engine_pb2.GenerateRequest(prompt_token_ids=request.tokenized.input_ids)
     o = ours.sampling_params
+    if sp.n:  # no presence: 0 is "unset" (one sample)
+        o.n = sp.n
     # fields with presence in SMG's message
     for name in ("temperature", "seed", "logprobs", "max_tokens", "prompt_logprobs"):
         if sp.HasField(name):

@@ -8,6 +8,9 @@ Abort from either names the same live requests. No torch here.
 Generate's reply: with ``stream`` set, one ``chunk`` per delta (the last delta's tokens too) and then a
 ``complete`` without tokens (SMG 1.13 takes a streamed request's tokens from its chunks only: tokens in the
 final ``complete`` were dropped from the text and the usage); without it, one ``complete`` with all tokens.
+With ``n > 1`` every chunk and every ``complete`` carries its sample's ``index`` (SMG's fields for it), the
+samples' chunks interleave, and each sample ends with its own ``complete`` (n in all), as vLLM's own gRPC
+server answers. A stop string ends its own sample only (``AsyncEngine.abort_sample``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +74,16 @@ def _logprobs(items: list[TokenLogprob]) -> pb.OutputLogProbs:
     )
 
 
+@dataclass
+class _Sample:
+    """One sample's state in a Generate call."""
+
+    watch: StopWatch | None  # its own stop-string matcher (None: no stop strings)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: bool = False  # its complete was sent
+
+
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     """The SMG worker RPCs over the engine that ``base`` (the EngineService servicer) holds."""
 
@@ -99,29 +113,41 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         bind_request_id(request.request_id)
         engine = self.base._live_engine()
         req = engine_request(request, engine.info, self.base.limits)
-        watch = (
-            StopWatch(await asyncio.to_thread(self.tokenizer), req.stop, req.params.min_tokens, req.skip_special_tokens)
-            if req.stop
-            else None
-        )
-        async for response in self._generate(req, watch):
+        tokenizer = await asyncio.to_thread(self.tokenizer) if req.stop else None
+
+        def new_watch() -> StopWatch | None:
+            if tokenizer is None:
+                return None
+            return StopWatch(tokenizer, req.stop, req.params.min_tokens, req.skip_special_tokens)
+
+        async for response in self._generate(req, new_watch):
             yield response
 
-    async def _generate(self, req: EngineRequest, watch: StopWatch | None) -> AsyncIterator[pb.GenerateResponse]:
-        """The engine's deltas as SMG's messages. Leaving early (client cancel, a stop string) closes the
-        engine stream, which aborts the request in the scheduler."""
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob] = []
+    async def _generate(
+        self, req: EngineRequest, new_watch: Callable[[], StopWatch | None]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The engine's deltas as SMG's messages, per sample. A stop string ends its sample (the engine
+        aborts that sample only); leaving early (client cancel) closes the engine stream, which aborts
+        every sample in the scheduler."""
+        engine = self.base._live_engine()
+        samples = [_Sample(new_watch()) for _ in range(req.params.n)]
+        unfinished = req.params.n
         prompt = len(req.prompt_token_ids)
-        input_logprobs: pb.InputLogProbs | None = None
-        stream = self.base._live_engine().generate(req.prompt_token_ids, req.params, req.request_id)
+        input_logprobs: pb.InputLogProbs | None = None  # the prompt's, from sample 0's first delta
+        # SMG's GenerateRequest has no priority field: its requests run at the default priority, 0
+        stream = engine.generate(req.prompt_token_ids, req.params, req.request_id)
         try:
             async for out in stream:
-                hit = watch.push(out.new_token_ids) if watch is not None else None
+                sample = samples[out.index]
+                if sample.done:  # its stop string matched: the engine's late tokens and ABORTED end are dropped
+                    continue
+                hit = sample.watch.push(out.new_token_ids) if sample.watch is not None else None
                 if hit is not None:
-                    self._cut(out, hit, prompt, len(tokens))
-                tokens += out.new_token_ids
-                logprobs += out.new_logprobs or []
+                    self._cut(out, hit, prompt, len(sample.tokens))
+                    if unfinished > 1:
+                        engine.abort_sample(out.request_id, out.index)
+                sample.tokens += out.new_token_ids
+                sample.logprobs += out.new_logprobs or []
                 first_input_logprobs = None
                 if out.prompt_logprobs is not None:
                     first_input_logprobs = input_logprobs = _input_logprobs(req.prompt_token_ids, out.prompt_logprobs)
@@ -130,17 +156,21 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                         chunk=pb.GenerateStreamChunk(
                             token_ids=out.new_token_ids,
                             prompt_tokens=prompt,
-                            completion_tokens=len(tokens),
+                            completion_tokens=len(sample.tokens),
                             output_logprobs=_logprobs(out.new_logprobs) if out.new_logprobs else None,
                             input_logprobs=first_input_logprobs,  # the first chunk only
+                            index=out.index,
                         )
                     )
                 if out.finished:
-                    complete = self._complete(req, out, tokens, logprobs, hit)
+                    sample.done = True
+                    complete = self._complete(req, out, sample.tokens, sample.logprobs, hit)
                     if input_logprobs is not None and not req.stream:
                         complete.complete.input_logprobs.CopyFrom(input_logprobs)
                     yield complete
-                    return
+                    unfinished -= 1
+                    if not unfinished:
+                        return
         finally:
             await stream.aclose()  # at once, not at garbage collection: the abort reaches the engine now
 
@@ -169,6 +199,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens,
             cached_tokens=out.num_cached_tokens,
+            index=out.index,
         )
         if req.params.logprobs is not None and logprobs and not req.stream:
             complete.output_logprobs.CopyFrom(_logprobs(logprobs))
