@@ -15,9 +15,10 @@ from engine_service.config import EngineConfig
 from engine_service.core.block_manager import BlockManager
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.scheduler import Scheduler
-from engine_service.core.sequence import Sequence
+from engine_service.core.sequence import Sequence, SequenceStatus
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
 from engine_service.core.step_plan import StepPlan
+from engine_service.core.structured_output import StructuredOutputManager
 from engine_service.core.tp_workers import WorkerGroup
 from engine_service.protocol import (
     EngineDeadError,
@@ -83,6 +84,10 @@ class LLMEngine:
         self._overlap = config.overlaps_steps
         self.executor = StepExecutor(self.runner, self.workers, self.eos_token_ids, self.vocab_size, self._overlap)
         self.requests: dict[str, Sequence] = {}
+        self.structured = StructuredOutputManager(
+            config.model, self.vocab_size, self.eos_token_ids, config.max_num_seqs, self.runner.device
+        )
+        self._failed: list[tuple[str, Exception]] = []  # requests that ended in an error (take_failed)
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
         self.num_generated_tokens_total = 0
@@ -109,12 +114,31 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        if len(self.scheduler.waiting) + self.structured.num_compiling >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
         seq = Sequence(request_id, list(prompt_token_ids), params, seed)
         self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        if params.constraint is None:
+            self.scheduler.add(seq)
+        else:  # queued once its grammar is compiled (``_admit_compiled``), as vLLM's WAITING_FOR_FSM
+            seq.status = SequenceStatus.WAITING_FOR_GRAMMAR
+            self.structured.submit(seq)
+
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """Requests that ended in an error since the last call (a constraint that does not compile: a
+        FieldError naming its field), each already retired; the caller tells their streams."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _admit_compiled(self, wait_s: float) -> None:
+        """Queue the requests whose grammar is ready; fail those whose grammar did not compile."""
+        ready, failed = self.structured.poll(wait_s)
+        for seq in ready:
+            self.scheduler.add(seq)
+        for seq, exc in failed:
+            self._retire(seq, FinishReason.ERROR)
+            self._failed.append((seq.request_id, exc))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort at once (its KV blocks return to the pool now); None if unknown or already finished."""
@@ -132,13 +156,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A step still in flight when nothing is unfinished holds only finished or aborted rows: it has
         # nothing left to report, and the next step() retires it.
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.structured.num_compiling > 0
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + self.structured.num_compiling,
             kv_cache_usage=bm.usage,
             num_kv_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total,
@@ -158,9 +182,20 @@ class LLMEngine:
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
+        # Nothing else to do but wait for a grammar: wait a little for it here rather than spin.
+        idle = self.scheduler.num_unfinished == 0 and self._in_flight is None
+        self._admit_compiled(0.05 if idle else 0.0)
         plan = self.scheduler.schedule()
-        launched = self._launch(plan) if not plan.is_empty else None
+        # A step with constrained rows is sampled after the step in flight is applied (its tokens advance the
+        # matchers): the host fills the bitmask while the device runs this step's forward pass.
+        constrained = any(self.structured.has_grammar(e.seq) for e in plan.sampling)
+        launched = self._launch(plan, constrained) if not plan.is_empty else None
         outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
+        if launched is not None and constrained:
+            try:
+                self.executor.sample(launched, self.structured.grammar_mask([e.seq for e in plan.sampling]))
+            except Exception as exc:
+                raise self._fail(exc) from exc
         if launched is not None:
             if self._overlap:
                 self._in_flight = launched
@@ -173,10 +208,10 @@ class LLMEngine:
         assert launched is not None
         return launched
 
-    def _launch(self, plan: StepPlan) -> LaunchedStep:
+    def _launch(self, plan: StepPlan, defer_sampling: bool) -> LaunchedStep:
         """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
         try:
-            return self.executor.launch(plan)
+            return self.executor.launch(plan, defer_sampling)
         except Exception as exc:
             raise self._fail(exc) from exc
 
@@ -198,6 +233,10 @@ class LLMEngine:
         for row, seq in self.scheduler.apply(launched.plan, result.token_ids):
             token = result.token_ids[row]
             self.num_generated_tokens_total += 1
+            if not self.structured.accept(seq, token):  # never after the mask; a bug if it happens
+                self._retire(seq, FinishReason.ERROR)
+                self._failed.append((seq.request_id, RuntimeError(f"token {token} broke the request's grammar")))
+                continue
             reason = self._finish_reason(seq, token, len(seq.output_token_ids))
             if reason is None:
                 out = RequestOutput(seq.request_id, [token])
@@ -219,6 +258,7 @@ class LLMEngine:
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now."""
         self.requests.pop(seq.request_id, None)
+        self.structured.release(seq)
         self.scheduler.finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:
@@ -247,6 +287,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the TP workers and release rank 0's GPU memory and process group. Idempotent."""
+        self.structured.shutdown()
         if self.workers:
             self.workers.shutdown()
             self.workers = None

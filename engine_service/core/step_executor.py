@@ -15,7 +15,9 @@ import torch
 
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine_service.core.step_input import StepInput
 from engine_service.core.step_plan import PlannedSeq, StepPlan, StepResult
+from engine_service.core.structured_output import GrammarMask
 from engine_service.core.tp_workers import WorkerGroup
 from qwen3.forward_batch import copy_to_device
 
@@ -27,6 +29,9 @@ class LaunchedStep:
     plan: StepPlan
     host: tuple[torch.Tensor, ...]  # token ids [S], then (if asked) logprobs [S], top ids / values [S, N]
     ready: torch.cuda.Event | None  # recorded after the copies to ``host`` (None on the CPU)
+    # Set while its sampling waits for a structured-output mask (``StepExecutor.sample``): the model input
+    # and the logits [S, V] of the forward pass queued on the device.
+    unsampled: tuple[StepInput, torch.Tensor] | None = None
 
 
 def _copy_to_host(out: SamplerOutput) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
@@ -62,16 +67,27 @@ class StepExecutor:
         self.share_sampled = share_sampled and workers is not None
         self.sampler = Sampler()
 
-    def launch(self, plan: StepPlan) -> LaunchedStep:
-        """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host."""
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> LaunchedStep:
+        """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host.
+
+        ``defer_sampling``: queue the model only; the caller fills the step's structured-output mask on the
+        host while the device runs it, then calls ``sample``."""
         step = plan.model_input(self.share_sampled)
         if self.workers:
             self.workers.execute(step)
         logits = self.runner.execute(step)
-        sampled = self._sample(logits, plan.sampling) if plan.sampling else None
+        launched = LaunchedStep(plan, (), None, (step, logits))
+        if not defer_sampling:
+            self.sample(launched)
+        return launched
+
+    def sample(self, launched: LaunchedStep, grammar: GrammarMask | None = None) -> None:
+        """Queue the sampler of a launched step (with its structured-output mask) and the copy of its ids."""
+        assert launched.unsampled is not None, "a step is sampled once"
+        (step, logits), launched.unsampled = launched.unsampled, None
+        sampled = self._sample(logits, launched.plan.sampling, grammar) if launched.plan.sampling else None
         self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
-        host, ready = _copy_to_host(sampled) if sampled is not None else ((), None)
-        return LaunchedStep(plan, host, ready)
+        launched.host, launched.ready = _copy_to_host(sampled) if sampled is not None else ((), None)
 
     @staticmethod
     def wait(launched: LaunchedStep) -> StepResult:
@@ -83,7 +99,7 @@ class StepExecutor:
         token_ids, logprobs, top_ids, top_vals = [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host))
         return StepResult(token_ids, logprobs, top_ids, top_vals)
 
-    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...]) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...], grammar: GrammarMask | None) -> SamplerOutput:
         seqs = [e.seq for e in rows]
         pending = [e.pending_row is not None for e in rows]
         batch = SamplingBatch.build(
@@ -96,6 +112,7 @@ class StepExecutor:
             logits.device,
             pending,
             self._pending_token_ids(rows, pending, logits.device),
+            grammar,
         )
         return self.sampler(logits, batch)
 
