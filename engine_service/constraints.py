@@ -42,7 +42,7 @@ class OutputConstraint:
         if not isinstance(self.spec, str):
             raise FieldError(name, f"must be a string, got {type(self.spec).__name__}")
         if self.kind is ConstraintKind.CHOICE:
-            if isinstance(self.choices, str) or not self.choices:
+            if isinstance(self.choices, str) or not self.choices:  # type: ignore[unreachable]  # a caller's str
                 raise FieldError("choice.choices", "must list at least one string")
             object.__setattr__(self, "choices", tuple(self.choices))
             bad = next((i for i, c in enumerate(self.choices) if not isinstance(c, str) or not c), None)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import xgrammar as xgr
 
 from engine_service.constraints import ConstraintKind, OutputConstraint
 from qwen3.forward_batch import copy_to_device
-from service_common.validation import FieldError
+from service_common.validation import FieldError, grammar_compiler_message
 
 if TYPE_CHECKING:
     from engine_service.core.sequence import Sequence
@@ -51,14 +50,6 @@ log = logging.getLogger(__name__)
 COMPILE_WORKERS = 2
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
-
-# xgrammar's errors start with a timestamp and a C++ source location, and some with its CHECK's text.
-_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
-
-
-def compiler_message(exc: BaseException) -> str:
-    """The compiler's own words, without the timestamp and C++ source location it prefixes them with."""
-    return _LOCATION.sub("", str(exc).strip())
 
 
 @dataclass(frozen=True)
@@ -176,7 +167,7 @@ class GrammarCompilation:
             # A JSON string literal is an EBNF string literal with the same escapes.
             return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(choice) for choice in c.choices))
         except RuntimeError as exc:  # xgrammar reports every bad schema, regex or grammar so
-            raise FieldError(c.field, f"does not compile: {compiler_message(exc)}") from None
+            raise FieldError(c.field, f"does not compile: {grammar_compiler_message(exc)}") from None
 
 
 class StructuredOutputManager:

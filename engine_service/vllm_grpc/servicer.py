@@ -210,6 +210,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             block_size=info.kv_block_size,
             attention_backend=info.attention_backend,
             model_dtype=info.dtype,
+            # Where the prompt leaves Qwen3 thinking open, a grammar starts after </think>
+            # (engine_service.core.structured_output); grammar_from_first_token starts it at once.
+            constrained_decoding_start="after_reasoning",
         )
 
     @handle_errors
