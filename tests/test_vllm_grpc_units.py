@@ -58,8 +58,10 @@ def test_translation_keeps_what_the_engine_honours() -> None:
     "sampling, field",
     [
         ({"n": 2}, "sampling_params.n"),
-        ({"json_schema": "{}"}, "sampling_params.json_schema"),
-        ({"choice": True}, "sampling_params.choice"),
+        ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
+        ({"json_schema": "x" * 70000}, "sampling_params.json_schema"),  # over --max-constraint-bytes
+        ({"choice": True}, "sampling_params.choice.choices"),  # a choice constraint without choices
+        ({"json_schema": "{}", "ignore_eos": True}, "sampling_params.ignore_eos"),
         ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
         ({"max_tokens": 100}, "sampling_params.max_tokens"),
         ({"top_p": 1.5}, "sampling_params.top_p"),

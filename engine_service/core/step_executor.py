@@ -101,7 +101,10 @@ class StepExecutor:
 
     def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...], grammar: GrammarMask | None) -> SamplerOutput:
         seqs = [e.seq for e in rows]
-        pending = [e.pending_row is not None for e in rows]
+        # A row's input token from the step before is pending until that step is applied; a deferred sample
+        # (structured output) runs after it was, so count what is still pending now: besides the token this
+        # step samples, one more.
+        pending = [e.pending_row is not None and e.seq.num_pending_tokens > 1 for e in rows]
         batch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids for s in seqs],
