@@ -116,15 +116,17 @@ async def test_vllm_engine_generate_with_a_constraint(services: Services, tokeni
                 ids += response.chunk.token_ids
         if reason == "stop":
             assert check(tokenizer.decode(ids[:-1])) is not False
-    bad = vllm_engine_pb2.GenerateRequest(
-        request_id="bad",
-        tokenized=vllm_engine_pb2.TokenizedInput(input_ids=PROMPT),
-        sampling_params=vllm_engine_pb2.SamplingParams(structural_tag="{}"),
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in stub.Generate(bad, timeout=10):
-            pass
-    assert bad_request_field(err.value) == "sampling_params.structural_tag"
+    for sampling, field in (({"structural_tag": "{}"}, "structural_tag"), ({"regex": "a(b"}, "regex")):
+        bad = vllm_engine_pb2.GenerateRequest(
+            request_id="bad",
+            tokenized=vllm_engine_pb2.TokenizedInput(input_ids=PROMPT),
+            sampling_params=vllm_engine_pb2.SamplingParams(**sampling),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(bad, timeout=10):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_field(err.value) == f"sampling_params.{field}"
 
 
 async def test_chat_response_format(services: Services) -> None:

@@ -154,7 +154,10 @@ class GrammarCompilation:
             return self._compiler
 
     def _compile(self, c: OutputConstraint) -> xgr.CompiledGrammar:
-        compiler = self._load()
+        try:
+            compiler = self._load()
+        except (OSError, RuntimeError, ValueError) as exc:  # no or unreadable tokenizer files
+            raise FieldError(c.field, f"structured output is unavailable on this engine: {exc}") from exc
         try:
             if c.kind is ConstraintKind.JSON_SCHEMA:
                 return compiler.compile_json_schema(c.spec, any_whitespace=False)

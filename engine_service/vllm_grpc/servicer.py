@@ -32,6 +32,7 @@ from qwen3serve.smg import vllm_engine_pb2 as pb
 from qwen3serve.smg import vllm_engine_pb2_grpc as pb_grpc
 from service_common.errors import handle_errors
 from service_common.logging import bind_request_id
+from service_common.validation import FieldError
 
 if TYPE_CHECKING:
     from engine_service.server import EngineServicer
@@ -119,6 +120,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 if out.finished:
                     yield self._complete(req, out, tokens, logprobs, hit)
                     return
+        except FieldError as exc:  # from the engine: a constraint that does not compile names a SamplingParams field
+            raise exc.within("sampling_params") from None
         finally:
             await stream.aclose()  # at once, not at garbage collection: the abort reaches the engine now
 
