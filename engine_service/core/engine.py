@@ -188,7 +188,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         # A step with constrained rows is sampled after the step in flight is applied (its tokens advance the
         # matchers): the host fills the bitmask while the device runs this step's forward pass.
-        constrained = any(self.structured.has_grammar(e.seq) for e in plan.sampling)
+        constrained = self.structured.num_grammars > 0 and any(
+            self.structured.has_grammar(e.seq) for e in plan.sampling
+        )
         launched = self._launch(plan, constrained) if not plan.is_empty else None
         outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
         if launched is not None and constrained:

@@ -105,10 +105,11 @@ class GrammarMask:
     """A step's token bitmask: which ids each constrained sampling row may take."""
 
     bitmask: torch.Tensor  # [S, ceil(V / 32)] int32 on the logits' device; bit j of a row: id j allowed
-    rows: list[int]  # the constrained rows (the others' bitmask rows are not read)
+    rows: list[int] | torch.Tensor  # the constrained rows (others' bitmask rows are not read); [R] int32 on CUDA
 
     def apply(self, scores: torch.Tensor) -> None:
-        """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel)."""
+        """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel: xgrammar's
+        Triton kernel on CUDA, its C++ loop on the CPU)."""
         xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
 
 
@@ -225,6 +226,11 @@ class StructuredOutputManager:
             ready.append(seq)
         return ready, failed
 
+    @property
+    def num_grammars(self) -> int:
+        """Sequences with a matcher (compiled and not yet finished)."""
+        return len(self._grammars)
+
     def has_grammar(self, seq: Sequence) -> bool:
         return seq in self._grammars
 
@@ -252,7 +258,12 @@ class StructuredOutputManager:
             self._batch_matcher = xgr.BatchGrammarMatcher()
         indices = [i for i, _ in active]
         self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
-        return GrammarMask(copy_to_device(host, self.device), indices)
+        if self.device.type == "cpu":
+            return GrammarMask(host, indices)
+        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
+        # memory, which waits for the device.
+        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self.device)
+        return GrammarMask(copy_to_device(host, self.device), rows)
 
     def shutdown(self) -> None:
         self.compilation.shutdown()
