@@ -14,8 +14,8 @@ import jsonschema
 import pytest
 import pytest_asyncio
 from serving import Services, start_services
+from test_sampling_controls_service import generate as generate_ids
 
-from clients import AsyncEngineClient
 from qwen3serve.engine.v1 import engine_pb2
 from qwen3serve.smg import vllm_engine_pb2, vllm_engine_pb2_grpc
 from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -42,12 +42,7 @@ async def services(demo_checkpoint: Path, tokenizer: ChatTokenizer) -> AsyncIter
 
 
 async def generate(services: Services, **sampling: object) -> tuple[list[int], object]:
-    ids, last = [], None
-    async with AsyncEngineClient(services.engine_target) as engine:
-        async for response in engine.generate(PROMPT, **sampling):
-            ids.extend(response.token_ids)
-            last = response
-    return ids, last
+    return await generate_ids(services, PROMPT, **sampling)
 
 
 def chat_stub(services: Services) -> tokenizer_pb2_grpc.TokenizerServiceStub:
