@@ -23,9 +23,10 @@ PROMETHEUS_PORT ?= 29000
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[test]"
-	@# CPU builds of torch come without triton; its interpreter runs the kernel tests on CPU.
+	@# CPU builds of torch come without triton; its interpreter runs the kernel tests on CPU. Installed before
+	@# the package, so that xgrammar's own triton requirement is already met by the pin.
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON_CPU)"; fi
+	$(PIP) -e ".[test]"
 	touch $@
 
 # `pip install` itself generates the gRPC code (setup.py); a .proto edit regenerates only that code.

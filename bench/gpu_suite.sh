@@ -21,7 +21,9 @@
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
 #   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, QWEN3_GEMV_SILU=0, QWEN3_GEMV=0,
 #   QWEN3_PDL=1),
-#   hf (the older rows of docs/BENCHMARKS.md).
+#   hf (the older rows of docs/BENCHMARKS.md),
+#   structured (256 concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio;
+#   not yet run on a GPU).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
 # (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
@@ -98,6 +100,8 @@ for s in "${steps[@]}"; do
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
+    structured) TAIL=4 PICK="ratio" step structured 400 $PY bench/structured_throughput.py --model "$MODEL" \
+                  --json "$OUT/results.jsonl" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac

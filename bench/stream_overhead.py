@@ -79,6 +79,9 @@ class SyntheticEngine:
     def pop_embeddings(self) -> list:
         return []  # no Embed requests here
 
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        return []  # no request fails here (LLMEngine's: constraints that do not compile)
+
     def step(self) -> list[RequestOutput]:
         self._due += len(self._left) / self.rate
         delay = self._due - time.perf_counter()

@@ -6,7 +6,8 @@ every error is a ``FieldError`` with its path in the request (``sampling_params.
 
 from __future__ import annotations
 
-from engine_service.limits import RequestLimits
+from engine_service.constraints import ConstraintKind, OutputConstraint
+from engine_service.limits import RequestLimits, check_constraint_size
 from engine_service.protocol import EngineInfo, check_lengths
 from engine_service.sampling_params import SamplingParams
 from qwen3serve.engine.v1 import engine_pb2
@@ -61,6 +62,7 @@ def generate_inputs(
             logit_bias=tuple(msg.logit_bias.items()),
             allowed_token_ids=tuple(msg.allowed_token_ids) or None,
             bad_words=tuple(tuple(word.token_ids) for word in msg.bad_words),
+            constraint=output_constraint(msg, limits),
             **kwargs,  # type: ignore[arg-type]  # checked by SamplingParams itself
         )
     except FieldError as exc:
@@ -84,6 +86,26 @@ def _check_counts(msg: engine_pb2.SamplingParams, limits: RequestLimits) -> None
     check_count("sampling_params.bad_words", len(msg.bad_words), limits.max_bad_words, "sequences")
     for i, word in enumerate(msg.bad_words):
         check_count(f"sampling_params.bad_words[{i}]", len(word.token_ids), limits.max_bad_word_tokens, "ids")
+
+
+def output_constraint(msg: object, limits: RequestLimits, from_first_token: bool = False) -> OutputConstraint | None:
+    """The ``constraint`` oneof of a SamplingParams message (ours, or SMG's: same names) as an
+    ``OutputConstraint``, its size checked first; None when unset (or ``json_object: false``). FieldErrors name
+    the field under SamplingParams (``json_schema``); the caller adds the message's own path."""
+    which = msg.WhichOneof("constraint")  # type: ignore[attr-defined]
+    if which is None or (which == "json_object" and not msg.json_object):  # type: ignore[attr-defined]
+        return None
+    try:
+        kind = ConstraintKind(which)
+    except ValueError:
+        raise FieldError(which, "is not a supported structured-output constraint") from None
+    if kind is ConstraintKind.CHOICE:
+        choices = msg.choice.choices  # type: ignore[attr-defined]
+        check_constraint_size("choice.choices", len(choices), sum(len(c.encode()) for c in choices), limits)
+        return OutputConstraint(kind, choices=tuple(choices), from_first_token=from_first_token)
+    spec = "" if kind is ConstraintKind.JSON_OBJECT else getattr(msg, which)
+    check_constraint_size(which, 0, len(spec.encode("utf-8", "surrogatepass")), limits)
+    return OutputConstraint(kind, spec, from_first_token=from_first_token)
 
 
 def request_path(exc: FieldError) -> FieldError:

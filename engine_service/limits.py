@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from service_common.validation import FieldError
+from service_common.validation import FieldError, check_count
 
 #: Largest message the engine server receives or sends (``--max-message-mb``). A prompt of 128k token ids is
 #: under 0.7 MB; gRPC parses a message on the event loop before any handler runs (a 30 MB prompt stalls every
@@ -32,11 +32,26 @@ class RequestLimits:
     max_bad_word_tokens: int = field(default=32, metadata={"help": "most token ids in one bad_words sequence"})
     # Each sample is a sequence of its own (a batch row, a block table): n multiplies a request's cost.
     max_n: int = field(default=16, metadata={"help": "most parallel samples (sampling_params.n) one request may ask"})
+    # Grammar compilation grows with the text (xgrammar: ~ms per KiB of schema, more for wide regex classes and
+    # large enums); checked before compiling, so an oversized constraint costs the engine nothing.
+    max_constraint_bytes: int = field(
+        default=65536,
+        metadata={"help": "largest structured-output constraint (json_schema, regex, grammar, all choices) in bytes"},
+    )
+    max_choices: int = field(default=1024, metadata={"help": "most strings in one choice constraint"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if getattr(self, f.name) < 1:
                 raise ValueError(f"{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+def check_constraint_size(field_path: str, num_choices: int, size_bytes: int, limits: RequestLimits) -> None:
+    """FieldError naming ``field_path`` (``sampling_params.json_schema``) if a constraint is over the limits;
+    checked before it is built or compiled."""
+    check_count(field_path, num_choices, limits.max_choices, "choices")
+    if size_bytes > limits.max_constraint_bytes:
+        raise FieldError(field_path, f"is {size_bytes} bytes long; the limit is {limits.max_constraint_bytes}")
 
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
+from engine_service.constraints import OutputConstraint
 from service_common.validation import FieldError
 
 # Most alternatives a request may ask logprobs for (as OpenAI's API allows).
@@ -58,6 +59,9 @@ class SamplingParams:
     # Independent samples of the prompt (>= 1; the services cap it, --max-n). The prompt's KV blocks are
     # shared; with a seed, sample i samples with seed + i (vLLM's rule).
     n: int = 1
+    # Structured output: the text must match this (JSON schema, regex, grammar, JSON object, choice); the
+    # engine core compiles it (engine_service.core.structured_output) and masks the tokens that cannot follow.
+    constraint: OutputConstraint | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -111,6 +115,14 @@ class SamplingParams:
         if empty is not None:
             raise FieldError(f"bad_words[{empty}]", "must hold at least one token id")
         object.__setattr__(self, "bad_words", words)
+        if self.constraint is not None:
+            if not isinstance(self.constraint, OutputConstraint):
+                raise FieldError("constraint", f"must be an OutputConstraint, got {self.constraint!r}")
+            # A complete constraint allows only EOS: generating past it (or banning it) leaves no token to pick.
+            if self.ignore_eos:
+                raise FieldError("ignore_eos", "cannot be combined with a structured-output constraint")
+            if self.min_tokens:
+                raise FieldError("min_tokens", "cannot be combined with a structured-output constraint")
 
     @cached_property  # read for every row of every step (StepExecutor); the params never change
     def reads_token_history(self) -> bool:

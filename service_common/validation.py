@@ -8,6 +8,8 @@ servicers never parse a field name out of exception text: ``service_common.error
 
 from __future__ import annotations
 
+import re
+
 
 class FieldError(ValueError):
     """``field`` (a path into the request) is invalid; ``message`` says why, without repeating the path."""
@@ -26,3 +28,13 @@ def check_count(field: str, count: int, limit: int, what: str = "items") -> None
     """Raise FieldError if ``count`` exceeds ``limit`` (checked before any per-item work)."""
     if count > limit:
         raise FieldError(field, f"has {count} {what}; the limit is {limit}")
+
+
+# xgrammar's errors start with a timestamp and a C++ source location, and some with its CHECK's text.
+_XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+def grammar_compiler_message(exc: BaseException) -> str:
+    """An xgrammar error's own words (a bad schema, regex or grammar), without the timestamp and C++ source
+    location it starts with: what both services quote back in an INVALID_ARGUMENT."""
+    return _XGRAMMAR_LOCATION.sub("", str(exc).strip())

@@ -119,6 +119,9 @@ class _DyingEngine:
     def stats(self) -> str:
         return "stats"
 
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        return []
+
     def step(self) -> list[RequestOutput]:
         self.steps += 1
         if self.steps == 4:

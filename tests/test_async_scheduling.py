@@ -153,9 +153,9 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again(tiny_checkpoint: 
     launched: list[list[str]] = []
     launch = engine._launch
 
-    def counting(plan):
+    def counting(plan, *rest):
         launched.append([e.seq.request_id for e in plan.entries])
-        return launch(plan)
+        return launch(plan, *rest)
 
     engine._launch = counting  # type: ignore[method-assign]
     engine.add_request("five", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))

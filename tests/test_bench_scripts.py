@@ -165,3 +165,30 @@ def test_load_sweep_and_its_plot(demo_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert "wrote" in run_script("bench/plot_sweep.py", str(sweep), str(png), "--title", "CPU smoke test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_structured_throughput_script(demo_checkpoint: Path) -> None:
+    out = run_script(
+        "bench/structured_throughput.py",
+        "--model",
+        str(demo_checkpoint),
+        "--device",
+        "cpu",
+        "--num-requests",
+        "2",
+        "--min-input",
+        "8",
+        "--max-input",
+        "16",
+        "--output-len",
+        "6",
+        "--max-model-len",
+        "256",
+        "--kv-block-size",
+        "16",
+        "--num-kv-blocks",
+        "32",
+    )
+    for name in ("json_schema", "unconstrained"):  # the schema cannot complete in 6 tokens: both make 2 x 6
+        assert re.search(rf"^{name}\s+12 tokens", out, re.M), out
+    assert re.search(r"ratio \d+\.\d{3}; host bitmask fill \d+\.\d{2} ms/step", out), out

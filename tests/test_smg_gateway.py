@@ -172,9 +172,16 @@ def test_completion_and_a_stop_string_ended_in_the_engine(cluster: Cluster) -> N
     assert text.startswith(choice.text) and stop not in choice.text
 
 
-# n is served now (SMG itself caps it at 10, below our --max-n of 16: tests/test_parallel_sampling_service.py
-# checks our limit on VllmEngine directly)
-@pytest.mark.parametrize("extra, field", [({"response_format": {"type": "json_object"}}, "sampling_params.")])
+# n and response_format are served now (SMG caps n at 10, below our --max-n of 16:
+# tests/test_parallel_sampling_service.py checks our limit on VllmEngine directly); a schema the grammar
+# compiler refuses is the engine's INVALID_ARGUMENT, which SMG must pass on as a 4xx naming the field.
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BAD_SCHEMA}}}, "json_schema")],
+)
 def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: dict, field: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         cluster.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, **extra)  # type: ignore[attr-defined]

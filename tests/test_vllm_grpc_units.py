@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from engine_service.constraints import ConstraintKind, OutputConstraint
 from engine_service.generate_request import generate_inputs
 from engine_service.limits import RequestLimits
 from engine_service.protocol import EngineInfo
@@ -60,8 +61,9 @@ def test_translation_keeps_what_the_engine_honours() -> None:
     "sampling, field",
     [
         ({"n": 17}, "sampling_params.n"),  # over --max-n
-        ({"json_schema": "{}"}, "sampling_params.json_schema"),
-        ({"choice": True}, "sampling_params.choice"),
+        ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
+        ({"json_schema": "x" * 70000}, "sampling_params.json_schema"),  # over --max-constraint-bytes
+        ({"json_schema": "{}", "ignore_eos": True}, "sampling_params.ignore_eos"),
         ({"prompt_logprobs": 21}, "sampling_params.prompt_logprobs"),  # over the limit (20); -1 (all) too
         ({"max_tokens": 100}, "sampling_params.max_tokens"),
         ({"top_p": 1.5}, "sampling_params.top_p"),
@@ -81,6 +83,25 @@ def test_unsupported_or_bad_fields_are_named(sampling: dict, field: str) -> None
 def test_n_reaches_the_engine_and_zero_means_one() -> None:
     assert engine_request(request(n=4), INFO, RequestLimits()).params.n == 4
     assert engine_request(request(), INFO, RequestLimits()).params.n == 1
+
+
+@pytest.mark.parametrize(
+    "sampling, kind, spec",
+    [
+        ({"json_schema": '{"type": "object"}'}, ConstraintKind.JSON_SCHEMA, '{"type": "object"}'),
+        ({"regex": "a+"}, ConstraintKind.REGEX, "a+"),
+        ({"grammar": 'root ::= "x"'}, ConstraintKind.GRAMMAR, 'root ::= "x"'),
+        ({"json_object": True}, ConstraintKind.JSON_OBJECT, ""),
+        ({"choice": True}, ConstraintKind.CHOICE, ""),
+    ],
+)
+def test_constraints_reach_the_engine(sampling: dict, kind: ConstraintKind, spec: str) -> None:
+    for first in (False, True):
+        params = engine_request(request(grammar_from_first_token=first, **sampling), INFO, RequestLimits()).params
+        assert params.constraint == OutputConstraint(
+            kind, spec, choices=("a",) if kind is ConstraintKind.CHOICE else (), from_first_token=first
+        )
+    assert engine_request(request(json_object=False), INFO, RequestLimits()).params.constraint is None
 
 
 def test_logit_bias_and_truncation_reach_the_engine_as_our_own_front_door_takes_them() -> None:

@@ -43,6 +43,7 @@ from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
 from tokenizer_service.engine_link import EngineHealthProbe, engine_channel
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
+from tokenizer_service.output_format import chat_generation
 from tokenizer_service.reasoning import prompt_opens_thinking
 from tokenizer_service.samples import ChatSample, SampleText, TextDelta
 
@@ -187,14 +188,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
         check_conversation(request.messages, request.tools, self._limits)
-        prompt, prompt_ids = await asyncio.to_thread(
-            self._render,
-            request.messages,
-            request.tools,
-            True,
-            request.enable_thinking if request.HasField("enable_thinking") else None,
-        )
-        prompt_ids = _truncated(prompt_ids, request.sampling_params)
+        # response_format / tool_choice -> the engine's constraint (output_format.py); "none" hides the tools
+        sampling, tools = await asyncio.to_thread(chat_generation, request, self._limits)
+        thinking = request.enable_thinking if request.HasField("enable_thinking") else None
+        prompt, prompt_ids = await asyncio.to_thread(self._render, request.messages, tools, True, thinking)
+        prompt_ids = _truncated(prompt_ids, sampling)
         await self._check_prompt_length(prompt_ids, "messages")
         starts_in_reasoning = prompt_opens_thinking(prompt)
         samples: dict[int, ChatSample] = {}  # sample index -> its reasoning split and tool-call parser
@@ -204,7 +202,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request_id,
                 prompt_ids,
                 "messages",
-                request.sampling_params,
+                sampling,
                 request.stop,
                 request.include_stop_str_in_output,
                 context,
@@ -214,7 +212,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             async for delta in deltas:
                 sample = samples.get(delta.index)
                 if sample is None:  # calls are parsed only when tools are offered
-                    sample = samples[delta.index] = ChatSample(request_id, starts_in_reasoning, bool(request.tools))
+                    sample = samples[delta.index] = ChatSample(request_id, starts_in_reasoning, bool(tools))
                 if (response := sample.push(delta)) is not None:
                     yield response
 

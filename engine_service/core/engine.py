@@ -15,9 +15,10 @@ from engine_service.config import EngineConfig
 from engine_service.core.block_manager import BlockManager
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.scheduler import Scheduler
-from engine_service.core.sequence import Sequence
+from engine_service.core.sequence import Sequence, SequenceStatus
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
 from engine_service.core.step_plan import StepPlan, StepResult
+from engine_service.core.structured_output import StructuredOutputManager
 from engine_service.core.tp_workers import WorkerGroup
 from engine_service.pooling import PoolingConfig
 from engine_service.protocol import (
@@ -87,6 +88,10 @@ class LLMEngine:
         self._overlap = config.overlaps_steps
         self.executor = StepExecutor(self.runner, self.workers, self.eos_token_ids, self.vocab_size, self._overlap)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its samples (params.n), in index order
+        self.structured = StructuredOutputManager(
+            config.model, self.vocab_size, self.eos_token_ids, config.max_num_seqs, self.runner.device
+        )
+        self._failed: list[tuple[str, Exception]] = []  # requests that ended in an error (take_failed)
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
         self.num_generated_tokens_total = 0
@@ -128,7 +133,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)  # the re-check (see the docstring)
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        if len(self.scheduler.waiting) + self.structured.num_compiling >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         prompt = list(prompt_token_ids)
         samples = [
@@ -143,7 +148,12 @@ class LLMEngine:
             for i in range(params.n)
         ]
         self.requests[request_id] = samples
-        self.scheduler.add_group(samples)
+        if params.constraint is None:
+            self.scheduler.add_group(samples)
+        else:  # queued once its grammar is compiled (``_admit_compiled``), as vLLM's WAITING_FOR_FSM
+            for seq in samples:
+                seq.status = SequenceStatus.WAITING_FOR_GRAMMAR
+            self.structured.submit(samples)
 
     def add_embed_request(self, request_id: str, prompt_token_ids: list[int], normalize: bool) -> None:
         """Queue a prefill-only request; its result comes from ``pop_embeddings`` after the step that
@@ -160,6 +170,22 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, 0, embed_normalize=bool(normalize))
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)
+
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """Requests that ended in an error since the last call (a constraint that does not compile: a
+        FieldError naming its field), each already retired; the caller tells their streams."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _admit_compiled(self, wait_s: float) -> None:
+        """Queue the requests whose grammar is ready; fail those whose grammar did not compile."""
+        ready, failed = self.structured.poll(wait_s)
+        for samples in ready:
+            self.scheduler.add_group(samples)
+        for samples, exc in failed:
+            for seq in samples:
+                self._retire(seq, FinishReason.ERROR)
+            self._failed.append((samples[0].request_id, exc))
 
     def pop_embeddings(self) -> list[EmbeddingOutput]:
         """Embed requests finished since the last call."""
@@ -184,13 +210,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A step still in flight when nothing is unfinished holds only finished or aborted rows: it has
         # nothing left to report, and the next step() retires it.
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.structured.num_compiling > 0
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + self.scheduler.num_parked,
+            num_waiting=len(self.scheduler.waiting) + self.scheduler.num_parked + self.structured.num_compiling,
             kv_cache_usage=bm.usage,
             num_kv_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total,
@@ -210,9 +236,22 @@ class LLMEngine:
         """
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
+        # Nothing else to do but wait for a grammar: wait a little for it here rather than spin.
+        idle = self.scheduler.num_unfinished == 0 and self._in_flight is None
+        self._admit_compiled(0.05 if idle else 0.0)
         plan = self.scheduler.schedule()
-        launched = self._launch(plan) if not plan.is_empty else None
+        # A step with constrained rows is sampled after the step in flight is applied (its tokens advance the
+        # matchers): the host fills the bitmask while the device runs this step's forward pass.
+        constrained = self.structured.num_grammars > 0 and any(
+            self.structured.has_grammar(e.seq) for e in plan.sampling
+        )
+        launched = self._launch(plan, constrained) if not plan.is_empty else None
         outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
+        if launched is not None and constrained:
+            try:
+                self.executor.sample(launched, self.structured.grammar_mask([e.seq for e in plan.sampling]))
+            except Exception as exc:
+                raise self._fail(exc) from exc
         if launched is not None:
             if self._overlap:
                 self._in_flight = launched
@@ -225,10 +264,10 @@ class LLMEngine:
         assert launched is not None
         return launched
 
-    def _launch(self, plan: StepPlan) -> LaunchedStep:
+    def _launch(self, plan: StepPlan, defer_sampling: bool) -> LaunchedStep:
         """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
         try:
-            return self.executor.launch(plan)
+            return self.executor.launch(plan, defer_sampling)
         except Exception as exc:
             raise self._fail(exc) from exc
 
@@ -257,6 +296,10 @@ class LLMEngine:
                 continue
             token = result.token_ids[row]
             self.num_generated_tokens_total += 1
+            if not self.structured.accept(seq, token):  # never after the mask; a bug if it happens
+                self._retire(seq, FinishReason.ERROR)
+                self._failed.append((seq.request_id, RuntimeError(f"token {token} broke the request's grammar")))
+                continue
             prompt_logprobs = None  # taken before a finish (_retire) drops them
             if seq.params.prompt_logprobs is not None and seq.index == 0 and len(seq.output_token_ids) == 1:
                 prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, [])  # a 1-token prompt has none
@@ -308,6 +351,7 @@ class LLMEngine:
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         """Finish or abort ``seq``: drop its tokens in flight and return its KV blocks now. The request is
         forgotten with its last sample."""
+        self.structured.release(seq)
         self.scheduler.finish(seq, reason)
         if all(s.is_finished for s in self.requests.get(seq.request_id, ())):
             self.requests.pop(seq.request_id, None)
@@ -340,6 +384,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the TP workers and release rank 0's GPU memory and process group. Idempotent."""
+        self.structured.shutdown()
         if self.workers:
             self.workers.shutdown()
             self.workers = None

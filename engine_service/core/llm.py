@@ -76,7 +76,13 @@ class LLM:
             tokens[rid], logprobs[rid] = [], []
             self.engine.add_request(rid, ids, params)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            outputs = self.engine.step()
+            failed = self.engine.take_failed()  # e.g. a constraint that does not compile: nothing is returned
+            if failed:
+                for rid in order:
+                    self.engine.abort_request(rid)
+                raise failed[0][1]
+            for out in outputs:
                 tokens[out.request_id].extend(out.new_token_ids)
                 if out.new_logprobs:
                     logprobs[out.request_id].extend(out.new_logprobs)

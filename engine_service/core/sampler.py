@@ -6,7 +6,8 @@ the logits' device; work that no row asks for (a sort for top-p, penalties, logp
 
 Processing order: logit_bias, then as transformers' ``generate``: repetition penalty (prompt + output
 tokens), presence/frequency penalties (output tokens); then the bans (allowed_token_ids, bad_words,
-min_tokens' EOS and stop ids; :mod:`engine_service.core.logit_masks`); then greedy rows take the argmax
+min_tokens' EOS and stop ids; :mod:`engine_service.core.logit_masks`) and the structured-output bitmask
+(:mod:`engine_service.core.structured_output`); then greedy rows take the argmax
 and sampled rows apply temperature, top-k, top-p, min-p and draw.
 
 Randomness is counter-based, drawn by an exponential race (:mod:`engine_service.core.race_sampling`):
@@ -19,14 +20,19 @@ batch: its draw depends only on its seed, its step and its row's scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine_service.core.logit_masks import AllowedTokens, LogitBias, PendingBans, bad_word_bans, pending_bans
 from engine_service.core.race_sampling import race_sample, row_keys
+from engine_service.core.token_history import TokenPairs, history_pairs, token_pairs
 from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
+
+if TYPE_CHECKING:
+    from engine_service.core.structured_output import GrammarMask
 
 
 @dataclass
@@ -35,14 +41,6 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [S] float32 log-softmax of the raw logits at the chosen token
     top_logprobs_ids: torch.Tensor | None  # [S, N] int64, most likely first; N = max requested in the batch
     top_logprobs: torch.Tensor | None  # [S, N] float32
-
-
-@dataclass
-class TokenPairs:
-    """Sparse (row, token id) pairs, e.g. every token a row has seen; duplicates allowed."""
-
-    rows: torch.Tensor  # [P] int64
-    tokens: torch.Tensor  # [P] int64
 
 
 @dataclass
@@ -70,6 +68,7 @@ class SamplingBatch:
     logit_bias: LogitBias | None  # rows with a logit_bias
     allowed_tokens: AllowedTokens | None  # rows with allowed_token_ids
     pending_bans: PendingBans | None  # bad_words bans that hinge on a last token still on the device
+    grammar: GrammarMask | None  # structured output: the constrained rows' token bitmask (set by the caller)
     all_greedy: bool
     max_top_k: int  # largest enabled top_k; 0 when no row uses top-k
     use_top_p: bool
@@ -88,6 +87,7 @@ class SamplingBatch:
                 self.logit_bias,
                 self.allowed_tokens,
                 self.pending_bans,
+                self.grammar,
             )
         )
 
@@ -112,6 +112,7 @@ class SamplingBatch:
         device: torch.device | str,
         pending: list[bool] | None = None,
         pending_token_ids: torch.Tensor | None = None,
+        grammar: GrammarMask | None = None,
     ) -> SamplingBatch:
         """Gather the per-row parameters of one step.
 
@@ -173,7 +174,7 @@ class SamplingBatch:
             presence_penalty=f[:, 4],
             frequency_penalty=f[:, 5],
             keys=i[:, 2],
-            seen_tokens=_history_pairs(
+            seen_tokens=history_pairs(
                 [p.repetition_penalty != 1.0 for p in params],
                 prompt_token_ids,
                 output_token_ids,
@@ -181,7 +182,7 @@ class SamplingBatch:
                 pending_token_ids,
                 device,
             ),
-            output_tokens=_history_pairs(
+            output_tokens=history_pairs(
                 [bool(p.presence_penalty or p.frequency_penalty) for p in params],
                 None,
                 output_token_ids,
@@ -189,7 +190,7 @@ class SamplingBatch:
                 pending_token_ids,
                 device,
             ),
-            banned_tokens=_pairs(
+            banned_tokens=token_pairs(
                 [
                     (*eos_token_ids, *p.stop_token_ids, *words) if n < p.min_tokens else words
                     for p, n, words in zip(params, num_outputs, bad_words)
@@ -199,6 +200,7 @@ class SamplingBatch:
             logit_bias=LogitBias.build(params, device) if controls else None,
             allowed_tokens=AllowedTokens.build(params, device) if controls else None,
             pending_bans=pending_bans(conditional_bans, pending_token_ids, device),
+            grammar=grammar,
             all_greedy=all(p.is_greedy for p in params),
             max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
             use_top_p=any(row[1] < 1.0 for row in floats),
@@ -253,7 +255,7 @@ class Sampler:
     @staticmethod
     def apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logit_bias, repetition, presence and frequency penalties, then the bans (allowed_token_ids,
-        bad_words, min_tokens), in place on ``scores``."""
+        bad_words, min_tokens) and the structured-output mask, in place on ``scores``."""
         if batch.logit_bias is not None:
             batch.logit_bias.apply(scores)
         if batch.seen_tokens is not None:
@@ -275,6 +277,8 @@ class Sampler:
             scores[batch.banned_tokens.rows, batch.banned_tokens.tokens] = float("-inf")
         if batch.pending_bans is not None:
             batch.pending_bans.apply(scores)
+        if batch.grammar is not None:
+            batch.grammar.apply(scores)
         return scores
 
     @staticmethod
@@ -324,47 +328,3 @@ def _top_k_top_p_by_sort(scores: torch.Tensor, batch: SamplingBatch) -> None:
     drop[:, -1] = False
     drop |= sorted_scores == float("-inf")  # the top-k cut
     scores.masked_fill_(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
-
-
-def _history_pairs(
-    wanted: list[bool],
-    prompt_token_ids: list[list[int]] | None,
-    output_token_ids: list[list[int]],
-    pending: list[bool] | None,
-    pending_token_ids: torch.Tensor | None,
-    device: torch.device | str,
-) -> TokenPairs | None:
-    """(row, token) pairs of the earlier tokens of the ``wanted`` rows: their prompt (when given) and
-    output tokens. A last output token still on the device (``pending``) is read from
-    ``pending_token_ids`` on the device."""
-    if not any(wanted):
-        return None
-    known, pending_rows = [], []
-    for row, (want, output) in enumerate(zip(wanted, output_token_ids)):
-        if not want:
-            known.append(())
-            continue
-        if pending is not None and pending[row]:
-            pending_rows.append(row)
-        known.append(output if prompt_token_ids is None else prompt_token_ids[row] + output)
-    pairs = _pairs(known, device)
-    if not pending_rows:
-        return pairs
-    if pending_token_ids is None:
-        raise ValueError("pending: a row with a pending output token needs pending_token_ids")
-    rows = copy_to_device(torch.tensor(pending_rows, dtype=torch.int64), device)  # [R]
-    tokens = pending_token_ids[rows]  # [R], gathered on the device
-    if pairs is None:
-        return TokenPairs(rows, tokens)
-    return TokenPairs(torch.cat([pairs.rows, rows]), torch.cat([pairs.tokens, tokens]))
-
-
-def _pairs(tokens_per_row: list, device: torch.device | str) -> TokenPairs | None:
-    """Flatten per-row token lists into (row, token) pairs on ``device``; None when all are empty."""
-    lengths = np.fromiter((len(t) for t in tokens_per_row), dtype=np.int64, count=len(tokens_per_row))
-    total = int(lengths.sum())
-    if total == 0:
-        return None
-    tokens = np.fromiter((t for row in tokens_per_row for t in row), dtype=np.int64, count=total)
-    rows = np.repeat(np.arange(len(tokens_per_row), dtype=np.int64), lengths)
-    return TokenPairs(copy_to_device(torch.from_numpy(rows), device), copy_to_device(torch.from_numpy(tokens), device))

@@ -270,6 +270,7 @@ class Scheduler:
                 SequenceStatus.WAITING: seq in self.waiting,
                 SequenceStatus.FINISHED: seq not in queued,
                 SequenceStatus.PARKED: seq in parked,
+                SequenceStatus.WAITING_FOR_GRAMMAR: seq not in queued,
             }
             assert expected[seq.status], f"{name}: {seq.status.value} but queued elsewhere"
             assert 0 <= seq.num_computed_tokens <= seq.num_tokens, f"{name}: computes beyond its tokens"

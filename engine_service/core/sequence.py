@@ -29,6 +29,7 @@ from engine_service.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its structured-output grammar compiles; not queued yet
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"  # holds KV blocks and is scheduled every step
     PARKED = "parked"  # a sample i > 0 of an n > 1 request, waiting for sample 0 to prefill the shared prompt

@@ -16,7 +16,9 @@ import torch
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.prompt_outputs import ExtraOutputs, normalize_rows
 from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine_service.core.step_input import StepInput
 from engine_service.core.step_plan import PlannedSeq, StepPlan, StepResult
+from engine_service.core.structured_output import GrammarMask
 from engine_service.core.tp_workers import WorkerGroup
 from qwen3.forward_batch import copy_to_device
 
@@ -31,6 +33,9 @@ class LaunchedStep:
     # prompt logprobs [P] then (if asked) top ids / values [P, N]; pooled states [E, hidden] (empty: not asked)
     prompt_host: tuple[torch.Tensor, ...] = ()
     pooled_host: tuple[torch.Tensor, ...] = ()
+    # Set while its sampling waits for a structured-output mask (``StepExecutor.sample``): the model input,
+    # the logits [S, V] of the forward pass queued on the device, and its prompt-logprob / pooled tensors.
+    unsampled: tuple[StepInput, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 def _sampler_tensors(out: SamplerOutput | None) -> list[torch.Tensor]:
@@ -92,17 +97,31 @@ class StepExecutor:
         self.share_sampled = share_sampled and workers is not None
         self.sampler = Sampler()
 
-    def launch(self, plan: StepPlan) -> LaunchedStep:
-        """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host."""
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> LaunchedStep:
+        """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host.
+
+        ``defer_sampling``: queue the model only; the caller fills the step's structured-output mask on the
+        host while the device runs it, then calls ``sample``."""
         step = plan.model_input(self.share_sampled)
         if self.workers:
             self.workers.execute(step)
         logits = self.runner.execute(step)
-        prompt, pooled = _extra_tensors(self.runner.extras, plan)
-        sampled = self._sample(logits, plan.sampling) if plan.sampling else None
+        prompt, pooled = _extra_tensors(self.runner.extras, plan)  # taken now: the next step replaces extras
+        launched = LaunchedStep(plan, (), None, unsampled=(step, logits, prompt, pooled))
+        if not defer_sampling:
+            self.sample(launched)
+        return launched
+
+    def sample(self, launched: LaunchedStep, grammar: GrammarMask | None = None) -> None:
+        """Queue the sampler of a launched step (with its structured-output mask) and the copy of its results."""
+        assert launched.unsampled is not None, "a step is sampled once"
+        (step, logits, prompt, pooled), launched.unsampled = launched.unsampled, None
+        plan = launched.plan
+        sampled = self._sample(logits, plan.sampling, grammar) if plan.sampling else None
         self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
-        (host, prompt_host, pooled_host), ready = _copy_to_host(_sampler_tensors(sampled), prompt, pooled)
-        return LaunchedStep(plan, host, ready, prompt_host, pooled_host)
+        (launched.host, launched.prompt_host, launched.pooled_host), launched.ready = _copy_to_host(
+            _sampler_tensors(sampled), prompt, pooled
+        )
 
     @staticmethod
     def wait(launched: LaunchedStep) -> StepResult:
@@ -118,9 +137,12 @@ class StepExecutor:
             token_ids or [], logprobs, top_ids, top_vals, prompt, prompt_top_ids, prompt_top_vals, embeddings
         )
 
-    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...]) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...], grammar: GrammarMask | None) -> SamplerOutput:
         seqs = [e.seq for e in rows]
-        pending = [e.pending_row is not None for e in rows]
+        # A row's input token from the step before is pending until that step is applied; a deferred sample
+        # (structured output) runs after it was, so count what is still pending now: besides the token this
+        # step samples, one more.
+        pending = [e.pending_row is not None and e.seq.num_pending_tokens > 1 for e in rows]
         batch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids for s in seqs],
@@ -131,6 +153,7 @@ class StepExecutor:
             logits.device,
             pending,
             self._pending_token_ids(rows, pending, logits.device),
+            grammar,
         )
         return self.sampler(logits, batch)
 

@@ -1,8 +1,10 @@
 """``vllm.grpc.engine.GenerateRequest`` -> what our engine runs: prompt ids, ``SamplingParams``, stop strings.
 
 Every field the engine does not support is refused with a ``FieldError`` naming it (INVALID_ARGUMENT), never
-ignored: a gateway that sends a JSON schema must not get an unconstrained sample back as if it had worked.
-The rest is copied into our own engine proto and judged by the EngineService's validation
+ignored: a gateway that sends a ``structural_tag`` must not get an unconstrained sample back as if it had
+worked. The other structured-output constraints (json_schema, regex, grammar, json_object, choice) map onto
+ours; ``grammar_from_first_token`` starts the constraint at the first token even where the prompt leaves
+Qwen3 thinking open. The rest is copied into our own engine proto and judged by the EngineService's validation
 (``generate_request.generate_inputs``: limits, ``n``, ``truncate_prompt_tokens``, ``logit_bias``, the length
 rule), so both front doors accept and refuse the same things.
 
@@ -12,7 +14,7 @@ proto3 has no presence on most of SMG's sampling fields: 0 means "unset" for ``t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine_service.generate_request import generate_inputs
 from engine_service.limits import RequestLimits, check_request_id
@@ -60,8 +62,8 @@ def check_supported(request: pb.GenerateRequest) -> None:
         raise FieldError(
             "data_parallel_rank", f"this engine has one data-parallel rank (0), got {request.data_parallel_rank}"
         )
-    if (constraint := sp.WhichOneof("constraint")) is not None:
-        raise _refuse(f"sampling_params.{constraint}", "structured output (constrained decoding)")
+    if sp.WhichOneof("constraint") == "structural_tag":
+        raise _refuse("sampling_params.structural_tag", "structural_tag (use json_schema, regex, grammar or choice)")
     if sp.HasField("prompt_logprobs") and not 0 <= sp.prompt_logprobs <= MAX_PROMPT_LOGPROBS:
         raise FieldError(
             "sampling_params.prompt_logprobs",
@@ -106,6 +108,11 @@ def _ours(request: pb.GenerateRequest, info: EngineInfo) -> engine_pb2.GenerateR
     o.stop_token_ids.extend(sp.stop_token_ids)
     o.ignore_eos = sp.ignore_eos
     o.logit_bias.update(sp.logit_bias)
+    constraint = sp.WhichOneof("constraint")  # same names and meanings as ours; structural_tag was refused
+    if constraint == "choice":
+        o.choice.choices.extend(sp.choice.choices)
+    elif constraint is not None:
+        setattr(o, constraint, getattr(sp, constraint))
     if sp.HasField("truncate_prompt_tokens"):
         # vLLM's -1: as much as the model takes, which here leaves room for one generated token
         keep = sp.truncate_prompt_tokens
@@ -131,6 +138,8 @@ def engine_request(request: pb.GenerateRequest, info: EngineInfo, limits: Reques
     check_stop_strings(stops, STOP_LIMITS, "sampling_params.stop")
     try:
         prompt, params = generate_inputs(_ours(request, info), info, limits)  # validates, EngineInfo's rules too
+        if params.constraint is not None and sp.grammar_from_first_token:
+            params = replace(params, constraint=replace(params.constraint, from_first_token=True))
     except FieldError as exc:
         if exc.field.startswith("prompt_token_ids"):
             raise prompt_field(exc) from None

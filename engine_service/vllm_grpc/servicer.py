@@ -171,6 +171,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                     unfinished -= 1
                     if not unfinished:
                         return
+        except FieldError as exc:  # from the engine: a constraint that does not compile names a SamplingParams field
+            raise exc.within("sampling_params") from None
         finally:
             await stream.aclose()  # at once, not at garbage collection: the abort reaches the engine now
 
@@ -279,6 +281,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             block_size=info.kv_block_size,
             attention_backend=info.attention_backend,
             model_dtype=info.dtype,
+            # Where the prompt leaves Qwen3 thinking open, a grammar starts after </think>
+            # (engine_service.core.structured_output); grammar_from_first_token starts it at once.
+            constrained_decoding_start="after_reasoning",
         )
 
     @handle_errors

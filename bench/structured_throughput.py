@@ -1,0 +1,135 @@
+"""Structured-output overhead: N concurrent JSON-schema requests against the same N unconstrained, in one run.
+
+Workload: N requests (default 256) submitted at once, seed 0, prompts of random token ids (lengths uniform in
+[--min-input, --max-input]), each generating --output-len tokens. The constrained pass gives every request the
+same JSON schema (an array of at least 64 objects with an integer, a string and an array of strings: a
+grammar with nesting and free strings that cannot complete within the output length, so both passes generate
+the same number of tokens; EOS is never allowed before the grammar completes). The unconstrained pass uses
+ignore_eos. Each pass is timed after a warm-up that also compiles the grammar (the compiler's cache then
+serves every request). Reported: output tok/s of each pass, their ratio (issue 14's target: >= 0.90 on an
+H200), and the host time spent filling bitmasks per step.
+
+    python bench/structured_throughput.py --model DIR [--json results.jsonl]
+
+Not yet run on a GPU (written without one; its CPU run with tiny settings is tests/test_bench_scripts.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+import torch
+
+from bench.common import append_results, bench_parser
+from bench.throughput import workload
+
+SCHEMA = {
+    "type": "array",
+    "minItems": 64,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["id", "name", "tags"],
+    },
+}
+
+
+def _sync(device: str) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    p = bench_parser(__doc__)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with its tokenizer files)")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-input", type=int, default=100)
+    p.add_argument("--max-input", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-block-size", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
+    args = p.parse_args()
+
+    from engine_service import LLM, SamplingParams
+    from engine_service.constraints import ConstraintKind, OutputConstraint
+
+    options: dict[str, object] = dict(
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        kv_block_size=args.kv_block_size,
+    )
+    if args.num_kv_blocks:
+        options["num_kv_blocks"] = args.num_kv_blocks
+    prompts, _ = workload(args.num_requests, 0, args.min_input, args.max_input, 1, 1)
+    constraint = OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
+    n = args.output_len
+    constrained = [
+        SamplingParams(temperature=args.temperature, seed=i, max_tokens=n, constraint=constraint)
+        for i in range(len(prompts))
+    ]
+    free = [
+        SamplingParams(temperature=args.temperature, seed=i, max_tokens=n, ignore_eos=True) for i in range(len(prompts))
+    ]
+
+    with LLM(args.model, **options) as llm:
+        device = llm.engine.runner.device.type
+        llm.generate([[1, 2, 3]], [SamplingParams(max_tokens=4, constraint=constraint)])  # warm-up: JIT, compiler
+        manager = llm.engine.structured
+        fill_seconds, fills = 0.0, 0
+        fill = manager.grammar_mask
+
+        def timed_fill(rows):  # type: ignore[no-untyped-def]
+            nonlocal fill_seconds, fills
+            t0 = time.perf_counter()
+            try:
+                return fill(rows)
+            finally:
+                fill_seconds += time.perf_counter() - t0
+                fills += 1
+
+        manager.grammar_mask = timed_fill  # type: ignore[method-assign]
+        results = {}
+        for name, params in (("json_schema", constrained), ("unconstrained", free)):
+            _sync(device)
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(o.token_ids) for o in outs)
+            results[name] = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds}
+            print(f"{name:<14} {tokens:>8} tokens {seconds:8.2f} s {tokens / seconds:10.1f} tok/s")
+        ratio = results["json_schema"]["output_tok_s"] / results["unconstrained"]["output_tok_s"]
+        fill_ms = fill_seconds / max(fills, 1) * 1e3
+        print(f"structured/unconstrained output tok/s ratio {ratio:.3f}; host bitmask fill {fill_ms:.2f} ms/step")
+        append_results(
+            args.json,
+            {
+                "bench": "structured_throughput",
+                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "num_requests": args.num_requests,
+                "output_len": n,
+                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
+                "ratio": ratio,
+                "bitmask_fill_ms_per_step": fill_ms,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

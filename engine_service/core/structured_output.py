@@ -1,0 +1,273 @@
+"""Structured output: compile a request's constraint (xgrammar) off the engine loop, follow each sequence's
+output with its own ``GrammarMatcher``, and fill one token bitmask for a step's constrained rows.
+
+Where the work happens (docs/ARCHITECTURE.md):
+
+- **Compilation** runs in a thread pool (``GrammarCompiler`` with its cache on: a schema seen before compiles
+  in microseconds). ``LLMEngine`` holds a constrained request out of the scheduler until its grammar is
+  ready, as vLLM's WAITING_FOR_FSM; a compiler error fails that request alone with a ``FieldError`` naming
+  the constraint's field and carrying the compiler's message. The tokenizer's vocabulary (xgrammar's
+  ``TokenizerInfo``, a few seconds for Qwen3's 152k tokens) is built there too, at the first constrained
+  request, against the model's padded vocabulary: ids past the tokenizer's (151,669..151,935 for Qwen3) are
+  never allowed.
+- **Matchers** advance when a step's sampled ids become known tokens (``LLMEngine._finish``, right after
+  ``Scheduler.apply``), so a matcher's state is always that of the sequence's known output. Preemption by
+  recompute keeps the output, so it keeps the matcher too; abort and finish drop it.
+- **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is filled on the host, for
+  the rows whose constraint is active, after the step's forward pass has been queued on the device and the
+  step before has been applied (``LLMEngine.step``): the mask is only needed at sampling time, so the host
+  fills it while the device runs the model. ``Sampler`` applies it as one masked operation
+  (``xgr.apply_token_bitmask_inplace`` on the constrained rows).
+
+Qwen3 thinking: where the prompt leaves thinking open (``ThinkingTokens.leaves_thinking_open``), the
+constraint starts after the model's ``</think>`` token; ``OutputConstraint.from_first_token`` starts it at
+once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import xgrammar as xgr
+
+from engine_service.constraints import ConstraintKind, OutputConstraint
+from qwen3.forward_batch import copy_to_device
+from service_common.validation import FieldError, grammar_compiler_message
+
+if TYPE_CHECKING:
+    from engine_service.core.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+#: Threads compiling grammars (each compile may use xgrammar's own threads too).
+COMPILE_WORKERS = 2
+#: Memory the compiler's cache of compiled grammars may hold.
+COMPILER_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class ThinkingTokens:
+    """Qwen3's chat-markup ids that say whether a prompt leaves the model's thinking open."""
+
+    think_start: int | None  # <think>
+    think_end: int | None  # </think>
+    turn_start: int | None  # <|im_start|>
+    assistant: tuple[int, ...]  # the ids of "assistant" after <|im_start|>
+
+    def leaves_thinking_open(self, prompt: list[int]) -> bool:
+        """Whether the model may think first: reading the prompt backwards, an open ``<think>``, or the start
+        of an assistant turn, comes before any ``</think>``. A prompt without chat markup (raw completion)
+        or one whose turn already closed its thinking (``enable_thinking=False``) starts the constraint at
+        once."""
+        if self.think_end is None:
+            return False
+        for i in range(len(prompt) - 1, -1, -1):
+            token = prompt[i]
+            if token == self.think_end:
+                return False
+            if token == self.think_start:
+                return True
+            if token == self.turn_start:
+                return tuple(prompt[i + 1 : i + 1 + len(self.assistant)]) == self.assistant
+        return False
+
+
+class SequenceGrammar:
+    """One sequence's matcher, and whether it still waits for ``</think>`` before it constrains."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.think_end = think_end  # None: constrained from the first token
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token is constrained (thinking is over and the grammar has not ended)."""
+        return self.think_end is None and not self.matcher.is_terminated()
+
+    def accept(self, token: int) -> bool:
+        """Advance by one known output token; False if the grammar rejects it."""
+        if self.think_end is not None:
+            if token == self.think_end:
+                self.think_end = None
+            return True
+        return bool(self.matcher.accept_token(token))
+
+
+@dataclass
+class GrammarMask:
+    """A step's token bitmask: which ids each constrained sampling row may take."""
+
+    bitmask: torch.Tensor  # [S, ceil(V / 32)] int32 on the logits' device; bit j of a row: id j allowed
+    rows: list[int] | torch.Tensor  # the constrained rows (others' bitmask rows are not read); [R] int32 on CUDA
+
+    def apply(self, scores: torch.Tensor) -> None:
+        """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel: xgrammar's
+        Triton kernel on CUDA, its C++ loop on the CPU)."""
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
+
+
+class GrammarCompilation:
+    """The tokenizer's vocabulary, the compiler and its threads: ``submit`` a constraint, get a future."""
+
+    def __init__(self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.model_dir, self.vocab_size, self.eos_token_ids = model_dir, vocab_size, eos_token_ids
+        self._pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="grammar-compile")
+        self._lock = threading.Lock()
+        self._compiler: xgr.GrammarCompiler | None = None
+        self.thinking = ThinkingTokens(None, None, None, ())
+
+    def submit(self, constraint: OutputConstraint) -> Future[xgr.CompiledGrammar]:
+        return self._pool.submit(self._compile, constraint)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self) -> xgr.GrammarCompiler:
+        """The compiler, built at the first constrained request (in a pool thread, under the lock)."""
+        with self._lock:
+            if self._compiler is None:
+                if not (Path(self.model_dir) / "tokenizer.json").is_file():
+                    raise RuntimeError(f"structured output needs the tokenizer files; {self.model_dir} has none")
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+                # vocab_size: the model's (padded) one, so the bitmask covers every logit and the ids past the
+                # tokenizer's are masked; stop ids: the model's EOS ids, the only ones a complete grammar allows.
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
+                )
+                vocab = tokenizer.get_vocab()
+                self.thinking = ThinkingTokens(
+                    vocab.get("<think>"),
+                    vocab.get("</think>"),
+                    vocab.get("<|im_start|>"),
+                    tuple(tokenizer.encode("assistant", add_special_tokens=False)),
+                )
+                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True, cache_limit_bytes=COMPILER_CACHE_BYTES)
+                log.info("structured output ready: vocabulary of %d ids", info.vocab_size)
+            return self._compiler
+
+    def _compile(self, c: OutputConstraint) -> xgr.CompiledGrammar:
+        try:
+            compiler = self._load()
+        except (OSError, RuntimeError, ValueError) as exc:  # no or unreadable tokenizer files
+            raise FieldError(c.field, f"structured output is unavailable on this engine: {exc}") from exc
+        try:
+            if c.kind is ConstraintKind.JSON_SCHEMA:
+                return compiler.compile_json_schema(c.spec, any_whitespace=False)
+            if c.kind is ConstraintKind.JSON_OBJECT:
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if c.kind is ConstraintKind.REGEX:
+                return compiler.compile_regex(c.spec)
+            if c.kind is ConstraintKind.GRAMMAR:
+                return compiler.compile_grammar(c.spec)
+            # A JSON string literal is an EBNF string literal with the same escapes.
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(choice) for choice in c.choices))
+        except RuntimeError as exc:  # xgrammar reports every bad schema, regex or grammar so
+            raise FieldError(c.field, f"does not compile: {grammar_compiler_message(exc)}") from None
+
+
+class StructuredOutputManager:
+    """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence,
+    the host bitmask buffers. Driven by ``LLMEngine`` on the engine loop's thread only."""
+
+    def __init__(
+        self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...], max_num_seqs: int, device: torch.device
+    ) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.compilation = GrammarCompilation(model_dir, vocab_size, eos_token_ids)
+        # one compilation per request, keyed by its first sample; the value holds all its samples (n > 1)
+        self._compiling: dict[Sequence, tuple[list[Sequence], Future[xgr.CompiledGrammar]]] = {}
+        self._grammars: dict[Sequence, SequenceGrammar] = {}
+        self._batch_matcher: xgr.BatchGrammarMatcher | None = None
+        # Two host buffers, used in turn: the copy of step N's mask may still be reading one while the host
+        # fills step N+1's (pinned memory on CUDA, so the copy does not wait for the host).
+        shape = xgr.get_bitmask_shape(max_num_seqs, vocab_size)
+        pin = device.type == "cuda"
+        self._buffers = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
+
+    @property
+    def num_compiling(self) -> int:
+        return len(self._compiling)
+
+    def submit(self, samples: list[Sequence]) -> None:
+        """Start compiling the constraint of one request's ``samples`` (index order; they share their
+        params); ``poll`` says when it is ready. Each sample gets its own matcher then."""
+        leader = samples[0]
+        assert leader.params.constraint is not None
+        self._compiling[leader] = (samples, self.compilation.submit(leader.params.constraint))
+
+    def poll(self, timeout: float = 0.0) -> tuple[list[list[Sequence]], list[tuple[list[Sequence], Exception]]]:
+        """Requests (their samples) whose grammar is ready, in submission order, and those whose compilation
+        failed with the error. Waits up to ``timeout`` seconds for the first to end when none has."""
+        if not self._compiling:
+            return [], []
+        if timeout > 0:
+            wait([f for _, f in self._compiling.values()], timeout, return_when=FIRST_COMPLETED)
+        ready, failed = [], []
+        for leader, (samples, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[leader]
+            exc = future.exception()
+            if exc is not None:
+                failed.append((samples, exc if isinstance(exc, Exception) else RuntimeError(str(exc))))
+                continue
+            constraint = leader.params.constraint
+            assert constraint is not None
+            thinking = self.compilation.thinking
+            opens = not constraint.from_first_token and thinking.leaves_thinking_open(leader.prompt_token_ids)
+            for seq in samples:
+                self._grammars[seq] = SequenceGrammar(future.result(), thinking.think_end if opens else None)
+            ready.append(samples)
+        return ready, failed
+
+    @property
+    def num_grammars(self) -> int:
+        """Sequences with a matcher (compiled and not yet finished)."""
+        return len(self._grammars)
+
+    def has_grammar(self, seq: Sequence) -> bool:
+        return seq in self._grammars
+
+    def accept(self, seq: Sequence, token: int) -> bool:
+        """Advance ``seq``'s matcher by its new known token; False if its grammar rejects it."""
+        grammar = self._grammars.get(seq)
+        return grammar is None or grammar.accept(token)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget ``seq`` (finished or aborted): its matcher, or its compilation still in flight."""
+        self._grammars.pop(seq, None)
+        compiling = self._compiling.pop(seq, None)  # only a request's first sample keys a compilation
+        if compiling is not None:
+            compiling[1].cancel()
+
+    def grammar_mask(self, rows: list[Sequence]) -> GrammarMask | None:
+        """The bitmask of a step whose sampling rows are ``rows``, filled on the host for the rows whose
+        constraint is active and copied to the device (not waited for); None when no row is constrained."""
+        active = [(i, g) for i, seq in enumerate(rows) if (g := self._grammars.get(seq)) is not None and g.active]
+        if not active:
+            return None
+        host = self._buffers[self._turn][: len(rows)]  # [S, W]
+        self._turn ^= 1
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        indices = [i for i, _ in active]
+        self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
+        if self.device.type == "cpu":
+            return GrammarMask(host, indices)
+        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
+        # memory, which waits for the device.
+        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self.device)
+        return GrammarMask(copy_to_device(host, self.device), rows)
+
+    def shutdown(self) -> None:
+        self.compilation.shutdown()
