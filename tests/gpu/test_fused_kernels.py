@@ -22,7 +22,13 @@ def test_fused_kernels_match_pytorch(dtype: torch.dtype) -> None:
     results = run_cases("cuda", dtype)
     for name, rel in results.items():
         print(f"{dtype} {name}: relative error {rel:.2e}")
-    bad = {name: rel for name, rel in results.items() if not rel <= torch.finfo(dtype).eps}
+    # A GEMV sums K products against a float64 reference: in bf16/fp16 the output's rounding dominates, but in
+    # fp32 the GPU's summation order (split-K, lanes) adds a few ulps (2.5e-7 at K = 1024 on the H200,
+    # 2026-12-03), so fp32 GEMV cases get 4 units; every element-wise kernel keeps one.
+    def bound(name: str) -> float:
+        return torch.finfo(dtype).eps * (4 if dtype == torch.float32 and name.startswith("gemv") else 1)
+
+    bad = {name: rel for name, rel in results.items() if not rel <= bound(name)}
     assert not bad, bad
 
 
