@@ -76,18 +76,23 @@ def use_triton_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and fused_elementwise_enabled()
 
 
-#: the most rows the small-M GEMV serves; larger M goes to cuBLAS (a GEMM by then)
+#: the most rows the small-M GEMV kernel serves (its tests and bench/gemv.py cover 1..8)
 GEMV_MAX_M = 8
+#: the most rows the linear layers send to it. Measured on the H200 (2026-12-03, bench/gemv.py): at M = 1 it
+#: takes batch-1 decode from 1.394 to 1.138 ms/token (0.6B), but its tl.dot path for M = 2..8 runs at a
+#: third of cuBLAS's speed (0.6B M = 8: 3.62 vs 1.20 ms a token over all layers), so those stay on cuBLAS
+#: until that path is tuned.
+GEMV_LAYER_MAX_M = 1
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when ``F.linear(x, weight)`` should run as the Triton GEMV (``qwen3.kernels.gemv``): CUDA, 16-bit,
-    x [M, K] with 1 <= M <= GEMV_MAX_M, both contiguous in K, and ``QWEN3_GEMV`` not 0. Safe inside CUDA graph
+    x [M, K] with 1 <= M <= GEMV_LAYER_MAX_M, both contiguous in K, and ``QWEN3_GEMV`` not 0. Safe inside CUDA graph
     capture (it reads only shapes and flags)."""
     return (
         x.is_cuda
         and x.dim() == 2
-        and 1 <= x.shape[0] <= GEMV_MAX_M
+        and 1 <= x.shape[0] <= GEMV_LAYER_MAX_M
         and x.dtype in (torch.float16, torch.bfloat16)
         and weight.dtype == x.dtype
         and x.stride(-1) == 1

@@ -7,7 +7,7 @@
 
 Each parameter carries ``weight_loader(param, source, shard_id=None)`` so the generic checkpoint
 loader needs no knowledge of the layer. Every product goes through :func:`linear`: decode-sized inputs
-(at most ``GEMV_MAX_M`` rows) on CUDA take the Triton GEMV, everything else ``F.linear``.
+(at most ``GEMV_LAYER_MAX_M`` rows: batch 1) on CUDA take the Triton GEMV, everything else ``F.linear``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from qwen3.layers.weights import CheckpointTensor, copy_checked, default_weight_
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; x [M, K] with M <= GEMV_MAX_M on CUDA runs the small-M Triton GEMV
+    """``F.linear(x, weight, bias)``; x [M, K] with M <= GEMV_LAYER_MAX_M on CUDA runs the small-M Triton GEMV
     (weight-read bound decode steps; ``QWEN3_GEMV=0`` turns it off). Graph-safe either way."""
     if use_gemv(x, weight):
         from qwen3.kernels.gemv import gemv  # triton is imported only on this path
