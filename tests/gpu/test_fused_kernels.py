@@ -22,6 +22,7 @@ def test_fused_kernels_match_pytorch(dtype: torch.dtype) -> None:
     results = run_cases("cuda", dtype)
     for name, rel in results.items():
         print(f"{dtype} {name}: relative error {rel:.2e}")
+
     # A GEMV sums K products against a float64 reference: in bf16/fp16 the output's rounding dominates, but in
     # fp32 the GPU's summation order (split-K, lanes) adds a few ulps (2.5e-7 at K = 1024 on the H200,
     # 2026-12-03), so fp32 GEMV cases get 4 units; every element-wise kernel keeps one.
