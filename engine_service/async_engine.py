@@ -31,6 +31,7 @@ from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
     AddRequest,
+    CacheFlushed,
     Command,
     EngineDeadError,
     EngineInfo,
@@ -39,6 +40,7 @@ from engine_service.protocol import (
     EngineStats,
     EngineStopped,
     Event,
+    KvEvents,
     RequestFailed,
     RequestOutput,
     StatsUpdate,
@@ -46,6 +48,7 @@ from engine_service.protocol import (
     StopEngine,
     decode_event,
 )
+from engine_service.prefix_cache_link import PrefixCacheLink
 from engine_service.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -85,6 +88,8 @@ class AsyncEngine:
         self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send: Callable[[Command], None] = _not_started
+        #: KV-event subscriptions and FlushCache (engine_service/prefix_cache_link.py)
+        self.prefix_cache = PrefixCacheLink(lambda command: self._send(command))
         self._driver: _ThreadDriver | _ProcessDriver | None = None
 
     @classmethod
@@ -129,10 +134,15 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas (``RequestOutput.request_id`` is the internal id). Raises FieldError
-        (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError.
+        (bad request), RequestIdInUseError, EngineOverloadedError, EngineDeadError. Only requests with the
+        same ``cache_salt`` share prefix-cache blocks.
 
         Closing the iterator early (client cancel, deadline) aborts the request in the engine.
         """
@@ -146,7 +156,7 @@ class AsyncEngine:
         self._streams[internal_id] = stream
         if request_id:
             self._live[request_id] = internal_id
-        self._send(AddRequest(internal_id, list(prompt_token_ids), params))
+        self._send(AddRequest(internal_id, list(prompt_token_ids), params, cache_salt))
         finished = False
         try:
             while True:
@@ -225,6 +235,8 @@ class AsyncEngine:
                     stream.put_nowait(out)
         elif isinstance(event, StatsUpdate):
             self.stats = event.stats
+        elif isinstance(event, (KvEvents, CacheFlushed)):
+            self.prefix_cache.on_event(event)
         elif isinstance(event, RequestFailed):
             stream = self._streams.get(event.internal_id)
             if stream is not None:
@@ -240,6 +252,7 @@ class AsyncEngine:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        self.prefix_cache.fail(reason)
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
         for waiter in self._abort_waiters.values():

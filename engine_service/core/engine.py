@@ -103,7 +103,9 @@ class LLMEngine:
         ``EngineInfo.validate``)."""
         self.info.validate(prompt_token_ids, params)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str = ""
+    ) -> None:
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
         if request_id in self.requests:
@@ -112,7 +114,7 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
-        seq = Sequence(request_id, list(prompt_token_ids), params, seed)
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed, cache_salt=cache_salt)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -123,6 +125,11 @@ class LLMEngine:
             return None
         self._retire(seq, FinishReason.ABORTED)
         return self._final_output(seq)
+
+    def flush_prefix_cache(self) -> tuple[int, int]:
+        """Drop every cached KV block that no live request holds (``BlockManager.flush_cache``); returns
+        (blocks dropped, cached blocks kept for live requests)."""
+        return self.block_manager.flush_cache()
 
     @property
     def num_prompt_tokens_total(self) -> int:

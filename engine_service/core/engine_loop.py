@@ -22,17 +22,21 @@ from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
     AddRequest,
+    CacheFlushed,
     Command,
     EngineDeadError,
     EngineLoadFailed,
     EngineReady,
     EngineStopped,
     Event,
+    FlushCache,
+    KvEvents,
     RequestFailed,
     RequestOutput,
     StatsUpdate,
     StepOutputs,
     StopEngine,
+    WatchKvEvents,
     encode_event,
 )
 
@@ -76,6 +80,7 @@ class EngineLoop:
                     return
                 if self.engine.has_unfinished_requests():
                     outputs = self.batcher.ready(self.engine.step())
+                    self._emit_kv_events()  # before the outputs: a finished request's blocks are known first
                     if outputs:
                         self.emit(StepOutputs(outputs, self.engine.stats()))
         except EngineDeadError as exc:
@@ -91,6 +96,11 @@ class EngineLoop:
         held = self.batcher.release_all()
         if held:
             self.emit(StepOutputs(held, self.engine.stats()))
+
+    def _emit_kv_events(self) -> None:
+        events = self.engine.block_manager.take_events()
+        if events:
+            self.emit(KvEvents(events))
 
     def _apply_commands(self, wait: bool) -> bool:
         """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
@@ -108,7 +118,9 @@ class EngineLoop:
                 return False
             if isinstance(command, AddRequest):
                 try:
-                    self.engine.add_request(command.internal_id, command.prompt_token_ids, command.params)
+                    self.engine.add_request(
+                        command.internal_id, command.prompt_token_ids, command.params, command.cache_salt
+                    )
                 except Exception as exc:  # delivered to its own stream; others are untouched
                     self.emit(RequestFailed(command.internal_id, exc))
             elif isinstance(command, AbortRequest):
@@ -117,6 +129,16 @@ class EngineLoop:
                     self.emit(StepOutputs([self.batcher.final(out)], self.engine.stats()))
                 if command.ticket is not None:
                     self.emit(AbortAnswered(command.ticket, out is not None))
+            elif isinstance(command, WatchKvEvents):
+                bm = self.engine.block_manager
+                bm.record_events(command.subscriber is not None)
+                if command.subscriber is not None:
+                    self._emit_kv_events()  # what happened before the snapshot, for the others
+                    self.emit(KvEvents(bm.snapshot_events(), command.subscriber))
+            elif isinstance(command, FlushCache):
+                dropped, kept = self.engine.flush_prefix_cache()
+                self._emit_kv_events()
+                self.emit(CacheFlushed(command.ticket, dropped, kept))
 
 
 class DeltaBatcher:

@@ -52,6 +52,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    cache_salt: str = ""  # isolates its prefix-cache entries: only requests with the same salt share blocks
 
     @property
     def num_tokens(self) -> int:
