@@ -30,6 +30,8 @@ class RequestLimits:
     # bad_words are compared with the output's tail on the host every step: words x length bounds that work.
     max_bad_words: int = field(default=128, metadata={"help": "most bad_words sequences one request may carry"})
     max_bad_word_tokens: int = field(default=32, metadata={"help": "most token ids in one bad_words sequence"})
+    # a salt is kept on every cached block it filled: a tenant name or a digest, not a payload
+    max_cache_salt_bytes: int = field(default=256, metadata={"help": "longest cache_salt accepted (UTF-8 bytes)"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -39,6 +41,15 @@ class RequestLimits:
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:
     """FieldError if ``request_id`` is longer than the limit (in UTF-8 bytes, as it came on the wire)."""
-    size = len(request_id.encode("utf-8", "surrogatepass"))
-    if size > limits.max_request_id_bytes:
-        raise FieldError("request_id", f"is {size} bytes long; the limit is {limits.max_request_id_bytes}")
+    _check_bytes("request_id", request_id, limits.max_request_id_bytes)
+
+
+def check_cache_salt(cache_salt: str, limits: RequestLimits, field: str = "cache_salt") -> None:
+    """FieldError naming ``field`` if ``cache_salt`` is longer than the limit (in UTF-8 bytes)."""
+    _check_bytes(field, cache_salt, limits.max_cache_salt_bytes)
+
+
+def _check_bytes(field: str, text: str, limit: int) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise FieldError(field, f"is {size} bytes long; the limit is {limit}")

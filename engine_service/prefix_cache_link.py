@@ -38,11 +38,15 @@ class KvSubscription:
         self.resyncs = 0  # times its backlog was dropped for a fresh snapshot
 
     async def next_batch(self, timeout: float) -> list[KvCacheEvent] | None:
-        """The next batch of events, oldest first; None if none came within ``timeout`` seconds."""
+        """The events queued so far, oldest first, as one batch (a slow reader gets fewer, larger
+        batches); None if none came within ``timeout`` seconds."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            events = list(await asyncio.wait_for(self.queue.get(), timeout))
         except asyncio.TimeoutError:
             return None
+        while not self.queue.empty():
+            events += self.queue.get_nowait()
+        return events
 
     def deliver(self, event: KvEvents) -> None:
         if event.subscriber == self.id:

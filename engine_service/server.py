@@ -22,7 +22,7 @@ from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
 from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.generate_request import generate_inputs, request_path
-from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
+from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_cache_salt, check_request_id
 from engine_service.metrics import EngineMetrics
 from engine_service.protocol import EngineDeadError, EngineOverloadedError, FinishReason, RequestOutput
 from engine_service.vllm_grpc.servicer import SERVICE_NAME as VLLM_SERVICE_NAME
@@ -96,6 +96,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         check_request_id(request.request_id, self.limits)
+        check_cache_salt(request.cache_salt, self.limits)
         labelled = bool(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
@@ -104,7 +105,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         start = last = time.perf_counter()
         first = True
         try:
-            async for out in engine.generate(prompt_token_ids, params, request_id if labelled else None):
+            async for out in engine.generate(
+                prompt_token_ids, params, request_id if labelled else None, request.cache_salt
+            ):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):
                     self.metrics.generation_tokens.inc(n)

@@ -208,6 +208,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.stop,
                 request.include_stop_str_in_output,
                 context,
+                request.cache_salt,
             )
         ) as deltas:
             async for delta in deltas:
@@ -261,6 +262,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.stop,
                 request.include_stop_str_in_output,
                 context,
+                request.cache_salt,
             )
         ) as deltas:
             async for delta in deltas:
@@ -284,6 +286,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         stops: Sequence[str],
         include_stop: bool,
         context: grpc.aio.ServicerContext,
+        cache_salt: str = "",
     ) -> AsyncIterator[_TextDelta]:
         """Call the engine and turn its token stream into text deltas, ending with a finished one; a matched
         stop string ends the text, and is its last piece when ``include_stop``.
@@ -291,7 +294,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         detokenizer = IncrementalDetokenizer(self._tokenizer.backend, skip_special_tokens=True)
         matcher = StopStringMatcher(stops)
         call = self._engine.Generate(
-            engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling),
+            engine_pb2.GenerateRequest(
+                request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling, cache_salt=cache_salt
+            ),
             timeout=context.time_remaining(),
         )  # gRPC does not pass deadlines on by itself
         completion_tokens = 0
