@@ -17,7 +17,10 @@
 # Optional steps: peer8b (3 more pairs on 8B, ~5 min), profile (torch profiler of batch-1 decode steps),
 #   throughput, service (service/offline ratio at 256 streams), sweep (Poisson request-rate sweep through the
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
-#   unfused, hf (the older rows of docs/BENCHMARKS.md).
+#   unfused, hf (the older rows of docs/BENCHMARKS.md),
+#   smg (256 streaming /v1/completions through the SMG gateway to one replica, next to the same streams over
+#   gRPC and the offline engine; SMG_WHEEL="path/to/smg-*.whl [setproctitle-*.whl]" is installed first with
+#   pip --no-deps into /tmp/smg-site, since the device has no network).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
 # (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
@@ -87,6 +90,13 @@ for s in "${steps[@]}"; do
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
+    smg)
+      if [ -n "${SMG_WHEEL:-}" ]; then  # unquoted on purpose: one or more wheel paths
+        $PY -m pip install -q --no-index --no-deps --target /tmp/smg-site $SMG_WHEEL > "$OUT/smg-install.log" 2>&1
+        export PYTHONPATH="/tmp/smg-site:$PYTHONPATH"
+      fi
+      TAIL=10 PICK="SMG / offline" step smg 560 $PY bench/smg_throughput.py --model "$MODEL" \
+        --smg-log "$OUT/smg-gateway.log" --json "$OUT/results.jsonl" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac

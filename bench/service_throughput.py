@@ -188,9 +188,17 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
 
 
 def run_clients(
-    port: int, jobs: list[tuple[list[int], int]], num_clients: int, temperature: float, server_pid: int
+    port: int,
+    jobs: list,
+    num_clients: int,
+    temperature: float,
+    server_pid: int,
+    client=client_process,
+    client_port: int | None = None,
 ) -> dict:
-    """Open every Generate stream at once from ``num_clients`` client processes and wait for them all.
+    """Open every Generate stream at once from ``num_clients`` client processes and wait for them all
+    (``client``: another client process function, e.g. bench/smg_throughput.py's HTTP one, talking to
+    ``client_port``; GetLoad is still asked of the engine on ``port``).
 
     The clock starts when every client has connected. Returns output tokens, seconds, KV blocks, the
     CPU seconds of the server, its children and each client over the run, the mean number of running
@@ -200,7 +208,9 @@ def run_clients(
     queue = ctx.Queue()
     shares = [jobs[i::num_clients] for i in range(num_clients)]
     ready, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=client_process, args=(port, share, temperature, ready, go, queue)) for share in shares]
+    procs = [
+        ctx.Process(target=client, args=(client_port or port, share, temperature, ready, go, queue)) for share in shares
+    ]
     for p in procs:
         p.start()
     # CPU time of the server process and of the engine process it spawned, over the timed run:
@@ -218,6 +228,7 @@ def run_clients(
     seconds = max(r["end"] for r in results) - start_at
     cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
     return {
+        "prompt_tokens": [n for r in results for n in r.get("prompt_tokens", ())],  # when clients count them
         "tokens": sum(r["tokens"] for r in results),
         "seconds": seconds,
         "kv_blocks": kv_blocks,
