@@ -46,10 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_throughput import cpu_seconds, free_port, offline, pct, run_clients, wait_serving
+from sse_client import SERVED_NAME, completion, http_client_process
 
 from bench.common import append_results, bench_parser
 
-SERVED_NAME = "bench"
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def text_workload(
@@ -71,98 +74,6 @@ def text_workload(
         ids.append(tokenizer.encode(text).ids)
         out_lens.append(rng.randint(min(100, max_output), max_output))
     return texts, ids, out_lens
-
-
-# ---- the HTTP client: one process's share of the streams -----------------------------------------------------
-async def _completion(port: int, body: dict, with_times: bool = False) -> tuple[int, float, list[float], float, int]:
-    """One streaming /v1/completions over HTTP/1.1: (completion tokens, TTFT, inter-chunk gaps, end time,
-    prompt tokens), the counts from the final usage chunk. ``with_times``: the text chunks' arrival times
-    (perf_counter) instead of the gaps."""
-    t0 = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    payload = json.dumps(body).encode()
-    writer.write(
-        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-        + payload
-    )
-    await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"SMG answered {status!r}: {(await reader.read(2000))!r}")
-    chunked = False
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        chunked |= line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower()
-    ttft, last, gaps, usage, buffer = None, t0, [], None, b""
-    while True:
-        if chunked:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                break
-            data = await reader.readexactly(size + 2)
-            buffer += data[:-2]
-        else:
-            data = await reader.read(65536)
-            if not data:
-                break
-            buffer += data
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                continue
-            now = time.perf_counter()
-            if b'"usage":{' in event:  # the last chunk: counts only, no text
-                usage = json.loads(event[6:])["usage"]
-            elif b'"text":""' in event:  # the finish chunk
-                continue
-            elif with_times:
-                gaps.append(now)
-            elif ttft is None:
-                ttft = now - t0
-            else:
-                gaps.append(now - last)
-            last = now
-    writer.close()
-    if usage is None:
-        raise RuntimeError("the stream ended without a usage chunk")
-    return usage["completion_tokens"], ttft or 0.0, gaps, time.time(), usage["prompt_tokens"]
-
-
-async def _http_client(port: int, jobs: list[tuple[str, int]], temperature: float, ready, go) -> dict:
-    from service_throughput import _own_cpu_seconds
-
-    ready.put(os.getpid())
-    await asyncio.to_thread(go.wait)  # every client process started: all streams open at once
-    cpu_start = _own_cpu_seconds()
-    bodies = [
-        dict(
-            model=SERVED_NAME,
-            prompt=text,
-            max_tokens=n,
-            temperature=temperature,
-            ignore_eos=True,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for text, n in jobs
-    ]
-    results = await asyncio.gather(*(_completion(port, body) for body in bodies))
-    return {
-        "tokens": sum(r[0] for r in results),
-        "ttft": [r[1] for r in results],
-        "cpu_s": _own_cpu_seconds() - cpu_start,
-        "itl": [g for r in results for g in r[2]],
-        "end": max(r[3] for r in results),
-        "prompt_tokens": [r[4] for r in results],
-    }
-
-
-def http_client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
-    try:
-        queue.put(asyncio.run(_http_client(port, jobs, temperature, ready, go)))
-    except BaseException as exc:  # reported, so the parent stops waiting for this client's result
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
-        raise
 
 
 # ---- paired streams: SMG's added latency per token, free of the engine's step-time noise -------------------------
@@ -189,8 +100,8 @@ async def _paired_round(engine_port: int, http_port: int, text: str, ids: list[i
     not be paired (SMG merged tokens into fewer chunks, or no offset lines the steps up)."""
     body = dict(model=SERVED_NAME, prompt=text, max_tokens=max_tokens, temperature=0, ignore_eos=True, stream=True)
     body["stream_options"] = {"include_usage": True}
-    direct, (tokens, ttft, gaps, _, _) = await asyncio.gather(
-        _grpc_arrivals(engine_port, ids, max_tokens), _completion(http_port, body, with_times=True)
+    direct, (tokens, _, gaps, _, _) = await asyncio.gather(
+        _grpc_arrivals(engine_port, ids, max_tokens), completion(http_port, body, with_times=True)
     )
     through = gaps  # with_times: the arrival time of every text chunk
     if len(through) != len(direct) or tokens != len(direct) or len(direct) < 8:
@@ -296,11 +207,12 @@ def served(args: argparse.Namespace, texts: list[str], ids: list[list[int]], out
     processes = [engine]
     try:
         wait_serving(port, engine, timeout=600)
-        smg = subprocess.Popen(
-            smg_prefix(args.smg) + config.smg_command()[1:] + ["--log-level", "warn"],
-            stdout=subprocess.DEVNULL if not args.smg_log else open(args.smg_log, "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(args.smg_log or os.devnull, "wb") as log:  # the child keeps its own copy of the file
+            smg = subprocess.Popen(
+                [*smg_prefix(args.smg), *config.smg_command()[1:], "--log-level", "warn"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         processes.append(smg)
         wait_smg(config.http_port, smg, timeout=120)
         flush(port)
@@ -376,21 +288,21 @@ def main() -> int:
     if not args.skip_offline:
         print(f"SMG / offline: {smg_rate / rate['offline LLM.generate']:.1%}")
     print(f"SMG / gRPC: {smg_rate / rate[rows[-2][0]]:.1%}")
-    g, s = phases["grpc"]["itl"], phases["smg"]["itl"]
-    added = sum(s) / len(s) - sum(g) / len(g) if g and s else float("nan")
     for name, r in rows[-2:]:
         print(f"CPU seconds during {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items()))
+    g, s = mean(phases["grpc"]["itl"]), mean(phases["smg"]["itl"])
+    ttft = pct(phases["smg"]["ttft"], 0.5) - pct(phases["grpc"]["ttft"], 0.5)
     print(
-        f"SMG added latency per token: {added * 1e3:+.2f} ms (mean inter-chunk gap {sum(s) / max(len(s), 1) * 1e3:.2f} "
-        f"ms through SMG, {sum(g) / max(len(g), 1) * 1e3:.2f} ms straight over gRPC; stream interval "
-        f"{args.stream_interval}); TTFT p50 added {(pct(phases['smg']['ttft'], 0.5) - pct(phases['grpc']['ttft'], 0.5)) * 1e3:+.1f} ms"
+        f"SMG added latency per token: {(s - g) * 1e3:+.2f} ms (mean inter-chunk gap {s * 1e3:.2f} ms through SMG, "
+        f"{g * 1e3:.2f} ms straight over gRPC; stream interval {args.stream_interval}); "
+        f"TTFT p50 added {ttft * 1e3:+.1f} ms"
     )
     if "paired" in phases:
-        a = phases["paired"]["added"]
+        a, p = phases["paired"]["added"], phases["paired"]
         print(
-            f"SMG added latency per token, paired streams: p50 {pct(a, 0.5) * 1e3:.2f} ms, p90 {pct(a, 0.9) * 1e3:.2f} ms, "
-            f"mean {sum(a) / max(len(a), 1) * 1e3:.2f} ms over {len(a)} tokens "
-            f"({phases['paired']['rounds'] - phases['paired']['skipped']} of {phases['paired']['rounds']} rounds in step)"
+            f"SMG added latency per token, paired streams: p50 {pct(a, 0.5) * 1e3:.2f} ms, "
+            f"p90 {pct(a, 0.9) * 1e3:.2f} ms, mean {mean(a) * 1e3:.2f} ms over {len(a)} tokens "
+            f"({p['rounds'] - p['skipped']} of {p['rounds']} rounds in step)"
         )
     append_results(
         args.json,
@@ -398,7 +310,7 @@ def main() -> int:
             "bench": "smg_throughput",
             "num_requests": args.num_requests,
             **{f"tok_s[{name}]": round(v, 1) for name, v in rate.items()},
-            "smg_added_ms_per_token": round(added * 1e3, 3),
+            "smg_added_ms_per_token": round((s - g) * 1e3, 3),
         },
     )
     return 0

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
+from engine_service.prefix_cache_link import PrefixCacheLink
 from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
@@ -48,7 +49,6 @@ from engine_service.protocol import (
     StopEngine,
     decode_event,
 )
-from engine_service.prefix_cache_link import PrefixCacheLink
 from engine_service.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -20,7 +20,15 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from engine_service.protocol import CacheFlushed, Command, EngineDeadError, FlushCache, KvCacheEvent, KvEvents, WatchKvEvents
+from engine_service.protocol import (
+    CacheFlushed,
+    Command,
+    EngineDeadError,
+    FlushCache,
+    KvCacheEvent,
+    KvEvents,
+    WatchKvEvents,
+)
 
 log = logging.getLogger(__name__)
 

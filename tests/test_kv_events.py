@@ -131,7 +131,7 @@ def test_a_hit_stores_nothing_and_an_identical_block_is_stored_once() -> None:
 
 def test_eviction_removes_the_reused_hashes() -> None:
     bm = recording(num_blocks=4)
-    a = make_seq(list(range(8)) + [99], "a")  # 2 full blocks + 1 partial: 3 blocks
+    a = make_seq([*range(8), 99], "a")  # 2 full blocks + 1 partial: 3 blocks
     run(bm, a)
     stored = [e.block_hash for e in bm.take_events()]  # type: ignore[union-attr]
     bm.free(a)
@@ -142,7 +142,7 @@ def test_eviction_removes_the_reused_hashes() -> None:
     assert sorted(removed) == sorted(stored)
     assert events.index(BlockRemoved(removed[-1])) < next(i for i, e in enumerate(events) if isinstance(e, BlockStored))
     bm.free(b)
-    assert run(bm, make_seq(list(range(8)) + [99], "again")) == 0  # and a lookup misses: the events were true
+    assert run(bm, make_seq([*range(8), 99], "again")) == 0  # and a lookup misses: the events were true
 
 
 def test_flush_drops_unused_blocks_clears_and_republishes_the_live_ones() -> None:

@@ -105,7 +105,9 @@ async def test_flush_cache_turns_a_hit_into_a_miss_and_tells_subscribers(service
         assert reply.success, reply.message
         assert "dropped" in reply.message
         await sub.until(
-            lambda events: any(e.WhichOneof("data") == "cleared" for b in sub.batches[snapshot_batches:] for e in b.events),
+            lambda events: any(
+                e.WhichOneof("data") == "cleared" for b in sub.batches[snapshot_batches:] for e in b.events
+            ),
             "the flush's cleared",
         )
         assert await generate(channel, PROMPT) == 0  # the same prompt misses now

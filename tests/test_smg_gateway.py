@@ -248,7 +248,9 @@ def test_smg_routes_a_prefix_to_the_replica_whose_kv_events_stored_it(cluster: C
         full_blocks.append(len(ids) // 16)
         with grpc.insecure_channel(cluster.engine(i)) as channel:
             for _ in engine_pb2_grpc.EngineServiceStub(channel).Generate(
-                engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling_params=engine_pb2.SamplingParams(max_tokens=1)),
+                engine_pb2.GenerateRequest(
+                    prompt_token_ids=ids, sampling_params=engine_pb2.SamplingParams(max_tokens=1)
+                ),
                 timeout=30,
             ):
                 pass
