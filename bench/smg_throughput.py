@@ -45,7 +45,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_throughput import cpu_seconds, free_port, offline, pct, run_clients, wait_serving
+from service_throughput import (
+    add_server_options,
+    cpu_seconds,
+    free_port,
+    offline,
+    pct,
+    run_clients,
+    start_server,
+    wait_serving,
+)
 from sse_client import SERVED_NAME, completion, http_client_process
 
 from bench.common import append_results, bench_parser
@@ -139,25 +148,6 @@ def smg_prefix(arg: str | None) -> list[str]:
     return [found]
 
 
-def engine_args(args: argparse.Namespace) -> list[str]:
-    return [
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-        "--kv-block-size",
-        str(args.kv_block_size),
-        "--max-model-len",
-        str(args.max_model_len),
-        "--attention-backend",
-        args.attention_backend,
-        "--stream-interval",
-        str(args.stream_interval),
-        "--log-level",
-        "WARNING",
-    ]
-
-
 def wait_smg(http_port: int, smg: subprocess.Popen, timeout: float) -> None:
     """Until SMG answers a 1-token completion (its worker registered and healthy)."""
     body = json.dumps({"model": SERVED_NAME, "prompt": "warm up", "max_tokens": 1}).encode()
@@ -191,7 +181,7 @@ def flush(engine_port: int) -> None:
 
 def served(args: argparse.Namespace, texts: list[str], ids: list[list[int]], out_lens: list[int]) -> dict:
     """Start the replica and SMG, run the gRPC phase then the SMG phase; returns both phases' results."""
-    from engine_service.cluster import ClusterConfig, start_replica, stop_all
+    from engine_service.cluster import ClusterConfig, stop_all
 
     config = ClusterConfig(
         str(args.model),
@@ -200,10 +190,9 @@ def served(args: argparse.Namespace, texts: list[str], ids: list[list[int]], out
         http_port=free_port(),
         prometheus_port=free_port(),
         served_model_name=SERVED_NAME,
-        engine_args=engine_args(args),
     )
     port = config.engine_port(0)
-    engine = start_replica(config, 0)
+    engine = start_server(args, port, ("--served-model-name", SERVED_NAME))
     processes = [engine]
     try:
         wait_serving(port, engine, timeout=600)
@@ -240,21 +229,12 @@ def served(args: argparse.Namespace, texts: list[str], ids: list[list[int]], out
 
 def main() -> int:
     p = bench_parser(__doc__)
-    p.add_argument("--model", type=Path, required=True)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--clients", type=int, default=8, help="client processes sharing the streams")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-block-size", type=int, default=256)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--max-input", type=int, default=1024, help="prompt lengths U[100, this] tokens")
-    p.add_argument("--max-output", type=int, default=1024, help="output lengths U[100, this]")
-    p.add_argument("--stream-interval", type=int, default=1, help="the engine's tokens per streamed message")
+    add_server_options(p)
+    p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--smg", default=None, help='command that starts SMG (e.g. "python3 -m smg")')
     p.add_argument("--smg-log", type=Path, default=None, help="write SMG's log here")
-    p.add_argument("--skip-offline", action="store_true")
     p.add_argument(
         "--paired-rounds",
         type=int,

@@ -4,11 +4,12 @@ lent GPU machine has no openai/httpx), and the client process bench/smg_throughp
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
 
-from service_throughput import _own_cpu_seconds
+from service_throughput import _own_cpu_seconds, client_result, run_client
 
 #: the model name the benchmark's SMG serves
 SERVED_NAME = "bench"
@@ -85,19 +86,7 @@ async def _http_client(port: int, jobs: list[tuple[str, int]], temperature: floa
         for text, n in jobs
     ]
     results = await asyncio.gather(*(completion(port, body) for body in bodies))
-    return {
-        "tokens": sum(r[0] for r in results),
-        "ttft": [r[1] for r in results],
-        "cpu_s": _own_cpu_seconds() - cpu_start,
-        "itl": [g for r in results for g in r[2]],
-        "end": max(r[3] for r in results),
-        "prompt_tokens": [r[4] for r in results],
-    }
+    return {**client_result(results, cpu_start), "prompt_tokens": [r[4] for r in results]}
 
 
-def http_client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
-    try:
-        queue.put(asyncio.run(_http_client(port, jobs, temperature, ready, go)))
-    except BaseException as exc:  # reported, so the parent stops waiting for this client's result
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
-        raise
+http_client_process = functools.partial(run_client, _http_client)  # the process body, for run_clients

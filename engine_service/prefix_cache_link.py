@@ -59,8 +59,8 @@ class KvSubscription:
     def deliver(self, event: KvEvents) -> None:
         if event.subscriber == self.id:
             self.awaiting_snapshot = False
-        elif self.awaiting_snapshot:
-            return
+        elif event.subscriber is not None or self.awaiting_snapshot:
+            return  # another subscriber's snapshot, or live events its own coming snapshot holds
         try:
             self.queue.put_nowait(event.events)
         except asyncio.QueueFull:

@@ -32,12 +32,19 @@ def make_seq(tokens: list[int], rid: str = "r", salt: str = "") -> Sequence:
     return Sequence(rid, list(tokens), SamplingParams(), seed=0, cache_salt=salt)
 
 
+def compute(bm: BlockManager, seq: Sequence) -> bool:
+    """A step that computes every known token of ``seq`` (False, nothing changed: the pool is short)."""
+    if not bm.allocate(seq, seq.num_tokens):
+        return False
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_full_blocks(seq)
+    return True
+
+
 def run(bm: BlockManager, seq: Sequence) -> int:
     """Admit ``seq`` as the scheduler does (prefix hit, then compute the rest); returns the tokens hit."""
     hit = bm.match_prefix(seq)
-    assert bm.allocate(seq, seq.num_tokens)
-    seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
+    assert compute(bm, seq)
     return hit
 
 
@@ -105,9 +112,7 @@ def test_full_blocks_are_stored_with_their_tokens_and_chained_parents() -> None:
     assert bm.take_events() == []  # taken once
     # the partial block fills with two outputs: it is stored then, chained to the second
     seq.output_token_ids += [10, 11]
-    assert bm.allocate(seq, seq.num_tokens)
-    seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
+    assert compute(bm, seq)
     (third,) = bm.take_events()
     assert third == BlockStored(third.block_hash, events[1].block_hash, (8, 9, 10, 11), BS)  # type: ignore[union-attr]
 
@@ -124,8 +129,7 @@ def test_a_hit_stores_nothing_and_an_identical_block_is_stored_once() -> None:
         bm.match_prefix(seq)
         assert bm.allocate(seq, seq.num_tokens)
     for seq in (c, d):
-        seq.num_computed_tokens = seq.num_tokens
-        bm.cache_full_blocks(seq)
+        assert compute(bm, seq)
     assert len(bm.take_events()) == 2
 
 
@@ -195,18 +199,14 @@ def test_a_subscriber_replaying_the_events_sees_exactly_what_a_lookup_can_reach(
             seq = make_seq(prefix + [rng.randrange(20) for _ in range(rng.randrange(1, 9))], f"s{step}")
             seq.cache_salt = rng.choice(["", "", "t1"])
             bm.match_prefix(seq)
-            if bm.allocate(seq, seq.num_tokens):
-                seq.num_computed_tokens = seq.num_tokens
-                bm.cache_full_blocks(seq)
+            if compute(bm, seq):
                 live.append(seq)
             else:
-                bm.free(seq)
+                bm.free(seq)  # gives back its prefix hits
         elif op < 0.75:
             seq = rng.choice(live)
             seq.output_token_ids.append(rng.randrange(20))
-            if bm.allocate(seq, seq.num_tokens):
-                seq.num_computed_tokens = seq.num_tokens
-                bm.cache_full_blocks(seq)
+            compute(bm, seq)
         elif op < 0.98:
             bm.free(live.pop(rng.randrange(len(live))))
         else:
@@ -260,9 +260,10 @@ async def test_a_subscriber_starts_from_its_snapshot_and_then_gets_every_batch()
     link.on_event(KvEvents([stored(1)]))  # before its snapshot: already in it
     link.on_event(KvEvents([AllBlocksCleared(), stored(1)], sub.id))
     link.on_event(KvEvents([stored(2)]))
-    assert await sub.next_batch(1) == [AllBlocksCleared(), stored(1)]
-    assert await sub.next_batch(1) == [stored(2)]
+    assert await sub.next_batch(1) == [AllBlocksCleared(), stored(1), stored(2)]  # what queued, as one batch
     assert await sub.next_batch(0.01) is None
+    link.on_event(KvEvents([stored(3)]))
+    assert await sub.next_batch(1) == [stored(3)]
     sub.close()
     assert sent[-1] == WatchKvEvents(None)  # the last one left: recording stops
 
@@ -284,7 +285,8 @@ async def test_a_slow_subscriber_is_resynced_without_holding_up_the_others() -> 
     link.on_event(KvEvents([stored(10)]))  # superseded by the coming snapshot
     link.on_event(KvEvents([AllBlocksCleared(), stored(0)], slow.id))
     assert await slow.next_batch(1) == [AllBlocksCleared(), stored(0)]
-    assert await fast.next_batch(1) == [stored(10)]
+    assert await fast.next_batch(1) == [stored(10)]  # and not the slow one's snapshot
+    assert await fast.next_batch(0.01) is None
 
 
 async def test_flush_waits_for_the_engine_and_fails_when_it_dies() -> None:
