@@ -137,10 +137,19 @@ def paired(engine_port: int, http_port: int, texts: list[str], ids: list[list[in
 
 
 # ---- the servers ---------------------------------------------------------------------------------------------
+_SMG_WITHOUT_SETPROCTITLE = (
+    "import sys, types; sys.modules['setproctitle'] = types.SimpleNamespace(setproctitle=lambda title: None); "
+    "sys.argv[0] = 'smg'; from smg.cli import main; main()"
+)
+
+
 def smg_prefix(arg: str | None) -> list[str]:
     if arg:
         return shlex.split(arg)
     if importlib.util.find_spec("smg") is not None:
+        if importlib.util.find_spec("setproctitle") is None:
+            # smg's launcher only names its process with it; a wheel installed --no-deps may lack it
+            return [sys.executable, "-c", _SMG_WITHOUT_SETPROCTITLE]
         return [sys.executable, "-m", "smg"]
     found = shutil.which("smg")
     if found is None:
