@@ -19,7 +19,7 @@
 #   gRPC service, 1..64 req/s: TTFT / ITL p50 and p99 to $OUT/sweep.json; bench/plot_sweep.py draws it),
 #   unfused, hf (the older rows of docs/BENCHMARKS.md),
 #   smg (256 streaming /v1/completions through the SMG gateway to one replica, next to the same streams over
-#   gRPC and the offline engine; SMG_WHEEL="path/to/smg-*.whl [setproctitle-*.whl]" is installed first with
+#   gRPC and the offline engine; SMG_WHEEL=path/to/smg-*.whl (more wheels: space-separated) is installed first with
 #   pip --no-deps into /tmp/smg-site, since the device has no network).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
