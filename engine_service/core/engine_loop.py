@@ -70,6 +70,7 @@ class EngineLoop:
     ) -> None:
         self.engine, self.next_command, self.emit = engine, next_command, emit
         self.batcher = DeltaBatcher(stream_interval)
+        self.kv_events_on = False  # someone subscribes to the prefix cache's events (WatchKvEvents)
 
     def run(self) -> None:
         try:
@@ -98,6 +99,8 @@ class EngineLoop:
             self.emit(StepOutputs(held, self.engine.stats()))
 
     def _emit_kv_events(self) -> None:
+        if not self.kv_events_on:  # nobody subscribes: the block manager records nothing either
+            return
         events = self.engine.block_manager.take_events()
         if events:
             self.emit(KvEvents(events))
@@ -131,7 +134,8 @@ class EngineLoop:
                     self.emit(AbortAnswered(command.ticket, out is not None))
             elif isinstance(command, WatchKvEvents):
                 bm = self.engine.block_manager
-                bm.record_events(command.subscriber is not None)
+                self.kv_events_on = command.subscriber is not None
+                bm.record_events(self.kv_events_on)
                 if command.subscriber is not None:
                     self._emit_kv_events()  # what happened before the snapshot, for the others
                     self.emit(KvEvents(bm.snapshot_events(), command.subscriber))
