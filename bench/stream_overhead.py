@@ -63,7 +63,9 @@ class SyntheticEngine:
             prefix_cache_hit_rate=0.0,
         )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str = ""
+    ) -> None:
         self._left[request_id] = params.max_tokens
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
