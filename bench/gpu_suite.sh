@@ -24,6 +24,9 @@
 #   hf (the older rows of docs/BENCHMARKS.md),
 #   structured (256 concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio;
 #   not yet run on a GPU).
+#   smg (256 streaming /v1/completions through the SMG gateway to one replica, next to the same streams over
+#   gRPC and the offline engine; SMG_WHEEL=path/to/smg-*.whl (more wheels: space-separated) is installed first with
+#   pip --no-deps into /tmp/smg-site, since the device has no network).
 #
 # nano-vLLM (steps peer, peer8b) runs on FlashAttention-4 through the peer folder's shim: stage FA4 first
 # (shared/device/README.md: call 1 carries .device/fa4a and sources its setup.sh; call 2 carries .device/grpc and
@@ -102,6 +105,13 @@ for s in "${steps[@]}"; do
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
     structured) TAIL=4 PICK="ratio" step structured 400 $PY bench/structured_throughput.py --model "$MODEL" \
                   --json "$OUT/results.jsonl" ;;
+    smg)
+      if [ -n "${SMG_WHEEL:-}" ]; then  # unquoted on purpose: one or more wheel paths
+        $PY -m pip install -q --no-index --no-deps --target /tmp/smg-site $SMG_WHEEL > "$OUT/smg-install.log" 2>&1
+        export PYTHONPATH="/tmp/smg-site:$PYTHONPATH"
+      fi
+      TAIL=10 PICK="SMG / offline" step smg 560 $PY bench/smg_throughput.py --model "$MODEL" \
+        --smg-log "$OUT/smg-gateway.log" --json "$OUT/results.jsonl" ;;
     hf) TAIL=6 step hf 480 $PY bench/throughput.py --model "$MODEL" --hf --json "$OUT/results.jsonl" ;;  # same run
     *) echo "unknown step $s" ;;
   esac

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing as mp
 import os
 import resource
@@ -85,6 +86,11 @@ async def _client(port: int, jobs: list[tuple[list[int], int]], temperature: flo
             return stream_request(stub, prompt, max_tokens, temperature, time.perf_counter())
 
         results = await asyncio.gather(*(one(p, n) for p, n in jobs))
+    return client_result(results, cpu_start)
+
+
+def client_result(results: list[tuple], cpu_start: float) -> dict:
+    """One client process's report from its streams' (tokens, TTFT, inter-token gaps, end time, ...)."""
     return {
         "tokens": sum(r[0] for r in results),
         "ttft": [r[1] for r in results],
@@ -120,12 +126,16 @@ async def stream_request(
     return tokens, ttft or 0.0, gaps, time.time()
 
 
-def client_process(port: int, jobs, temperature: float, ready, go, queue) -> None:
+def run_client(client, port: int, jobs, temperature: float, ready, go, queue) -> None:
+    """A client process's body: run the ``client`` coroutine function, put its result (or error) on ``queue``."""
     try:
-        queue.put(asyncio.run(_client(port, jobs, temperature, ready, go)))
+        queue.put(asyncio.run(client(port, jobs, temperature, ready, go)))
     except BaseException as exc:  # reported, so the parent stops waiting for this client's result
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
+
+
+client_process = functools.partial(run_client, _client)  # picklable: spawned processes import it by name
 
 
 def _own_cpu_seconds() -> float:
@@ -144,9 +154,9 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    """``python -m engine_service`` on ``port`` with the engine options of ``args`` (not yet SERVING:
-    see ``wait_serving``)."""
+def start_server(args: argparse.Namespace, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``python -m engine_service`` on ``port`` with the engine options of ``args`` and ``extra`` (not yet
+    SERVING: see ``wait_serving``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -169,6 +179,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         str(args.stream_interval),
         "--log-level",
         "WARNING",
+        *extra,
     ]
     root = Path(__file__).resolve().parent.parent
     return subprocess.Popen(
@@ -188,9 +199,17 @@ def service(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[i
 
 
 def run_clients(
-    port: int, jobs: list[tuple[list[int], int]], num_clients: int, temperature: float, server_pid: int
+    port: int,
+    jobs: list,
+    num_clients: int,
+    temperature: float,
+    server_pid: int,
+    client=client_process,
+    client_port: int | None = None,
 ) -> dict:
-    """Open every Generate stream at once from ``num_clients`` client processes and wait for them all.
+    """Open every Generate stream at once from ``num_clients`` client processes and wait for them all
+    (``client``: another client process function, e.g. bench/smg_throughput.py's HTTP one, talking to
+    ``client_port``; GetLoad is still asked of the engine on ``port``).
 
     The clock starts when every client has connected. Returns output tokens, seconds, KV blocks, the
     CPU seconds of the server, its children and each client over the run, the mean number of running
@@ -200,7 +219,9 @@ def run_clients(
     queue = ctx.Queue()
     shares = [jobs[i::num_clients] for i in range(num_clients)]
     ready, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=client_process, args=(port, share, temperature, ready, go, queue)) for share in shares]
+    procs = [
+        ctx.Process(target=client, args=(client_port or port, share, temperature, ready, go, queue)) for share in shares
+    ]
     for p in procs:
         p.start()
     # CPU time of the server process and of the engine process it spawned, over the timed run:
@@ -218,6 +239,7 @@ def run_clients(
     seconds = max(r["end"] for r in results) - start_at
     cpu.update({f"client {i}": r["cpu_s"] for i, r in enumerate(results)})
     return {
+        "prompt_tokens": [n for r in results for n in r.get("prompt_tokens", ())],  # when clients count them
         "tokens": sum(r["tokens"] for r in results),
         "seconds": seconds,
         "kv_blocks": kv_blocks,

@@ -64,9 +64,14 @@ class SyntheticEngine:
         )
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str = "",
     ) -> None:
-        self._left[request_id] = params.max_tokens  # one sample (n = 1), priority ignored
+        self._left[request_id] = params.max_tokens  # one sample (n = 1), priority and salt ignored
 
     def abort_request(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
         if self._left.pop(request_id, None) is None:

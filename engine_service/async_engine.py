@@ -31,11 +31,13 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
+from engine_service.prefix_cache_link import PrefixCacheLink
 from engine_service.protocol import (
     AbortAnswered,
     AbortRequest,
     AddEmbedRequest,
     AddRequest,
+    CacheFlushed,
     Command,
     EmbeddingOutput,
     EmbeddingsReady,
@@ -46,6 +48,7 @@ from engine_service.protocol import (
     EngineStats,
     EngineStopped,
     Event,
+    KvEvents,
     RequestFailed,
     RequestOutput,
     StatsUpdate,
@@ -93,6 +96,8 @@ class AsyncEngine:
         self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send: Callable[[Command], None] = _not_started
+        #: KV-event subscriptions and FlushCache (engine_service/prefix_cache_link.py)
+        self.prefix_cache = PrefixCacheLink(lambda command: self._send(command))
         self._driver: _ThreadDriver | _ProcessDriver | None = None
 
     @classmethod
@@ -137,11 +142,17 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str = "",
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's deltas (``RequestOutput.request_id`` is the internal id, ``index`` the sample;
         the samples' deltas interleave, each sample ends with its own final delta). Raises
-        RequestIdInUseError, EngineOverloadedError, EngineDeadError.
+        RequestIdInUseError, EngineOverloadedError, EngineDeadError. Only requests with the same
+        ``cache_salt`` share prefix-cache blocks.
 
         The request is expected to have passed ``EngineInfo.validate`` at the service boundary (the servicers'
         ``generate_request.generate_inputs``), so it is not validated here again; one that did not is refused by
@@ -158,7 +169,7 @@ class AsyncEngine:
         self._streams[internal_id] = stream
         if request_id:
             self._live[request_id] = internal_id
-        self._send(AddRequest(internal_id, list(prompt_token_ids), params, priority))
+        self._send(AddRequest(internal_id, list(prompt_token_ids), params, priority, cache_salt))
         finished = False
         unfinished = params.n
         try:
@@ -272,6 +283,8 @@ class AsyncEngine:
                 self._resolve(result.request_id, result)
         elif isinstance(event, StatsUpdate):
             self.stats = event.stats
+        elif isinstance(event, (KvEvents, CacheFlushed)):
+            self.prefix_cache.on_event(event)
         elif isinstance(event, RequestFailed):
             stream = self._streams.get(event.internal_id)
             if stream is not None:
@@ -288,6 +301,7 @@ class AsyncEngine:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        self.prefix_cache.fail(reason)
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
         for internal_id in list(self._embeds):

@@ -39,6 +39,8 @@ class RequestLimits:
         metadata={"help": "largest structured-output constraint (json_schema, regex, grammar, all choices) in bytes"},
     )
     max_choices: int = field(default=1024, metadata={"help": "most strings in one choice constraint"})
+    # a salt is kept on every cached block it filled: a tenant name or a digest, not a payload
+    max_cache_salt_bytes: int = field(default=256, metadata={"help": "longest cache_salt accepted (UTF-8 bytes)"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,6 +58,15 @@ def check_constraint_size(field_path: str, num_choices: int, size_bytes: int, li
 
 def check_request_id(request_id: str, limits: RequestLimits) -> None:
     """FieldError if ``request_id`` is longer than the limit (in UTF-8 bytes, as it came on the wire)."""
-    size = len(request_id.encode("utf-8", "surrogatepass"))
-    if size > limits.max_request_id_bytes:
-        raise FieldError("request_id", f"is {size} bytes long; the limit is {limits.max_request_id_bytes}")
+    _check_bytes("request_id", request_id, limits.max_request_id_bytes)
+
+
+def check_cache_salt(cache_salt: str, limits: RequestLimits, field: str = "cache_salt") -> None:
+    """FieldError naming ``field`` if ``cache_salt`` is longer than the limit (in UTF-8 bytes)."""
+    _check_bytes(field, cache_salt, limits.max_cache_salt_bytes)
+
+
+def _check_bytes(field: str, text: str, limit: int) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise FieldError(field, f"is {size} bytes long; the limit is {limit}")

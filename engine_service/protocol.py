@@ -9,6 +9,8 @@ Everything that crosses between the gRPC side (``server.py``, ``async_engine.py`
 - **the length rule** (:func:`check_lengths`), the one place that says how long a prompt and its output may be;
 - **commands** (server -> engine) and **events** (engine -> server), each carrying the engine-assigned
   ``internal_id`` of the request it concerns, never the client's ``request_id`` (a label the client may reuse);
+- **KV-cache events** (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``), recorded by the block manager
+  while someone subscribes (``WatchKvEvents``) and sent once per step as ``KvEvents``;
 - :func:`encode_event` / :func:`decode_event`, the one place that turns events into bytes for the process boundary.
 """
 
@@ -180,6 +182,34 @@ class EngineStats:
     prefix_cache_hit_rate: float
 
 
+# ---- the prefix cache's events ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockStored:
+    """A full block entered the prefix cache: its chained hash (a signed 64-bit int), the hash of the block
+    before it (None: the first block of a prompt), its token ids, and the salt it was hashed under."""
+
+    block_hash: int
+    parent_hash: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    """A cached hash left the cache (its block was reused for other tokens, or flushed)."""
+
+    block_hash: int
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    """Forget every block of this engine; the ``BlockStored`` events that follow (if any) are its cache now."""
+
+
+KvCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
 # ---- commands: service -> engine ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class AddRequest:
@@ -189,6 +219,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0  # lower is scheduled first
+    cache_salt: str = ""  # only requests with the same salt share prefix-cache blocks
 
 
 @dataclass(frozen=True)
@@ -214,7 +245,22 @@ class StopEngine:
     """Finish: emit what is held, answer EngineStopped, exit the loop."""
 
 
-Command = AddRequest | AddEmbedRequest | AbortRequest | StopEngine
+@dataclass(frozen=True)
+class WatchKvEvents:
+    """``subscriber`` not None: record KV events from now on (if not yet) and answer with a ``KvEvents``
+    snapshot of the whole cache for that subscriber; None: nobody subscribes any more, stop recording."""
+
+    subscriber: int | None
+
+
+@dataclass(frozen=True)
+class FlushCache:
+    """Drop every cached block no live request holds; answered by ``CacheFlushed``."""
+
+    ticket: int
+
+
+Command = AddRequest | AddEmbedRequest | AbortRequest | StopEngine | WatchKvEvents | FlushCache
 
 
 # ---- events: engine -> service -----------------------------------------------------------------------
@@ -271,6 +317,22 @@ class AbortAnswered:
 
 
 @dataclass(frozen=True)
+class KvEvents:
+    """Prefix-cache events in the order they happened: one step's (``subscriber`` None: for every subscriber),
+    or a snapshot of the whole cache for one new or resyncing subscriber."""
+
+    events: list[KvCacheEvent]
+    subscriber: int | None = None
+
+
+@dataclass(frozen=True)
+class CacheFlushed:
+    ticket: int
+    dropped: int  # cached blocks dropped
+    kept: int  # cached blocks kept, held by live requests
+
+
+@dataclass(frozen=True)
 class EngineStopped:
     """The loop ended: the last event."""
 
@@ -286,6 +348,8 @@ Event = (
     | StatsUpdate
     | RequestFailed
     | AbortAnswered
+    | KvEvents
+    | CacheFlushed
     | EngineStopped
 )
 

@@ -22,7 +22,7 @@ from engine_service.async_engine import AsyncEngine, RequestIdInUseError
 from engine_service.config import EngineConfig
 from engine_service.core.engine_loop import validate_stream_interval
 from engine_service.generate_request import generate_inputs, request_path
-from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_request_id
+from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits, check_cache_salt, check_request_id
 from engine_service.metrics import EngineMetrics
 from engine_service.protocol import (
     EmbeddingOutput,
@@ -109,6 +109,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         check_request_id(request.request_id, self.limits)
+        check_cache_salt(request.cache_salt, self.limits)
         labelled = bool(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
         bind_request_id(request_id)
@@ -118,7 +119,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         first = True
         try:
             async for out in engine.generate(
-                prompt_token_ids, params, request_id if labelled else None, request.priority
+                prompt_token_ids, params, request_id if labelled else None, request.priority, request.cache_salt
             ):
                 now = time.perf_counter()
                 if n := len(out.new_token_ids):

@@ -100,6 +100,34 @@ def test_service_throughput_script(demo_checkpoint: Path) -> None:
     assert re.search(r"server CPU per streamed token [\d.]+ us \(stream interval 3\)", out), out
 
 
+def test_smg_throughput_script(demo_checkpoint: Path) -> None:
+    """The real smg binary in front of one replica: both served paths stream every token of the workload
+    (the script itself fails if SMG's prompt token counts differ from the ids the gRPC phase sent)."""
+    out = run_script(
+        "bench/smg_throughput.py",
+        "--model",
+        str(demo_checkpoint),
+        "--clients",
+        "1",
+        "--skip-offline",
+        "--paired-rounds",
+        "1",
+        "--paired-tokens",
+        "12",
+        *SMALL_WORKLOAD,
+        "--max-input",  # smaller than SMALL_WORKLOAD's (the last value wins): two servers, two phases
+        "40",
+        "--max-output",
+        "12",
+        timeout=600,
+    )
+    rows = dict(re.findall(r"^(gRPC Generate|SMG /v1/completions) x2 streams\s+(\d+)", out, re.MULTILINE))
+    assert rows.get("gRPC Generate") == rows.get("SMG /v1/completions") and rows, out
+    assert re.search(r"SMG / gRPC: [\d.]+%", out), out
+    assert re.search(r"SMG added latency per token: [+-][\d.]+ ms", out), out
+    assert re.search(r"SMG added latency per token, paired streams: .* over \d+ tokens \([01] of 1 rounds", out), out
+
+
 def test_stream_overhead_script() -> None:
     out = run_script(
         "bench/stream_overhead.py",

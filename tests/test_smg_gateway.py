@@ -11,17 +11,19 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
+import tokenizers
 
 from clients import TokenizerClient
 from engine_service.cluster import ClusterConfig, start_replica, stop_all, wait_serving
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
-from qwen3serve.smg import vllm_engine_pb2, vllm_engine_pb2_grpc
+from qwen3serve.smg import common_pb2, vllm_engine_pb2, vllm_engine_pb2_grpc
 from tests.serving import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -239,6 +241,57 @@ def test_shared_prefix_hits_the_cache_from_the_second_request_on(cluster: Cluste
         cached.append(reply.usage.prompt_tokens_details.cached_tokens)
     assert cached[0] == 0 or cached[0] is None
     assert all(c and c > 0 for c in cached[1:]), cached
+
+
+def smg_index_blocks(cluster: Cluster, i: int) -> int:
+    """How many of replica ``i``'s cached blocks SMG's KV index holds (its ``smg_kv_index_blocks`` gauge, fed
+    only by the replica's SubscribeKvEvents stream)."""
+    url = f"http://127.0.0.1:{cluster.config.prometheus_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    found = re.search(rf'^smg_kv_index_blocks{{worker="grpc://{re.escape(cluster.engine(i))}"}} (\d+)', text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def wait_for(predicate, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_smg_routes_a_prefix_to_the_replica_whose_kv_events_stored_it(cluster: Cluster, demo_checkpoint: Path) -> None:
+    """Each replica is given a long prompt of its own straight over gRPC (SMG never sees those requests):
+    only its KV events can tell SMG where the prefix lives. Requests through SMG that share a prefix then
+    hit the cache (cached_tokens > 0) on both replicas: SMG sent each to the replica that stored it. A
+    FlushCache on a replica empties SMG's index of it (the all-cleared event)."""
+    tokenizer = tokenizers.Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
+    prefixes = [f"Replica {i} keeps this story about {topic}. " * 12 for i, topic in enumerate(("owls", "rivers"))]
+    full_blocks = []
+    for i, prefix in enumerate(prefixes):
+        before = smg_index_blocks(cluster, i)
+        ids = tokenizer.encode(prefix).ids
+        full_blocks.append(len(ids) // 16)
+        with grpc.insecure_channel(cluster.engine(i)) as channel:
+            for _ in engine_pb2_grpc.EngineServiceStub(channel).Generate(
+                engine_pb2.GenerateRequest(
+                    prompt_token_ids=ids, sampling_params=engine_pb2.SamplingParams(max_tokens=1)
+                ),
+                timeout=30,
+            ):
+                pass
+        wait_for(lambda: smg_index_blocks(cluster, i) >= before + len(ids) // 16, f"SMG never indexed replica {i}")
+    for question in ("Who?", "Why?"):
+        for i, prefix in enumerate(prefixes):
+            reply = cluster.client.completions.create(  # type: ignore[attr-defined]
+                model="demo", prompt=prefix + question, max_tokens=1, temperature=0
+            )
+            assert reply.usage.prompt_tokens_details.cached_tokens >= 16 * full_blocks[i], (i, question, reply.usage)
+
+    with grpc.insecure_channel(cluster.engine(1)) as channel:
+        flushed = vllm_engine_pb2_grpc.VllmEngineStub(channel).FlushCache(common_pb2.FlushCacheRequest(), timeout=10)
+    assert flushed.success, flushed.message
+    wait_for(lambda: smg_index_blocks(cluster, 1) == 0, "SMG kept replica 1's blocks after FlushCache")
+    assert smg_index_blocks(cluster, 0) > 0
 
 
 def test_killed_replica_fails_over_and_rejoins(cluster: Cluster) -> None:

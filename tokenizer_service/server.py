@@ -207,6 +207,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.include_stop_str_in_output,
                 context,
                 request.priority,
+                request.cache_salt,
             )
         ) as deltas:
             async for delta in deltas:
@@ -239,6 +240,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request.include_stop_str_in_output,
                 context,
                 request.priority,
+                request.cache_salt,
             )
         ) as deltas:
             async for delta in deltas:
@@ -267,6 +269,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         include_stop: bool,
         context: grpc.aio.ServicerContext[Any, Any],
         priority: int = 0,
+        cache_salt: str = "",
     ) -> AsyncGenerator[TextDelta, None]:
         """Call the engine and turn its token stream into text deltas, per sample (``sampling.n``), each
         sample ending with a finished one; a matched stop string ends its sample's text, and is its last
@@ -279,7 +282,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         unfinished = len(samples)
         call = self._engine.Generate(
             engine_pb2.GenerateRequest(
-                request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sampling, priority=priority
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                sampling_params=sampling,
+                priority=priority,
+                cache_salt=cache_salt,
             ),
             timeout=context.time_remaining(),
         )  # gRPC does not pass deadlines on by itself

@@ -6,10 +6,17 @@ sequence; ``block_table(seq)`` hands out an immutable snapshot). It never writes
 its tokens and its ``num_computed_tokens`` (the scheduler's) and answers with counts.
 
 Prefix caching: once a block is full, it is keyed by a chained hash of (previous block's hash, its
-token ids), so a block is only ever matched together with its whole prefix. A lookup compares the
-stored token ids too, so a hash collision can never serve wrong K/V. Blocks whose last user is gone
-stay in the cache, in the free pool in least-recently-freed order, until a fresh allocation evicts
-them.
+token ids), so a block is only ever matched together with its whole prefix. A sequence's
+``cache_salt`` takes the place of the (absent) previous hash of its first block, so every hash of a
+salted prompt differs from the unsalted one's. A lookup compares the stored token ids and salt too,
+so a hash collision can never serve wrong K/V, nor one tenant's block to another. Blocks whose last
+user is gone stay in the cache, in the free pool in least-recently-freed order, until a fresh
+allocation evicts them (or ``flush_cache`` drops them).
+
+KV events (what SMG's cache-aware routing reads): while ``record_events(True)``, every block entering
+the cache is recorded as ``BlockStored``, every cached hash evicted or flushed as ``BlockRemoved``,
+a flush as ``AllBlocksCleared`` followed by the blocks still cached; ``take_events`` hands them over
+(the engine loop does, once per step). Off (the default), recording costs one attribute test.
 
 Invariants (``check_invariants``; tested property-based in tests/test_core_invariants.py):
 
@@ -35,6 +42,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from engine_service.core.sequence import Sequence
+from engine_service.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
 
 
 @dataclass
@@ -42,6 +50,8 @@ class _Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    parent: int | None = None  # the previous block's hash (None: the first block); for KV events
+    salt: str = ""  # the cache_salt of the sequence that filled it
 
 
 @dataclass
@@ -67,6 +77,7 @@ class BlockManager:
         self._seqs: dict[Sequence, _SeqBlocks] = {}  # sequences holding blocks (or hashes) now
         self.prefix_cache_queries = 0  # tokens looked up (for hit-rate metrics; hits <= queries)
         self.prefix_cache_hits = 0
+        self._events: list[KvCacheEvent] | None = None  # None: nobody subscribes, nothing recorded
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -88,7 +99,9 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(self.block_table(seq)))
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _chain_hash(self, prev: int | None, token_ids: tuple[int, ...]) -> int:
+    def _chain_hash(self, prev: int | str | None, token_ids: tuple[int, ...]) -> int:
+        """A signed 64-bit hash (SMG's ``KvBlock.block_hash`` is an int64); ``prev`` is the previous block's
+        hash, or for the first block the sequence's cache salt (None when it has none)."""
         return hash((prev, token_ids))
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -103,14 +116,15 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = min(seq.num_tokens - 1, seq.num_known_tokens) // bs
-        prev: int | None = None
+        salt = seq.cache_salt
+        prev: int | str | None = salt or None
         hits: list[int] = []
         hashes: list[int] = []
         for i in range(max_blocks):
             ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
             h = self._chain_hash(prev, ids)
             block_id = self._cached.get(h)
-            if block_id is None or self._blocks[block_id].token_ids != ids:
+            if block_id is None or self._blocks[block_id].token_ids != ids or self._blocks[block_id].salt != salt:
                 break  # a miss (or a collision): nothing after it can be reused
             hits.append(block_id)
             hashes.append(h)
@@ -137,13 +151,16 @@ class BlockManager:
         while len(hashes) < full:
             i = len(hashes)
             ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
-            h = self._chain_hash(hashes[i - 1] if i else None, ids)
+            parent = hashes[i - 1] if i else None
+            h = self._chain_hash(parent if i else (seq.cache_salt or None), ids)
             hashes.append(h)
             block_id = held.table[i]
             block = self._blocks[block_id]
             if h not in self._cached:  # an identical block cached earlier wins; this one stays private
-                block.hash, block.token_ids = h, ids
+                block.hash, block.token_ids, block.parent, block.salt = h, ids, parent, seq.cache_salt
                 self._cached[h] = block_id
+                if self._events is not None:
+                    self._events.append(BlockStored(h, parent, ids, bs, seq.cache_salt))
 
     def fork(self, seq: Sequence, source: Sequence, num_tokens: int) -> int:
         """Share ``source``'s first ``num_tokens // block_size`` blocks (full, computed, never written again:
@@ -175,9 +192,7 @@ class BlockManager:
             block_id, _ = self._free.popitem(last=False)  # evict the least recently freed
             block = self._blocks[block_id]
             if block.hash is not None:
-                if self._cached.get(block.hash) == block_id:
-                    del self._cached[block.hash]
-                block.hash, block.token_ids = None, ()
+                self._uncache(block_id)
             block.ref_count = 1
             new.append(block_id)
         if held is None:
@@ -199,11 +214,74 @@ class BlockManager:
                 if block.hash is None:
                     self._free.move_to_end(block_id, last=False)  # uncached: reuse first
 
+    def _uncache(self, block_id: int) -> None:
+        """Forget ``block_id``'s hash (evicted for reuse, or flushed)."""
+        block = self._blocks[block_id]
+        h = block.hash
+        if h is not None and self._cached.get(h) == block_id:
+            del self._cached[h]
+            if self._events is not None:
+                self._events.append(BlockRemoved(h))
+        block.hash, block.token_ids, block.parent, block.salt = None, (), None, ""
+
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
         block.ref_count += 1
+
+    # ---- flush and KV events -----------------------------------------------------------------
+    def flush_cache(self) -> tuple[int, int]:
+        """Drop every cached block no live sequence holds; blocks in use stay cached (their sequences
+        still run on them). Records ``AllBlocksCleared`` and then the blocks still cached, so a
+        subscriber's view stays exact. Returns (blocks dropped, cached blocks kept)."""
+        dropped = [b for b in self._cached.values() if self._blocks[b].ref_count == 0]
+        events, self._events = self._events, None  # the snapshot below says it all
+        for block_id in dropped:
+            self._uncache(block_id)
+            self._free.move_to_end(block_id, last=False)  # uncached: reused first
+        self._events = events
+        if events is not None:
+            events += self.snapshot_events()
+        return len(dropped), len(self._cached)
+
+    def record_events(self, on: bool) -> None:
+        """Start (True) or stop recording KV events; stopping drops what was not taken."""
+        if not on:
+            self._events = None
+        elif self._events is None:
+            self._events = []
+
+    def take_events(self) -> list[KvCacheEvent]:
+        """The events recorded since the last call, oldest first (empty when not recording)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def snapshot_events(self) -> list[KvCacheEvent]:
+        """The cache's state as events: ``AllBlocksCleared``, then a ``BlockStored`` for every block that
+        a lookup can reach (its whole chain of parents is cached), parents before children. What a
+        subscriber that joins late, or fell behind, starts from. O(cached blocks)."""
+        out: list[KvCacheEvent] = [AllBlocksCleared()]
+        reachable: set[int] = set()
+        for h, block_id in self._cached.items():
+            chain: list[_Block] = []
+            block = self._blocks[block_id]
+            while h not in reachable:
+                chain.append(block)
+                if block.parent is None:
+                    break
+                parent_id = self._cached.get(block.parent)
+                if parent_id is None:
+                    chain = []  # a parent was evicted: no lookup reaches this block any more
+                    break
+                h, block = block.parent, self._blocks[parent_id]
+            for b in reversed(chain):
+                assert b.hash is not None  # cached blocks are hashed
+                reachable.add(b.hash)
+                out.append(BlockStored(b.hash, b.parent, b.token_ids, self.block_size, b.salt))
+        return out
 
     # ---- checks -----------------------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -115,10 +115,11 @@ class LLMEngine:
         self.info.validate(prompt_token_ids, params)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, cache_salt: str = ""
     ) -> None:
         """Queue a request: ``params.n`` samples of one prompt (one ``Sequence`` each, sharing the prompt's
-        KV blocks: ``Scheduler.add_group``), scheduled by ``priority`` (lower first), then arrival.
+        KV blocks: ``Scheduler.add_group``), scheduled by ``priority`` (lower first), then arrival;
+        only requests with the same ``cache_salt`` share prefix-cache blocks.
 
         Seeds: with ``params.seed`` set, sample i samples with ``seed + i``, exactly as the same request with
         n = 1 and that seed would (vLLM's rule, ``ParentRequest._get_child_sampling_params``); without, each
@@ -144,6 +145,7 @@ class LLMEngine:
                 params.seed + i if params.seed is not None else self._seed_rng.getrandbits(62),
                 index=i,
                 priority=priority,
+                cache_salt=cache_salt,
             )
             for i in range(params.n)
         ]
@@ -201,6 +203,11 @@ class LLMEngine:
         for seq in ended:
             self._retire(seq, FinishReason.ABORTED)
         return [self._final_output(seq) for seq in ended]
+
+    def flush_prefix_cache(self) -> tuple[int, int]:
+        """Drop every cached KV block that no live request holds (``BlockManager.flush_cache``); returns
+        (blocks dropped, cached blocks kept for live requests)."""
+        return self.block_manager.flush_cache()
 
     @property
     def num_prompt_tokens_total(self) -> int:

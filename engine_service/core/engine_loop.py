@@ -23,6 +23,7 @@ from engine_service.protocol import (
     AbortRequest,
     AddEmbedRequest,
     AddRequest,
+    CacheFlushed,
     Command,
     EmbeddingsReady,
     EngineDeadError,
@@ -30,11 +31,14 @@ from engine_service.protocol import (
     EngineReady,
     EngineStopped,
     Event,
+    FlushCache,
+    KvEvents,
     RequestFailed,
     RequestOutput,
     StatsUpdate,
     StepOutputs,
     StopEngine,
+    WatchKvEvents,
     encode_event,
 )
 
@@ -68,6 +72,7 @@ class EngineLoop:
     ) -> None:
         self.engine, self.next_command, self.emit = engine, next_command, emit
         self.batcher = DeltaBatcher(stream_interval)
+        self.kv_events_on = False  # someone subscribes to the prefix cache's events (WatchKvEvents)
 
     def run(self) -> None:
         try:
@@ -78,6 +83,7 @@ class EngineLoop:
                     return
                 if self.engine.has_unfinished_requests():
                     outputs = self.batcher.ready(self.engine.step())
+                    self._emit_kv_events()  # before the outputs: a finished request's blocks are known first
                     if outputs:
                         self.emit(StepOutputs(outputs, self.engine.stats()))
                     if embeddings := self.engine.pop_embeddings():
@@ -98,6 +104,13 @@ class EngineLoop:
         if held:
             self.emit(StepOutputs(held, self.engine.stats()))
 
+    def _emit_kv_events(self) -> None:
+        if not self.kv_events_on:  # nobody subscribes: the block manager records nothing either
+            return
+        events = self.engine.block_manager.take_events()
+        if events:
+            self.emit(KvEvents(events))
+
     def _apply_commands(self, wait: bool) -> bool:
         """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
         applied = False
@@ -116,7 +129,11 @@ class EngineLoop:
                 try:
                     if isinstance(command, AddRequest):
                         self.engine.add_request(
-                            command.internal_id, command.prompt_token_ids, command.params, command.priority
+                            command.internal_id,
+                            command.prompt_token_ids,
+                            command.params,
+                            command.priority,
+                            command.cache_salt,
                         )
                     else:
                         self.engine.add_embed_request(command.internal_id, command.prompt_token_ids, command.normalize)
@@ -128,6 +145,17 @@ class EngineLoop:
                     self.emit(StepOutputs([self.batcher.final(out) for out in finals], self.engine.stats()))
                 if command.ticket is not None:
                     self.emit(AbortAnswered(command.ticket, bool(finals)))
+            elif isinstance(command, WatchKvEvents):
+                bm = self.engine.block_manager
+                self.kv_events_on = command.subscriber is not None
+                bm.record_events(self.kv_events_on)
+                if command.subscriber is not None:
+                    self._emit_kv_events()  # what happened before the snapshot, for the others
+                    self.emit(KvEvents(bm.snapshot_events(), command.subscriber))
+            elif isinstance(command, FlushCache):
+                dropped, kept = self.engine.flush_prefix_cache()
+                self._emit_kv_events()
+                self.emit(CacheFlushed(command.ticket, dropped, kept))
 
 
 class DeltaBatcher:

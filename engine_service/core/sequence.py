@@ -59,6 +59,7 @@ class Sequence:
     last_token_time: float | None = None
     # An Embed request (prefill only): whether to L2-normalise its pooled state. None: a generation request.
     embed_normalize: bool | None = None
+    cache_salt: str = ""  # isolates its prefix-cache entries: only requests with the same salt share blocks
 
     @property
     def num_tokens(self) -> int:

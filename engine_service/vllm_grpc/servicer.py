@@ -27,7 +27,7 @@ import grpc.aio
 import tokenizers
 
 from engine_service.limits import check_request_id
-from engine_service.protocol import FinishReason, RequestOutput, TokenLogprob
+from engine_service.protocol import EngineDeadError, FinishReason, RequestOutput, TokenLogprob
 from engine_service.vllm_grpc.kv_events import KvEventStreams
 from engine_service.vllm_grpc.requests import EngineRequest, engine_request, prompt_field
 from engine_service.vllm_grpc.stops import StopHit, StopWatch
@@ -35,7 +35,7 @@ from engine_service.vllm_grpc.tokenizer_files import tokenizer_chunks
 from qwen3serve.smg import common_pb2
 from qwen3serve.smg import vllm_engine_pb2 as pb
 from qwen3serve.smg import vllm_engine_pb2_grpc as pb_grpc
-from service_common.errors import handle_errors
+from service_common.errors import Unavailable, handle_errors
 from service_common.logging import bind_request_id
 from service_common.validation import FieldError
 
@@ -327,10 +327,17 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     async def FlushCache(
         self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.FlushCacheResponse:
-        self.base._live_engine()
-        # The engine loop has no command to drop its prefix cache yet (engine_service/core is being
-        # restructured); answer plainly instead of claiming a flush.
-        return common_pb2.FlushCacheResponse(success=False, message="FlushCache is not supported by this engine yet")
+        """Drop every cached block that no running request holds, at once (``timeout_s`` is not needed: blocks
+        in use stay cached, so nothing waits for the engine to go idle). Subscribers get ``cleared`` and the
+        blocks still cached."""
+        try:
+            flushed = await self.base._live_engine().prefix_cache.flush()
+        except EngineDeadError as exc:
+            raise Unavailable(f"the engine is down: {exc}") from exc
+        return common_pb2.FlushCacheResponse(
+            success=True,
+            message=f"dropped {flushed.dropped} cached blocks; kept {flushed.kept} held by running requests",
+        )
 
 
 def add_vllm_servicer(base: EngineServicer, server: grpc.aio.Server) -> VllmEngineServicer:
