@@ -115,7 +115,12 @@ class LLMEngine:
         self.info.validate(prompt_token_ids, params)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, cache_salt: str = ""
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str = "",
     ) -> None:
         """Queue a request: ``params.n`` samples of one prompt (one ``Sequence`` each, sharing the prompt's
         KV blocks: ``Scheduler.add_group``), scheduled by ``priority`` (lower first), then arrival;
