@@ -107,9 +107,9 @@ async def test_priority_reaches_the_engine_from_our_front_doors(services: Servic
     seen: list[int] = []
     original = core.add_request
 
-    def spy(request_id, prompt_token_ids, params, priority=0):
+    def spy(request_id, prompt_token_ids, params, priority=0, cache_salt=""):
         seen.append(priority)
-        return original(request_id, prompt_token_ids, params, priority)
+        return original(request_id, prompt_token_ids, params, priority, cache_salt)
 
     core.add_request = spy  # runs on the engine thread
     try:
