@@ -178,11 +178,12 @@ def test_completion_and_a_stop_string_ended_in_the_engine(cluster: Cluster) -> N
 # tests/test_parallel_sampling_service.py checks our limit on VllmEngine directly); a schema over the engine's
 # --max-constraint-bytes (64 KiB) is refused before any work, and SMG must pass that on as a 4xx naming the field.
 HUGE_SCHEMA = {"type": "object", "description": "x" * 70_000}
+HUGE_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": HUGE_SCHEMA}}
 
 
 @pytest.mark.parametrize(
     "extra, field",
-    [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HUGE_SCHEMA}}}, "json_schema")],
+    [({"response_format": HUGE_FORMAT}, "json_schema")],
 )
 def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: dict, field: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
