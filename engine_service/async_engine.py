@@ -23,14 +23,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
-import queue
-import signal
-import threading
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
-from engine_service.core.engine_loop import EngineLoop, run_engine_process, validate_stream_interval
+from engine_service.core.engine_loop import validate_stream_interval
+from engine_service.engine_drivers import ProcessDriver, ThreadDriver
 from engine_service.prefix_cache_link import PrefixCacheLink
 from engine_service.protocol import (
     AbortAnswered,
@@ -43,8 +40,6 @@ from engine_service.protocol import (
     EmbeddingsReady,
     EngineDeadError,
     EngineInfo,
-    EngineLoadFailed,
-    EngineReady,
     EngineStats,
     EngineStopped,
     Event,
@@ -54,7 +49,6 @@ from engine_service.protocol import (
     StatsUpdate,
     StepOutputs,
     StopEngine,
-    decode_event,
 )
 from engine_service.sampling_params import SamplingParams
 
@@ -98,7 +92,7 @@ class AsyncEngine:
         self._send: Callable[[Command], None] = _not_started
         #: KV-event subscriptions and FlushCache (engine_service/prefix_cache_link.py)
         self.prefix_cache = PrefixCacheLink(lambda command: self._send(command))
-        self._driver: _ThreadDriver | _ProcessDriver | None = None
+        self._driver: ThreadDriver | ProcessDriver | None = None
 
     @classmethod
     def in_thread(cls, engine: LLMEngine, stream_interval: int = 1) -> AsyncEngine:
@@ -106,7 +100,7 @@ class AsyncEngine:
         validate_stream_interval(stream_interval)
         self = cls(engine.info, engine.stats())
         self.engine = engine
-        self._driver = _ThreadDriver(engine, stream_interval)
+        self._driver = ThreadDriver(engine, stream_interval)
         return self
 
     @classmethod
@@ -116,7 +110,7 @@ class AsyncEngine:
         """Load the engine in a child process (blocking until it is ready: call it off the event loop).
         Raises RuntimeError with the child's error if loading fails."""
         validate_stream_interval(stream_interval)
-        driver = _ProcessDriver(config, log_level, log_format, stream_interval)
+        driver = ProcessDriver(config, log_level, log_format, stream_interval)
         self = cls(driver.info, driver.stats)
         self._driver = driver
         return self
@@ -125,7 +119,7 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         assert self._driver is not None
-        if isinstance(self._driver, _ThreadDriver):
+        if isinstance(self._driver, ThreadDriver):
             self._send = self._driver.start(self._post_event)
         else:
             self._send = self._driver.start(self._on_event, self._loop)
@@ -355,114 +349,6 @@ def _merge_ready(
         if stream.empty():
             return merged
         item = stream.get_nowait()
-
-
-# ---- drivers: where the engine loop runs ----------------------------------------------------------
-class _ThreadDriver:
-    def __init__(self, engine: LLMEngine, stream_interval: int) -> None:
-        self.engine, self.stream_interval = engine, stream_interval
-        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def start(self, emit: Callable[[Event], None]) -> Callable[[Command], None]:
-        """Start the engine thread; events reach the event loop through ``emit`` (thread-safe)."""
-
-        def next_command(timeout: float) -> Command | None:
-            try:
-                return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
-            except queue.Empty:
-                return None
-
-        loop = EngineLoop(self.engine, next_command, emit, self.stream_interval)
-        self._thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
-        self._thread.start()
-        return self._commands.put
-
-    def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join(30)
-        self.engine.shutdown()
-
-
-class _ProcessDriver:
-    """The engine in a spawned child process, over a duplex pipe. Events are read on the event loop
-    itself, as soon as the pipe is readable: a reader thread would have to win the interpreter lock
-    from the busy event loop for every message (a 5 ms switch interval each), and the child, blocked
-    on a full pipe, would run at that pace. Commands go through a sender thread, so a full pipe never
-    blocks the event loop. The child's death shows as end-of-file on the pipe."""
-
-    def __init__(self, config: EngineConfig, log_level: str, log_format: str, stream_interval: int) -> None:
-        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        # Not a daemon: the engine spawns its own tensor-parallel workers, which daemons may not.
-        self._process = ctx.Process(
-            target=run_engine_process,
-            args=(config, child_conn, log_level, log_format, stream_interval),
-            name="qwen3-engine",
-            daemon=False,
-        )
-        # SIGINT stays blocked while the child starts (it inherits this thread's mask), so a Ctrl-C during
-        # its imports cannot kill it either; run_engine_process ignores SIGINT, then unblocks it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self._process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child_conn.close()
-        try:
-            first = decode_event(self._conn.recv_bytes())
-        except EOFError:
-            self._process.join(5)
-            code = self._process.exitcode
-            raise RuntimeError(f"the engine process exited while loading (exit code {code})") from None
-        if isinstance(first, EngineLoadFailed):
-            self._process.join(30)
-            raise RuntimeError(first.reason)  # the child's error, e.g. "ConfigError: ...: config field ..."
-        assert isinstance(first, EngineReady), first
-        self.info, self.stats = first.info, first.stats
-        self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._sender: threading.Thread | None = None
-
-    def start(self, on_loop: Callable[[Event], None], loop: asyncio.AbstractEventLoop) -> Callable[[Command], None]:
-        """Start moving commands and events; events are handed to ``on_loop`` on the event loop."""
-
-        def send_loop() -> None:
-            while True:
-                command = self._outbox.get()
-                try:
-                    self._conn.send(command)
-                except (OSError, EOFError, BrokenPipeError):
-                    return  # the receiver reports the death
-                if isinstance(command, StopEngine):
-                    return
-
-        def on_readable() -> None:
-            try:
-                while self._conn.poll():  # every whole message waiting; a message is written in one go
-                    event = decode_event(self._conn.recv_bytes())
-                    on_loop(event)
-                    if isinstance(event, EngineStopped):
-                        loop.remove_reader(self._conn.fileno())
-                        return
-            except (EOFError, OSError):
-                loop.remove_reader(self._conn.fileno())
-                self._process.join(1)
-                on_loop(EngineStopped(f"the engine process exited (exit code {self._process.exitcode})", died=True))
-
-        self._sender = threading.Thread(target=send_loop, name="engine-send", daemon=True)
-        self._sender.start()
-        loop.add_reader(self._conn.fileno(), on_readable)
-        return self._outbox.put
-
-    def join(self) -> None:
-        if self._sender is not None:
-            self._sender.join(30)
-        self._process.join(30)
-        if self._process.is_alive():
-            log.warning("engine process did not exit; terminating it")
-            self._process.terminate()
-            self._process.join(5)
-        self._conn.close()
 
 
 __all__ = ["AsyncEngine", "RequestIdInUseError"]
