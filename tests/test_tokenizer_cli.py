@@ -66,6 +66,16 @@ def test_cli_serves_and_stops_on_sigterm(demo_checkpoint: Path) -> None:
         assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no engine behind it
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "# TYPE qwen3serve_rpc_requests_total counter" in body
+        # The first engine probe logs the change; under load it can come after the checks above, so wait for
+        # it (bounded by the test timeout) before stopping the service.
+        def health_logged() -> bool:
+            return any('"engine health changed"' in line and '"serving": false' in line for line in lines)
+
+        while not health_logged() and time.monotonic() < deadline:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            lines.append(line)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         lines += proc.stderr.read().splitlines()  # type: ignore[union-attr]
