@@ -66,6 +66,7 @@ def test_cli_serves_and_stops_on_sigterm(demo_checkpoint: Path) -> None:
         assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no engine behind it
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "# TYPE qwen3serve_rpc_requests_total counter" in body
+
         # The first engine probe logs the change; under load it can come after the checks above, so wait for
         # it (bounded by the test timeout) before stopping the service.
         def health_logged() -> bool:
