@@ -43,6 +43,34 @@ SCHEMA = {
 }
 
 
+class PhaseTimer:
+    """Wall time spent inside named methods (wrapped in place), to split a step's host time by phase."""
+
+    def __init__(self, targets: dict[str, tuple[object, str]]) -> None:
+        self.seconds = dict.fromkeys(targets, 0.0)
+        self.calls = dict.fromkeys(targets, 0)
+        for name, (obj, attr) in targets.items():
+            setattr(obj, attr, self._timed(name, getattr(obj, attr)))
+
+    def _timed(self, name, fn):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    def per_step(self, steps: int) -> str:
+        return " ".join(f"{k} {v / steps * 1e3:.2f}" for k, v in self.seconds.items())
+
+
 def _sync(device: str) -> None:
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -89,32 +117,38 @@ def main() -> int:
     with LLM(args.model, **options) as llm:
         device = llm.engine.runner.device.type
         llm.generate([[1, 2, 3]], [SamplingParams(max_tokens=4, constraint=constraint)])  # warm-up: JIT, compiler
-        manager = llm.engine.structured
-        fill_seconds, fills = 0.0, 0
-        fill = manager.grammar_mask
-
-        def timed_fill(rows):  # type: ignore[no-untyped-def]
-            nonlocal fill_seconds, fills
-            t0 = time.perf_counter()
-            try:
-                return fill(rows)
-            finally:
-                fill_seconds += time.perf_counter() - t0
-                fills += 1
-
-        manager.grammar_mask = timed_fill  # type: ignore[method-assign]
+        phases = PhaseTimer(
+            {
+                "step": (llm.engine, "step"),
+                "schedule": (llm.engine.scheduler, "schedule"),
+                "launch": (llm.engine.executor, "launch"),
+                "wait": (llm.engine.executor, "wait"),
+                "apply": (llm.engine.scheduler, "apply"),
+                "accept": (llm.engine.structured, "accept"),
+                "fill": (llm.engine.structured, "grammar_mask"),
+                "sample": (llm.engine.executor, "sample"),
+            }
+        )
         results = {}
         for name, params in (("json_schema", constrained), ("unconstrained", free)):
             _sync(device)
+            phases.reset()
             start = time.perf_counter()
             outs = llm.generate(prompts, params)
             _sync(device)
             seconds = time.perf_counter() - start
+            steps = max(phases.calls["step"], 1)
+            print(f"{name}: host ms per step ({steps} steps; wait = blocked on the device): {phases.per_step(steps)}")
             tokens = sum(len(o.token_ids) for o in outs)
-            results[name] = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds}
+            results[name] = {
+                "output_tokens": tokens,
+                "seconds": seconds,
+                "output_tok_s": tokens / seconds,
+                "fill_ms_per_step": phases.seconds["fill"] / max(phases.calls["fill"], 1) * 1e3,
+            }
             print(f"{name:<14} {tokens:>8} tokens {seconds:8.2f} s {tokens / seconds:10.1f} tok/s")
         ratio = results["json_schema"]["output_tok_s"] / results["unconstrained"]["output_tok_s"]
-        fill_ms = fill_seconds / max(fills, 1) * 1e3
+        fill_ms = results["json_schema"]["fill_ms_per_step"]
         print(f"structured/unconstrained output tok/s ratio {ratio:.3f}; host bitmask fill {fill_ms:.2f} ms/step")
         append_results(
             args.json,
