@@ -7,7 +7,8 @@ grammar with nesting and free strings that cannot complete within the output len
 the same number of tokens; EOS is never allowed before the grammar completes). The unconstrained pass uses
 ignore_eos. Each pass is timed after a warm-up that also compiles the grammar (the compiler's cache then
 serves every request). Reported: output tok/s of each pass, their ratio (issue 14's target: >= 0.90 on an
-H200), and the host time spent filling bitmasks per step.
+H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread;
+`mask_wait` is the engine thread's wait for it).
 
     python bench/structured_throughput.py --model DIR [--json results.jsonl]
 
@@ -16,6 +17,7 @@ Not yet run on a GPU (written without one; its CPU run with tiny settings is tes
 
 from __future__ import annotations
 
+import cProfile
 import json
 import sys
 import time
@@ -90,10 +92,12 @@ def main() -> int:
     p.add_argument("--kv-block-size", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
+    p.add_argument("--cprofile", type=Path, help="write each pass's cProfile stats to CPROFILE.<pass> (host time)")
     args = p.parse_args()
 
     from engine_service import LLM, SamplingParams
     from engine_service.constraints import ConstraintKind, OutputConstraint
+    from engine_service.core.structured_output import MaskJob
 
     options: dict[str, object] = dict(
         device=args.device,
@@ -125,7 +129,9 @@ def main() -> int:
                 "wait": (llm.engine.executor, "wait"),
                 "apply": (llm.engine.scheduler, "apply"),
                 "accept": (llm.engine.structured, "accept"),
-                "fill": (llm.engine.structured, "grammar_mask"),
+                "fill": (llm.engine.structured, "_fill"),  # on the worker thread
+                "mask_wait": (MaskJob, "result"),  # the engine thread's wait for it, and the mask's copy
+                "prepare": (llm.engine.executor, "prepare_sampling"),
                 "sample": (llm.engine.executor, "sample"),
             }
         )
@@ -133,8 +139,14 @@ def main() -> int:
         for name, params in (("json_schema", constrained), ("unconstrained", free)):
             _sync(device)
             phases.reset()
+            profiler = cProfile.Profile() if args.cprofile else None
             start = time.perf_counter()
+            if profiler:
+                profiler.enable()
             outs = llm.generate(prompts, params)
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(f"{args.cprofile}.{name}")
             _sync(device)
             seconds = time.perf_counter() - start
             steps = max(phases.calls["step"], 1)

@@ -14,11 +14,12 @@ import random
 from engine_service.config import EngineConfig
 from engine_service.core.block_manager import BlockManager
 from engine_service.core.model_runner import ModelRunner
+from engine_service.core.prompt_logprob_collector import PromptLogprobCollector
 from engine_service.core.scheduler import Scheduler
 from engine_service.core.sequence import Sequence, SequenceStatus
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
-from engine_service.core.step_plan import StepPlan, StepResult
-from engine_service.core.structured_output import StructuredOutputManager
+from engine_service.core.step_plan import StepPlan
+from engine_service.core.structured_output import MaskJob, StructuredOutputManager
 from engine_service.core.tp_workers import WorkerGroup
 from engine_service.pooling import PoolingConfig
 from engine_service.protocol import (
@@ -94,8 +95,10 @@ class LLMEngine:
         self._failed: list[tuple[str, Exception]] = []  # requests that ended in an error (take_failed)
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
+        # A step whose sampler waits for its structured-output mask, filled on the worker thread meanwhile
+        self._unsampled: tuple[LaunchedStep, MaskJob] | None = None
         self.num_generated_tokens_total = 0
-        self._prompt_logprobs: dict[str, list[TokenLogprob]] = {}  # request id -> prompt logprobs so far
+        self._prompt_logprobs = PromptLogprobCollector()
         self._embeddings: list[EmbeddingOutput] = []  # finished Embed requests, until pop_embeddings
         log.info(
             "engine ready: %d KV blocks of %d tokens (%.1f GiB per rank), max_model_len=%d",
@@ -134,13 +137,8 @@ class LLMEngine:
         boundary (``generate_request.generate_inputs``) and ``LLM.generate`` calls ``validate`` on every prompt
         before adding any; this guard (O(prompt length), once per request) keeps a caller that skipped both from
         putting an unservable sequence in the scheduler."""
-        if self.dead_reason:
-            raise EngineDeadError(self.dead_reason)
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._check_admission(request_id)
         self.validate(prompt_token_ids, params)  # the re-check (see the docstring)
-        if len(self.scheduler.waiting) + self.structured.num_compiling >= self.config.max_waiting_requests:
-            raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         prompt = list(prompt_token_ids)
         samples = [
             Sequence(
@@ -166,17 +164,20 @@ class LLMEngine:
         """Queue a prefill-only request; its result comes from ``pop_embeddings`` after the step that
         computes its last prompt token. Scheduled like a prompt (chunked, prefix-cache hits kept); the one
         token its last row samples is never output, and its KV blocks are freed at once."""
-        if self.dead_reason:
-            raise EngineDeadError(self.dead_reason)
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._check_admission(request_id)
         self.info.validate_embed(prompt_token_ids)
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         params = SamplingParams(temperature=0.0, max_tokens=1)  # greedy: the cheapest sampler path
         seq = Sequence(request_id, list(prompt_token_ids), params, 0, embed_normalize=bool(normalize))
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)
+
+    def _check_admission(self, request_id: str) -> None:
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if len(self.scheduler.waiting) + self.structured.num_compiling >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
 
     def take_failed(self) -> list[tuple[str, Exception]]:
         """Requests that ended in an error since the last call (a constraint that does not compile: a
@@ -207,7 +208,7 @@ class LLMEngine:
         ended = [s for s in samples if not s.is_finished and (index is None or s.index == index)]
         for seq in ended:
             self._retire(seq, FinishReason.ABORTED)
-        return [self._final_output(seq) for seq in ended]
+        return [seq.final_output() for seq in ended]
 
     def flush_prefix_cache(self) -> tuple[int, int]:
         """Drop every cached KV block that no live request holds (``BlockManager.flush_cache``); returns
@@ -252,24 +253,43 @@ class LLMEngine:
         idle = self.scheduler.num_unfinished == 0 and self._in_flight is None
         self._admit_compiled(0.05 if idle else 0.0)
         plan = self.scheduler.schedule()
+        self._sample_deferred()  # before this step's forward pass, which may read its sampled ids
         # A step with constrained rows is sampled after the step in flight is applied (its tokens advance the
-        # matchers): the host fills the bitmask while the device runs this step's forward pass.
+        # matchers): the bitmask is filled on a worker thread while the device runs this step's forward pass
+        # and this thread goes on, up to the next step's launch (``_sample_deferred``).
         constrained = self.structured.num_grammars > 0 and any(
             self.structured.has_grammar(e.seq) for e in plan.sampling
         )
         launched = self._launch(plan, constrained) if not plan.is_empty else None
         outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
-        if launched is not None and constrained:
-            try:
-                self.executor.sample(launched, self.structured.grammar_mask([e.seq for e in plan.sampling]))
-            except Exception as exc:
-                raise self._fail(exc) from exc
         if launched is not None:
+            if constrained:
+                self._defer_sampling(launched)
             if self._overlap:
                 self._in_flight = launched
             else:
+                self._sample_deferred()
                 outputs += self._finish(launched)
         return outputs
+
+    def _defer_sampling(self, launched: LaunchedStep) -> None:
+        """Start filling ``launched``'s mask, and build its sampling batch meanwhile."""
+        job = self.structured.start_mask([e.seq for e in launched.plan.sampling])
+        self._unsampled = (launched, job)
+        try:
+            self.executor.prepare_sampling(launched)
+        except Exception as exc:
+            raise self._fail(exc) from exc
+
+    def _sample_deferred(self) -> None:
+        """Queue the sampler of the step waiting for its mask, if one is (before any step is launched or read)."""
+        if self._unsampled is None:
+            return
+        (launched, job), self._unsampled = self._unsampled, None
+        try:
+            self.executor.sample(launched, job.result())
+        except Exception as exc:
+            raise self._fail(exc) from exc
 
     def _pop_in_flight(self) -> LaunchedStep:
         launched, self._in_flight = self._in_flight, None
@@ -299,7 +319,7 @@ class LLMEngine:
             raise self._fail(exc) from exc
         outputs: list[RequestOutput] = []
         if result.prompt_logprobs is not None:
-            self._collect_prompt_logprobs(launched.plan, result)
+            self._prompt_logprobs.add(launched.plan, result)
         embed_index = {row: i for i, row in enumerate(launched.plan.embed_rows)}
         for row, seq in self.scheduler.apply(launched.plan, result.token_ids):
             if seq.is_embedding:
@@ -314,13 +334,13 @@ class LLMEngine:
                 continue
             prompt_logprobs = None  # taken before a finish (_retire) drops them
             if seq.params.prompt_logprobs is not None and seq.index == 0 and len(seq.output_token_ids) == 1:
-                prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, [])  # a 1-token prompt has none
+                prompt_logprobs = self._prompt_logprobs.take(seq.request_id)
             reason = self._finish_reason(seq, token, len(seq.output_token_ids))
             if reason is None:
                 out = RequestOutput(seq.request_id, [token], index=seq.index)
             else:
                 self._retire(seq, reason)
-                out = self._final_output(seq)  # the last delta carries the finish reason and usage
+                out = seq.final_output()  # the last delta carries the finish reason and usage
                 out.new_token_ids.append(token)
             if seq.params.logprobs is not None and result.logprobs is not None:
                 n = seq.params.logprobs
@@ -335,25 +355,6 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _collect_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
-        """Append a step's prompt logprobs to each sequence's list. A prompt recomputed after a preemption
-        yields positions it already has: only the next missing one is ever appended."""
-        assert result.prompt_logprobs is not None
-        flat = 0
-        for span in plan.prompt_logprob_spans:
-            seq, n = span.seq, span.seq.params.prompt_logprobs or 0
-            if not seq.is_finished:
-                done = self._prompt_logprobs.setdefault(seq.request_id, [])
-                for k in range(span.count):
-                    if span.first_token + k == len(done) + 1:  # entry i is prompt token i + 1
-                        i = flat + k
-                        top = ()
-                        if n and result.prompt_top_ids is not None and result.prompt_top_logprobs is not None:
-                            top = tuple(zip(result.prompt_top_ids[i][:n], result.prompt_top_logprobs[i][:n]))
-                        token = seq.prompt_token_ids[span.first_token + k]
-                        done.append(TokenLogprob(token, result.prompt_logprobs[i], top))
-            flat += span.count
-
     def _finish_embedding(self, seq: Sequence, embedding: list[float]) -> None:
         self._retire(seq, FinishReason.STOP)
         self._embeddings.append(
@@ -367,7 +368,7 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         if all(s.is_finished for s in self.requests.get(seq.request_id, ())):
             self.requests.pop(seq.request_id, None)
-            self._prompt_logprobs.pop(seq.request_id, None)
+            self._prompt_logprobs.drop(seq.request_id)
 
     def _finish_reason(self, seq: Sequence, token: int, n: int) -> FinishReason | None:
         """Why ``seq`` ends with ``token``, its ``n``-th output token (None: it goes on)."""
@@ -377,22 +378,6 @@ class LLMEngine:
         if n >= p.max_tokens:  # prompt + max_tokens <= max_model_len: validated at admission
             return FinishReason.LENGTH
         return None
-
-    @staticmethod
-    def _final_output(seq: Sequence) -> RequestOutput:
-        queue_time = seq.first_scheduled_time - seq.arrival_time if seq.first_scheduled_time else None
-        return RequestOutput(
-            seq.request_id,
-            [],
-            None,
-            True,
-            seq.finish_reason,
-            seq.num_prompt_tokens,
-            len(seq.output_token_ids),
-            seq.num_cached_prompt_tokens,
-            queue_time,
-            index=seq.index,
-        )
 
     def shutdown(self) -> None:
         """Stop the TP workers and release rank 0's GPU memory and process group. Idempotent."""

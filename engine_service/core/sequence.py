@@ -24,7 +24,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine_service.protocol import FinishReason
+from engine_service.protocol import FinishReason, RequestOutput
 from engine_service.sampling_params import SamplingParams
 
 
@@ -120,3 +120,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def final_output(self) -> RequestOutput:
+        """Its last delta, without tokens: finish reason, usage and queue time (the engine adds a final token)."""
+        queue_time = self.first_scheduled_time - self.arrival_time if self.first_scheduled_time else None
+        return RequestOutput(
+            self.request_id,
+            [],
+            None,
+            True,
+            self.finish_reason,
+            self.num_prompt_tokens,
+            len(self.output_token_ids),
+            self.num_cached_prompt_tokens,
+            queue_time,
+            index=self.index,
+        )

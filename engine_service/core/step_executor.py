@@ -36,6 +36,7 @@ class LaunchedStep:
     # Set while its sampling waits for a structured-output mask (``StepExecutor.sample``): the model input,
     # the logits [S, V] of the forward pass queued on the device, and its prompt-logprob / pooled tensors.
     unsampled: tuple[StepInput, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+    sampling: SamplingBatch | None = None  # built ahead of ``sample`` by ``prepare_sampling``
 
 
 def _sampler_tensors(out: SamplerOutput | None) -> list[torch.Tensor]:
@@ -101,7 +102,7 @@ class StepExecutor:
         """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host.
 
         ``defer_sampling``: queue the model only; the caller fills the step's structured-output mask on the
-        host while the device runs it, then calls ``sample``."""
+        host while the device runs it (``prepare_sampling`` meanwhile), then calls ``sample``."""
         step = plan.model_input(self.share_sampled)
         if self.workers:
             self.workers.execute(step)
@@ -112,12 +113,24 @@ class StepExecutor:
             self.sample(launched)
         return launched
 
+    def prepare_sampling(self, launched: LaunchedStep) -> None:
+        """Build a deferred step's sampling batch now, on the host, while its mask is filled. Reads the rows'
+        sequences, so it must run before the scheduler plans another step."""
+        assert launched.unsampled is not None and launched.plan.sampling, "a deferred step with sampling rows"
+        launched.sampling = self._sampling_batch(launched.unsampled[1].device, launched.plan.sampling)
+
     def sample(self, launched: LaunchedStep, grammar: GrammarMask | None = None) -> None:
         """Queue the sampler of a launched step (with its structured-output mask) and the copy of its results."""
         assert launched.unsampled is not None, "a step is sampled once"
         (step, logits, prompt, pooled), launched.unsampled = launched.unsampled, None
         plan = launched.plan
-        sampled = self._sample(logits, plan.sampling, grammar) if plan.sampling else None
+        sampled = None
+        if plan.sampling:
+            batch, launched.sampling = launched.sampling, None
+            if batch is None:
+                batch = self._sampling_batch(logits.device, plan.sampling)
+            batch.grammar = grammar
+            sampled = self.sampler(logits, batch)
         self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
         (launched.host, launched.prompt_host, launched.pooled_host), launched.ready = _copy_to_host(
             _sampler_tensors(sampled), prompt, pooled
@@ -137,25 +150,23 @@ class StepExecutor:
             token_ids or [], logprobs, top_ids, top_vals, prompt, prompt_top_ids, prompt_top_vals, embeddings
         )
 
-    def _sample(self, logits: torch.Tensor, rows: tuple[PlannedSeq, ...], grammar: GrammarMask | None) -> SamplerOutput:
+    def _sampling_batch(self, device: torch.device, rows: tuple[PlannedSeq, ...]) -> SamplingBatch:
         seqs = [e.seq for e in rows]
         # A row's input token from the step before is pending until that step is applied; a deferred sample
         # (structured output) runs after it was, so count what is still pending now: besides the token this
         # step samples, one more.
         pending = [e.pending_row is not None and e.seq.num_pending_tokens > 1 for e in rows]
-        batch = SamplingBatch.build(
+        return SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
             self.eos_token_ids,
             [s.seed for s in seqs],
             self.vocab_size,
-            logits.device,
+            device,
             pending,
-            self._pending_token_ids(rows, pending, logits.device),
-            grammar,
+            self._pending_token_ids(rows, pending, device),
         )
-        return self.sampler(logits, batch)
 
     def _pending_token_ids(
         self, rows: tuple[PlannedSeq, ...], pending: list[bool], device: torch.device

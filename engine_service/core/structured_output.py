@@ -15,8 +15,10 @@ Where the work happens (docs/ARCHITECTURE.md):
   recompute keeps the output, so it keeps the matcher too; abort and finish drop it.
 - **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is filled on the host, for
   the rows whose constraint is active, after the step's forward pass has been queued on the device and the
-  step before has been applied (``LLMEngine.step``): the mask is only needed at sampling time, so the host
-  fills it while the device runs the model. ``Sampler`` applies it as one masked operation
+  step before has been applied (``LLMEngine.step``). It is filled on a worker thread (``start_mask``:
+  xgrammar's batch fill releases the GIL), so the engine thread meanwhile builds the step's sampling batch,
+  returns its outputs and schedules the next step; it joins the fill only to queue the sampler, just before
+  it launches the next forward pass. ``Sampler`` applies the mask as one masked operation
   (``xgr.apply_token_bitmask_inplace`` on the constrained rows).
 
 Qwen3 thinking: where the prompt leaves thinking open (``ThinkingTokens.leaves_thinking_open``), the
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Threads compiling grammars (each compile may use xgrammar's own threads too).
 COMPILE_WORKERS = 2
+#: Threads xgrammar's batch bitmask fill may use (its "auto": half the hardware threads).
+FILL_THREADS: int | str = "auto"
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
 
@@ -174,9 +178,30 @@ class GrammarCompilation:
             raise FieldError(c.field, f"does not compile: {grammar_compiler_message(exc)}") from None
 
 
+class MaskJob:
+    """A step's bitmask being filled on the structured-output worker thread (``StructuredOutputManager.start_mask``)."""
+
+    def __init__(self, future: Future[tuple[torch.Tensor, list[int]]], device: torch.device) -> None:
+        self._future, self._device = future, device
+
+    def result(self) -> GrammarMask | None:
+        """Wait for the fill, then the mask on the device (the copy is queued, not waited for); None when no
+        row's constraint was active. Call on the engine thread: the copy goes to its CUDA stream."""
+        host, indices = self._future.result()
+        if not indices:
+            return None
+        if self._device.type == "cpu":
+            return GrammarMask(host, indices)
+        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
+        # memory, which waits for the device.
+        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self._device)
+        return GrammarMask(copy_to_device(host, self._device), rows)
+
+
 class StructuredOutputManager:
     """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence,
-    the host bitmask buffers. Driven by ``LLMEngine`` on the engine loop's thread only."""
+    the host bitmask buffers. Driven by ``LLMEngine`` on the engine loop's thread; only a step's bitmask fill
+    runs on the worker thread (``start_mask``), and the engine joins it before any matcher moves again."""
 
     def __init__(
         self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...], max_num_seqs: int, device: torch.device
@@ -186,7 +211,8 @@ class StructuredOutputManager:
         # one compilation per request, keyed by its first sample; the value holds all its samples (n > 1)
         self._compiling: dict[Sequence, tuple[list[Sequence], Future[xgr.CompiledGrammar]]] = {}
         self._grammars: dict[Sequence, SequenceGrammar] = {}
-        self._batch_matcher: xgr.BatchGrammarMatcher | None = None
+        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made and used on the fill thread only
+        self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         # Two host buffers, used in turn: the copy of step N's mask may still be reading one while the host
         # fills step N+1's (pinned memory on CUDA, so the copy does not wait for the host).
         shape = xgr.get_bitmask_shape(max_num_seqs, vocab_size)
@@ -250,24 +276,32 @@ class StructuredOutputManager:
         if compiling is not None:
             compiling[1].cancel()
 
-    def grammar_mask(self, rows: list[Sequence]) -> GrammarMask | None:
-        """The bitmask of a step whose sampling rows are ``rows``, filled on the host for the rows whose
-        constraint is active and copied to the device (not waited for); None when no row is constrained."""
-        active = [(i, g) for i, seq in enumerate(rows) if (g := self._grammars.get(seq)) is not None and g.active]
-        if not active:
-            return None
+    def start_mask(self, rows: list[Sequence]) -> MaskJob:
+        """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
+        must not advance a matcher (``accept``) before it has taken the job's ``result``."""
+        grammars = [self._grammars.get(seq) for seq in rows]
         host = self._buffers[self._turn][: len(rows)]  # [S, W]
+        # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
+        # queued, but the one before that has been read (its sampler ran before the step now applied).
         self._turn ^= 1
+        return MaskJob(self._fill_pool.submit(self._fill, grammars, host), self.device)
+
+    def grammar_mask(self, rows: list[Sequence]) -> GrammarMask | None:
+        """The bitmask of a step whose sampling rows are ``rows`` on the device, filled now; None when no row
+        is constrained."""
+        return self.start_mask(rows).result()
+
+    def _fill(self, grammars: list[SequenceGrammar | None], host: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(host [S, W], the rows filled): the worker thread's job."""
+        active = [(i, g) for i, g in enumerate(grammars) if g is not None and g.active]
+        if not active:
+            return host, []
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher = xgr.BatchGrammarMatcher(FILL_THREADS)
         indices = [i for i, _ in active]
         self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
-        if self.device.type == "cpu":
-            return GrammarMask(host, indices)
-        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
-        # memory, which waits for the device.
-        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self.device)
-        return GrammarMask(copy_to_device(host, self.device), rows)
+        return host, indices
 
     def shutdown(self) -> None:
         self.compilation.shutdown()
+        self._fill_pool.shutdown(wait=False, cancel_futures=True)
