@@ -139,6 +139,41 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @cached_property  # read for every row of every step (SamplingBatch.build); the params never change
+    def sampler_row(self) -> tuple[float, ...]:
+        """The per-row numbers the sampler gathers each step, in ``SAMPLER_ROW`` order. A greedy row carries
+        neutral warpers (temperature 1, top_p 1, min_p 0, top_k 0), so its argmax is kept; top_k 0 = off."""
+        greedy = self.is_greedy
+        return (
+            1.0 if greedy else self.temperature,
+            1.0 if greedy else self.top_p,
+            0.0 if greedy else self.min_p,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+            float(greedy),
+            0.0 if greedy else float(max(self.top_k, 0)),
+            float(bool(self.logit_bias or self.bad_words or self.allowed_token_ids is not None)),
+            -1.0 if self.logprobs is None else float(self.logprobs),
+            float(self.min_tokens),
+        )
+
+
+#: Column names of ``SamplingParams.sampler_row``.
+SAMPLER_ROW = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "greedy",
+    "top_k",
+    "token_controls",
+    "logprobs",
+    "min_tokens",
+)
+
 
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -143,26 +143,26 @@ class SamplingBatch:
             else [len(o) + p for o, p in zip(output_token_ids, pending)]
         )
 
-        floats, ints = [], []
-        for p in params:
-            # Greedy rows get neutral warpers, so the warped scores keep their argmax and the flags
-            # below only count rows that sample.
-            top_k = p.top_k if 0 < p.top_k < vocab_size and not p.is_greedy else vocab_size
-            temperature, top_p, min_p = (1.0, 1.0, 0.0) if p.is_greedy else (p.temperature, p.top_p, p.min_p)
-            floats.append((temperature, top_p, min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
-            ints.append((int(p.is_greedy), top_k))
+        # [S, 11] float64 in SAMPLER_ROW's order: per-request constants cached on the params, so the only
+        # per-row Python work of a step is this gather (a step of 256 rows runs on a host that must keep up).
+        table = np.array([p.sampler_row for p in params], dtype=np.float64)
+        greedy_col = table[:, 6] > 0
+        raw_top_k = table[:, 7]
+        top_k_col = np.where((raw_top_k > 0) & (raw_top_k < vocab_size), raw_top_k, vocab_size).astype(np.int64)
         host_ints = np.empty((num_rows, 3), dtype=np.int64)
-        host_ints[:, :2], host_ints[:, 2] = ints, row_keys(seeds, num_outputs)
+        host_ints[:, 0], host_ints[:, 1], host_ints[:, 2] = greedy_col, top_k_col, row_keys(seeds, num_outputs)
         # Two host-to-device copies in all (queued, never waited for), then views.
-        f = copy_to_device(torch.tensor(floats, dtype=torch.float32), device)  # [S, 6]
+        f = copy_to_device(torch.from_numpy(table[:, :6].astype(np.float32)), device)  # [S, 6]
         i = copy_to_device(torch.from_numpy(host_ints), device)  # [S, 3]
-        top_k_host = [row[1] for row in ints]
-        # One pass decides whether any row uses a token control; most batches skip three more loops.
-        controls = any(p.logit_bias or p.bad_words or p.allowed_token_ids is not None for p in params)
+        # Whether any row uses a token control or a min_tokens ban decides whether the loops below run at all.
+        controls = bool(table[:, 8].any())
         bad_words, conditional_bans = (
             bad_word_bans(params, output_token_ids, pending) if controls else ([[]] * num_rows, [])
         )
-        wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        max_logprobs = float(table[:, 9].max())
+        repetition = table[:, 3] != 1.0
+        counted = (table[:, 4] != 0.0) | (table[:, 5] != 0.0)
+        bans_min_tokens = bool((table[:, 10] > np.asarray(num_outputs)).any())
         return cls(
             vocab_size=vocab_size,
             greedy=i[:, 0].bool(),
@@ -175,37 +175,31 @@ class SamplingBatch:
             frequency_penalty=f[:, 5],
             keys=i[:, 2],
             seen_tokens=history_pairs(
-                [p.repetition_penalty != 1.0 for p in params],
-                prompt_token_ids,
-                output_token_ids,
-                pending,
-                pending_token_ids,
-                device,
-            ),
-            output_tokens=history_pairs(
-                [bool(p.presence_penalty or p.frequency_penalty) for p in params],
-                None,
-                output_token_ids,
-                pending,
-                pending_token_ids,
-                device,
-            ),
+                repetition.tolist(), prompt_token_ids, output_token_ids, pending, pending_token_ids, device
+            )
+            if repetition.any()
+            else None,
+            output_tokens=history_pairs(counted.tolist(), None, output_token_ids, pending, pending_token_ids, device)
+            if counted.any()
+            else None,
             banned_tokens=token_pairs(
                 [
                     (*eos_token_ids, *p.stop_token_ids, *words) if n < p.min_tokens else words
                     for p, n, words in zip(params, num_outputs, bad_words)
                 ],
                 device,
-            ),
+            )
+            if controls or bans_min_tokens
+            else None,
             logit_bias=LogitBias.build(params, device) if controls else None,
             allowed_tokens=AllowedTokens.build(params, device) if controls else None,
             pending_bans=pending_bans(conditional_bans, pending_token_ids, device),
             grammar=grammar,
-            all_greedy=all(p.is_greedy for p in params),
-            max_top_k=max((k for k in top_k_host if k < vocab_size), default=0),
-            use_top_p=any(row[1] < 1.0 for row in floats),
-            use_min_p=any(row[2] > 0.0 for row in floats),
-            num_logprobs=max(wants_logprobs) if wants_logprobs else None,
+            all_greedy=bool(greedy_col.all()),
+            max_top_k=int(top_k_col[top_k_col < vocab_size].max(initial=0)),
+            use_top_p=bool((table[:, 1] < 1.0).any()),
+            use_min_p=bool((table[:, 2] > 0.0).any()),
+            num_logprobs=int(max_logprobs) if max_logprobs >= 0 else None,
         )
 
 
