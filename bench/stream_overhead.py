@@ -63,15 +63,9 @@ class SyntheticEngine:
             prefix_cache_hit_rate=0.0,
         )
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str = "",
-    ) -> None:
-        self._left[request_id] = params.max_tokens  # one sample (n = 1), priority and salt ignored
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *_: object) -> None:
+        """``LLMEngine.add_request``'s arguments; ``priority`` and ``cache_salt``, the rest, are ignored."""
+        self._left[request_id] = params.max_tokens  # one sample (n = 1)
 
     def abort_request(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
         if self._left.pop(request_id, None) is None:

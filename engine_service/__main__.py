@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from engine_service.config import EngineConfig
 from engine_service.limits import ENGINE_MAX_MESSAGE_BYTES, RequestLimits
@@ -28,13 +29,19 @@ log = logging.getLogger("engine_service")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d = EngineConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog="python -m engine_service",
         description="Serve a Qwen3 checkpoint over gRPC (qwen3serve.engine.v1.EngineService): "
         "token ids in, streamed token ids out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+    def config_option(flag: str, **kwargs: Any) -> None:
+        """``flag`` for EngineConfig's field of the same name (``--kv-block-size``: ``kv_block_size``), defaulting
+        to that field's default, so the CLI's defaults cannot drift from the config's."""
+        field = EngineConfig.__dataclass_fields__[flag.removeprefix("--").replace("-", "_")]
+        p.add_argument(flag, default=field.default, **kwargs)
+
     add_model_option(p, "a Hugging Face checkpoint (config.json + *.safetensors)")
     p.add_argument(
         "--served-model-name",
@@ -48,44 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         max_message_bytes=ENGINE_MAX_MESSAGE_BYTES,
         message_note=" (a 128k-token prompt is < 1 MiB)",
     )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=d["tensor_parallel_size"].default,
-        help="GPUs to split the model across",
-    )
-    p.add_argument(
-        "--dtype",
-        default=d["dtype"].default,
-        choices=["auto", *DTYPE_NAMES],
-        help="weight/activation dtype (auto: the checkpoint's)",
-    )
-    p.add_argument(
-        "--device",
-        default=d["device"].default,
-        choices=["auto", "cuda", "cpu"],
-        help="where the model runs (auto: cuda when available)",
-    )
+    config_option("--tensor-parallel-size", type=int, help="GPUs to split the model across")
+    config_option("--dtype", choices=["auto", *DTYPE_NAMES], help="weight/activation dtype (auto: the checkpoint's)")
+    config_option("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (auto: cuda when available)")
     p.add_argument(
         "--max-model-len", type=int, default=None, help="max prompt+output tokens (default: %(default)s: the model's)"
     )
-    p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default, help="max sequences per step")
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=d["max_num_batched_tokens"].default,
-        help="token budget of one step (prefill chunks + decodes)",
-    )
-    p.add_argument("--kv-block-size", type=int, default=d["kv_block_size"].default, help="tokens per KV block")
+    config_option("--max-num-seqs", type=int, help="max sequences per step")
+    config_option("--max-num-batched-tokens", type=int, help="token budget of one step (prefill chunks + decodes)")
+    config_option("--kv-block-size", type=int, help="tokens per KV block")
     p.add_argument(
         "--num-kv-blocks", type=int, default=None, help="fixed KV pool size (default: %(default)s: sized from memory)"
     )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=d["gpu_memory_utilization"].default,
-        help="fraction of GPU memory to use, KV cache included",
-    )
+    config_option("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use, KV cache included")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
@@ -94,17 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="overlap each step's host work with the previous step's GPU work (default: %(default)s: on for CUDA)",
     )
-    p.add_argument(
+    config_option(
         "--attention-backend",
-        default=d["attention_backend"].default,
         choices=BACKEND_CHOICES,
         help="attention kernels (auto: the fastest measured for the GPU)",
     )
-    p.add_argument(
-        "--max-waiting-requests",
-        type=int,
-        default=d["max_waiting_requests"].default,
-        help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED",
+    config_option(
+        "--max-waiting-requests", type=int, help="waiting-queue bound; beyond it Generate answers RESOURCE_EXHAUSTED"
     )
     p.add_argument(
         "--stream-interval",

@@ -18,29 +18,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from engine_service.protocol import (
-    AbortAnswered,
-    AbortRequest,
-    AddEmbedRequest,
-    AddRequest,
-    CacheFlushed,
-    Command,
-    EmbeddingsReady,
-    EngineDeadError,
-    EngineLoadFailed,
-    EngineReady,
-    EngineStopped,
-    Event,
-    FlushCache,
-    KvEvents,
-    RequestFailed,
-    RequestOutput,
-    StatsUpdate,
-    StepOutputs,
-    StopEngine,
-    WatchKvEvents,
-    encode_event,
-)
+from engine_service import protocol
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
@@ -66,8 +44,8 @@ class EngineLoop:
     def __init__(
         self,
         engine: LLMEngine,
-        next_command: Callable[[float], Command | None],
-        emit: Callable[[Event], None],
+        next_command: Callable[[float], protocol.Command | None],
+        emit: Callable[[protocol.Event], None],
         stream_interval: int = 1,
     ) -> None:
         self.engine, self.next_command, self.emit = engine, next_command, emit
@@ -78,38 +56,38 @@ class EngineLoop:
         try:
             while True:
                 if self.engine.dead_reason:  # e.g. a TP worker died while we were idle
-                    raise EngineDeadError(self.engine.dead_reason)
+                    raise protocol.EngineDeadError(self.engine.dead_reason)
                 if not self._apply_commands(wait=not self.engine.has_unfinished_requests()):
                     return
                 if self.engine.has_unfinished_requests():
                     outputs = self.batcher.ready(self.engine.step())
                     self._emit_kv_events()  # before the outputs: a finished request's blocks are known first
                     if outputs:
-                        self.emit(StepOutputs(outputs, self.engine.stats()))
+                        self.emit(protocol.StepOutputs(outputs, self.engine.stats()))
                     if embeddings := self.engine.pop_embeddings():
-                        self.emit(EmbeddingsReady(embeddings, self.engine.stats()))
+                        self.emit(protocol.EmbeddingsReady(embeddings, self.engine.stats()))
                     for internal_id, exc in self.engine.take_failed():  # e.g. a grammar that does not compile
-                        self.emit(RequestFailed(internal_id, exc))
-        except EngineDeadError as exc:
+                        self.emit(protocol.RequestFailed(internal_id, exc))
+        except protocol.EngineDeadError as exc:
             self._emit_held()
-            self.emit(EngineStopped(str(exc), died=True))
+            self.emit(protocol.EngineStopped(str(exc), died=True))
         except Exception as exc:  # a bug: report it, fail every stream, never hang them
             log.exception("engine loop crashed")
             self._emit_held()
-            self.emit(EngineStopped(f"engine loop crashed: {exc!r}", died=True))
+            self.emit(protocol.EngineStopped(f"engine loop crashed: {exc!r}", died=True))
 
     def _emit_held(self) -> None:
         """Before the streams end with an error: the tokens they were already given, held back."""
         held = self.batcher.release_all()
         if held:
-            self.emit(StepOutputs(held, self.engine.stats()))
+            self.emit(protocol.StepOutputs(held, self.engine.stats()))
 
     def _emit_kv_events(self) -> None:
         if not self.kv_events_on:  # nobody subscribes: the block manager records nothing either
             return
         events = self.engine.block_manager.take_events()
         if events:
-            self.emit(KvEvents(events))
+            self.emit(protocol.KvEvents(events))
 
     def _apply_commands(self, wait: bool) -> bool:
         """Apply queued commands; False on stop. When idle, waits (in slices) for the first one."""
@@ -118,16 +96,16 @@ class EngineLoop:
             command = self.next_command(0.5 if wait else 0.0)
             if command is None:
                 if applied:
-                    self.emit(StatsUpdate(self.engine.stats()))
+                    self.emit(protocol.StatsUpdate(self.engine.stats()))
                 return True
             wait, applied = False, True
-            if isinstance(command, StopEngine):
+            if isinstance(command, protocol.StopEngine):
                 self._emit_held()
-                self.emit(EngineStopped("the engine is shutting down", died=False))
+                self.emit(protocol.EngineStopped("the engine is shutting down", died=False))
                 return False
-            if isinstance(command, (AddRequest, AddEmbedRequest)):
+            if isinstance(command, (protocol.AddRequest, protocol.AddEmbedRequest)):
                 try:
-                    if isinstance(command, AddRequest):
+                    if isinstance(command, protocol.AddRequest):
                         self.engine.add_request(
                             command.internal_id,
                             command.prompt_token_ids,
@@ -138,24 +116,24 @@ class EngineLoop:
                     else:
                         self.engine.add_embed_request(command.internal_id, command.prompt_token_ids, command.normalize)
                 except Exception as exc:  # delivered to its own stream; others are untouched
-                    self.emit(RequestFailed(command.internal_id, exc))
-            elif isinstance(command, AbortRequest):
+                    self.emit(protocol.RequestFailed(command.internal_id, exc))
+            elif isinstance(command, protocol.AbortRequest):
                 finals = self.engine.abort_request(command.internal_id, command.index)
                 if finals:
-                    self.emit(StepOutputs([self.batcher.final(out) for out in finals], self.engine.stats()))
+                    self.emit(protocol.StepOutputs([self.batcher.final(out) for out in finals], self.engine.stats()))
                 if command.ticket is not None:
-                    self.emit(AbortAnswered(command.ticket, bool(finals)))
-            elif isinstance(command, WatchKvEvents):
+                    self.emit(protocol.AbortAnswered(command.ticket, bool(finals)))
+            elif isinstance(command, protocol.WatchKvEvents):
                 bm = self.engine.block_manager
                 self.kv_events_on = command.subscriber is not None
                 bm.record_events(self.kv_events_on)
                 if command.subscriber is not None:
                     self._emit_kv_events()  # what happened before the snapshot, for the others
-                    self.emit(KvEvents(bm.snapshot_events(), command.subscriber))
-            elif isinstance(command, FlushCache):
+                    self.emit(protocol.KvEvents(bm.snapshot_events(), command.subscriber))
+            elif isinstance(command, protocol.FlushCache):
                 dropped, kept = self.engine.flush_prefix_cache()
                 self._emit_kv_events()
-                self.emit(CacheFlushed(command.ticket, dropped, kept))
+                self.emit(protocol.CacheFlushed(command.ticket, dropped, kept))
 
 
 class DeltaBatcher:
@@ -166,10 +144,10 @@ class DeltaBatcher:
     def __init__(self, stream_interval: int = 1) -> None:
         validate_stream_interval(stream_interval)
         self.stream_interval = stream_interval
-        self._held: dict[tuple[str, int], RequestOutput] = {}  # (internal id, sample) -> tokens not sent yet
+        self._held: dict[tuple[str, int], protocol.RequestOutput] = {}  # (internal id, sample) -> tokens not sent yet
         self._started: set[tuple[str, int]] = set()  # samples whose first token was sent
 
-    def ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+    def ready(self, outputs: list[protocol.RequestOutput]) -> list[protocol.RequestOutput]:
         """Of one engine step's deltas, those to send now; the rest are held for a later step."""
         if self.stream_interval == 1:
             return outputs
@@ -195,7 +173,7 @@ class DeltaBatcher:
                 ready.append(out)
         return ready
 
-    def final(self, out: RequestOutput) -> RequestOutput:
+    def final(self, out: protocol.RequestOutput) -> protocol.RequestOutput:
         """A request's final delta (finished or aborted), carrying whatever it held."""
         key = (out.request_id, out.index)
         self._started.discard(key)
@@ -205,7 +183,7 @@ class DeltaBatcher:
         held.absorb(out)
         return held
 
-    def release_all(self) -> list[RequestOutput]:
+    def release_all(self) -> list[protocol.RequestOutput]:
         """Every held delta, now (the engine is stopping or died: nothing more will follow them)."""
         held, self._held = list(self._held.values()), {}
         self._started.clear()
@@ -228,15 +206,15 @@ def run_engine_process(
         engine = LLMEngine(config)
     except Exception as exc:
         log.exception("engine failed to load")
-        conn.send_bytes(encode_event(EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
+        conn.send_bytes(protocol.encode_event(protocol.EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
         return
 
-    def next_command(timeout: float) -> Command | None:
+    def next_command(timeout: float) -> protocol.Command | None:
         try:
             return conn.recv() if conn.poll(timeout) else None
         except (EOFError, OSError):  # the server process is gone: nobody is left to serve
             log.warning("the server side of the engine pipe closed; shutting down")
-            return StopEngine()
+            return protocol.StopEngine()
 
     # Events are encoded here and written by a sender thread: when the server falls behind and the
     # pipe is full, the engine keeps stepping (the server folds the backlog into fewer messages)
@@ -250,13 +228,13 @@ def run_engine_process(
             except (BrokenPipeError, OSError):
                 return  # the server is gone; the next command poll turns that into a stop
 
-    def emit(event: Event) -> None:
-        outbox.put(encode_event(event))
+    def emit(event: protocol.Event) -> None:
+        outbox.put(protocol.encode_event(event))
 
     sender = threading.Thread(target=send_loop, name="engine-events", daemon=True)
     sender.start()
     try:
-        emit(EngineReady(engine.info, engine.stats()))
+        emit(protocol.EngineReady(engine.info, engine.stats()))
         EngineLoop(engine, next_command, emit, stream_interval).run()
     finally:
         outbox.put(None)

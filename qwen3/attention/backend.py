@@ -6,7 +6,8 @@ KV cache layout, per layer: ``k_cache`` and ``v_cache`` of shape [num_blocks, bl
 A backend's ``forward`` stores the step's new K/V at ``batch.slot_mapping`` (unless ``k``/``v`` are None:
 the caller's fused q/k-norm + RoPE kernel stored them already, ``qwen3.kernels.qk_norm_rope``) and then
 computes causal attention for the new queries over each sequence's whole context (cached prefix + new tokens), read
-through ``batch.block_tables``. Backends are registered by name and imported lazily, so a missing
+through ``batch.block_tables``. ``AttentionBackend.forward`` does those two steps, once for every backend; a
+backend supplies them as ``store_kv`` and ``attend``. Backends are registered by name and imported lazily, so a missing
 GPU package only matters to the backend that needs it.
 """
 
@@ -29,7 +30,6 @@ class AttentionBackend(ABC):
     #: activation/KV dtypes the backend computes in
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
@@ -42,6 +42,32 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, Hq, D]
         """Store ``k``/``v`` into the cache (when given), then attend causally; see the module docstring.
         Attention reads keys and values only from the cache, never from ``k``/``v``."""
+        if k is not None and v is not None:
+            self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        return self.attend(q, k_cache, v_cache, batch, scale)
+
+    @staticmethod
+    @abstractmethod
+    def store_kv(
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> None:
+        """Write token t's k/v into the caches at slot ``slot_mapping[t]``; a slot < 0 (padding) writes nothing."""
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Causal attention of the step's new queries over each sequence's cached context (this step's K/V
+        already stored), read through ``batch.block_tables``."""
 
 
 # name -> (module, class); a class may define unavailable_reason(device). "auto" takes the first of

@@ -71,18 +71,11 @@ class FlashAttentionBackend(AttentionBackend):
             raise ValueError(f"attention backend 'flash-attn': {found}")
         self._module = found
 
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
-        v: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
-        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-        batch: ForwardBatch,
-        scale: float,
-    ) -> torch.Tensor:  # [T, Hq, D]
-        if k is not None and v is not None:
-            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    store_kv = staticmethod(store_kv)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:  # [T, Hq, D]; shapes as in AttentionBackend.attend
         out, _lse = self._module.flash_attn_varlen_func(
             q,
             k_cache,

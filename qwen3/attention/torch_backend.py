@@ -53,16 +53,9 @@ def paged_attention_reference(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        batch: ForwardBatch,
-        scale: float,
+    store_kv = staticmethod(store_kv)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
     ) -> torch.Tensor:
-        if k is not None and v is not None:
-            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_reference(q, k_cache, v_cache, batch, scale)

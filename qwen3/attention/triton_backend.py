@@ -27,18 +27,11 @@ class TritonAttentionBackend(AttentionBackend):
         """Why this backend cannot run on ``device`` (importing this module already proved triton is there)."""
         return cuda_unavailable_reason("triton", device)
 
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
-        v: torch.Tensor | None,  # [T, Hkv, D], or None: already stored
-        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-        batch: ForwardBatch,
-        scale: float,
-    ) -> torch.Tensor:  # [T, Hq, D]
-        if k is not None and v is not None:
-            store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    store_kv = staticmethod(store_kv)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:  # [T, Hq, D]; shapes as in AttentionBackend.attend
         if batch.is_decode:
             # T == B: token i is sequence i's only new token. Reads no host copies of the batch.
             return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, scale)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen3.attention.kernels.common import check_index, check_kv_cache, check_tokens, kv_store_strides
+from qwen3.attention.kernels.store_kv import paged_slot_offset
 from qwen3.kernels import qk_norm_rope_supported
 
 
@@ -98,8 +100,7 @@ def _qk_norm_rope_kernel(
                 o1, o2 = _norm_rope_heads(
                     k_ptr, k_weight_ptr, cos_sin_ptr, t, pos, stride_kt, stride_kh, num_kv_heads, eps, HALF, BLOCK_HKV
                 )
-                # int64 addressing: a KV pool can exceed 2**31 elements per layer
-                dst = (slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
+                dst = paged_slot_offset(slot, stride_cache_block, stride_cache_slot, PAGE_SIZE)
                 dst += h * stride_cache_head + d  # [BLOCK_HKV, HALF]
                 tl.store(k_cache_ptr + dst, o1.to(k_cache_ptr.dtype.element_ty), mask=mask)
                 tl.store(k_cache_ptr + dst + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -174,13 +175,7 @@ def _launch(
         positions,
         q.stride(0),
         q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        k_cache.stride(0) if store_kv else 0,
-        k_cache.stride(1) if store_kv else 0,
-        k_cache.stride(2) if store_kv else 0,
+        *kv_store_strides(k, v, k_cache if store_kv else None),
         num_heads,
         num_kv_heads,
         eps,
@@ -235,8 +230,6 @@ def qk_norm_rope_store_kv(
     int64; a slot < 0 stores nothing. Slots must be < num_blocks * block_size (not checked: that would
     read the device). Graph-safe (grid = T).
     """
-    from qwen3.attention.kernels.common import check_index, check_kv_cache, check_tokens
-
     t, num_heads, num_kv_heads, head_dim = _check_inputs(q, k, cos_sin, positions)
     _, _, cache_heads, cache_dim = check_kv_cache(k_cache, v_cache)
     if (cache_heads, cache_dim) != (num_kv_heads, head_dim):

@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen3.attention.kernels.common import check_index, check_kv_cache, check_tokens
+from qwen3.attention.kernels.common import check_index, check_kv_cache, check_tokens, kv_store_strides
+
+
+@triton.jit
+def paged_slot_offset(slot, stride_cache_block, stride_cache_slot, PAGE_SIZE: tl.constexpr):
+    """Element offset of cache slot ``slot`` (int64: a KV pool can exceed 2**31 elements per layer) in a cache
+    [num_blocks, PAGE_SIZE, Hkv, D]; add ``head * stride_cache_head + dim`` for an element. Both store paths
+    (this module's kernel and ``qwen3.kernels.qk_norm_rope``'s fused store) address the cache through it."""
+    return (slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
 
 
 @triton.jit
@@ -35,24 +43,17 @@ def _store_kv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
+    slot = tl.load(slot_ptr + t)  # int64
     if slot < 0:  # padding token: nothing to store
         return
-    block = slot // PAGE_SIZE
-    offset = slot % PAGE_SIZE
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     mask = (h[:, None] < num_kv_heads) & (d[None, :] < HEAD_DIM)  # [BLOCK_H, BLOCK_D]
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    # int64 addressing: a KV pool can exceed 2**31 elements per layer
-    dst = (
-        block.to(tl.int64) * stride_cache_block
-        + offset * stride_cache_slot
-        + h[:, None] * stride_cache_head
-        + d[None, :]
-    )
+    dst = paged_slot_offset(slot, stride_cache_block, stride_cache_slot, PAGE_SIZE)
+    dst = dst + h[:, None] * stride_cache_head + d[None, :]  # [BLOCK_H, BLOCK_D]
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
@@ -80,13 +81,7 @@ def store_kv(
         k_cache,
         v_cache,
         slot_mapping,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *kv_store_strides(k, v, k_cache),
         num_kv_heads,
         PAGE_SIZE=block_size,
         HEAD_DIM=head_dim,
