@@ -194,10 +194,8 @@ def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: 
 # A schema within the limits that xgrammar cannot compile: the engine fails it in its compile pool, after the
 # Generate RPC began. SMG must still answer at once with a 4xx carrying the compiler's words (it used to leave
 # the client waiting until its timeout), and the engine request must be gone.
-UNCOMPILABLE_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}},
-}
+UNCOMPILABLE_SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}
+UNCOMPILABLE_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": UNCOMPILABLE_SCHEMA}}
 
 
 @pytest.mark.parametrize("stream", [False, True])
