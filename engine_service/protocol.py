@@ -376,9 +376,21 @@ def encode_event(event: Event) -> bytes:
             else:
                 others.append(out)
         payload: object = (_PLAIN_DELTAS, ids, counts, tokens, others, event.stats, indices)
+    elif isinstance(event, RequestFailed):
+        payload = RequestFailed(event.internal_id, _portable_error(event.error))
     else:
         payload = event
     return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _portable_error(error: Exception) -> Exception:
+    """``error`` if the server process can rebuild it from its pickle, else a RuntimeError with its text (an
+    internal error, logged there): an event that fails to unpickle is lost, and its request would wait forever."""
+    try:
+        pickle.loads(pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # any failure to rebuild (e.g. an __init__ that does not take its args): send the text
+        return RuntimeError(f"{type(error).__name__} (which does not cross the process boundary): {error}")
+    return error
 
 
 def decode_event(data: bytes) -> Event:

@@ -19,6 +19,11 @@ class FieldError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self) -> tuple[type[FieldError], tuple[str, str]]:
+        # Rebuilt from (field, message), not from ``args`` (the joined text): the engine process sends these
+        # across its pipe (protocol.RequestFailed), and the default rebuild, FieldError(text), raised there.
+        return FieldError, (self.field, self.message)
+
     def within(self, prefix: str) -> FieldError:
         """The same error, its path nested under ``prefix`` (``"sampling_params"`` + ``"top_p"``)."""
         return FieldError(f"{prefix}.{self.field}" if prefix else self.field, self.message)

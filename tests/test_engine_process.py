@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,6 +24,10 @@ from engine_service import LLM, SamplingParams
 from engine_service.config import EngineConfig
 from engine_service.server import SERVICE_NAME, start_engine_server
 from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
+from qwen3serve.smg import vllm_engine_pb2, vllm_engine_pb2_grpc
+from qwen3serve.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from service_common.errors import bad_request_field
+from tokenizer_service.server import start_tokenizer_server
 
 
 @pytest.fixture
@@ -177,3 +182,109 @@ def test_pipe_form_of_outputs_round_trips() -> None:
     assert isinstance(event, StepOutputs) and event.stats == "stats"
     assert sorted(event.outputs, key=lambda o: (o.request_id, o.index)) == outputs
     assert decode_event(encode_event(StatsUpdate("x"))) == StatsUpdate("x")  # type: ignore[arg-type]
+
+
+class _TwoArgError(Exception):
+    """An exception whose ``__init__`` does not take its ``args``: its pickle cannot be rebuilt."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+def test_request_failures_cross_the_pipe() -> None:
+    """A RequestFailed that did not unpickle in the server process was dropped there, and its stream waited
+    forever (a schema that does not compile, through SMG, until the client's timeout)."""
+    from engine_service.protocol import EngineOverloadedError, RequestFailed, decode_event, encode_event
+    from service_common.validation import FieldError
+
+    event = decode_event(encode_event(RequestFailed("7", FieldError("json_schema", "does not compile: (("))))
+    assert isinstance(event, RequestFailed) and event.internal_id == "7"
+    assert isinstance(event.error, FieldError)
+    assert (event.error.field, event.error.message) == ("json_schema", "does not compile: ((")
+    event = decode_event(encode_event(RequestFailed("8", EngineOverloadedError("the waiting queue is full"))))
+    assert isinstance(event, RequestFailed) and isinstance(event.error, EngineOverloadedError)
+    event = decode_event(encode_event(RequestFailed("9", _TwoArgError("x", "y"))))  # still ends its stream
+    assert isinstance(event, RequestFailed) and type(event.error) is RuntimeError and "x: y" in str(event.error)
+
+
+UNCOMPILABLE = json.dumps({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}})
+
+
+async def test_a_schema_that_does_not_compile_is_invalid_argument_from_the_engine_process(
+    demo_checkpoint: Path, tokenizer
+) -> None:
+    """The compile fails in the engine process's compile pool: every API answers INVALID_ARGUMENT with the
+    compiler's words at once (bounded timeouts: the old failure was a hang), and no request stays behind."""
+    config = EngineConfig(model=str(demo_checkpoint), device="cpu", num_kv_blocks=64, max_model_len=256)
+    engine = await start_engine_server(config, str(demo_checkpoint))
+    front = None
+    try:
+        await engine.wait_until_ready()
+        front = await start_tokenizer_server(tokenizer, f"127.0.0.1:{engine.port}", probe_interval_s=0.05)
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as front_channel,
+        ):
+            ours = engine_pb2_grpc.EngineServiceStub(channel)
+            vllm = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+            chat = tokenizer_pb2_grpc.TokenizerServiceStub(front_channel)
+            calls = [
+                (
+                    ours.Generate(
+                        engine_pb2.GenerateRequest(
+                            prompt_token_ids=[9707, 11],
+                            sampling_params=engine_pb2.SamplingParams(max_tokens=4, json_schema=UNCOMPILABLE),
+                        ),
+                        timeout=20,
+                    ),
+                    "sampling_params.json_schema",
+                ),
+                *(
+                    (
+                        vllm.Generate(
+                            vllm_engine_pb2.GenerateRequest(
+                                request_id=f"smg-{stream}",
+                                tokenized=vllm_engine_pb2.TokenizedInput(input_ids=[9707, 11]),
+                                sampling_params=vllm_engine_pb2.SamplingParams(max_tokens=4, json_schema=UNCOMPILABLE),
+                                stream=stream,
+                            ),
+                            timeout=20,
+                        ),
+                        "sampling_params.json_schema",
+                    )
+                    for stream in (False, True)
+                ),
+                (
+                    chat.Chat(
+                        tokenizer_pb2.ChatRequest(
+                            messages=[tokenizer_pb2.ChatMessage(role="user", content="Hi")],
+                            response_format=tokenizer_pb2.ResponseFormat(type="json_schema", json_schema=UNCOMPILABLE),
+                        ),
+                        timeout=20,
+                    ),
+                    "response_format.json_schema",
+                ),
+                (
+                    chat.Complete(
+                        tokenizer_pb2.CompleteRequest(
+                            prompt="Hi",
+                            sampling_params=engine_pb2.SamplingParams(max_tokens=4, json_schema=UNCOMPILABLE),
+                        ),
+                        timeout=20,
+                    ),
+                    "sampling_params.json_schema",
+                ),
+            ]
+            for call, field in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call:
+                        pass
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value)
+                assert bad_request_field(err.value) == field
+                assert "parenthesis is not closed" in (err.value.details() or ""), err.value.details()
+            load = await ours.GetLoad(engine_pb2.GetLoadRequest())
+            assert load.num_running + load.num_waiting == 0 and engine.servicer.engine.num_live_requests == 0
+    finally:
+        if front is not None:
+            await front.stop(0)
+        await engine.stop(0)

@@ -191,6 +191,28 @@ def test_unsupported_fields_are_a_4xx_naming_the_field(cluster: Cluster, extra: 
     assert field in str(err.value)
 
 
+# A schema within the limits that xgrammar cannot compile: the engine fails it in its compile pool, after the
+# Generate RPC began. SMG must still answer at once with a 4xx carrying the compiler's words (it used to leave
+# the client waiting until its timeout), and the engine request must be gone.
+UNCOMPILABLE_SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}
+UNCOMPILABLE_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": UNCOMPILABLE_SCHEMA}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_that_does_not_compile_is_a_prompt_4xx(cluster: Cluster, stream: bool) -> None:
+    client = cluster.client.with_options(timeout=15)  # type: ignore[attr-defined]  # a hang fails fast
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as err:
+        reply = client.chat.completions.create(
+            model="demo", messages=MESSAGES, max_tokens=4, response_format=UNCOMPILABLE_FORMAT, stream=stream
+        )
+        for _ in reply if stream else ():
+            pass
+    assert time.monotonic() - started < 10
+    assert "json_schema" in str(err.value) and "parenthesis is not closed" in str(err.value), str(err.value)
+    wait_for(lambda: cluster.num_running(0) + cluster.num_running(1) == 0, "the failed request stayed in an engine")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_2_gives_two_choices_each_with_its_own_finish(cluster: Cluster, stream: bool) -> None:
     kwargs = dict(model="demo", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=5, n=2)

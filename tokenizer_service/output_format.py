@@ -65,6 +65,15 @@ def chat_generation(
     return out, tools
 
 
+def chat_fields(request: tokenizer_pb2.ChatRequest) -> dict[str, str]:
+    """The engine's request fields that Chat fills from its own, by the Chat field's name: the engine's
+    INVALID_ARGUMENT about one of them (a schema that does not compile) names what the caller sent."""
+    fields = {"prompt_token_ids": "messages"}
+    if request.HasField("response_format") and request.response_format.type == "json_schema":
+        fields["sampling_params.json_schema"] = "response_format.json_schema"
+    return fields
+
+
 def _tool_choice(request: tokenizer_pb2.ChatRequest) -> tuple[str, list[int] | None]:
     """(mode, the indices of the tools a forced call may use, or None when no call is forced)."""
     choice = request.tool_choice

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +43,7 @@ from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
 from tokenizer_service.engine_link import EngineHealthProbe, engine_channel
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
-from tokenizer_service.output_format import chat_generation
+from tokenizer_service.output_format import chat_fields, chat_generation
 from tokenizer_service.reasoning import prompt_opens_thinking
 from tokenizer_service.samples import ChatSample, SampleText, TextDelta
 
@@ -201,7 +201,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             self._generate(
                 request_id,
                 prompt_ids,
-                "messages",
+                chat_fields(request),
                 sampling,
                 request.stop,
                 request.include_stop_str_in_output,
@@ -234,7 +234,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             self._generate(
                 request_id,
                 prompt_ids,
-                "prompt",
+                {"prompt_token_ids": "prompt"},
                 request.sampling_params,
                 request.stop,
                 request.include_stop_str_in_output,
@@ -263,7 +263,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self,
         request_id: str,
         prompt_ids: list[int],
-        prompt_field: str,
+        fields: Mapping[str, str],
         sampling: engine_pb2.SamplingParams,
         stops: Sequence[str],
         include_stop: bool,
@@ -274,7 +274,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         """Call the engine and turn its token stream into text deltas, per sample (``sampling.n``), each
         sample ending with a finished one; a matched stop string ends its sample's text, and is its last
         piece when ``include_stop``. Returns once every sample has ended.
-        The engine's complaints about ``prompt_token_ids`` name ``prompt_field``, what the caller sent."""
+        ``fields``: the engine's request fields by the name the caller sent them under (``prompt_token_ids``:
+        ``messages``): the engine's INVALID_ARGUMENT about one of them names the caller's field."""
         samples = [
             SampleText(self._tokenizer.backend, stops, include_stop, len(prompt_ids), i)
             for i in range(sampling.n if sampling.HasField("n") else 1)
@@ -308,8 +309,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                         return
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, "engine")
-            if isinstance(error, InvalidArgument) and error.field == "prompt_token_ids":
-                error = InvalidArgument(prompt_field, error.description)
+            if isinstance(error, InvalidArgument) and error.field in fields:
+                error = InvalidArgument(fields[error.field], error.description)
             raise error from exc
         finally:
             # No-op when the engine finished; otherwise (stop string, client cancel, deadline, error)

@@ -66,8 +66,11 @@ class EngineLoop:
                         self.emit(protocol.StepOutputs(outputs, self.engine.stats()))
                     if embeddings := self.engine.pop_embeddings():
                         self.emit(protocol.EmbeddingsReady(embeddings, self.engine.stats()))
-                    for internal_id, exc in self.engine.take_failed():  # e.g. a grammar that does not compile
-                        self.emit(protocol.RequestFailed(internal_id, exc))
+                    if failed := self.engine.take_failed():  # e.g. a grammar that does not compile
+                        for internal_id, exc in failed:
+                            self.emit(protocol.RequestFailed(internal_id, exc))
+                        # the load without them: nothing else may report it (no step follows when idle)
+                        self.emit(protocol.StatsUpdate(self.engine.stats()))
         except protocol.EngineDeadError as exc:
             self._emit_held()
             self.emit(protocol.EngineStopped(str(exc), died=True))
