@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +239,19 @@ def test_batched_mask_equals_one_request_at_a_time(llm: LLM) -> None:
             if i < len(batched) and i in live:
                 assert batched[i].accept_token(token) and alone[i].accept_token(token)
     assert any(outputs[i] != outputs[-1] for i in range(len(grammars)))
+
+
+def test_an_engine_without_constrained_requests_never_imports_xgrammar(demo_checkpoint: Path) -> None:
+    """xgrammar is imported at the first constrained request, so an engine serving none (or a machine without
+    the wheel) never loads it."""
+    code = (
+        "import sys; from engine_service import LLM, SamplingParams; "
+        f"llm = LLM({str(demo_checkpoint)!r}, device='cpu', num_kv_blocks=16); "
+        "llm.generate([[1, 2, 3]], [SamplingParams(max_tokens=2)]); llm.shutdown(); "
+        "print('xgrammar' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout

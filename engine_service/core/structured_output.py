@@ -34,19 +34,29 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
 
 from engine_service.constraints import ConstraintKind, OutputConstraint
 from qwen3.forward_batch import copy_to_device
 from service_common.validation import FieldError, grammar_compiler_message
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from engine_service.core.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+def _xgr() -> Any:
+    """xgrammar, imported at the first constrained request: an engine that never gets one neither pays its
+    import nor needs it installed (e.g. a benchmark machine without the wheel)."""
+    import xgrammar
+
+    return xgrammar
+
 
 #: Threads compiling grammars (each compile may use xgrammar's own threads too).
 COMPILE_WORKERS = 2
@@ -87,7 +97,7 @@ class SequenceGrammar:
     """One sequence's matcher, and whether it still waits for ``</think>`` before it constrains."""
 
     def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None) -> None:
-        self.matcher = xgr.GrammarMatcher(compiled)
+        self.matcher = _xgr().GrammarMatcher(compiled)
         self.think_end = think_end  # None: constrained from the first token
 
     @property
@@ -114,7 +124,7 @@ class GrammarMask:
     def apply(self, scores: torch.Tensor) -> None:
         """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel: xgrammar's
         Triton kernel on CUDA, its C++ loop on the CPU)."""
-        xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
+        _xgr().apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
 
 
 class GrammarCompilation:
@@ -144,6 +154,7 @@ class GrammarCompilation:
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
                 # vocab_size: the model's (padded) one, so the bitmask covers every logit and the ids past the
                 # tokenizer's are masked; stop ids: the model's EOS ids, the only ones a complete grammar allows.
+                xgr = _xgr()
                 info = xgr.TokenizerInfo.from_huggingface(
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
                 )
@@ -213,11 +224,11 @@ class StructuredOutputManager:
         self._grammars: dict[Sequence, SequenceGrammar] = {}
         self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made and used on the fill thread only
         self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        # Two host buffers, used in turn: the copy of step N's mask may still be reading one while the host
-        # fills step N+1's (pinned memory on CUDA, so the copy does not wait for the host).
-        shape = xgr.get_bitmask_shape(max_num_seqs, vocab_size)
-        pin = device.type == "cuda"
-        self._buffers = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        # Two host buffers [max_num_seqs, ceil(V / 32)] int32, used in turn (made at the first fill): the copy of
+        # step N's mask may still be reading one while the host fills step N+1's (pinned memory on CUDA, so the
+        # copy does not wait for the host).
+        self._buffer_shape = (max_num_seqs, (vocab_size + 31) // 32)
+        self._buffers: list[torch.Tensor] = []
         self._turn = 0
 
     @property
@@ -280,6 +291,9 @@ class StructuredOutputManager:
         """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
         must not advance a matcher (``accept``) before it has taken the job's ``result``."""
         grammars = [self._grammars.get(seq) for seq in rows]
+        if not self._buffers:
+            pin = self.device.type == "cuda"
+            self._buffers = [torch.empty(self._buffer_shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         host = self._buffers[self._turn][: len(rows)]  # [S, W]
         # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
         # queued, but the one before that has been read (its sampler ran before the step now applied).
@@ -297,7 +311,7 @@ class StructuredOutputManager:
         if not active:
             return host, []
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher(FILL_THREADS)
+            self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
         indices = [i for i, _ in active]
         self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
         return host, indices
