@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -63,8 +62,6 @@ def _xgr() -> Any:
 COMPILE_WORKERS = 2
 #: Threads xgrammar's batch bitmask fill may use (its "auto": half the hardware threads).
 FILL_THREADS: int | str = "auto"
-#: The engine process's GIL switch interval once a mask is filled on the worker thread (Python's default: 5 ms).
-GIL_SWITCH_INTERVAL_S = 0.0002
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
 
@@ -195,22 +192,21 @@ class GrammarCompilation:
 class MaskJob:
     """A step's bitmask being filled on the structured-output worker thread (``StructuredOutputManager.start_mask``)."""
 
-    def __init__(self, fill: Future[None] | None, device: torch.device, host: torch.Tensor, indices: list[int]) -> None:
-        self._fill, self._device = fill, device
-        self._host, self._indices = host, indices  # [S, W] int32 (pinned on CUDA); the rows being filled
+    def __init__(self, future: Future[tuple[torch.Tensor, list[int]]], device: torch.device) -> None:
+        self._future, self._device = future, device
 
     def result(self) -> GrammarMask | None:
         """Wait for the fill, then the mask on the device (the copy is queued, not waited for); None when no
         row's constraint was active. Call on the engine thread: the copy goes to its CUDA stream."""
-        if self._fill is None:
+        host, indices = self._future.result()
+        if not indices:
             return None
-        self._fill.result()
         if self._device.type == "cpu":
-            return GrammarMask(self._host, self._indices)
+            return GrammarMask(host, indices)
         # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
         # memory, which waits for the device.
-        rows = copy_to_device(torch.tensor(self._indices, dtype=torch.int32), self._device)
-        return GrammarMask(copy_to_device(self._host, self._device), rows)
+        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self._device)
+        return GrammarMask(copy_to_device(host, self._device), rows)
 
 
 class StructuredOutputManager:
@@ -226,7 +222,7 @@ class StructuredOutputManager:
         # one compilation per request, keyed by its first sample; the value holds all its samples (n > 1)
         self._compiling: dict[Sequence, tuple[list[Sequence], Future[xgr.CompiledGrammar]]] = {}
         self._grammars: dict[Sequence, SequenceGrammar] = {}
-        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made at the first fill, used on the fill thread
+        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made and used on the fill thread only
         self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         # Two host buffers [max_num_seqs, ceil(V / 32)] int32, used in turn (made at the first fill): the copy of
         # step N's mask may still be reading one while the host fills step N+1's (pinned memory on CUDA, so the
@@ -294,36 +290,31 @@ class StructuredOutputManager:
     def start_mask(self, rows: list[Sequence]) -> MaskJob:
         """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
         must not advance a matcher (``accept``) before it has taken the job's ``result``."""
-        # Which rows to fill is decided here, so the worker runs almost no Python: it shares the GIL with
-        # this thread, which is busy with Python for the whole step.
         grammars = [self._grammars.get(seq) for seq in rows]
-        active = [(i, g.matcher) for i, g in enumerate(grammars) if g is not None and g.active]
         if not self._buffers:
             pin = self.device.type == "cuda"
             self._buffers = [torch.empty(self._buffer_shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-            self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
-            # The worker needs the GIL twice per fill (to start, and to return): with Python's default 5 ms
-            # switch interval it could wait that long for this thread, most of a step.
-            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         host = self._buffers[self._turn][: len(rows)]  # [S, W]
         # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
         # queued, but the one before that has been read (its sampler ran before the step now applied).
         self._turn ^= 1
-        indices = [i for i, _ in active]
-        if not indices:
-            return MaskJob(None, self.device, host, indices)
-        job = self._fill_pool.submit(self._fill, [m for _, m in active], host, indices)
-        return MaskJob(job, self.device, host, indices)
+        return MaskJob(self._fill_pool.submit(self._fill, grammars, host), self.device)
 
     def grammar_mask(self, rows: list[Sequence]) -> GrammarMask | None:
         """The bitmask of a step whose sampling rows are ``rows`` on the device, filled now; None when no row
         is constrained."""
         return self.start_mask(rows).result()
 
-    def _fill(self, matchers: list[xgr.GrammarMatcher], host: torch.Tensor, indices: list[int]) -> None:
-        """The worker thread's job: one call into xgrammar, which releases the GIL while it fills."""
-        assert self._batch_matcher is not None
-        self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, indices)
+    def _fill(self, grammars: list[SequenceGrammar | None], host: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(host [S, W], the rows filled): the worker thread's job."""
+        active = [(i, g) for i, g in enumerate(grammars) if g is not None and g.active]
+        if not active:
+            return host, []
+        if self._batch_matcher is None:
+            self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
+        indices = [i for i, _ in active]
+        self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
+        return host, indices
 
     def shutdown(self) -> None:
         self.compilation.shutdown()
