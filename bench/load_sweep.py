@@ -172,7 +172,13 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=60)
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        # .perf-commit names the commit of a copied tree (the device gets a copy, not this checkout's history)
+        marker = Path(".perf-commit")
+        commit = marker.read_text().strip() if marker.is_file() else ""
+        commit = (
+            commit
+            or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        )
         sweep = {
             "model": str(args.model),
             "commit": commit or "unknown",
