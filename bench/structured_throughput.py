@@ -12,7 +12,7 @@ H200), and each pass's host time per step split by engine phase (the bitmask fil
 
     python bench/structured_throughput.py --model DIR [--json results.jsonl]
 
-Not yet run on a GPU (written without one; its CPU run with tiny settings is tests/test_bench_scripts.py).
+Ran on the H200 (docs/BENCHMARKS.md section 8); its CPU run with tiny settings is tests/test_bench_scripts.py.
 """
 
 from __future__ import annotations
