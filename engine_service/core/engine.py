@@ -261,10 +261,12 @@ class LLMEngine:
             self.structured.has_grammar(e.seq) for e in plan.sampling
         )
         launched = self._launch(plan, constrained) if not plan.is_empty else None
-        outputs = self._finish(self._pop_in_flight()) if self._in_flight is not None else []
+        deferred = launched if constrained else None
+        in_flight, self._in_flight = self._in_flight, None
+        outputs = self._finish(in_flight, deferred) if in_flight is not None else []
         if launched is not None:
-            if constrained:
-                self._defer_sampling(launched)
+            if deferred is not None and self._unsampled is None:  # no step was in flight to apply first
+                self._defer_sampling(deferred)
             if self._overlap:
                 self._in_flight = launched
             else:
@@ -291,11 +293,6 @@ class LLMEngine:
         except Exception as exc:
             raise self._fail(exc) from exc
 
-    def _pop_in_flight(self) -> LaunchedStep:
-        launched, self._in_flight = self._in_flight, None
-        assert launched is not None
-        return launched
-
     def _launch(self, plan: StepPlan, defer_sampling: bool) -> LaunchedStep:
         """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
         try:
@@ -311,8 +308,11 @@ class LLMEngine:
         log.error("engine step failed")
         return EngineDeadError(self.dead_reason)
 
-    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's sampled ids, apply them (``Scheduler.apply``), and report what changed."""
+    def _finish(self, launched: LaunchedStep, deferred: LaunchedStep | None = None) -> list[RequestOutput]:
+        """Wait for a launched step's sampled ids, apply them (``Scheduler.apply``), and report what changed.
+
+        ``deferred``: the step launched after it, whose sampling waits for a mask; its fill starts as soon as the
+        matchers have taken this step's tokens, so it runs while this thread builds the outputs."""
         try:
             result = self.executor.wait(launched)
         except Exception as exc:
@@ -321,14 +321,22 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self._prompt_logprobs.add(launched.plan, result)
         embed_index = {row: i for i, row in enumerate(launched.plan.embed_rows)}
-        for row, seq in self.scheduler.apply(launched.plan, result.token_ids):
+        applied = self.scheduler.apply(launched.plan, result.token_ids)
+        broken = (  # rows whose token the grammar rejects: never after the mask; a bug if it happens
+            {row for row, seq in applied if not self.structured.accept(seq, result.token_ids[row])}
+            if self.structured.num_grammars
+            else set()
+        )
+        if deferred is not None:
+            self._defer_sampling(deferred)
+        for row, seq in applied:
             if seq.is_embedding:
                 assert result.embeddings is not None
                 self._finish_embedding(seq, result.embeddings[embed_index[row]])
                 continue
             token = result.token_ids[row]
             self.num_generated_tokens_total += 1
-            if not self.structured.accept(seq, token):  # never after the mask; a bug if it happens
+            if row in broken:
                 self._retire(seq, FinishReason.ERROR)
                 self._failed.append((seq.request_id, RuntimeError(f"token {token} broke the request's grammar")))
                 continue
