@@ -51,6 +51,7 @@ from engine_service.protocol import (
     StopEngine,
 )
 from engine_service.sampling_params import SamplingParams
+from service_common.validation import FieldError
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
@@ -84,6 +85,7 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # internal id -> its deltas
         self._embeds: dict[str, asyncio.Future[EmbeddingOutput]] = {}  # internal id -> its result
         self._live: dict[str, str] = {}  # client label -> internal id, for live labelled requests
+        self._num_samples: dict[str, int] = {}  # internal id -> its n, for live streams (Abort checks an index)
         self._label_released: dict[str, asyncio.Event] = {}  # labels someone waits to reuse -> set when free
         self._ids = itertools.count()
         self._abort_waiters: dict[int, asyncio.Future[bool]] = {}
@@ -161,6 +163,7 @@ class AsyncEngine:
         internal_id = str(next(self._ids))
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[internal_id] = stream
+        self._num_samples[internal_id] = params.n
         if request_id:
             self._live[request_id] = internal_id
         self._send(AddRequest(internal_id, list(prompt_token_ids), params, priority, cache_salt))
@@ -181,6 +184,7 @@ class AsyncEngine:
                             return
         finally:
             self._streams.pop(internal_id, None)
+            self._num_samples.pop(internal_id, None)
             self._release_label(request_id, internal_id)
             if not finished and not self.dead_reason:
                 self._send(AbortRequest(internal_id, None))
@@ -210,18 +214,24 @@ class AsyncEngine:
         if internal_id in self._streams and not self.dead_reason:
             self._send(AbortRequest(internal_id, None, index))
 
-    async def abort(self, request_id: str) -> bool:
-        """Abort the live request labelled ``request_id``; False if none is running or waiting. Once this
-        returns True the label is free for a new request (the old stream still gets its ABORTED end)."""
+    async def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Abort the live request labelled ``request_id`` (``index`` not None: only that sample of it, the
+        others go on); False if none is running or waiting (or that sample already ended). Raises FieldError
+        on ``index`` if it is not below the live request's n. Once a whole-request abort returns True the
+        label is free for a new request (the old stream still gets its ABORTED end)."""
         internal_id = self._live.get(request_id)
         if internal_id is None or self.dead_reason:
             return False
+        n = self._num_samples.get(internal_id, 1)
+        if index is not None and index >= n:
+            raise FieldError("index", f"must be below the request's n ({n}), got {index}")
         ticket = next(self._tickets)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._abort_waiters[ticket] = done
-        self._send(AbortRequest(internal_id, ticket))
+        self._send(AbortRequest(internal_id, ticket, index))
         found = await done
-        self._release_label(request_id, internal_id)
+        if index is None:  # one sample's abort leaves the request (and its label) live until its last sample ends
+            self._release_label(request_id, internal_id)
         return found
 
     def abort_all(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine_service.core.engine_loop import EngineLoop, run_engine_process
+from engine_service.event_codec import decode_event
 from engine_service.protocol import (
     Command,
     EngineLoadFailed,
@@ -22,7 +23,6 @@ from engine_service.protocol import (
     EngineStopped,
     Event,
     StopEngine,
-    decode_event,
 )
 
 if TYPE_CHECKING:

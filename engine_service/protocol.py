@@ -10,16 +10,15 @@ Everything that crosses between the gRPC side (``server.py``, ``async_engine.py`
 - **commands** (server -> engine) and **events** (engine -> server), each carrying the engine-assigned
   ``internal_id`` of the request it concerns, never the client's ``request_id`` (a label the client may reuse);
 - **KV-cache events** (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``), recorded by the block manager
-  while someone subscribes (``WatchKvEvents``) and sent once per step as ``KvEvents``;
-- :func:`encode_event` / :func:`decode_event`, the one place that turns events into bytes for the process boundary.
+  while someone subscribes (``WatchKvEvents``) and sent once per step as ``KvEvents``.
+
+The events' byte form for the process boundary is in ``engine_service.event_codec``.
 """
 
 from __future__ import annotations
 
 import enum
-import pickle
 from dataclasses import dataclass, field
-from typing import cast
 
 from engine_service.pooling import PoolingConfig
 from engine_service.sampling_params import SamplingParams
@@ -352,54 +351,3 @@ Event = (
     | CacheFlushed
     | EngineStopped
 )
-
-
-# ---- the process boundary ------------------------------------------------------------------------------
-_PLAIN_DELTAS = "plain-deltas"
-
-
-def encode_event(event: Event) -> bytes:
-    """The pipe form of an event. A step's plain deltas (tokens only, not final) travel as flat lists,
-    which pickle in microseconds where 256 ``RequestOutput`` objects took about a millisecond each side."""
-    if isinstance(event, StepOutputs):
-        ids: list[str] = []
-        indices: list[int] = []
-        counts: list[int] = []
-        tokens: list[int] = []
-        others: list[RequestOutput] = []
-        for out in event.outputs:
-            if not out.finished and out.new_logprobs is None and out.prompt_logprobs is None:
-                ids.append(out.request_id)
-                indices.append(out.index)
-                counts.append(len(out.new_token_ids))
-                tokens += out.new_token_ids
-            else:
-                others.append(out)
-        payload: object = (_PLAIN_DELTAS, ids, counts, tokens, others, event.stats, indices)
-    elif isinstance(event, RequestFailed):
-        payload = RequestFailed(event.internal_id, _portable_error(event.error))
-    else:
-        payload = event
-    return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _portable_error(error: Exception) -> Exception:
-    """``error`` if the server process can rebuild it from its pickle, else a RuntimeError with its text (an
-    internal error, logged there): an event that fails to unpickle is lost, and its request would wait forever."""
-    try:
-        pickle.loads(pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL))
-    except Exception:  # any failure to rebuild (e.g. an __init__ that does not take its args): send the text
-        return RuntimeError(f"{type(error).__name__} (which does not cross the process boundary): {error}")
-    return error
-
-
-def decode_event(data: bytes) -> Event:
-    payload = pickle.loads(data)
-    if isinstance(payload, tuple) and payload and payload[0] == _PLAIN_DELTAS:
-        _, ids, counts, tokens, others, stats, indices = payload
-        outputs, start = [], 0
-        for internal_id, index, count in zip(ids, indices, counts):
-            outputs.append(RequestOutput(internal_id, tokens[start : start + count], index=index))
-            start += count
-        return StepOutputs(outputs + others, stats)
-    return cast(Event, payload)  # the other events are pickled as they are

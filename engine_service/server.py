@@ -187,8 +187,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         bind_request_id(request.request_id)
         if not request.request_id:
             raise FieldError("request_id", "must not be empty")
-        # Unknown or already ended is not an error (Abort is idempotent): aborted=false, as the proto says.
-        return engine_pb2.AbortResponse(aborted=await self._live_engine().abort(request.request_id))
+        # Unknown or already ended is not an error (Abort is idempotent): aborted=false, as the proto says;
+        # an index past the live request's n is (FieldError on `index`).
+        index = request.index if request.HasField("index") else None
+        return engine_pb2.AbortResponse(aborted=await self._live_engine().abort(request.request_id, index))
 
     @handle_errors
     async def GetModelInfo(

@@ -157,15 +157,8 @@ def test_pipe_form_of_outputs_round_trips() -> None:
     the server side gets the same outputs back (order within a step does not matter to streams)."""
     import pickle
 
-    from engine_service.protocol import (
-        FinishReason,
-        RequestOutput,
-        StatsUpdate,
-        StepOutputs,
-        TokenLogprob,
-        decode_event,
-        encode_event,
-    )
+    from engine_service.event_codec import decode_event, encode_event
+    from engine_service.protocol import FinishReason, RequestOutput, StatsUpdate, StepOutputs, TokenLogprob
 
     outputs = [
         RequestOutput("a", [5]),
@@ -194,7 +187,8 @@ class _TwoArgError(Exception):
 def test_request_failures_cross_the_pipe() -> None:
     """A RequestFailed that did not unpickle in the server process was dropped there, and its stream waited
     forever (a schema that does not compile, through SMG, until the client's timeout)."""
-    from engine_service.protocol import EngineOverloadedError, RequestFailed, decode_event, encode_event
+    from engine_service.event_codec import decode_event, encode_event
+    from engine_service.protocol import EngineOverloadedError, RequestFailed
     from service_common.validation import FieldError
 
     event = decode_event(encode_event(RequestFailed("7", FieldError("json_schema", "does not compile: (("))))

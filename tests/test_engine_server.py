@@ -180,6 +180,39 @@ async def test_abort(server: EngineServer, stub) -> None:
     assert not (await stub.Abort(engine_pb2.AbortRequest(request_id="never-seen"))).aborted
 
 
+async def test_abort_with_an_index_ends_that_sample_only(server: EngineServer, stub) -> None:
+    request = greedy_request(prompts(1)[0], max_tokens=2000, n=3)
+    request.request_id = "abort-one-sample"
+    call = stub.Generate(request)
+    seen: set[int] = set()
+    async for response in call:
+        seen.add(response.index)
+        if len(seen) == 3:
+            break
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # past the request's n: a caller's bug, named
+        await stub.Abort(engine_pb2.AbortRequest(request_id="abort-one-sample", index=3))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(err.value) == "index"
+    assert "3" in err.value.details()
+    assert (await stub.Abort(engine_pb2.AbortRequest(request_id="abort-one-sample", index=1))).aborted
+    assert not (await stub.Abort(engine_pb2.AbortRequest(request_id="abort-one-sample", index=1))).aborted
+    finals: dict[int, engine_pb2.GenerateResponse] = {}
+    tokens_after: dict[int, int] = {0: 0, 2: 0}  # the siblings' tokens after sample 1 ended
+    aborted_rest = False
+    async for response in call:
+        if response.finish_reason:
+            finals[response.index] = response
+        elif 1 in finals and not aborted_rest:
+            tokens_after[response.index] += len(response.token_ids)
+            if min(tokens_after.values()) >= 3:  # both went on: now abort the rest (index unset)
+                assert (await stub.Abort(engine_pb2.AbortRequest(request_id="abort-one-sample"))).aborted
+                aborted_rest = True
+    assert sorted(finals) == [0, 1, 2]
+    assert {f.finish_reason for f in finals.values()} == {engine_pb2.FINISH_REASON_ABORTED}
+    assert finals[1].usage.completion_tokens < min(finals[0].usage.completion_tokens, finals[2].usage.completion_tokens)
+    await wait_for_free_blocks(server)
+    assert not (await stub.Abort(engine_pb2.AbortRequest(request_id="abort-one-sample", index=0))).aborted
+
+
 async def test_model_info_and_load(stub, tiny_checkpoint: Path) -> None:
     info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
     assert info.vocab_size == 512 and info.max_model_len == 2048 and info.num_kv_blocks == 128

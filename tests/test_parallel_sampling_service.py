@@ -201,6 +201,40 @@ async def test_complete_detokenizes_and_stops_each_sample_on_its_own(services: S
     assert second[-1].usage.completion_tokens == 12 and not second[-1].matched_stop
 
 
+async def test_a_sample_ended_by_a_stop_string_stops_generating_in_the_engine(services: Services) -> None:
+    sampled = {**SAMPLED, "max_tokens": 48}  # room for the siblings to go on after sample 0's abort arrives
+    seeds = (5, 6)
+    refs = [text((await complete(services, "Once upon a time", seed=s, **sampled))[0]) for s in seeds]
+    stop = next(  # early in sample 0's text, nowhere in sample 1's
+        refs[0][k : k + 2]
+        for k in range(1, len(refs[0]) - 1)
+        if refs[0][k : k + 2].strip() and refs[0][k : k + 2] not in refs[1]
+    )
+    core = services.core
+    aborted: list[tuple[int | None, list[int]]] = []  # (index asked, output tokens of each sample it ended)
+    original = core.abort_request
+
+    def spy(request_id: str, index: int | None = None):
+        finals = original(request_id, index)
+        aborted.append((index, [f.num_output_tokens for f in finals]))
+        return finals
+
+    core.abort_request = spy  # runs on the engine thread
+    try:
+        by_index = await complete(services, "Once upon a time", stop=[stop], n=2, seed=seeds[0], **sampled)
+    finally:
+        del core.abort_request
+    first, second = by_index[0], by_index[1]
+    assert first[-1].finish_reason == engine_pb2.FINISH_REASON_STOP and first[-1].matched_stop == stop
+    assert first[-1].usage.completion_tokens < 48  # counted up to the stop string, not the engine's later tokens
+    assert text(second) == refs[1] and second[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+    assert second[-1].usage.completion_tokens == 48
+    # the engine was told to end sample 0 alone, and it had not run to max_tokens
+    ended_early = [ended[0] for index, ended in aborted if index == 0 and ended]
+    assert ended_early and ended_early[0] < 48, aborted
+    await wait_until(lambda: not core.has_unfinished_requests(), timeout=5, what="no sample left")
+
+
 async def test_chat_streams_n_samples_each_with_finish_reason_and_usage(services: Services) -> None:
     def chat_request(**sampling) -> tokenizer_pb2.ChatRequest:
         return tokenizer_pb2.ChatRequest(

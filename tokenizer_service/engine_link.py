@@ -1,5 +1,6 @@
-"""The tokenizer service's link to its engine: the gRPC channel (limits, keepalive, TLS, API key) and the
-health probe that keeps this server SERVING only while the engine is."""
+"""The tokenizer service's link to its engine: the gRPC channel (limits, keepalive, TLS, API key), the
+health probe that keeps this server SERVING only while the engine is, and the fire-and-forget aborts of
+single samples (``SampleAborts``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from qwen3serve.engine.v1 import engine_pb2
+from qwen3serve.engine.v1 import engine_pb2, engine_pb2_grpc
 from service_common.security import ChannelSecurity, aio_channel
 from service_common.server import ServerConfig, set_serving
 
@@ -87,6 +88,33 @@ class EngineHealthProbe:
         while True:
             await self.check_once()
             await asyncio.sleep(self._interval_s)
+
+
+class SampleAborts:
+    """Aborts one sample of a running n > 1 request in the engine (its stop string matched here), without
+    waiting: the stream goes on at once, the Abort runs in its own task with a short deadline, and a failure
+    is only logged (the sample's tokens are dropped here anyway; it ends with its siblings at the latest)."""
+
+    def __init__(self, engine: engine_pb2_grpc.EngineServiceAsyncStub, timeout_s: float = 1.0) -> None:
+        self._engine = engine
+        self._timeout_s = timeout_s
+        self._pending: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+
+    def send(self, request_id: str, index: int) -> None:
+        task = asyncio.create_task(self._abort(request_id, index), name=f"abort-sample-{index}")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _abort(self, request_id: str, index: int) -> None:
+        try:
+            await self._engine.Abort(
+                engine_pb2.AbortRequest(request_id=request_id, index=index), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "could not abort a sample ended by its stop string; it runs until its siblings end",
+                extra={"index": index, "error": exc.code().name},
+            )
 
 
 def engine_channel(

@@ -11,8 +11,10 @@ cancels the engine call, which makes the engine abort the request and free its K
 
 With ``sampling_params.n > 1`` each sample goes through that text path on its own (``samples.py``) and its
 messages carry its ``index``; a stop string ends its own sample, and the engine call is cancelled once
-every sample has ended. (The engine API has no per-sample abort, so a sample ended by a stop string
-keeps generating in the engine until its siblings end, and its tokens are dropped here.)
+every sample has ended. A sample ended by its stop string while its siblings go on is aborted in the engine
+by ``Abort(request_id, index)`` (fire-and-forget, ``engine_link.SampleAborts``), so it stops taking decode
+slots and frees its KV blocks; its tokens generated before the abort lands, and its ABORTED end, are dropped
+here (its usage counts the tokens up to the stop string).
 
 The service reports NOT_SERVING while the engine's health service does not answer SERVING
 (:class:`EngineHealthProbe`), so load balancers send no traffic to a tokenizer with a dead engine.
@@ -41,7 +43,7 @@ from service_common.server import ServerConfig, bind, build_server
 from tokenizer_service.chat_template import ChatTokenizer
 from tokenizer_service.config import RequestLimits
 from tokenizer_service.conversation import messages_to_dicts, tools_to_dicts
-from tokenizer_service.engine_link import EngineHealthProbe, engine_channel
+from tokenizer_service.engine_link import EngineHealthProbe, SampleAborts, engine_channel
 from tokenizer_service.limits import check_conversation, check_request_id, check_stop_strings, check_text
 from tokenizer_service.output_format import chat_fields, chat_generation
 from tokenizer_service.reasoning import prompt_opens_thinking
@@ -91,6 +93,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._limits = limits or RequestLimits()
         self._max_model_len: int | None = None  # the engine's, once asked (forget_model_info resets it)
         self._live: set[str] = set()  # request ids of the engine streams open now
+        self._sample_aborts = SampleAborts(engine)  # one sample of n > 1 ended here by its stop string
 
     def forget_model_info(self) -> None:
         """The engine (re)started: ask for its max_model_len again before the next prompt."""
@@ -198,17 +201,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         samples: dict[int, ChatSample] = {}  # sample index -> its reasoning split and tool-call parser
         # aclosing: if this stream is closed early, the engine call is cancelled now, not at garbage collection.
         async with aclosing(
-            self._generate(
-                request_id,
-                prompt_ids,
-                chat_fields(request),
-                sampling,
-                request.stop,
-                request.include_stop_str_in_output,
-                context,
-                request.priority,
-                request.cache_salt,
-            )
+            self._generate(request, request_id, prompt_ids, chat_fields(request), sampling, context)
         ) as deltas:
             async for delta in deltas:
                 sample = samples.get(delta.index)
@@ -232,15 +225,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         await self._check_prompt_length(prompt_ids, "prompt")
         async with aclosing(
             self._generate(
-                request_id,
-                prompt_ids,
-                {"prompt_token_ids": "prompt"},
-                request.sampling_params,
-                request.stop,
-                request.include_stop_str_in_output,
-                context,
-                request.priority,
-                request.cache_salt,
+                request, request_id, prompt_ids, {"prompt_token_ids": "prompt"}, request.sampling_params, context
             )
         ) as deltas:
             async for delta in deltas:
@@ -261,21 +246,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def _generate(
         self,
+        request: tokenizer_pb2.ChatRequest | tokenizer_pb2.CompleteRequest,
         request_id: str,
         prompt_ids: list[int],
         fields: Mapping[str, str],
         sampling: engine_pb2.SamplingParams,
-        stops: Sequence[str],
-        include_stop: bool,
         context: grpc.aio.ServicerContext[Any, Any],
-        priority: int = 0,
-        cache_salt: str = "",
     ) -> AsyncGenerator[TextDelta, None]:
         """Call the engine and turn its token stream into text deltas, per sample (``sampling.n``), each
-        sample ending with a finished one; a matched stop string ends its sample's text, and is its last
-        piece when ``include_stop``. Returns once every sample has ended.
+        sample ending with a finished one; a matched stop string (``request.stop``) ends its sample's text,
+        and is its last piece with ``request.include_stop_str_in_output``; it also aborts that sample in the
+        engine while its siblings go on. Returns once every sample has ended. ``request`` gives the
+        generation fields Chat and Complete share (stop strings, priority, cache_salt); ``request_id`` is
+        its id or the one made up for it, ``sampling`` the engine's parameters made from it.
         ``fields``: the engine's request fields by the name the caller sent them under (``prompt_token_ids``:
         ``messages``): the engine's INVALID_ARGUMENT about one of them names the caller's field."""
+        stops, include_stop = request.stop, request.include_stop_str_in_output
         samples = [
             SampleText(self._tokenizer.backend, stops, include_stop, len(prompt_ids), i)
             for i in range(sampling.n if sampling.HasField("n") else 1)
@@ -286,8 +272,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 request_id=request_id,
                 prompt_token_ids=prompt_ids,
                 sampling_params=sampling,
-                priority=priority,
-                cache_salt=cache_salt,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
             ),
             timeout=context.time_remaining(),
         )  # gRPC does not pass deadlines on by itself
@@ -302,11 +288,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 delta = await sample.push(response)
                 if delta is None:
                     continue
-                yield delta
                 if delta.finished:
                     unfinished -= 1
-                    if not unfinished:
-                        return
+                    if unfinished and not response.finish_reason:  # its stop string: the engine still runs it
+                        self._sample_aborts.send(request_id, delta.index)
+                yield delta
+                if not unfinished:
+                    return
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, "engine")
             if isinstance(error, InvalidArgument) and error.field in fields:

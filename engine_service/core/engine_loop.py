@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from engine_service import protocol
+from engine_service.event_codec import encode_event
 
 if TYPE_CHECKING:
     from engine_service.config import EngineConfig
@@ -209,7 +210,7 @@ def run_engine_process(
         engine = LLMEngine(config)
     except Exception as exc:
         log.exception("engine failed to load")
-        conn.send_bytes(protocol.encode_event(protocol.EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
+        conn.send_bytes(encode_event(protocol.EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
         return
 
     def next_command(timeout: float) -> protocol.Command | None:
@@ -232,7 +233,7 @@ def run_engine_process(
                 return  # the server is gone; the next command poll turns that into a stop
 
     def emit(event: protocol.Event) -> None:
-        outbox.put(protocol.encode_event(event))
+        outbox.put(encode_event(event))
 
     sender = threading.Thread(target=send_loop, name="engine-events", daemon=True)
     sender.start()
