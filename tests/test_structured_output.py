@@ -165,6 +165,24 @@ def test_preemption_keeps_the_constraint(demo_checkpoint: Path) -> None:
         assert re.fullmatch(r"[a-z]+", text), text
 
 
+def test_tensor_parallel_async_steps_with_deferred_sampling_match_one_rank(demo_checkpoint: Path) -> None:
+    """TP=2 (gloo) with async steps: a constrained step's sampler is queued a step late (after its mask's fill),
+    so the workers wait in the sampled-ids broadcast meanwhile; every token equals TP=1 with synchronous steps."""
+    params = [
+        constrained(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMAS[0]), temperature=0.0, max_tokens=24),
+        constrained(ConstraintKind.REGEX, REGEXES[0], temperature=0.8, seed=3, max_tokens=16),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+    ]
+    prompts = [list(range(1000, 1012)), list(range(2000, 2020)), list(range(3000, 3007))]
+    with LLM(demo_checkpoint, device="cpu", num_kv_blocks=64, async_scheduling=False) as one:
+        ref = one.generate(prompts, params)
+    with LLM(demo_checkpoint, device="cpu", num_kv_blocks=64, async_scheduling=True, tensor_parallel_size=2) as two:
+        got = two.generate(prompts, params)
+        assert not two.engine.structured._grammars
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in ref]
+
+
 def test_thinking_prompts_start_the_constraint_after_think_end(llm: LLM) -> None:
     thinking = ThinkingTokens(151667, THINK_END, 151644, (77091,))
     assistant = [151644, 77091, 198]  # <|im_start|>assistant\n
