@@ -300,11 +300,6 @@ class StructuredOutputManager:
         self._turn ^= 1
         return MaskJob(self._fill_pool.submit(self._fill, grammars, host), self.device)
 
-    def grammar_mask(self, rows: list[Sequence]) -> GrammarMask | None:
-        """The bitmask of a step whose sampling rows are ``rows`` on the device, filled now; None when no row
-        is constrained."""
-        return self.start_mask(rows).result()
-
     def _fill(self, grammars: list[SequenceGrammar | None], host: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """(host [S, W], the rows filled): the worker thread's job."""
         active = [(i, g) for i, g in enumerate(grammars) if g is not None and g.active]
