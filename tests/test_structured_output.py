@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -24,7 +27,8 @@ from structured_cases import REGEXES, SCHEMAS
 from engine_service.constraints import ConstraintKind, OutputConstraint
 from engine_service.core.llm import LLM, CompletionOutput
 from engine_service.core.sampler import Sampler, SamplingBatch
-from engine_service.core.structured_output import GrammarMask, ThinkingTokens
+from engine_service.core.sequence import Sequence
+from engine_service.core.structured_output import GrammarMask, StructuredOutputManager, ThinkingTokens
 from engine_service.sampling_params import SamplingParams
 from service_common.validation import FieldError
 
@@ -273,3 +277,80 @@ def test_an_engine_without_constrained_requests_never_imports_xgrammar(demo_chec
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout
+
+
+@dataclass(eq=False)
+class _Row:
+    """What the manager reads of a sequence: its params (the constraint) and its prompt."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+
+
+def _manager_with(demo_checkpoint: Path, llm: LLM, rows: list[_Row]) -> StructuredOutputManager:
+    manager = StructuredOutputManager(str(demo_checkpoint), llm.engine.vocab_size, EOS, 8, torch.device("cpu"))
+    for row in rows:
+        manager.submit([row])  # type: ignore[list-item]
+    ready: list[list[Sequence]] = []
+    while len(ready) < len(rows):
+        done, failed = manager.poll(timeout=5.0)
+        assert not failed
+        ready += done
+    return manager
+
+
+def test_batched_accept_and_fill_follow_one_matcher_per_row(demo_checkpoint: Path, llm: LLM) -> None:
+    """The manager's step-wide ``accept`` (one xgrammar call per row mid-grammar) and ``start_mask``
+    (rows whose grammar is still active) equal a fresh matcher per row fed the same tokens: the same rejected
+    rows, the same bitmask rows, and a row whose grammar ends on EOS leaves the mask."""
+    spec = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    rows = [_Row(constrained(ConstraintKind.JSON_SCHEMA, spec), [9707]) for _ in range(3)]
+    manager = _manager_with(demo_checkpoint, llm, rows)
+    reference = [fresh_matcher(llm, rows[0].params.constraint) for _ in rows]  # type: ignore[arg-type]
+    text = llm._tokenizer.encode('{"a": 12}', add_special_tokens=False).ids
+    wrong = llm._tokenizer.encode("x", add_special_tokens=False).ids[0]
+    # row 0 writes the object and EOS; row 1 the object then keeps going past EOS's place; row 2 breaks at once
+    streams = [[*text, EOS[0]], [*text, text[-1]], [wrong]]
+    vocab = llm.engine.vocab_size
+    for step in range(len(text) + 1):
+        live = [(i, s[step]) for i, s in enumerate(streams) if step < len(s)]
+        mask = manager.start_mask(rows).result()  # type: ignore[arg-type]
+        expect_rows = [i for i, m in enumerate(reference) if streams[i] and not m.is_terminated()]
+        assert mask is not None and list(mask.rows) == expect_rows
+        for i in expect_rows:
+            alone = xgr.allocate_token_bitmask(1, vocab)
+            reference[i].fill_next_token_bitmask(alone)
+            assert torch.equal(mask.bitmask[i], alone[0]), (step, i)
+        rejected = manager.accept([(i, rows[i]) for i, _ in live], [t for _, t in live])  # type: ignore[misc]
+        expect_rejected = {i for i, t in live if not reference[i].accept_token(t)}
+        assert rejected == expect_rejected, step
+        for i in expect_rejected:
+            streams[i] = []
+            manager.release(rows[i])  # type: ignore[arg-type]
+    assert reference[0].is_terminated() and not manager._grammars[rows[0]].active  # type: ignore[index]
+    manager.shutdown()
+
+
+def test_the_mask_fill_starts_while_the_engine_thread_runs_python(demo_checkpoint: Path, llm: LLM) -> None:
+    """The fill thread needs the GIL only to enter xgrammar's fill: ``start_mask`` hands it over at once,
+    instead of leaving the worker to wait for the interpreter's switch interval (5 ms) while the engine thread
+    goes on in Python (it did: the fill then ended that much later and the engine thread waited for it)."""
+    rows = [_Row(constrained(ConstraintKind.REGEX, "[a-z]+"), [9707])]
+    manager = _manager_with(demo_checkpoint, llm, rows)
+    fill, started = manager._fill, []
+
+    def timed_fill(*args: object) -> object:
+        started.append(time.perf_counter())
+        return fill(*args)  # type: ignore[arg-type]
+
+    manager._fill = timed_fill  # type: ignore[method-assign]
+    delays = []
+    for _ in range(9):
+        begin = time.perf_counter()
+        job = manager.start_mask(rows)  # type: ignore[arg-type]
+        while time.perf_counter() - begin < 0.012:  # the engine thread's Python work after the start
+            pass
+        job.result()
+        delays.append(started[-1] - begin)
+    manager.shutdown()
+    assert statistics.median(delays) < 0.0025, delays

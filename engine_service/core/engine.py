@@ -323,9 +323,7 @@ class LLMEngine:
         embed_index = {row: i for i, row in enumerate(launched.plan.embed_rows)}
         applied = self.scheduler.apply(launched.plan, result.token_ids)
         broken = (  # rows whose token the grammar rejects: never after the mask; a bug if it happens
-            {row for row, seq in applied if not self.structured.accept(seq, result.token_ids[row])}
-            if self.structured.num_grammars
-            else set()
+            self.structured.accept(applied, result.token_ids) if self.structured.num_grammars else set()
         )
         if deferred is not None:
             self._defer_sampling(deferred)

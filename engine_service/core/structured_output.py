@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,24 +95,28 @@ class ThinkingTokens:
 
 
 class SequenceGrammar:
-    """One sequence's matcher, and whether it still waits for ``</think>`` before it constrains."""
+    """One sequence's matcher, and whether it still waits for ``</think>`` before it constrains.
 
-    def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None) -> None:
+    ``active`` (the next token is constrained: thinking is over and the grammar has not ended) is kept up to
+    date by ``accept``, so reading it costs no call into xgrammar: a matcher can only end on one of its stop
+    ids, so only those ask it whether it has."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None, stop_ids: frozenset[int]) -> None:
         self.matcher = _xgr().GrammarMatcher(compiled)
         self.think_end = think_end  # None: constrained from the first token
-
-    @property
-    def active(self) -> bool:
-        """Whether the next token is constrained (thinking is over and the grammar has not ended)."""
-        return self.think_end is None and not self.matcher.is_terminated()
+        self.stop_ids = stop_ids
+        self.active = think_end is None
 
     def accept(self, token: int) -> bool:
         """Advance by one known output token; False if the grammar rejects it."""
         if self.think_end is not None:
             if token == self.think_end:
-                self.think_end = None
+                self.think_end, self.active = None, True
             return True
-        return bool(self.matcher.accept_token(token))
+        accepted = bool(self.matcher.accept_token(token))
+        if token in self.stop_ids:
+            self.active = not self.matcher.is_terminated()
+        return accepted
 
 
 @dataclass
@@ -261,9 +266,10 @@ class StructuredOutputManager:
             constraint = leader.params.constraint
             assert constraint is not None
             thinking = self.compilation.thinking
+            stop_ids = frozenset(self.compilation.eos_token_ids)
             opens = not constraint.from_first_token and thinking.leaves_thinking_open(leader.prompt_token_ids)
             for seq in samples:
-                self._grammars[seq] = SequenceGrammar(future.result(), thinking.think_end if opens else None)
+                self._grammars[seq] = SequenceGrammar(future.result(), thinking.think_end if opens else None, stop_ids)
             ready.append(samples)
         return ready, failed
 
@@ -275,10 +281,27 @@ class StructuredOutputManager:
     def has_grammar(self, seq: Sequence) -> bool:
         return seq in self._grammars
 
-    def accept(self, seq: Sequence, token: int) -> bool:
-        """Advance ``seq``'s matcher by its new known token; False if its grammar rejects it."""
-        grammar = self._grammars.get(seq)
-        return grammar is None or grammar.accept(token)
+    def accept(self, applied: list[tuple[int, Sequence]], token_ids: list[int]) -> set[int]:
+        """Advance the matchers of a step's applied rows (``(row, sequence)``) by their new known tokens
+        (``token_ids[row]``); returns the rows whose grammar rejects its token.
+
+        The engine thread runs this for every row of every constrained step, so the common case (a row in the
+        middle of its grammar) is one call into xgrammar; the rows at a boundary (thinking, a stop id) go
+        through ``SequenceGrammar.accept``. (xgrammar's ``batch_accept_token`` measured slower: it converts
+        its result row by row.)"""
+        rejected: set[int] = set()
+        grammars = self._grammars
+        for row, seq in applied:
+            grammar = grammars.get(seq)
+            if grammar is None:
+                continue
+            token = token_ids[row]
+            if grammar.active and token not in grammar.stop_ids:
+                if not grammar.matcher.accept_token(token):
+                    rejected.add(row)
+            elif not grammar.accept(token):
+                rejected.add(row)
+        return rejected
 
     def release(self, seq: Sequence) -> None:
         """Forget ``seq`` (finished or aborted): its matcher, or its compilation still in flight."""
@@ -290,7 +313,16 @@ class StructuredOutputManager:
     def start_mask(self, rows: list[Sequence]) -> MaskJob:
         """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
         must not advance a matcher (``accept``) before it has taken the job's ``result``."""
-        grammars = [self._grammars.get(seq) for seq in rows]
+        indices, matchers = [], []
+        for i, seq in enumerate(rows):
+            grammar = self._grammars.get(seq)
+            if grammar is not None and grammar.active:
+                indices.append(i)
+                matchers.append(grammar.matcher)
+        if not indices:
+            done: Future[tuple[torch.Tensor, list[int]]] = Future()
+            done.set_result((torch.empty(0), []))
+            return MaskJob(done, self.device)
         if not self._buffers:
             pin = self.device.type == "cuda"
             self._buffers = [torch.empty(self._buffer_shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
@@ -298,17 +330,19 @@ class StructuredOutputManager:
         # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
         # queued, but the one before that has been read (its sampler ran before the step now applied).
         self._turn ^= 1
-        return MaskJob(self._fill_pool.submit(self._fill, grammars, host), self.device)
+        job = MaskJob(self._fill_pool.submit(self._fill, matchers, host, indices), self.device)
+        # Let the worker take the GIL now: it holds it only to enter xgrammar's fill, which releases it. Without
+        # this it would wait for the interpreter's switch interval (5 ms) while this thread runs Python.
+        time.sleep(0)
+        return job
 
-    def _fill(self, grammars: list[SequenceGrammar | None], host: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """(host [S, W], the rows filled): the worker thread's job."""
-        active = [(i, g) for i, g in enumerate(grammars) if g is not None and g.active]
-        if not active:
-            return host, []
+    def _fill(
+        self, matchers: list[xgr.GrammarMatcher], host: torch.Tensor, indices: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(host [S, W], the rows filled): the worker thread's job, kept to one call into xgrammar."""
         if self._batch_matcher is None:
             self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
-        indices = [i for i, _ in active]
-        self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for _, g in active], host, indices)
+        self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, indices)
         return host, indices
 
     def shutdown(self) -> None:
