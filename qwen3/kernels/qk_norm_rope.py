@@ -61,13 +61,7 @@ def _qk_norm_rope_kernel(
     positions_ptr,  # [max_position, D] fp32 (cos | sin), [T] int64
     stride_qt,
     stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_cache_block,
-    stride_cache_slot,
-    stride_cache_head,
+    kv_strides,  # kv_store_strides: (k token, k head, v token, v head, cache block, cache slot, cache head)
     num_heads,
     num_kv_heads,
     eps,
@@ -77,6 +71,7 @@ def _qk_norm_rope_kernel(
     STORE_KV: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
 ):
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_block, stride_cache_slot, stride_cache_head = kv_strides
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t)
     if tl.program_id(1) == 0:
@@ -175,7 +170,7 @@ def _launch(
         positions,
         q.stride(0),
         q.stride(1),
-        *kv_store_strides(k, v, k_cache if store_kv else None),
+        kv_store_strides(k, v, k_cache if store_kv else None),
         num_heads,
         num_kv_heads,
         eps,

@@ -91,7 +91,7 @@ def launch_strides(
 
 
 def kv_store_strides(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None) -> tuple[int, ...]:
-    """The strides both KV-store kernels take, in their parameter order: k's and v's (token, head) and the cache's
+    """The strides both KV-store kernels take, as one tuple argument: k's and v's (token, head) and the cache's
     (block, slot, head; V shares them, see :func:`check_kv_cache`), zeros for a kernel launched with no cache."""
     cache_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
     return (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides)

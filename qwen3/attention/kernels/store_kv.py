@@ -29,19 +29,14 @@ def _store_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,  # [num_blocks, PAGE_SIZE, Hkv, D], one set of strides for both
     slot_ptr,  # [T] int64
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_cache_block,
-    stride_cache_slot,
-    stride_cache_head,
+    kv_strides,  # kv_store_strides: (k token, k head, v token, v head, cache block, cache slot, cache head)
     num_kv_heads,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_block, stride_cache_slot, stride_cache_head = kv_strides
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)  # int64
     if slot < 0:  # padding token: nothing to store
@@ -81,7 +76,7 @@ def store_kv(
         k_cache,
         v_cache,
         slot_mapping,
-        *kv_store_strides(k, v, k_cache),
+        kv_store_strides(k, v, k_cache),
         num_kv_heads,
         PAGE_SIZE=block_size,
         HEAD_DIM=head_dim,
