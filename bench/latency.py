@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch
 
-from bench.common import append_results, bench_parser
+from bench.common import add_engine_options, append_results, bench_parser, engine_options
 
 
 def _sync() -> None:
@@ -56,11 +56,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5, help="timed requests (the median is reported)")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_engine_options(p)
     p.add_argument(
         "--profile",
         type=int,
@@ -79,13 +75,9 @@ def main() -> int:
     prompt = [rng.randrange(min(10_000, vocab)) for _ in range(args.prompt_len)]
     llm = LLM(
         args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
+        **engine_options(args),
         max_model_len=args.prompt_len + args.output_len + 16,
         enable_prefix_caching=False,
-        async_scheduling=False if args.no_async_scheduling else None,
     )
     one_request(llm, prompt, 16, "warm-up")
     runs = [one_request(llm, prompt, args.output_len, f"r{i}") for i in range(args.repeats)]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch
 
-from bench.common import append_results, bench_parser
+from bench.common import add_engine_options, append_results, bench_parser, engine_options, sync
 from bench.throughput import workload
 
 SCHEMA = {
@@ -73,11 +73,6 @@ class PhaseTimer:
         return " ".join(f"{k} {v / steps * 1e3:.2f}" for k, v in self.seconds.items())
 
 
-def _sync(device: str) -> None:
-    if device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def main() -> int:
     p = bench_parser(__doc__)
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with its tokenizer files)")
@@ -86,11 +81,7 @@ def main() -> int:
     p.add_argument("--max-input", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-block-size", type=int, default=256)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
+    add_engine_options(p, max_model_len=2048)
     p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
     p.add_argument("--cprofile", type=Path, help="write each pass's cProfile stats to CPROFILE.<pass> (host time)")
     args = p.parse_args()
@@ -99,14 +90,6 @@ def main() -> int:
     from engine_service.constraints import ConstraintKind, OutputConstraint
     from engine_service.core.structured_output import MaskJob
 
-    options: dict[str, object] = dict(
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        kv_block_size=args.kv_block_size,
-    )
-    if args.num_kv_blocks:
-        options["num_kv_blocks"] = args.num_kv_blocks
     prompts, _ = workload(args.num_requests, 0, args.min_input, args.max_input, 1, 1)
     constraint = OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
     n = args.output_len
@@ -118,7 +101,7 @@ def main() -> int:
         SamplingParams(temperature=args.temperature, seed=i, max_tokens=n, ignore_eos=True) for i in range(len(prompts))
     ]
 
-    with LLM(args.model, **options) as llm:
+    with LLM(args.model, **engine_options(args)) as llm:
         device = llm.engine.runner.device.type
         llm.generate([[1, 2, 3]], [SamplingParams(max_tokens=4, constraint=constraint)])  # warm-up: JIT, compiler
         phases = PhaseTimer(
@@ -137,7 +120,7 @@ def main() -> int:
         )
         results = {}
         for name, params in (("json_schema", constrained), ("unconstrained", free)):
-            _sync(device)
+            sync(device)
             phases.reset()
             profiler = cProfile.Profile() if args.cprofile else None
             start = time.perf_counter()
@@ -147,7 +130,7 @@ def main() -> int:
             if profiler:
                 profiler.disable()
                 profiler.dump_stats(f"{args.cprofile}.{name}")
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - start
             steps = max(phases.calls["step"], 1)
             print(f"{name}: host ms per step ({steps} steps; wait = blocked on the device): {phases.per_step(steps)}")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch
 
-from bench.common import append_results, bench_parser
+from bench.common import add_engine_options, append_results, bench_parser, engine_options, sync
 
 
 def workload(
@@ -37,27 +37,18 @@ def workload(
 def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> dict:
     from engine_service import LLM, SamplingParams
 
-    options = dict(
-        device=args.device,
-        enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend,
-        max_num_seqs=args.max_num_seqs,
+    llm = LLM(
+        args.model,
+        **engine_options(args),
         max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_block_size=args.kv_block_size,
-        max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
-        dtype=args.dtype,
-        async_scheduling=False if args.no_async_scheduling else None,
     )
-    if args.num_kv_blocks:
-        options["num_kv_blocks"] = args.num_kv_blocks
-    llm = LLM(args.model, **options)
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up (JIT, allocator)
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
-    _sync(args.device)
+    sync(args.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
     if args.profile:
@@ -89,21 +80,21 @@ def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> N
         engine.step()
     running = len(engine.scheduler.running)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for _ in range(count):  # the same number of steps without the profiler's overhead, just before
         engine.step()
-    _sync(dev)
+    sync(dev)
     plain = (time.perf_counter() - t0) / count
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    _sync("cuda" if torch.cuda.is_available() else "cpu")
+    sync("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(count):
             engine.step()
-        _sync("cuda" if torch.cuda.is_available() else "cpu")
+        sync("cuda" if torch.cuda.is_available() else "cpu")
     wall = (time.perf_counter() - t0) / count
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / count / 1e3 if torch.cuda.is_available() else 0.0
@@ -141,7 +132,7 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
         eos_token_id=-1,
         pad_token_id=0,
     )
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     tokens = 0
     with model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=30) as manager:
@@ -154,7 +145,7 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
                 tokens += len(result.generated_tokens)
             elif result is None and not manager.is_running():
                 raise RuntimeError("transformers' continuous batching stopped before finishing")
-    _sync(args.device)
+    sync(args.device)
     seconds = time.perf_counter() - start
     return {
         "engine": "transformers continuous batching (paged|sdpa)",
@@ -162,11 +153,6 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], out_len
         "seconds": seconds,
         "output_tok_s": tokens / seconds,
     }
-
-
-def _sync(device: str) -> None:
-    if device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> int:
@@ -182,17 +168,9 @@ def main() -> int:
     p.add_argument("--min-output", type=int, default=100)
     p.add_argument("--max-output", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attention-backend", default="auto")
+    add_engine_options(p, max_model_len=4096)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-block-size", type=int, default=256)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step (no overlap)")
     p.add_argument("--hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--hf-only", action="store_true", help="only run transformers")
     p.add_argument(

@@ -23,19 +23,20 @@ QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 # fmt: off
 _REAL = dict(vocab_size=QWEN3_VOCAB, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,
              rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+_REAL_SIZES = {  # name: (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, tie_word_embeddings)
+    "qwen3-0.6b": (1024, 3072, 28, 16, True),
+    "qwen3-1.7b": (2048, 6144, 28, 16, True),
+    "qwen3-4b": (2560, 9728, 36, 32, True),
+    "qwen3-8b": (4096, 12288, 36, 32, False),
+    "qwen3-14b": (5120, 17408, 40, 40, False),
+    "qwen3-32b": (5120, 25600, 64, 64, False),
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(_REAL, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(_REAL, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, tie_word_embeddings=True),
-    "qwen3-4b": dict(_REAL, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, tie_word_embeddings=True),
-    "qwen3-8b": dict(_REAL, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, tie_word_embeddings=False),
-    "qwen3-14b": dict(_REAL, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                      num_attention_heads=40, tie_word_embeddings=False),
-    "qwen3-32b": dict(_REAL, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-                      num_attention_heads=64, tie_word_embeddings=False),
+    **{
+        name: dict(_REAL, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                   num_attention_heads=heads, tie_word_embeddings=tie)
+        for name, (hidden, inter, layers, heads, tie) in _REAL_SIZES.items()
+    },
     # Scaled-down Qwen3: same structure (GQA, q/k norm, head_dim != hidden / heads), tiny sizes.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
