@@ -84,7 +84,14 @@ def main() -> int:
     add_engine_options(p, max_model_len=2048)
     p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
     p.add_argument("--cprofile", type=Path, help="write each pass's cProfile stats to CPROFILE.<pass> (host time)")
+    p.add_argument(
+        "--fill-threads", type=int, help="threads of xgrammar's bitmask fill (default: the engine's FILL_THREADS)"
+    )
     args = p.parse_args()
+    if args.fill_threads is not None:
+        from engine_service.core import structured_output
+
+        structured_output.FILL_THREADS = args.fill_threads
 
     from engine_service import LLM, SamplingParams
     from engine_service.constraints import ConstraintKind, OutputConstraint

@@ -216,6 +216,8 @@ def test_structured_throughput_script(demo_checkpoint: Path) -> None:
         "16",
         "--num-kv-blocks",
         "32",
+        "--fill-threads",
+        "1",
     )
     for name in ("json_schema", "unconstrained"):  # the schema cannot complete in 6 tokens: both make 2 x 6
         assert re.search(rf"^{name}\s+12 tokens", out, re.M), out
