@@ -34,7 +34,7 @@ def main() -> int:
 
     from engine_service import LLM, SamplingParams
     from engine_service.core.sampler import SamplingBatch
-    from qwen3.forward_batch import ForwardBatch
+    from qwen3.forward_batch import BlockTableRows, ForwardBatch
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     llm = LLM(
@@ -66,8 +66,18 @@ def main() -> int:
     logits = torch.randn(args.num_seqs, vocab)
     block_size = engine.runner.block_size
 
-    def stub_execute(step):  # the batch is still built (host work); the model is not run
-        build_batch(step.input_token_ids(), step.context_lens, step.block_tables, block_size, "cpu", step.sample_rows)
+    table_rows = BlockTableRows()  # kept between steps, as the model runner keeps its own
+
+    def stub_execute(step):  # the batch is still built (host work, as ModelRunner.execute builds it); no model
+        build_batch(
+            step.input_token_ids(),
+            step.context_lens,
+            step.block_tables,
+            block_size,
+            "cpu",
+            step.sample_rows,
+            table_rows,
+        )
         return logits[: sum(step.sample_rows)]
 
     engine.runner.execute = stub_execute

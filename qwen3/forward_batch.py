@@ -8,6 +8,7 @@ paged KV cache. Attention backends read what they need from here; nothing is glo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,39 @@ import torch
 
 #: decode batches up to this size are assembled in plain Python (NumPy's per-call overhead dominates there)
 _SMALL_DECODE = 16
+
+
+class BlockTableRows:
+    """The padded [B, W] block-table array of the last batch built with it, kept between steps by its one owner
+    (a model runner): a decode step changes few rows (a sequence takes a new block every block_size tokens), so
+    only rows whose table is not the same object as the previous step's row are rewritten. Tables are immutable
+    tuples, so the same object means the same ids (a list compares unequal by identity each step: always
+    rewritten, still correct)."""
+
+    def __init__(self) -> None:
+        self._rows: list[Sequence[int]] = []  # the tables the array rows hold, row by row
+        self._array = np.zeros((0, 0), dtype=np.int64)  # [capacity rows, capacity width], zero past each table
+
+    def fill(self, block_tables: Sequence[Sequence[int]], width: int) -> np.ndarray:
+        """[B, width] int64: row i is ``block_tables[i]`` padded with 0 (a view into the kept array; valid until the
+        next call)."""
+        num_seqs = len(block_tables)
+        array, rows = self._array, self._rows
+        if array.shape[0] < num_seqs or array.shape[1] < width:
+            # grow with headroom so that a growing batch or table does not rebuild every step
+            shape = (max(num_seqs, 2 * array.shape[0]), -(-width // 16) * 16 + 16)
+            array = self._array = np.zeros(shape, dtype=np.int64)
+            rows = self._rows = []
+        for i, table in enumerate(block_tables):
+            if i < len(rows):
+                if rows[i] is table:
+                    continue
+                array[i, len(table) : len(rows[i])] = 0  # a shorter table than the row held before
+                rows[i] = table
+            else:
+                rows.append(table)
+            array[i, : len(table)] = table
+        return array[:num_seqs, :width]
 
 
 @dataclass
@@ -123,12 +157,15 @@ class ForwardBatch:
         block_size: int,
         device: torch.device | str = "cpu",
         logits_for: list[bool] | None = None,
+        table_rows: BlockTableRows | None = None,
     ) -> ForwardBatch:
         """Assemble a batch on the host from per-sequence lists.
 
         ``new_token_ids[i]`` are the tokens sequence ``i`` adds; ``context_lens[i]`` how many of its tokens
         are already cached; ``block_tables[i]`` its KV blocks (enough for all its tokens). Logits are
         computed for the last new token of every sequence with ``logits_for[i]`` true (default: all).
+        ``table_rows``: the caller's block-table array kept from its previous step (rows it already holds are
+        not copied again).
         """
         num_seqs = len(new_token_ids)
         if not (num_seqs == len(context_lens) == len(block_tables)) or num_seqs == 0:
@@ -141,9 +178,7 @@ class ForwardBatch:
         cached = np.asarray(context_lens, dtype=np.int64)
         seq_lens = cached + query_lens
         width = max(len(t) for t in block_tables)
-        tables = np.zeros((num_seqs, width), dtype=np.int64)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = table
+        tables = (table_rows or BlockTableRows()).fill(block_tables, width)  # [B, width]
         capacity = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=num_seqs) * block_size
         if (capacity < seq_lens).any():
             i = int(np.argmax(capacity < seq_lens))
@@ -160,7 +195,7 @@ class ForwardBatch:
 
         return cls._on_device(
             int64_parts=(ids, positions, slots, logits_rows),
-            int32_parts=(starts, seq_lens, tables.reshape(-1)),
+            int32_parts=(starts, seq_lens, tables.reshape(-1)),  # a copy when the kept array is wider
             num_seqs=num_seqs,
             width=width,
             query_lens=query_lens.tolist(),

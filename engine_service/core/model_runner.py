@@ -21,7 +21,7 @@ from engine_service.core.step_input import StepInput
 from qwen3.attention import create_backend
 from qwen3.config import Qwen3Config
 from qwen3.distributed import broadcast_from_rank0, destroy_tensor_parallel, init_tensor_parallel
-from qwen3.forward_batch import ForwardBatch, copy_to_device
+from qwen3.forward_batch import BlockTableRows, ForwardBatch, copy_to_device
 from qwen3.loader import load_checkpoint
 from qwen3.model import Qwen3ForCausalLM
 
@@ -82,6 +82,7 @@ class ModelRunner:
             )
         self.num_kv_blocks = 0
         self.graph_runner: CUDAGraphRunner | None = None
+        self._table_rows = BlockTableRows()  # the block-table array of the last step, rows kept between steps
         self.last_sampled: torch.Tensor | None = None  # [S] int64: the previous step's sampled ids
         self.extras: ExtraOutputs | None = None  # the last step's prompt logprobs / pooled states, if it asked
 
@@ -190,7 +191,13 @@ class ModelRunner:
         order, so the host never waits for them.
         """
         batch = ForwardBatch.build(
-            step.input_token_ids(), step.context_lens, step.block_tables, self.block_size, self.device, step.sample_rows
+            step.input_token_ids(),
+            step.context_lens,
+            step.block_tables,
+            self.block_size,
+            self.device,
+            step.sample_rows,
+            self._table_rows,
         )
         if step.pending is not None:
             if self.last_sampled is None:

@@ -79,5 +79,5 @@ class StepInput:
         tokens = list(self.token_ids)
         if self.pending is not None:
             for row in self.pending.rows:
-                tokens[row] = (*tokens[row], *_EMPTY_SLOT)
+                tokens[row] = (*tokens[row], *_EMPTY_SLOT) if tokens[row] else _EMPTY_SLOT  # a decode row: no known id
         return tokens

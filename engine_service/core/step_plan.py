@@ -9,6 +9,7 @@ decision, and nothing but ``Scheduler.apply`` turns a result into sequence state
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -95,20 +96,16 @@ class StepPlan:
 
     def model_input(self, share_sampled: bool) -> StepInput:
         """The plan without its sequences: what the model runner on every rank consumes."""
-        token_ids, context_lens, tables, sample_rows = [], [], [], []
-        rows, positions, sources = [], [], []
-        flat = 0
-        for row, e in enumerate(self.entries):
-            token_ids.append(e.token_ids)
-            context_lens.append(e.context_len)
-            tables.append(e.block_table)
-            sample_rows.append(e.samples)
-            flat += e.num_new_tokens
-            if e.pending_row is not None:  # only ever its last new token
-                rows.append(row)
-                positions.append(flat - 1)
-                sources.append(e.pending_row)
-        pending = PendingTokens(tuple(rows), tuple(positions), tuple(sources)) if rows else None
+        if not self.entries:
+            raise ValueError("an empty plan has no model input")
+        # One transpose of the rows into columns, in C: a step of 256 rows is built on a host the device waits for.
+        _, context_lens, num_new, token_ids, tables, sample_rows, pending_rows = zip(*self.entries)
+        pending = None
+        if pending_rows.count(None) != len(pending_rows):
+            ends = list(itertools.accumulate(num_new))  # per row, the flat index after its last new token
+            rows = tuple(row for row, source in enumerate(pending_rows) if source is not None)
+            # only ever a row's last new token is pending
+            pending = PendingTokens(rows, tuple(ends[row] - 1 for row in rows), tuple(pending_rows[r] for r in rows))
         return StepInput(
             token_ids,
             context_lens,
