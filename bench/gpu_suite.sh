@@ -22,7 +22,8 @@
 #   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, QWEN3_GEMV_SILU=0, QWEN3_GEMV=0,
 #   QWEN3_PDL=1),
 #   hf (the older rows of docs/BENCHMARKS.md),
-#   structured (256 concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio;
+#   structured (256 concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio),
+#   structured8b (the same on the 8B shape after model8b, then a torch-profiler table of 20 constrained steps;
 #   not yet run on a GPU).
 #   smg (256 streaming /v1/completions through the SMG gateway to one replica, next to the same streams over
 #   gRPC and the offline engine; SMG_WHEEL=path/to/smg-*.whl (more wheels: space-separated) is installed first with
@@ -105,6 +106,9 @@ for s in "${steps[@]}"; do
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
     structured) TAIL=4 PICK="ratio" step structured 400 $PY bench/structured_throughput.py --model "$MODEL" \
                   --json "$OUT/results.jsonl" ;;
+    structured8b)  # needs model8b first; the torch-profiler table shows where the constrained 8B step's device idles
+      TAIL=40 PICK="ratio" step structured8b 400 $PY bench/structured_throughput.py --model "$MODEL8B" \
+        --profile 40:20 --json "$OUT/results.jsonl" ;;
     smg)
       if [ -n "${SMG_WHEEL:-}" ]; then  # unquoted on purpose: one or more wheel paths
         $PY -m pip install -q --no-index --no-deps --target /tmp/smg-site $SMG_WHEEL > "$OUT/smg-install.log" 2>&1

@@ -10,7 +10,7 @@ serves every request). Reported: output tok/s of each pass, their ratio (issue 1
 H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread;
 `mask_wait` is the engine thread's wait for it).
 
-    python bench/structured_throughput.py --model DIR [--json results.jsonl]
+    python bench/structured_throughput.py --model DIR [--json results.jsonl] [--profile 40:20]
 
 Ran on the H200 (docs/BENCHMARKS.md section 8); its CPU run with tiny settings is tests/test_bench_scripts.py.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import torch
 
 from bench.common import add_engine_options, append_results, bench_parser, engine_options, sync
-from bench.throughput import workload
+from bench.throughput import profile_steps, workload
 
 SCHEMA = {
     "type": "array",
@@ -84,6 +84,12 @@ def main() -> int:
     add_engine_options(p, max_model_len=2048)
     p.add_argument("--json", type=Path, help="append the result as a JSON line to this file")
     p.add_argument("--cprofile", type=Path, help="write each pass's cProfile stats to CPROFILE.<pass> (host time)")
+    p.add_argument(
+        "--profile",
+        metavar="START:COUNT",
+        help="after the timed passes, profile COUNT steps of the JSON-schema workload from its step START (torch "
+        "profiler: wall vs device-busy time per step, the ops that take the device's time)",
+    )
     p.add_argument(
         "--fill-threads", type=int, help="threads of xgrammar's bitmask fill (default: the engine's FILL_THREADS)"
     )
@@ -164,6 +170,8 @@ def main() -> int:
                 "bitmask_fill_ms_per_step": fill_ms,
             },
         )
+        if args.profile:
+            profile_steps(llm, prompts, constrained, args.profile)
     return 0
 
 

@@ -218,7 +218,10 @@ def test_structured_throughput_script(demo_checkpoint: Path) -> None:
         "32",
         "--fill-threads",
         "1",
+        "--profile",
+        "2:2",
     )
     for name in ("json_schema", "unconstrained"):  # the schema cannot complete in 6 tokens: both make 2 x 6
         assert re.search(rf"^{name}\s+12 tokens", out, re.M), out
     assert re.search(r"ratio \d+\.\d{3}; host bitmask fill \d+\.\d{2} ms/step", out), out
+    assert re.search(r"profile: from step 2, \d+ running sequences: wall \d+\.\d+ ms/step", out), out
