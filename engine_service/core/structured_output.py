@@ -13,12 +13,10 @@ Where the work happens (docs/ARCHITECTURE.md):
 - **Matchers** advance when a step's sampled ids become known tokens (``LLMEngine._finish``, right after
   ``Scheduler.apply``), so a matcher's state is always that of the sequence's known output. Preemption by
   recompute keeps the output, so it keeps the matcher too; abort and finish drop it.
-- **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is filled on the host, for
-  the rows whose constraint is active, after the step's forward pass has been queued on the device and the
-  step before has been applied (``LLMEngine.step``). It is filled on a worker thread (``start_mask``:
-  xgrammar's batch fill releases the GIL), so the engine thread meanwhile builds the step's sampling batch,
-  returns its outputs and schedules the next step; it joins the fill only to queue the sampler, just before
-  it launches the next forward pass. ``Sampler`` applies the mask as one masked operation
+- **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is reserved when the step is
+  launched and filled on a worker thread once the step before's tokens have advanced the matchers, while the
+  device runs the step's forward pass; on CUDA the sampler, queued at launch, waits for it behind a host
+  gate (``grammar_mask.py`` has the timeline). ``Sampler`` applies it as one masked operation
   (``xgr.apply_token_bitmask_inplace`` on the constrained rows).
 
 Qwen3 thinking: where the prompt leaves thinking open (``ThinkingTokens.leaves_thinking_open``), the
@@ -31,16 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
+from collections import OrderedDict
+from collections.abc import Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine_service.constraints import ConstraintKind, OutputConstraint
-from qwen3.forward_batch import copy_to_device
+from engine_service.core.grammar_mask import MaskFiller, PendingMask, xgrammar_module
 from service_common.validation import FieldError, grammar_compiler_message
 
 if TYPE_CHECKING:
@@ -51,20 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _xgr() -> Any:
-    """xgrammar, imported at the first constrained request: an engine that never gets one neither pays its
-    import nor needs it installed (e.g. a benchmark machine without the wheel)."""
-    import xgrammar
-
-    return xgrammar
-
-
 #: Threads compiling grammars (each compile may use xgrammar's own threads too).
 COMPILE_WORKERS = 2
-#: Threads xgrammar's batch bitmask fill may use (its "auto": half the hardware threads).
-FILL_THREADS: int | str = "auto"
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
+#: Constraints whose compilation (done or in flight) later requests share, most recently used kept.
+SHARED_COMPILATIONS = 64
 
 
 @dataclass(frozen=True)
@@ -94,6 +85,21 @@ class ThinkingTokens:
         return False
 
 
+def _accept_batch(matchers: list[xgr.GrammarMatcher], tokens: list[int]) -> Collection[int]:
+    """Advance ``matchers[i]`` by ``tokens[i]`` in one call into xgrammar; the result holds 1 for each accepted
+    token, 0 for each rejected one.
+
+    xgrammar 0.2.9's public ``BatchGrammarMatcher.batch_accept_token`` converts its result to a list one
+    element at a time through its FFI: at 256 rows that took 0.38 ms on the development machine, against
+    0.14 ms for the core call it wraps (and 0.31 ms for one ``accept_token`` per row), so the core call is
+    made here and its result array returned as is. Falls back to the public call where the core is not
+    where 0.2.9 keeps it."""
+    core = getattr(getattr(xgrammar_module(), "base", None), "_core", None)
+    if core is None:
+        return xgrammar_module().BatchGrammarMatcher.batch_accept_token(matchers, tokens)  # type: ignore[no-any-return]
+    return core.BatchGrammarMatcher.batch_accept_token([m._handle for m in matchers], tokens, False)  # type: ignore[no-any-return]
+
+
 class SequenceGrammar:
     """One sequence's matcher, and whether it still waits for ``</think>`` before it constrains.
 
@@ -102,7 +108,7 @@ class SequenceGrammar:
     ids, so only those ask it whether it has."""
 
     def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None, stop_ids: frozenset[int]) -> None:
-        self.matcher = _xgr().GrammarMatcher(compiled)
+        self.matcher = xgrammar_module().GrammarMatcher(compiled)
         self.think_end = think_end  # None: constrained from the first token
         self.stop_ids = stop_ids
         self.active = think_end is None
@@ -119,19 +125,6 @@ class SequenceGrammar:
         return accepted
 
 
-@dataclass
-class GrammarMask:
-    """A step's token bitmask: which ids each constrained sampling row may take."""
-
-    bitmask: torch.Tensor  # [S, ceil(V / 32)] int32 on the logits' device; bit j of a row: id j allowed
-    rows: list[int] | torch.Tensor  # the constrained rows (others' bitmask rows are not read); [R] int32 on CUDA
-
-    def apply(self, scores: torch.Tensor) -> None:
-        """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel: xgrammar's
-        Triton kernel on CUDA, its C++ loop on the CPU)."""
-        _xgr().apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
-
-
 class GrammarCompilation:
     """The tokenizer's vocabulary, the compiler and its threads: ``submit`` a constraint, get a future."""
 
@@ -141,9 +134,29 @@ class GrammarCompilation:
         self._lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None
         self.thinking = ThinkingTokens(None, None, None, ())
+        # constraint -> its compilation, shared by every request with that constraint (engine thread only)
+        self._shared: OrderedDict[OutputConstraint, Future[xgr.CompiledGrammar]] = OrderedDict()
 
     def submit(self, constraint: OutputConstraint) -> Future[xgr.CompiledGrammar]:
-        return self._pool.submit(self._compile, constraint)
+        """The compilation of ``constraint``: the one already done or in flight for an equal constraint (one of
+        the ``SHARED_COMPILATIONS`` most recent), else a new pool job. Sharing is what lets 256 requests with one
+        schema start at the next step: each one queued as its own job, they would pass through the pool's
+        threads one by one, each waiting for the GIL while the engine thread runs (xgrammar's own cache makes
+        the compile itself, not the wait, fast)."""
+        future = self._shared.get(constraint)
+        if future is None or future.cancelled():
+            future = self._shared[constraint] = self._pool.submit(self._compile, constraint)
+            if len(self._shared) > SHARED_COMPILATIONS:
+                self._shared.popitem(last=False)
+        self._shared.move_to_end(constraint)
+        return future
+
+    def forget(self, constraint: OutputConstraint) -> None:
+        """Drop ``constraint``'s shared compilation (its last waiting request left before it was ready); a
+        compilation no request waits for any more is cancelled if it has not started."""
+        future = self._shared.pop(constraint, None)
+        if future is not None:
+            future.cancel()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -159,7 +172,7 @@ class GrammarCompilation:
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
                 # vocab_size: the model's (padded) one, so the bitmask covers every logit and the ids past the
                 # tokenizer's are masked; stop ids: the model's EOS ids, the only ones a complete grammar allows.
-                xgr = _xgr()
+                xgr = xgrammar_module()
                 info = xgr.TokenizerInfo.from_huggingface(
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
                 )
@@ -194,30 +207,10 @@ class GrammarCompilation:
             raise FieldError(c.field, f"does not compile: {grammar_compiler_message(exc)}") from None
 
 
-class MaskJob:
-    """A step's bitmask being filled on the structured-output worker thread (``StructuredOutputManager.start_mask``)."""
-
-    def __init__(self, future: Future[tuple[torch.Tensor, list[int]]], device: torch.device) -> None:
-        self._future, self._device = future, device
-
-    def result(self) -> GrammarMask | None:
-        """Wait for the fill, then the mask on the device (the copy is queued, not waited for); None when no
-        row's constraint was active. Call on the engine thread: the copy goes to its CUDA stream."""
-        host, indices = self._future.result()
-        if not indices:
-            return None
-        if self._device.type == "cpu":
-            return GrammarMask(host, indices)
-        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
-        # memory, which waits for the device.
-        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self._device)
-        return GrammarMask(copy_to_device(host, self._device), rows)
-
-
 class StructuredOutputManager:
-    """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence,
-    the host bitmask buffers. Driven by ``LLMEngine`` on the engine loop's thread; only a step's bitmask fill
-    runs on the worker thread (``start_mask``), and the engine joins it before any matcher moves again."""
+    """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence, and
+    the steps' bitmasks (``MaskFiller``). Driven by ``LLMEngine`` on the engine loop's thread; only a step's
+    bitmask fill runs on the worker thread, and no matcher moves again before that step's results are in."""
 
     def __init__(
         self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...], max_num_seqs: int, device: torch.device
@@ -227,14 +220,7 @@ class StructuredOutputManager:
         # one compilation per request, keyed by its first sample; the value holds all its samples (n > 1)
         self._compiling: dict[Sequence, tuple[list[Sequence], Future[xgr.CompiledGrammar]]] = {}
         self._grammars: dict[Sequence, SequenceGrammar] = {}
-        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made and used on the fill thread only
-        self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        # Two host buffers [max_num_seqs, ceil(V / 32)] int32, used in turn (made at the first fill): the copy of
-        # step N's mask may still be reading one while the host fills step N+1's (pinned memory on CUDA, so the
-        # copy does not wait for the host).
-        self._buffer_shape = (max_num_seqs, (vocab_size + 31) // 32)
-        self._buffers: list[torch.Tensor] = []
-        self._turn = 0
+        self.masks = MaskFiller(max_num_seqs, vocab_size, device)
 
     @property
     def num_compiling(self) -> int:
@@ -285,66 +271,61 @@ class StructuredOutputManager:
         """Advance the matchers of a step's applied rows (``(row, sequence)``) by their new known tokens
         (``token_ids[row]``); returns the rows whose grammar rejects its token.
 
-        The engine thread runs this for every row of every constrained step, so the common case (a row in the
-        middle of its grammar) is one call into xgrammar; the rows at a boundary (thinking, a stop id) go
-        through ``SequenceGrammar.accept``. (xgrammar's ``batch_accept_token`` measured slower: it converts
-        its result row by row.)"""
+        The engine thread runs this for every row of every constrained step, on the path from one step's
+        sampled ids to the next step's mask: the rows in the middle of their grammar go to xgrammar in one
+        batch call (``_accept_batch``); the rows at a boundary (thinking, a stop id) go through
+        ``SequenceGrammar.accept``."""
         rejected: set[int] = set()
         grammars = self._grammars
+        batch_rows: list[int] = []
+        batch_matchers: list[xgr.GrammarMatcher] = []
+        batch_tokens: list[int] = []
         for row, seq in applied:
             grammar = grammars.get(seq)
             if grammar is None:
                 continue
             token = token_ids[row]
             if grammar.active and token not in grammar.stop_ids:
-                if not grammar.matcher.accept_token(token):
-                    rejected.add(row)
+                batch_rows.append(row)
+                batch_matchers.append(grammar.matcher)
+                batch_tokens.append(token)
             elif not grammar.accept(token):
                 rejected.add(row)
+        if batch_rows:
+            accepted = _accept_batch(batch_matchers, batch_tokens)
+            if 0 in accepted:  # a membership test the result answers natively; a rejection is a bug anyway
+                rejected.update(row for row, ok in zip(batch_rows, accepted) if not ok)
         return rejected
 
     def release(self, seq: Sequence) -> None:
-        """Forget ``seq`` (finished or aborted): its matcher, or its compilation still in flight."""
+        """Forget ``seq`` (finished or aborted): its matcher, or its compilation still in flight (cancelled
+        when no other waiting request shares it)."""
         self._grammars.pop(seq, None)
         compiling = self._compiling.pop(seq, None)  # only a request's first sample keys a compilation
-        if compiling is not None:
-            compiling[1].cancel()
+        if compiling is not None and not compiling[1].done():
+            future = compiling[1]
+            if all(other is not future for _, other in self._compiling.values()):
+                assert seq.params.constraint is not None
+                self.compilation.forget(seq.params.constraint)
 
-    def start_mask(self, rows: list[Sequence]) -> MaskJob:
-        """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
-        must not advance a matcher (``accept``) before it has taken the job's ``result``."""
-        indices, matchers = [], []
-        for i, seq in enumerate(rows):
-            grammar = self._grammars.get(seq)
+    def reserve_mask(self, rows: list[Sequence]) -> PendingMask | None:
+        """The bitmask of a step about to be launched whose sampling rows are ``rows``: reserved for every row
+        with a grammar (one still thinking may start its constraint with the token in flight); None when no row
+        has one. ``start_mask`` fills it."""
+        constrained = [i for i, seq in enumerate(rows) if seq in self._grammars]
+        return self.masks.reserve(len(rows), constrained) if constrained else None
+
+    def start_mask(self, pending: PendingMask, rows: list[Sequence]) -> None:
+        """Start filling ``pending`` (reserved for sampling rows ``rows``) from the matchers as they are now: call
+        it once the tokens before the step are accepted, and move no matcher again before the step's results
+        are in."""
+        active = []
+        for i in pending.rows:
+            grammar = self._grammars.get(rows[i])
             if grammar is not None and grammar.active:
-                indices.append(i)
-                matchers.append(grammar.matcher)
-        if not indices:
-            done: Future[tuple[torch.Tensor, list[int]]] = Future()
-            done.set_result((torch.empty(0), []))
-            return MaskJob(done, self.device)
-        if not self._buffers:
-            pin = self.device.type == "cuda"
-            self._buffers = [torch.empty(self._buffer_shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        host = self._buffers[self._turn][: len(rows)]  # [S, W]
-        # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
-        # queued, but the one before that has been read (its sampler ran before the step now applied).
-        self._turn ^= 1
-        job = MaskJob(self._fill_pool.submit(self._fill, matchers, host, indices), self.device)
-        # Let the worker take the GIL now: it holds it only to enter xgrammar's fill, which releases it. Without
-        # this it would wait for the interpreter's switch interval (5 ms) while this thread runs Python.
-        time.sleep(0)
-        return job
-
-    def _fill(
-        self, matchers: list[xgr.GrammarMatcher], host: torch.Tensor, indices: list[int]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """(host [S, W], the rows filled): the worker thread's job, kept to one call into xgrammar."""
-        if self._batch_matcher is None:
-            self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
-        self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, indices)
-        return host, indices
+                active.append((i, grammar.matcher))
+        self.masks.fill(pending, active)
 
     def shutdown(self) -> None:
         self.compilation.shutdown()
-        self._fill_pool.shutdown(wait=False, cancel_futures=True)
+        self.masks.shutdown()
