@@ -7,8 +7,7 @@ grammar with nesting and free strings that cannot complete within the output len
 the same number of tokens; EOS is never allowed before the grammar completes). The unconstrained pass uses
 ignore_eos. Each pass is timed after a warm-up that also compiles the grammar (the compiler's cache then
 serves every request). Reported: output tok/s of each pass, their ratio (issue 14's target: >= 0.90 on an
-H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread;
-`mask_wait` is the engine thread's wait for it).
+H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread).
 
     python bench/structured_throughput.py --model DIR [--json results.jsonl] [--profile 40:20]
 
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import cProfile
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,13 +46,38 @@ SCHEMA = {
 
 
 class PhaseTimer:
-    """Wall time spent inside named methods (wrapped in place), to split a step's host time by phase."""
+    """Wall time spent inside named methods (wrapped in place), to split a step's host time by phase.
+
+    ``on_step`` (called after each engine step) records that step's share of every phase, so the steady
+    state can be told from the ramp-up (admission, prefill) and the tail."""
 
     def __init__(self, targets: dict[str, tuple[object, str]]) -> None:
         self.seconds = dict.fromkeys(targets, 0.0)
         self.calls = dict.fromkeys(targets, 0)
+        self.steps: list[dict[str, float]] = []  # per step: phase -> ms, plus "rows" (sampled rows)
+        self._last = dict(self.seconds)
         for name, (obj, attr) in targets.items():
             setattr(obj, attr, self._timed(name, getattr(obj, attr)))
+
+    def on_step(self, rows: int) -> None:
+        self.steps.append({"rows": rows, **{k: (v - self._last[k]) * 1e3 for k, v in self.seconds.items()}})
+        self._last = dict(self.seconds)
+
+    def steady_state(self, min_rows: int) -> str:
+        """Median ms per phase over the steps with at least ``min_rows`` rows, and where the pass's time went."""
+        steady = [s for s in self.steps if s["rows"] >= min_rows]
+        if not steady:
+            return "no step had that many rows"
+        median = {k: statistics.median(s[k] for s in steady) for k in self.seconds}
+        total = sum(s["step"] for s in self.steps)
+        first = next(i for i, s in enumerate(self.steps) if s["rows"] >= min_rows)
+        ramp = sum(s["step"] for s in self.steps[:first])
+        return (
+            f"{len(steady)} steps with >= {min_rows} rows, median ms: "
+            + " ".join(f"{k} {v:.2f}" for k, v in median.items())
+            + f"; of {total:.0f} ms in steps: {ramp:.0f} before the first such step ({first} steps), "
+            f"{sum(s['step'] for s in steady):.0f} in them, the rest in {len(self.steps) - first - len(steady)} others"
+        )
 
     def _timed(self, name, fn):  # type: ignore[no-untyped-def]
         def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -68,6 +93,7 @@ class PhaseTimer:
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
         self.calls = dict.fromkeys(self.calls, 0)
+        self.steps, self._last = [], dict(self.seconds)
 
     def per_step(self, steps: int) -> str:
         return " ".join(f"{k} {v / steps * 1e3:.2f}" for k, v in self.seconds.items())
@@ -91,17 +117,23 @@ def main() -> int:
         "profiler: wall vs device-busy time per step, the ops that take the device's time)",
     )
     p.add_argument(
+        "--trace",
+        type=Path,
+        help="with --profile: write each pass's profiled steps as a gzipped Chrome trace to TRACE.<pass>.json.gz "
+        "(the unconstrained pass is profiled too)",
+    )
+    p.add_argument(
         "--fill-threads", type=int, help="threads of xgrammar's bitmask fill (default: the engine's FILL_THREADS)"
     )
     args = p.parse_args()
     if args.fill_threads is not None:
-        from engine_service.core import structured_output
+        from engine_service.core import grammar_mask
 
-        structured_output.FILL_THREADS = args.fill_threads
+        grammar_mask.FILL_THREADS = args.fill_threads
 
     from engine_service import LLM, SamplingParams
     from engine_service.constraints import ConstraintKind, OutputConstraint
-    from engine_service.core.structured_output import MaskJob
+    from engine_service.core.grammar_mask import PendingMask
 
     prompts, _ = workload(args.num_requests, 0, args.min_input, args.max_input, 1, 1)
     constraint = OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
@@ -125,12 +157,21 @@ def main() -> int:
                 "wait": (llm.engine.executor, "wait"),
                 "apply": (llm.engine.scheduler, "apply"),
                 "accept": (llm.engine.structured, "accept"),
-                "fill": (llm.engine.structured, "_fill"),  # on the worker thread
-                "mask_wait": (MaskJob, "result"),  # the engine thread's wait for it, and the mask's copy
-                "prepare": (llm.engine.executor, "prepare_sampling"),
-                "sample": (llm.engine.executor, "sample"),
+                "fill": (llm.engine.structured.masks, "_fill"),  # on the worker thread
+                # queueing the gate and the mask's copy (CUDA); the wait for the fill (CPU)
+                "mask_queue": (PendingMask, "for_sampler"),
+                "sample": (llm.engine.executor, "_sample"),
             }
         )
+        engine = llm.engine
+        step = engine.step
+
+        def recorded_step():  # type: ignore[no-untyped-def]
+            outputs = step()
+            phases.on_step(len(outputs))
+            return outputs
+
+        engine.step = recorded_step
         results = {}
         for name, params in (("json_schema", constrained), ("unconstrained", free)):
             sync(device)
@@ -147,6 +188,7 @@ def main() -> int:
             seconds = time.perf_counter() - start
             steps = max(phases.calls["step"], 1)
             print(f"{name}: host ms per step ({steps} steps; wait = blocked on the device): {phases.per_step(steps)}")
+            print(f"{name}: steady state: {phases.steady_state(int(0.9 * len(prompts)))}")
             tokens = sum(len(o.token_ids) for o in outs)
             results[name] = {
                 "output_tokens": tokens,
@@ -171,7 +213,12 @@ def main() -> int:
             },
         )
         if args.profile:
-            profile_steps(llm, prompts, constrained, args.profile)
+            trace = args.trace
+            profile_steps(
+                llm, prompts, constrained, args.profile, trace and trace.with_name(f"{trace.name}.json_schema.json.gz")
+            )
+            if trace:
+                profile_steps(llm, prompts, free, args.profile, trace.with_name(f"{trace.name}.unconstrained.json.gz"))
     return 0
 
 

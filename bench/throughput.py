@@ -12,7 +12,9 @@ once. Output tok/s = generated tokens / wall seconds (weights loaded and warmed 
 from __future__ import annotations
 
 import argparse
+import gzip
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -69,9 +71,10 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]], out_lens: lis
     return result
 
 
-def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> None:
+def profile_steps(llm, prompts: list[list[int]], params: list, window: str, trace: Path | None = None) -> None:
     """Re-run the workload up to step START, then profile COUNT steps (torch profiler: CPU and CUDA time
-    per op, and wall vs GPU time per step), then abort the rest."""
+    per op, and wall vs GPU time per step), then abort the rest. ``trace``: also write the profile as a
+    gzipped Chrome trace there (host calls and device kernels on one time line: where the device idles)."""
     start, count = (int(x) for x in window.split(":"))
     engine = llm.engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -104,6 +107,13 @@ def profile_steps(llm, prompts: list[list[int]], params: list, window: str) -> N
     )
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=20))
+    if trace is not None:
+        raw = trace.with_suffix("")  # the profiler writes plain JSON; gzip keeps it a few MB
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        print(f"chrome trace: {trace}")
     for i in range(len(prompts)):
         engine.abort_request(f"profile-{i}")
 
