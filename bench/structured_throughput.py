@@ -7,7 +7,8 @@ grammar with nesting and free strings that cannot complete within the output len
 the same number of tokens; EOS is never allowed before the grammar completes). The unconstrained pass uses
 ignore_eos. Each pass is timed after a warm-up that also compiles the grammar (the compiler's cache then
 serves every request). Reported: output tok/s of each pass, their ratio (issue 14's target: >= 0.90 on an
-H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread).
+H200), and each pass's host time per step split by engine phase (the bitmask fill runs on a worker thread;
+`mask_wait` is the engine thread's wait for it).
 
     python bench/structured_throughput.py --model DIR [--json results.jsonl] [--profile 40:20]
 
@@ -127,13 +128,13 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.fill_threads is not None:
-        from engine_service.core import grammar_mask
+        from engine_service.core import structured_output
 
-        grammar_mask.FILL_THREADS = args.fill_threads
+        structured_output.FILL_THREADS = args.fill_threads
 
     from engine_service import LLM, SamplingParams
     from engine_service.constraints import ConstraintKind, OutputConstraint
-    from engine_service.core.grammar_mask import PendingMask
+    from engine_service.core.structured_output import MaskJob
 
     prompts, _ = workload(args.num_requests, 0, args.min_input, args.max_input, 1, 1)
     constraint = OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
@@ -157,10 +158,10 @@ def main() -> int:
                 "wait": (llm.engine.executor, "wait"),
                 "apply": (llm.engine.scheduler, "apply"),
                 "accept": (llm.engine.structured, "accept"),
-                "fill": (llm.engine.structured.masks, "_fill"),  # on the worker thread
-                # queueing the gate and the mask's copy (CUDA); the wait for the fill (CPU)
-                "mask_queue": (PendingMask, "for_sampler"),
-                "sample": (llm.engine.executor, "_sample"),
+                "fill": (llm.engine.structured, "_fill"),  # on the worker thread
+                "mask_wait": (MaskJob, "result"),  # the engine thread's wait for it, and the mask's copy
+                "prepare": (llm.engine.executor, "prepare_sampling"),
+                "sample": (llm.engine.executor, "sample"),
             }
         )
         engine = llm.engine

@@ -26,11 +26,10 @@ import xgrammar as xgr
 from structured_cases import REGEXES, SCHEMAS
 
 from engine_service.constraints import ConstraintKind, OutputConstraint
-from engine_service.core.grammar_mask import GrammarMask
 from engine_service.core.llm import LLM, CompletionOutput
 from engine_service.core.sampler import Sampler, SamplingBatch
 from engine_service.core.sequence import Sequence
-from engine_service.core.structured_output import StructuredOutputManager, ThinkingTokens
+from engine_service.core.structured_output import GrammarMask, StructuredOutputManager, ThinkingTokens
 from engine_service.sampling_params import SamplingParams
 from service_common.validation import FieldError
 
@@ -302,9 +301,9 @@ def _manager_with(demo_checkpoint: Path, llm: LLM, rows: list[_Row]) -> Structur
 
 
 def test_batched_accept_and_fill_follow_one_matcher_per_row(demo_checkpoint: Path, llm: LLM) -> None:
-    """The manager's step-wide ``accept`` (one xgrammar batch call for the rows mid-grammar) and its mask (the
-    rows with a grammar, filled from those still active) equal a fresh matcher per row fed the same tokens: the
-    same rejected rows, the same bitmask rows, and a row whose grammar ends on EOS allows every id after it."""
+    """The manager's step-wide ``accept`` (one xgrammar batch call for the rows mid-grammar) and ``start_mask``
+    (rows whose grammar is still active) equal a fresh matcher per row fed the same tokens: the same rejected
+    rows, the same bitmask rows, and a row whose grammar ends on EOS leaves the mask."""
     spec = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
     rows = [_Row(constrained(ConstraintKind.JSON_SCHEMA, spec), [9707]) for _ in range(3)]
     manager = _manager_with(demo_checkpoint, llm, rows)
@@ -316,16 +315,12 @@ def test_batched_accept_and_fill_follow_one_matcher_per_row(demo_checkpoint: Pat
     vocab = llm.engine.vocab_size
     for step in range(len(text) + 1):
         live = [(i, s[step]) for i, s in enumerate(streams) if step < len(s)]
-        pending = manager.reserve_mask(rows)  # type: ignore[arg-type]
-        assert pending is not None and pending.rows == [i for i, s in enumerate(streams) if s]  # rows with a grammar
-        manager.start_mask(pending, rows)  # type: ignore[arg-type]
-        mask = pending.for_sampler()
+        mask = manager.start_mask(rows).result()  # type: ignore[arg-type]
         expect_rows = [i for i, m in enumerate(reference) if streams[i] and not m.is_terminated()]
-        for i in pending.rows:
-            alone = torch.full((1, mask.bitmask.shape[1]), -1, dtype=torch.int32)  # a row whose grammar ended
-            if i in expect_rows:
-                alone = xgr.allocate_token_bitmask(1, vocab)
-                reference[i].fill_next_token_bitmask(alone)
+        assert mask is not None and list(mask.rows) == expect_rows
+        for i in expect_rows:
+            alone = xgr.allocate_token_bitmask(1, vocab)
+            reference[i].fill_next_token_bitmask(alone)
             assert torch.equal(mask.bitmask[i], alone[0]), (step, i)
         rejected = manager.accept([(i, rows[i]) for i, _ in live], [t for _, t in live])  # type: ignore[misc]
         expect_rejected = {i for i, t in live if not reference[i].accept_token(t)}
@@ -343,23 +338,20 @@ def test_the_mask_fill_starts_while_the_engine_thread_runs_python(demo_checkpoin
     goes on in Python (it did: the fill then ended that much later and the engine thread waited for it)."""
     rows = [_Row(constrained(ConstraintKind.REGEX, "[a-z]+"), [9707])]
     manager = _manager_with(demo_checkpoint, llm, rows)
-    masks = manager.masks
-    fill, started = masks._fill, []
+    fill, started = manager._fill, []
 
     def timed_fill(*args: object) -> object:
         started.append(time.perf_counter())
         return fill(*args)  # type: ignore[arg-type]
 
-    masks._fill = timed_fill  # type: ignore[method-assign]
+    manager._fill = timed_fill  # type: ignore[method-assign]
     delays = []
     for _ in range(9):
-        pending = manager.reserve_mask(rows)  # type: ignore[arg-type]
-        assert pending is not None
         begin = time.perf_counter()
-        manager.start_mask(pending, rows)  # type: ignore[arg-type]
+        job = manager.start_mask(rows)  # type: ignore[arg-type]
         while time.perf_counter() - begin < 0.012:  # the engine thread's Python work after the start
             pass
-        pending.for_sampler()
+        job.result()
         delays.append(started[-1] - begin)
     manager.shutdown()
     assert statistics.median(delays) < 0.0025, delays
@@ -404,34 +396,3 @@ def test_requests_with_one_constraint_share_its_compilation(demo_checkpoint: Pat
     assert manager._compiling[again][1] is not dropped  # type: ignore[index]
     assert manager.poll(timeout=5.0) == ([[again]], [])
     manager.shutdown()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("temperatures", [(0.0, 0.0, 0.0), (0.6, 0.0, 1.3)])
-def test_a_mask_alone_samples_the_logits_in_place_as_the_general_path(
-    llm: LLM, dtype: torch.dtype, temperatures: tuple[float, ...]
-) -> None:
-    """With the bitmask the only change to the scores, the sampler masks the logits in place and races them with
-    the temperature (no float32 copy): the same tokens as the general path (copy, mask, divide, race)."""
-    from engine_service.core.race_sampling import race_sample
-
-    vocab = llm.engine.vocab_size
-    params = [SamplingParams(seed=i, temperature=t) for i, t in enumerate(temperatures)]
-    gen = torch.Generator().manual_seed(3)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(params), (vocab + 31) // 32), dtype=torch.int32, generator=gen)
-    for step in range(4):
-        logits = (torch.randn(len(params), vocab, generator=gen) * 4).to(dtype)  # [S, V]
-        batch = SamplingBatch.build(
-            params, [[1]] * len(params), [[7] * step] * len(params), EOS, [0, 1, 2], vocab, "cpu"
-        )
-        batch.grammar = GrammarMask(bitmask, [0, 2])  # row 1 unconstrained
-        general = race_sample(Sampler().processed_logits(logits, batch), None, batch.greedy, batch.keys)
-        if batch.all_greedy:
-            general = Sampler().processed_logits(logits, batch).argmax(dim=-1)
-        fast_logits = logits.clone()
-        tokens = Sampler()(fast_logits, batch).token_ids
-        assert torch.equal(tokens, general), step
-        allowed = (bitmask[:, :, None] >> torch.arange(32)) & 1  # [S, W, 32]
-        allowed = allowed.reshape(len(params), -1)[:, :vocab].bool()
-        assert torch.equal(fast_logits[[0, 2]].isinf(), ~allowed[[0, 2]])  # masked in place: the fast path ran
-        assert bool(allowed[0, tokens[0]]) and bool(allowed[2, tokens[2]])

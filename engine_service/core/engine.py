@@ -13,14 +13,13 @@ import random
 
 from engine_service.config import EngineConfig
 from engine_service.core.block_manager import BlockManager
-from engine_service.core.grammar_mask import PendingMask
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.prompt_logprob_collector import PromptLogprobCollector
 from engine_service.core.scheduler import Scheduler
 from engine_service.core.sequence import Sequence, SequenceStatus
 from engine_service.core.step_executor import LaunchedStep, StepExecutor
 from engine_service.core.step_plan import StepPlan
-from engine_service.core.structured_output import StructuredOutputManager
+from engine_service.core.structured_output import MaskJob, StructuredOutputManager
 from engine_service.core.tp_workers import WorkerGroup
 from engine_service.pooling import PoolingConfig
 from engine_service.protocol import (
@@ -96,6 +95,8 @@ class LLMEngine:
         self._failed: list[tuple[str, Exception]] = []  # requests that ended in an error (take_failed)
         self._seed_rng = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None  # the step queued on the device, not yet finished
+        # A step whose sampler waits for its structured-output mask, filled on the worker thread meanwhile
+        self._unsampled: tuple[LaunchedStep, MaskJob] | None = None
         self.num_generated_tokens_total = 0
         self._prompt_logprobs = PromptLogprobCollector()
         self._embeddings: list[EmbeddingOutput] = []  # finished Embed requests, until pop_embeddings
@@ -252,37 +253,54 @@ class LLMEngine:
         idle = self.scheduler.num_unfinished == 0 and self._in_flight is None
         self._admit_compiled(0.05 if idle else 0.0)
         plan = self.scheduler.schedule()
-        # A step with constrained rows samples with a bitmask filled from the matchers once the step in flight
-        # is applied (``_finish``), on a worker thread while the device runs this step's forward pass; its
-        # sampler is queued now all the same (grammar_mask.py).
-        mask = None
-        if self.structured.num_grammars and plan.sampling:
-            mask = self.structured.reserve_mask([e.seq for e in plan.sampling])
-        launched = self._launch(plan, mask) if not plan.is_empty else None
+        self._sample_deferred()  # before this step's forward pass, which may read its sampled ids
+        # A step with constrained rows is sampled after the step in flight is applied (its tokens advance the
+        # matchers): the bitmask is filled on a worker thread while the device runs this step's forward pass
+        # and this thread goes on, up to the next step's launch (``_sample_deferred``).
+        constrained = self.structured.num_grammars > 0 and any(
+            self.structured.has_grammar(e.seq) for e in plan.sampling
+        )
+        launched = self._launch(plan, constrained) if not plan.is_empty else None
+        deferred = launched if constrained else None
         in_flight, self._in_flight = self._in_flight, None
-        outputs = self._finish(in_flight, launched if mask is not None else None) if in_flight is not None else []
+        outputs = self._finish(in_flight, deferred) if in_flight is not None else []
         if launched is not None:
-            if mask is not None and not mask.started:  # no step was in flight to apply first
-                self._start_mask(launched)
+            if deferred is not None and self._unsampled is None:  # no step was in flight to apply first
+                self._defer_sampling(deferred)
             if self._overlap:
                 self._in_flight = launched
             else:
+                self._sample_deferred()
                 outputs += self._finish(launched)
         return outputs
 
-    def _start_mask(self, launched: LaunchedStep) -> None:
-        assert launched.mask is not None
-        self.structured.start_mask(launched.mask, [e.seq for e in launched.plan.sampling])
+    def _defer_sampling(self, launched: LaunchedStep) -> None:
+        """Start filling ``launched``'s mask, and build its sampling batch meanwhile."""
+        job = self.structured.start_mask([e.seq for e in launched.plan.sampling])
+        self._unsampled = (launched, job)
+        try:
+            self.executor.prepare_sampling(launched)
+        except Exception as exc:
+            raise self._fail(exc) from exc
 
-    def _launch(self, plan: StepPlan, mask: PendingMask | None) -> LaunchedStep:
+    def _sample_deferred(self) -> None:
+        """Queue the sampler of the step waiting for its mask, if one is (before any step is launched or read)."""
+        if self._unsampled is None:
+            return
+        (launched, job), self._unsampled = self._unsampled, None
+        try:
+            self.executor.sample(launched, job.result())
+        except Exception as exc:
+            raise self._fail(exc) from exc
+
+    def _launch(self, plan: StepPlan, defer_sampling: bool) -> LaunchedStep:
         """Queue ``plan`` on the device (the scheduler has already counted its tokens as computed)."""
         try:
-            return self.executor.launch(plan, mask)
+            return self.executor.launch(plan, defer_sampling)
         except Exception as exc:
             raise self._fail(exc) from exc
 
     def _fail(self, exc: BaseException) -> EngineDeadError:
-        self.structured.masks.open_all()  # a sampler queued behind a mask that will never be filled
         if self.workers and self.workers.death_reason:
             self.dead_reason = self.workers.death_reason
         else:
@@ -290,11 +308,11 @@ class LLMEngine:
         log.error("engine step failed")
         return EngineDeadError(self.dead_reason)
 
-    def _finish(self, launched: LaunchedStep, next_masked: LaunchedStep | None = None) -> list[RequestOutput]:
+    def _finish(self, launched: LaunchedStep, deferred: LaunchedStep | None = None) -> list[RequestOutput]:
         """Wait for a launched step's sampled ids, apply them (``Scheduler.apply``), and report what changed.
 
-        ``next_masked``: the step launched after it, whose sampler waits for its mask; the fill starts as soon as
-        the matchers have taken this step's tokens, so it runs while this thread builds the outputs."""
+        ``deferred``: the step launched after it, whose sampling waits for a mask; its fill starts as soon as the
+        matchers have taken this step's tokens, so it runs while this thread builds the outputs."""
         try:
             result = self.executor.wait(launched)
         except Exception as exc:
@@ -307,8 +325,8 @@ class LLMEngine:
         broken = (  # rows whose token the grammar rejects: never after the mask; a bug if it happens
             self.structured.accept(applied, result.token_ids) if self.structured.num_grammars else set()
         )
-        if next_masked is not None:
-            self._start_mask(next_masked)
+        if deferred is not None:
+            self._defer_sampling(deferred)
         for row, seq in applied:
             if seq.is_embedding:
                 assert result.embeddings is not None

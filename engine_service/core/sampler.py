@@ -7,7 +7,7 @@ the logits' device; work that no row asks for (a sort for top-p, penalties, logp
 Processing order: logit_bias, then as transformers' ``generate``: repetition penalty (prompt + output
 tokens), presence/frequency penalties (output tokens); then the bans (allowed_token_ids, bad_words,
 min_tokens' EOS and stop ids; :mod:`engine_service.core.logit_masks`) and the structured-output bitmask
-(:mod:`engine_service.core.grammar_mask`); then greedy rows take the argmax
+(:mod:`engine_service.core.structured_output`); then greedy rows take the argmax
 and sampled rows apply temperature, top-k, top-p, min-p and draw.
 
 Randomness is counter-based, drawn by an exponential race (:mod:`engine_service.core.race_sampling`):
@@ -32,7 +32,7 @@ from engine_service.sampling_params import SamplingParams
 from qwen3.forward_batch import copy_to_device
 
 if TYPE_CHECKING:
-    from engine_service.core.grammar_mask import GrammarMask
+    from engine_service.core.structured_output import GrammarMask
 
 
 @dataclass
@@ -77,11 +77,7 @@ class SamplingBatch:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether some row's scores change before the warpers (bias, penalties, bans or a grammar's mask)."""
-        return self.grammar is not None or self.has_penalties_besides_grammar
-
-    @property
-    def has_penalties_besides_grammar(self) -> bool:
+        """Whether some row's scores change before the warpers (bias, penalties or bans)."""
         return any(
             x is not None
             for x in (
@@ -91,6 +87,7 @@ class SamplingBatch:
                 self.logit_bias,
                 self.allowed_tokens,
                 self.pending_bans,
+                self.grammar,
             )
         )
 
@@ -215,9 +212,6 @@ class Sampler:
             # without the [S, V] float32 copy. One kernel at batch 1 instead of two.
             self.check_shape(logits, batch)
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
-        masks_only = not batch.has_penalties_besides_grammar and not batch.has_filters and batch.num_logprobs is None
-        if batch.grammar is not None and masks_only:
-            return SamplerOutput(self._sample_masked_logits(logits, batch, batch.grammar), None, None, None)
         if batch.all_greedy:
             token_ids = self.processed_logits(logits, batch).argmax(dim=-1)  # [S]
         elif not batch.has_penalties and not batch.has_filters:
@@ -235,18 +229,6 @@ class Sampler:
             if batch.num_logprobs:
                 out.top_logprobs, out.top_logprobs_ids = logprobs.topk(batch.num_logprobs, dim=-1)
         return out
-
-    def _sample_masked_logits(self, logits: torch.Tensor, batch: SamplingBatch, grammar: GrammarMask) -> torch.Tensor:
-        """Tokens [S] when a structured-output mask is all that changes the scores (temperature aside): the mask
-        is applied to ``logits`` in place (nothing reads them after the sampler when no row wants logprobs)
-        and the race reads them once, dividing by the temperature as it goes. The general path's float32
-        copy of [S, V] and its division cost ~0.27 ms of device time a step at 256 rows x 152k ids (H200
-        trace, docs/BENCHMARKS.md section 10); the tokens are the same (the same float32 division)."""
-        self.check_shape(logits, batch)
-        grammar.apply(logits)
-        if batch.all_greedy:
-            return logits.argmax(dim=-1)
-        return race_sample(logits, batch.temperature, batch.greedy, batch.keys)
 
     def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The scores of the next token, [S, V] float32 (a new tensor; ``logits`` is left alone): after

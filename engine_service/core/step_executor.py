@@ -5,25 +5,20 @@ sampler on rank 0, the copy of the sampled ids to the host.
 CUDA event); ``wait`` blocks until that copy is done. With async scheduling the engine launches step
 N+1 before it waits for step N, so the host builds the next step while the device computes. Neither
 touches a sequence: they read the plan, and the engine hands the result to ``Scheduler.apply``.
-
-A step with a structured-output mask (``PendingMask``, filled by the host after the launch) has its sampler
-queued at launch all the same on CUDA, behind the mask's host gate; on the CPU, where queued work runs at
-once, its sampler runs once the mask is filled: before the next launch, or in ``wait``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine_service.core.grammar_mask import PendingMask
 from engine_service.core.model_runner import ModelRunner
 from engine_service.core.prompt_outputs import ExtraOutputs, normalize_rows
 from engine_service.core.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine_service.core.step_input import StepInput
 from engine_service.core.step_plan import PlannedSeq, StepPlan, StepResult
+from engine_service.core.structured_output import GrammarMask
 from engine_service.core.tp_workers import WorkerGroup
 from qwen3.forward_batch import copy_to_device
 
@@ -38,9 +33,10 @@ class LaunchedStep:
     # prompt logprobs [P] then (if asked) top ids / values [P, N]; pooled states [E, hidden] (empty: not asked)
     prompt_host: tuple[torch.Tensor, ...] = ()
     pooled_host: tuple[torch.Tensor, ...] = ()
-    mask: PendingMask | None = None  # the structured-output mask its sampler reads
-    # CPU only, while its sampler waits for ``mask``: what it runs once the mask is filled
-    deferred: Callable[[], None] | None = None
+    # Set while its sampling waits for a structured-output mask (``StepExecutor.sample``): the model input,
+    # the logits [S, V] of the forward pass queued on the device, and its prompt-logprob / pooled tensors.
+    unsampled: tuple[StepInput, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+    sampling: SamplingBatch | None = None  # built ahead of ``sample`` by ``prepare_sampling``
 
 
 def _sampler_tensors(out: SamplerOutput | None) -> list[torch.Tensor]:
@@ -101,66 +97,50 @@ class StepExecutor:
         # rank: TP workers need a copy.
         self.share_sampled = share_sampled and workers is not None
         self.sampler = Sampler()
-        self._deferred: LaunchedStep | None = None  # CPU: the step whose sampler waits for its mask
 
-    def launch(self, plan: StepPlan, mask: PendingMask | None = None) -> LaunchedStep:
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> LaunchedStep:
         """Queue the model and the sampler for ``plan`` and start copying the sampled ids to the host.
 
-        ``mask``: the step's structured-output mask, which the caller fills after this call (on CUDA the sampler
-        waits for it on the device; on the CPU it runs once it is filled)."""
-        self._run_deferred()  # the step before's sampler (CPU): this step's forward pass may read its ids
+        ``defer_sampling``: queue the model only; the caller fills the step's structured-output mask on the
+        host while the device runs it (``prepare_sampling`` meanwhile), then calls ``sample``."""
         step = plan.model_input(self.share_sampled)
         if self.workers:
             self.workers.execute(step)
         logits = self.runner.execute(step)
         prompt, pooled = _extra_tensors(self.runner.extras, plan)  # taken now: the next step replaces extras
-        batch = self._sampling_batch(logits.device, plan.sampling) if plan.sampling else None
-        launched = LaunchedStep(plan, (), None, mask=mask)
-
-        def sample() -> None:
-            self._sample(launched, step, logits, batch, prompt, pooled)
-
-        if mask is not None and logits.device.type == "cpu":
-            launched.deferred = sample
-            self._deferred = launched
-        else:
-            sample()
+        launched = LaunchedStep(plan, (), None, unsampled=(step, logits, prompt, pooled))
+        if not defer_sampling:
+            self.sample(launched)
         return launched
 
-    def _run_deferred(self) -> None:
-        if self._deferred is not None:
-            launched, self._deferred = self._deferred, None
-            assert launched.deferred is not None
-            sample, launched.deferred = launched.deferred, None
-            sample()
+    def prepare_sampling(self, launched: LaunchedStep) -> None:
+        """Build a deferred step's sampling batch now, on the host, while its mask is filled. Reads the rows'
+        sequences, so it must run before the scheduler plans another step."""
+        assert launched.unsampled is not None and launched.plan.sampling, "a deferred step with sampling rows"
+        launched.sampling = self._sampling_batch(launched.unsampled[1].device, launched.plan.sampling)
 
-    def _sample(
-        self,
-        launched: LaunchedStep,
-        step: StepInput,
-        logits: torch.Tensor,
-        batch: SamplingBatch | None,
-        prompt: list[torch.Tensor],
-        pooled: list[torch.Tensor],
-    ) -> None:
+    def sample(self, launched: LaunchedStep, grammar: GrammarMask | None = None) -> None:
         """Queue the sampler of a launched step (with its structured-output mask) and the copy of its results."""
+        assert launched.unsampled is not None, "a step is sampled once"
+        (step, logits, prompt, pooled), launched.unsampled = launched.unsampled, None
+        plan = launched.plan
         sampled = None
-        if batch is not None:
-            batch.grammar = launched.mask.for_sampler() if launched.mask is not None else None
+        if plan.sampling:
+            batch, launched.sampling = launched.sampling, None
+            if batch is None:
+                batch = self._sampling_batch(logits.device, plan.sampling)
+            batch.grammar = grammar
             sampled = self.sampler(logits, batch)
         self.runner.share_sampled(step, sampled.token_ids if sampled is not None else None)
         (launched.host, launched.prompt_host, launched.pooled_host), launched.ready = _copy_to_host(
             _sampler_tensors(sampled), prompt, pooled
         )
 
-    def wait(self, launched: LaunchedStep) -> StepResult:
+    @staticmethod
+    def wait(launched: LaunchedStep) -> StepResult:
         """Block until ``launched``'s sampled ids are on the host, and return them."""
-        if launched is self._deferred:
-            self._run_deferred()
         if launched.ready is not None:
             launched.ready.synchronize()
-        if launched.mask is not None:
-            launched.mask.check()
         token_ids, logprobs, top_ids, top_vals = [t.tolist() for t in launched.host] + [None] * (4 - len(launched.host))
         prompt, prompt_top_ids, prompt_top_vals = [t.tolist() for t in launched.prompt_host] + [None] * (
             3 - len(launched.prompt_host)
@@ -172,7 +152,8 @@ class StepExecutor:
 
     def _sampling_batch(self, device: torch.device, rows: tuple[PlannedSeq, ...]) -> SamplingBatch:
         seqs = [e.seq for e in rows]
-        # A row's input token from the step before is pending until that step is applied: besides the token this
+        # A row's input token from the step before is pending until that step is applied; a deferred sample
+        # (structured output) runs after it was, so count what is still pending now: besides the token this
         # step samples, one more.
         pending = [e.pending_row is not None and e.seq.num_pending_tokens > 1 for e in rows]
         return SamplingBatch.build(

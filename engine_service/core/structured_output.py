@@ -13,10 +13,12 @@ Where the work happens (docs/ARCHITECTURE.md):
 - **Matchers** advance when a step's sampled ids become known tokens (``LLMEngine._finish``, right after
   ``Scheduler.apply``), so a matcher's state is always that of the sequence's known output. Preemption by
   recompute keeps the output, so it keeps the matcher too; abort and finish drop it.
-- **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is reserved when the step is
-  launched and filled on a worker thread once the step before's tokens have advanced the matchers, while the
-  device runs the step's forward pass; on CUDA the sampler, queued at launch, waits for it behind a host
-  gate (``grammar_mask.py`` has the timeline). ``Sampler`` applies it as one masked operation
+- **The bitmask** of a step ([S, ceil(V / 32)] int32, one row per sampling row) is filled on the host, for
+  the rows whose constraint is active, after the step's forward pass has been queued on the device and the
+  step before has been applied (``LLMEngine.step``). It is filled on a worker thread (``start_mask``:
+  xgrammar's batch fill releases the GIL), so the engine thread meanwhile builds the step's sampling batch,
+  returns its outputs and schedules the next step; it joins the fill only to queue the sampler, just before
+  it launches the next forward pass. ``Sampler`` applies the mask as one masked operation
   (``xgr.apply_token_bitmask_inplace`` on the constrained rows).
 
 Qwen3 thinking: where the prompt leaves thinking open (``ThinkingTokens.leaves_thinking_open``), the
@@ -29,17 +31,18 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine_service.constraints import ConstraintKind, OutputConstraint
-from engine_service.core.grammar_mask import MaskFiller, PendingMask, xgrammar_module
+from qwen3.forward_batch import copy_to_device
 from service_common.validation import FieldError, grammar_compiler_message
 
 if TYPE_CHECKING:
@@ -50,8 +53,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _xgr() -> Any:
+    """xgrammar, imported at the first constrained request: an engine that never gets one neither pays its
+    import nor needs it installed (e.g. a benchmark machine without the wheel)."""
+    import xgrammar
+
+    return xgrammar
+
+
 #: Threads compiling grammars (each compile may use xgrammar's own threads too).
 COMPILE_WORKERS = 2
+#: Threads xgrammar's batch bitmask fill may use (its "auto": half the hardware threads).
+FILL_THREADS: int | str = "auto"
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
 #: Constraints whose compilation (done or in flight) later requests share, most recently used kept.
@@ -94,9 +107,9 @@ def _accept_batch(matchers: list[xgr.GrammarMatcher], tokens: list[int]) -> Coll
     0.14 ms for the core call it wraps (and 0.31 ms for one ``accept_token`` per row), so the core call is
     made here and its result array returned as is. Falls back to the public call where the core is not
     where 0.2.9 keeps it."""
-    core = getattr(getattr(xgrammar_module(), "base", None), "_core", None)
+    core = getattr(getattr(_xgr(), "base", None), "_core", None)
     if core is None:
-        return xgrammar_module().BatchGrammarMatcher.batch_accept_token(matchers, tokens)  # type: ignore[no-any-return]
+        return _xgr().BatchGrammarMatcher.batch_accept_token(matchers, tokens)  # type: ignore[no-any-return]
     return core.BatchGrammarMatcher.batch_accept_token([m._handle for m in matchers], tokens, False)  # type: ignore[no-any-return]
 
 
@@ -108,7 +121,7 @@ class SequenceGrammar:
     ids, so only those ask it whether it has."""
 
     def __init__(self, compiled: xgr.CompiledGrammar, think_end: int | None, stop_ids: frozenset[int]) -> None:
-        self.matcher = xgrammar_module().GrammarMatcher(compiled)
+        self.matcher = _xgr().GrammarMatcher(compiled)
         self.think_end = think_end  # None: constrained from the first token
         self.stop_ids = stop_ids
         self.active = think_end is None
@@ -123,6 +136,19 @@ class SequenceGrammar:
         if token in self.stop_ids:
             self.active = not self.matcher.is_terminated()
         return accepted
+
+
+@dataclass
+class GrammarMask:
+    """A step's token bitmask: which ids each constrained sampling row may take."""
+
+    bitmask: torch.Tensor  # [S, ceil(V / 32)] int32 on the logits' device; bit j of a row: id j allowed
+    rows: list[int] | torch.Tensor  # the constrained rows (others' bitmask rows are not read); [R] int32 on CUDA
+
+    def apply(self, scores: torch.Tensor) -> None:
+        """scores[row, id] = -inf for every id a constrained row may not take, in place (one kernel: xgrammar's
+        Triton kernel on CUDA, its C++ loop on the CPU)."""
+        _xgr().apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=scores.shape[1], indices=self.rows)
 
 
 class GrammarCompilation:
@@ -172,7 +198,7 @@ class GrammarCompilation:
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
                 # vocab_size: the model's (padded) one, so the bitmask covers every logit and the ids past the
                 # tokenizer's are masked; stop ids: the model's EOS ids, the only ones a complete grammar allows.
-                xgr = xgrammar_module()
+                xgr = _xgr()
                 info = xgr.TokenizerInfo.from_huggingface(
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
                 )
@@ -207,10 +233,30 @@ class GrammarCompilation:
             raise FieldError(c.field, f"does not compile: {grammar_compiler_message(exc)}") from None
 
 
+class MaskJob:
+    """A step's bitmask being filled on the structured-output worker thread (``StructuredOutputManager.start_mask``)."""
+
+    def __init__(self, future: Future[tuple[torch.Tensor, list[int]]], device: torch.device) -> None:
+        self._future, self._device = future, device
+
+    def result(self) -> GrammarMask | None:
+        """Wait for the fill, then the mask on the device (the copy is queued, not waited for); None when no
+        row's constraint was active. Call on the engine thread: the copy goes to its CUDA stream."""
+        host, indices = self._future.result()
+        if not indices:
+            return None
+        if self._device.type == "cpu":
+            return GrammarMask(host, indices)
+        # The rows as a device tensor copied from pinned memory: a list would make xgrammar copy it from pageable
+        # memory, which waits for the device.
+        rows = copy_to_device(torch.tensor(indices, dtype=torch.int32), self._device)
+        return GrammarMask(copy_to_device(host, self._device), rows)
+
+
 class StructuredOutputManager:
-    """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence, and
-    the steps' bitmasks (``MaskFiller``). Driven by ``LLMEngine`` on the engine loop's thread; only a step's
-    bitmask fill runs on the worker thread, and no matcher moves again before that step's results are in."""
+    """The engine's structured-output state: compilations in flight, one ``SequenceGrammar`` per sequence,
+    the host bitmask buffers. Driven by ``LLMEngine`` on the engine loop's thread; only a step's bitmask fill
+    runs on the worker thread (``start_mask``), and the engine joins it before any matcher moves again."""
 
     def __init__(
         self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...], max_num_seqs: int, device: torch.device
@@ -220,7 +266,14 @@ class StructuredOutputManager:
         # one compilation per request, keyed by its first sample; the value holds all its samples (n > 1)
         self._compiling: dict[Sequence, tuple[list[Sequence], Future[xgr.CompiledGrammar]]] = {}
         self._grammars: dict[Sequence, SequenceGrammar] = {}
-        self.masks = MaskFiller(max_num_seqs, vocab_size, device)
+        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made and used on the fill thread only
+        self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        # Two host buffers [max_num_seqs, ceil(V / 32)] int32, used in turn (made at the first fill): the copy of
+        # step N's mask may still be reading one while the host fills step N+1's (pinned memory on CUDA, so the
+        # copy does not wait for the host).
+        self._buffer_shape = (max_num_seqs, (vocab_size + 31) // 32)
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
 
     @property
     def num_compiling(self) -> int:
@@ -308,24 +361,41 @@ class StructuredOutputManager:
                 assert seq.params.constraint is not None
                 self.compilation.forget(seq.params.constraint)
 
-    def reserve_mask(self, rows: list[Sequence]) -> PendingMask | None:
-        """The bitmask of a step about to be launched whose sampling rows are ``rows``: reserved for every row
-        with a grammar (one still thinking may start its constraint with the token in flight); None when no row
-        has one. ``start_mask`` fills it."""
-        constrained = [i for i, seq in enumerate(rows) if seq in self._grammars]
-        return self.masks.reserve(len(rows), constrained) if constrained else None
-
-    def start_mask(self, pending: PendingMask, rows: list[Sequence]) -> None:
-        """Start filling ``pending`` (reserved for sampling rows ``rows``) from the matchers as they are now: call
-        it once the tokens before the step are accepted, and move no matcher again before the step's results
-        are in."""
-        active = []
-        for i in pending.rows:
-            grammar = self._grammars.get(rows[i])
+    def start_mask(self, rows: list[Sequence]) -> MaskJob:
+        """Start filling the bitmask of a step whose sampling rows are ``rows`` on the worker thread. The caller
+        must not advance a matcher (``accept``) before it has taken the job's ``result``."""
+        indices, matchers = [], []
+        for i, seq in enumerate(rows):
+            grammar = self._grammars.get(seq)
             if grammar is not None and grammar.active:
-                active.append((i, grammar.matcher))
-        self.masks.fill(pending, active)
+                indices.append(i)
+                matchers.append(grammar.matcher)
+        if not indices:
+            done: Future[tuple[torch.Tensor, list[int]]] = Future()
+            done.set_result((torch.empty(0), []))
+            return MaskJob(done, self.device)
+        if not self._buffers:
+            pin = self.device.type == "cuda"
+            self._buffers = [torch.empty(self._buffer_shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        host = self._buffers[self._turn][: len(rows)]  # [S, W]
+        # Two buffers in turn: when this fill starts, the copy from the other one (the step before) may still be
+        # queued, but the one before that has been read (its sampler ran before the step now applied).
+        self._turn ^= 1
+        job = MaskJob(self._fill_pool.submit(self._fill, matchers, host, indices), self.device)
+        # Let the worker take the GIL now: it holds it only to enter xgrammar's fill, which releases it. Without
+        # this it would wait for the interpreter's switch interval (5 ms) while this thread runs Python.
+        time.sleep(0)
+        return job
+
+    def _fill(
+        self, matchers: list[xgr.GrammarMatcher], host: torch.Tensor, indices: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(host [S, W], the rows filled): the worker thread's job, kept to one call into xgrammar."""
+        if self._batch_matcher is None:
+            self._batch_matcher = _xgr().BatchGrammarMatcher(FILL_THREADS)
+        self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, indices)
+        return host, indices
 
     def shutdown(self) -> None:
         self.compilation.shutdown()
-        self.masks.shutdown()
+        self._fill_pool.shutdown(wait=False, cancel_futures=True)
