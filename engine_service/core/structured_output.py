@@ -67,8 +67,10 @@ COMPILE_WORKERS = 2
 FILL_THREADS: int | str = "auto"
 #: Memory the compiler's cache of compiled grammars may hold.
 COMPILER_CACHE_BYTES = 512 * 2**20
-#: Constraints whose compilation (done or in flight) later requests share, most recently used kept.
-SHARED_COMPILATIONS = 64
+#: Constraints whose compilation (done or in flight) later requests share, most recently used kept. Few: a done
+#: one holds its compiled grammar outside the compiler's byte-bounded cache, and the sharing that matters is
+#: within a burst of requests with one schema.
+SHARED_COMPILATIONS = 16
 
 
 @dataclass(frozen=True)
