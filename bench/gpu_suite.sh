@@ -22,7 +22,8 @@
 #   unfused, switches (batch-1 latency with QWEN3_FUSED_KV_STORE=0, QWEN3_GEMV_SILU=0, QWEN3_GEMV=0,
 #   QWEN3_PDL=1),
 #   hf (the older rows of docs/BENCHMARKS.md),
-#   structured (256 concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio),
+#   structured (tests/gpu/test_structured_gpu.py: constrained outputs on CUDA checked with fresh matchers; then 256
+#   concurrent JSON-schema requests vs the same unconstrained, 0.6B shape: output tok/s ratio; needs xgrammar),
 #   structured8b (the same on the 8B shape after model8b, then a torch-profiler table of 20 constrained steps;
 #   not yet run on a GPU).
 #   smg (256 streaming /v1/completions through the SMG gateway to one replica, next to the same streams over
@@ -104,7 +105,9 @@ for s in "${steps[@]}"; do
     service) TAIL=8 PICK="service / offline" step service 400 $PY bench/service_throughput.py --model "$MODEL" ;;
     sweep)  # latency under load; draw it elsewhere: python bench/plot_sweep.py $OUT/sweep.json docs/load_sweep.png
       TAIL=12 PICK="wrote" step sweep 540 $PY bench/load_sweep.py --model "$MODEL" --json "$OUT/sweep.json" ;;
-    structured) TAIL=4 PICK="ratio" step structured 400 $PY bench/structured_throughput.py --model "$MODEL" \
+    structured) TAIL=3 PICK="passed|failed|error" step structured-test 240 $PY -m pytest -q -p no:cacheprovider \
+                  tests/gpu/test_structured_gpu.py
+                TAIL=4 PICK="ratio" step structured 400 $PY bench/structured_throughput.py --model "$MODEL" \
                   --json "$OUT/results.jsonl" ;;
     structured8b)  # needs model8b first; the torch-profiler table shows where the constrained 8B step's device idles
       TAIL=40 PICK="ratio" step structured8b 400 $PY bench/structured_throughput.py --model "$MODEL8B" \
